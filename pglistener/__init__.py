@@ -1,0 +1,36 @@
+"""pglistener: PostgreSQL LISTEN/NOTIFY for many worker processes over one connection.
+
+A supervisor process owns the connection; its compiled loop writes each notification into the
+shared-memory ring of every subscription on that channel; workers in any process read their
+rings in order. Loss is never silent: a full ring or a reconnect shows up as a Gap in the
+stream, at the place where notifications may be missing.
+"""
+
+from ._dispatch import Gap, Notification
+from .channels import MAX_CHANNEL_BYTES
+from .errors import (
+    IncompatibleLibpq,
+    InvalidChannelName,
+    PGListenerError,
+    SubscriptionClosed,
+    SupervisorGone,
+    TooManySubscriptions,
+)
+from .supervisor import Supervisor
+from .worker import JsonSubscription, Subscription, Worker
+
+__all__ = [
+    "Gap",
+    "IncompatibleLibpq",
+    "InvalidChannelName",
+    "JsonSubscription",
+    "MAX_CHANNEL_BYTES",
+    "Notification",
+    "PGListenerError",
+    "Subscription",
+    "SubscriptionClosed",
+    "Supervisor",
+    "SupervisorGone",
+    "TooManySubscriptions",
+    "Worker",
+]

@@ -1,0 +1,792 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The compiled core: the supervisor's dispatch loop and the readers' side of the rings.
+
+Policy (LISTEN bookkeeping, reconnects, logging) stays in Python; this module only drains the
+libpq socket, finds each channel's subscribers by hash, writes records into their rings, wakes
+sleeping readers, and returns a status code. The ring's byte layout is drawn in _ring.h.
+"""
+
+cimport cython
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcmp, memcpy, strlen
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.stat cimport fstat, struct_stat
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close, read, write
+
+from pglistener._libpq cimport (
+    PGL_BUILT_LIBPQ_VERSION, PGconn, PGnotify, PQconsumeInput, PQfreemem, PQlibVersion,
+    PQnotifies, PQsocket,
+)
+from pglistener._ring cimport *
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    const short POLLIN
+    const short POLLHUP
+    const short POLLERR
+    const short POLLNVAL
+
+
+cdef extern from *:
+    # POLLRDHUP needs _GNU_SOURCE in <poll.h>; its value is fixed by the Linux ABI.
+    """
+    #define PGL_POLLRDHUP 0x2000
+    """
+    const short PGL_POLLRDHUP
+
+
+# Status codes returned by Dispatcher.run() and RingReader.wait(); the Python side maps them.
+cpdef enum RunStatus:
+    RUN_TIMEOUT = 0        # the deadline passed: Python gets a turn (heartbeat, retries)
+    RUN_CONTROL = 1        # the control fd is readable: a worker or the owner wants something
+    RUN_CONN_BAD = 2       # PQconsumeInput failed or the socket is gone: reconnect
+    RUN_INTERRUPTED = 3    # a signal arrived: let Python run its handlers
+
+cpdef enum WaitStatus:
+    WAIT_READY = 0         # data may be there (a wake-up can be spurious: read and loop)
+    WAIT_TIMEOUT = 1
+    WAIT_PEER_GONE = 2     # the supervisor's end of the control socket is closed
+    WAIT_INTERRUPTED = 3
+
+MIN_CAPACITY = 16 * 1024          # a 63-byte channel and a 7999-byte payload must fit
+MAX_CAPACITY = 1024 * 1024 * 1024
+HEADER_BYTES = PGL_HEADER_BYTES
+
+cdef uint64_t NO_GAP = 0
+
+
+def libpq_version():
+    """Version of the libpq this module is linked to at run time (PQlibVersion())."""
+    return PQlibVersion()
+
+
+def built_libpq_version():
+    """Version of the libpq headers this module was compiled against."""
+    return PGL_BUILT_LIBPQ_VERSION
+
+
+cdef inline uint64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+# ----------------------------------------------------------------------------------------------
+# Items a reader sees
+
+
+@cython.freelist(256)
+@cython.final
+cdef class Notification:
+    """One notification: `channel`, `payload` (both str) and the sender's backend `pid`."""
+
+    cdef readonly str channel
+    cdef readonly str payload
+    cdef readonly int pid
+
+    def __init__(self, str channel, str payload, int pid):
+        self.channel = channel
+        self.payload = payload
+        self.pid = pid
+
+    def __repr__(self):
+        return f"Notification(channel={self.channel!r}, payload={self.payload!r}, pid={self.pid})"
+
+    def __eq__(self, other):
+        if not isinstance(other, Notification):
+            return NotImplemented
+        cdef Notification o = <Notification>other
+        return self.channel == o.channel and self.payload == o.payload and self.pid == o.pid
+
+    def __hash__(self):
+        return hash((self.channel, self.payload, self.pid))
+
+    def __reduce__(self):
+        return (Notification, (self.channel, self.payload, self.pid))
+
+
+@cython.final
+cdef class Gap:
+    """The place in a stream where notifications may be missing.
+
+    `reason` is "reconnect" (the connection was lost: what was sent meanwhile is gone, `missed`
+    is None) or "overflow" (this reader's ring was full: `missed` is the exact count).
+    """
+
+    cdef readonly str reason
+    cdef readonly object missed
+
+    def __init__(self, str reason, missed=None):
+        if reason not in ("reconnect", "overflow"):
+            raise ValueError(f"Gap reason must be 'reconnect' or 'overflow', not {reason!r}")
+        self.reason = reason
+        self.missed = missed
+
+    def __repr__(self):
+        return f"Gap(reason={self.reason!r}, missed={self.missed!r})"
+
+    def __eq__(self, other):
+        if not isinstance(other, Gap):
+            return NotImplemented
+        cdef Gap o = <Gap>other
+        return self.reason == o.reason and self.missed == o.missed
+
+    def __hash__(self):
+        return hash((self.reason, self.missed))
+
+    def __reduce__(self):
+        return (Gap, (self.reason, self.missed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Producer side: lives in the supervisor process, written only by the dispatch loop.
+
+
+cdef struct Producer:
+    pgl_ring_header *hdr
+    unsigned char *data
+    uint64_t cap
+    uint64_t mask
+    uint64_t tail              # our copy of hdr.tail: we are its only writer
+    uint64_t head_cache        # last head we loaded; refreshed only when the ring looks full
+    uint16_t gap_reason        # a gap waiting for room, 0 if none
+    uint64_t gap_missed        # its count (PGL_MISSED_UNKNOWN for reconnects)
+    uint64_t delivered
+    uint64_t missed_total
+    int efd
+    bint dirty                 # published since the last wake pass: in Dispatcher.dirty
+    size_t map_bytes
+
+
+cdef inline uint64_t _span(Producer *p, uint64_t pos, uint32_t n) noexcept nogil:
+    # Bytes a record of n bytes takes at pos, counting the padding when it would wrap.
+    cdef uint64_t to_end = p.cap - (pos & p.mask)
+    return n if n <= to_end else to_end + n
+
+
+cdef inline bint _room(Producer *p, uint64_t need) noexcept nogil:
+    if p.tail + need - p.head_cache <= p.cap:
+        return True
+    p.head_cache = pgl_load_acquire(&p.hdr.head)
+    return p.tail + need - p.head_cache <= p.cap
+
+
+cdef inline unsigned char *_claim(Producer *p, uint32_t n) noexcept nogil:
+    # Room was checked. Pads to the end when the record would wrap; advances our tail copy.
+    cdef uint64_t off = p.tail & p.mask
+    cdef uint64_t to_end = p.cap - off
+    cdef unsigned char *rec
+    if n > to_end:
+        rec = p.data + off
+        (<uint32_t *>rec)[0] = <uint32_t>to_end
+        (<uint16_t *>(rec + 4))[0] = PGL_REC_PAD
+        p.tail += to_end
+        off = 0
+    rec = p.data + off
+    p.tail += n
+    return rec
+
+
+cdef inline void _emit_gap(Producer *p) noexcept nogil:
+    cdef unsigned char *rec = _claim(p, PGL_RECORD_HEADER)
+    (<uint32_t *>rec)[0] = PGL_RECORD_HEADER
+    (<uint16_t *>(rec + 4))[0] = PGL_REC_GAP
+    (<uint16_t *>(rec + 6))[0] = p.gap_reason
+    (<uint64_t *>(rec + 8))[0] = p.gap_missed
+    p.gap_reason = 0
+    p.gap_missed = 0
+
+
+cdef inline void _count_missed(Producer *p) noexcept nogil:
+    p.missed_total += 1
+    if p.gap_reason == 0:
+        p.gap_reason = PGL_GAP_OVERFLOW
+        p.gap_missed = 1
+    elif p.gap_reason == PGL_GAP_OVERFLOW:
+        p.gap_missed += 1
+    # a pending reconnect gap already says "unknown": it absorbs the count
+
+
+cdef bint _push_notify(Producer *p, const char *chan, uint32_t clen,
+                       const char *payload, uint32_t plen, int32_t pid) noexcept nogil:
+    # Writes and publishes one notification (after a pending gap); False if it was missed.
+    cdef uint32_t n = pgl_align8(PGL_RECORD_HEADER + clen + plen)
+    cdef uint64_t need
+    cdef unsigned char *rec
+    if p.gap_reason != 0:
+        # The gap must come first, at the place where the loss happened.
+        need = _span(p, p.tail, PGL_RECORD_HEADER)
+        need += _span(p, p.tail + need, n)
+        if not _room(p, need):
+            _count_missed(p)
+            return False
+        _emit_gap(p)
+    elif not _room(p, _span(p, p.tail, n)):
+        _count_missed(p)
+        return False
+    rec = _claim(p, n)
+    (<uint32_t *>rec)[0] = n
+    (<uint16_t *>(rec + 4))[0] = PGL_REC_NOTIFY
+    (<uint16_t *>(rec + 6))[0] = <uint16_t>clen
+    (<int32_t *>(rec + 8))[0] = pid
+    (<uint32_t *>(rec + 12))[0] = plen
+    memcpy(rec + PGL_RECORD_HEADER, chan, clen)
+    memcpy(rec + PGL_RECORD_HEADER + clen, payload, plen)
+    p.delivered += 1
+    pgl_store_release(&p.hdr.tail, p.tail)
+    return True
+
+
+cdef bint _flush_gap(Producer *p) noexcept nogil:
+    # Writes and publishes a pending gap if there is room now; True if it did.
+    if p.gap_reason == 0 or not _room(p, _span(p, p.tail, PGL_RECORD_HEADER)):
+        return False
+    _emit_gap(p)
+    pgl_store_release(&p.hdr.tail, p.tail)
+    return True
+
+
+cdef struct Route:
+    uint64_t hash
+    int state                  # 0 empty, 1 live, 2 deleted
+    int n
+    uint16_t clen
+    char name[64]
+    Producer **subs
+
+
+cdef class Dispatcher:
+    """The supervisor's routing table and rings, and the loop that fills them.
+
+    Python adds and removes rings and sets, per channel, which rings get its notifications;
+    run() then drains the connection without the GIL until the control fd wants attention, the
+    connection breaks, or the timeout passes.
+    """
+
+    cdef Route *table
+    cdef size_t table_size         # a power of two
+    cdef size_t table_used         # live + deleted slots
+    cdef Producer **rings
+    cdef size_t n_rings
+    cdef Producer **dirty
+    cdef size_t n_dirty
+    cdef bint gaps_pending         # some ring holds a gap that did not fit yet
+    cdef int gap_retry_ms          # how soon run() looks again: grows while readers lag
+    cdef dict by_id                # ring id -> address of its Producer
+    cdef readonly uint64_t received
+    cdef readonly uint64_t unrouted
+
+    def __cinit__(self):
+        self.table_size = 64
+        self.table = <Route *>calloc(self.table_size, sizeof(Route))
+        self.rings = NULL
+        self.dirty = NULL
+        self.by_id = {}
+        if self.table == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        cdef size_t i
+        for i in range(self.table_size):
+            free(self.table[i].subs)
+        free(self.table)
+        for i in range(self.n_rings):
+            _free_producer(self.rings[i])
+        free(self.rings)
+        free(self.dirty)
+
+    # -- rings ------------------------------------------------------------------------------
+
+    def add_ring(self, ring_id, int memfd, int efd, uint64_t capacity):
+        """Map memfd (already sized to HEADER_BYTES + capacity), initialise its header and keep
+        it under ring_id. The dispatcher takes ownership of efd; memfd stays the caller's."""
+        if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(
+                f"ring capacity must be a power of two between {MIN_CAPACITY} and "
+                f"{MAX_CAPACITY} bytes, not {capacity}")
+        if ring_id in self.by_id:
+            raise KeyError(f"ring {ring_id!r} exists")
+        cdef size_t size = PGL_HEADER_BYTES + capacity
+        cdef void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)
+        if mem == MAP_FAILED:
+            raise OSError(errno, "mmap of a ring failed")
+        cdef Producer *p = <Producer *>calloc(1, sizeof(Producer))
+        cdef Producer **grown = <Producer **>realloc(self.rings, (self.n_rings + 1) * sizeof(Producer *))
+        cdef Producer **grown_dirty
+        if grown != NULL:
+            self.rings = grown
+            grown_dirty = <Producer **>realloc(self.dirty, (self.n_rings + 1) * sizeof(Producer *))
+            if grown_dirty != NULL:
+                self.dirty = grown_dirty
+        if p == NULL or grown == NULL or grown_dirty == NULL:
+            free(p)
+            munmap(mem, size)
+            raise MemoryError()
+        p.hdr = <pgl_ring_header *>mem
+        p.data = <unsigned char *>mem + PGL_HEADER_BYTES
+        p.cap = capacity
+        p.mask = capacity - 1
+        p.efd = efd
+        p.map_bytes = size
+        p.hdr.capacity = capacity
+        p.hdr.version = PGL_RING_VERSION
+        p.hdr.tail = 0
+        p.hdr.head = 0
+        p.hdr.sleeping = 0
+        pgl_store_u32(&p.hdr.magic, PGL_RING_MAGIC)
+        self.rings[self.n_rings] = p
+        self.n_rings += 1
+        self.by_id[ring_id] = <size_t>p
+
+    def remove_ring(self, ring_id):
+        """Drop a ring from every route, unmap it and close its eventfd."""
+        cdef Producer *p = <Producer *><size_t>self.by_id.pop(ring_id)
+        cdef size_t i, j
+        cdef Route *r
+        for i in range(self.table_size):
+            r = &self.table[i]
+            if r.state == 1:
+                j = 0
+                while j < <size_t>r.n:
+                    if r.subs[j] == p:
+                        r.subs[j] = r.subs[r.n - 1]
+                        r.n -= 1
+                    else:
+                        j += 1
+        _remove_ptr(self.rings, &self.n_rings, p)
+        _remove_ptr(self.dirty, &self.n_dirty, p)
+        _free_producer(p)
+
+    def ring_stats(self, ring_id):
+        """(delivered, missed, bytes in use) for one ring."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        return (p.delivered, p.missed_total, p.tail - pgl_load_acquire(&p.hdr.head))
+
+    def mark_reconnect(self):
+        """Every ring gets a Gap(reconnect) before anything received from now on."""
+        cdef size_t i
+        for i in range(self.n_rings):
+            self.rings[i].gap_reason = PGL_GAP_RECONNECT
+            self.rings[i].gap_missed = PGL_MISSED_UNKNOWN
+        self.gaps_pending = True
+        with nogil:
+            self._flush_gaps()
+            self._wake()
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def set_route(self, bytes channel, ring_ids):
+        """Notifications on `channel` (UTF-8 bytes, 1..63 of them) go to these rings, in this
+        order. An empty list removes the route."""
+        cdef Py_ssize_t clen = len(channel)
+        if clen < 1 or clen > 63:
+            raise ValueError("a channel is 1 to 63 bytes")
+        cdef list ptrs = [self.by_id[i] for i in ring_ids]
+        cdef uint64_t h = pgl_hash(channel, clen)
+        cdef Route *r = self._find(h, channel, clen)
+        cdef Producer **subs = NULL
+        cdef Py_ssize_t k
+        if ptrs:
+            subs = <Producer **>calloc(len(ptrs), sizeof(Producer *))
+            if subs == NULL:
+                raise MemoryError()
+            for k in range(len(ptrs)):
+                subs[k] = <Producer *><size_t>ptrs[k]
+        if r != NULL:
+            free(r.subs)
+            r.subs = subs
+            r.n = len(ptrs)
+            if not ptrs:
+                r.state = 2
+            return
+        if not ptrs:
+            return
+        if (self.table_used + 1) * 2 > self.table_size:
+            self._rehash()
+        r = self._slot_for_insert(h)
+        r.hash = h
+        r.state = 1
+        r.n = len(ptrs)
+        r.subs = subs
+        r.clen = <uint16_t>clen
+        memcpy(r.name, <const char *>channel, clen)
+        self.table_used += 1
+
+    cdef Route *_find(self, uint64_t h, const char *name, size_t clen) noexcept nogil:
+        cdef size_t mask = self.table_size - 1
+        cdef size_t i = h & mask
+        cdef Route *r
+        while True:
+            r = &self.table[i]
+            if r.state == 0:
+                return NULL
+            if r.state == 1 and r.hash == h and r.clen == clen and memcmp(r.name, name, clen) == 0:
+                return r
+            i = (i + 1) & mask
+
+    cdef Route *_slot_for_insert(self, uint64_t h) noexcept nogil:
+        cdef size_t mask = self.table_size - 1
+        cdef size_t i = h & mask
+        while self.table[i].state == 1:
+            i = (i + 1) & mask
+        if self.table[i].state == 2:
+            self.table_used -= 1       # reusing a deleted slot; the caller counts it again
+        return &self.table[i]
+
+    cdef _rehash(self):
+        cdef size_t old_size = self.table_size
+        cdef Route *old = self.table
+        cdef size_t live = 0, i
+        for i in range(old_size):
+            if old[i].state == 1:
+                live += 1
+        cdef size_t size = 64
+        while (live + 1) * 4 > size:
+            size *= 2
+        cdef Route *table = <Route *>calloc(size, sizeof(Route))
+        if table == NULL:
+            raise MemoryError()
+        self.table = table
+        self.table_size = size
+        self.table_used = 0
+        cdef Route *r
+        for i in range(old_size):
+            if old[i].state == 1:
+                r = self._slot_for_insert(old[i].hash)
+                r[0] = old[i]
+                self.table_used += 1
+            elif old[i].state == 2:
+                free(old[i].subs)
+        free(old)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    cdef inline void _mark(self, Producer *p) noexcept nogil:
+        if not p.dirty:
+            p.dirty = True
+            self.dirty[self.n_dirty] = p
+            self.n_dirty += 1
+
+    cdef void _route(self, const char *chan, const char *payload, int32_t pid) noexcept nogil:
+        cdef size_t clen = strlen(chan)
+        cdef size_t plen = strlen(payload)
+        cdef Route *r = self._find(pgl_hash(chan, clen), chan, clen)
+        cdef int i
+        cdef Producer *p
+        self.received += 1
+        if r == NULL:
+            self.unrouted += 1
+            return
+        for i in range(r.n):
+            p = r.subs[i]
+            if _push_notify(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid):
+                self._mark(p)
+            elif p.gap_reason != 0:
+                self.gaps_pending = True
+
+    cdef size_t _drain(self, PGconn *conn) noexcept nogil:
+        cdef PGnotify *note
+        cdef size_t n = 0
+        while True:
+            note = PQnotifies(conn)
+            if note == NULL:
+                return n
+            self._route(note.relname, note.extra, note.be_pid)
+            PQfreemem(note)
+            n += 1
+
+    cdef void _wake(self) noexcept nogil:
+        cdef size_t i
+        cdef Producer *p
+        cdef uint64_t one = 1
+        if self.n_dirty == 0:
+            return
+        pgl_full_fence()    # our tail stores before the loads of `sleeping` (see _ring.h)
+        for i in range(self.n_dirty):
+            p = self.dirty[i]
+            p.dirty = False
+            if pgl_load_u32(&p.hdr.sleeping) and pgl_exchange_u32(&p.hdr.sleeping, 0):
+                write(p.efd, &one, 8)
+        self.n_dirty = 0
+
+    cdef void _flush_gaps(self) noexcept nogil:
+        cdef size_t i
+        cdef bint pending = False
+        cdef Producer *p
+        if not self.gaps_pending:
+            return
+        for i in range(self.n_rings):
+            p = self.rings[i]
+            if _flush_gap(p):
+                self._mark(p)
+            elif p.gap_reason != 0:
+                pending = True
+        if pending and self.gaps_pending and self.gap_retry_ms < 64:
+            self.gap_retry_ms = self.gap_retry_ms * 2 if self.gap_retry_ms else 1
+        elif not pending:
+            self.gap_retry_ms = 0
+        self.gaps_pending = pending
+
+    def drain(self, size_t pgconn_ptr):
+        """Route whatever libpq has already parsed (after a query); returns the count."""
+        cdef size_t n
+        with nogil:
+            n = self._drain(<PGconn *>pgconn_ptr)
+            self._wake()
+        return n
+
+    def dispatch(self, bytes channel, bytes payload, int pid):
+        """Route one notification that psycopg took off the connection during a query."""
+        self._route(channel, payload, pid)
+        with nogil:
+            self._wake()
+
+    def run(self, size_t pgconn_ptr, int control_fd, int timeout_ms):
+        """Drain the connection into the rings until something needs Python; see RUN_*."""
+        cdef int status
+        with nogil:
+            status = self._run(<PGconn *>pgconn_ptr, control_fd, timeout_ms)
+        return status
+
+    cdef int _run(self, PGconn *conn, int control_fd, int timeout_ms) noexcept nogil:
+        cdef pollfd fds[2]
+        cdef int sock = PQsocket(conn)
+        cdef int rc, wait_ms
+        cdef uint64_t deadline = _now_ns() + <uint64_t>timeout_ms * 1000000ULL
+        cdef uint64_t now
+        if sock < 0:
+            return RUN_CONN_BAD
+        while True:
+            self._drain(conn)
+            self._flush_gaps()
+            self._wake()
+            now = _now_ns()
+            if now >= deadline:
+                return RUN_TIMEOUT
+            wait_ms = <int>((deadline - now + 999999) // 1000000)
+            if self.gaps_pending and wait_ms > self.gap_retry_ms:
+                # A full ring holds back a gap until its reader makes room; readers do not
+                # signal us, so look again soon, less often the longer it stays full.
+                wait_ms = self.gap_retry_ms
+            fds[0].fd = sock
+            fds[0].events = POLLIN
+            fds[0].revents = 0
+            fds[1].fd = control_fd
+            fds[1].events = POLLIN
+            fds[1].revents = 0
+            rc = poll(fds, 2, wait_ms)
+            if rc < 0:
+                if errno == EINTR:
+                    return RUN_INTERRUPTED
+                return RUN_CONN_BAD
+            if fds[0].revents:
+                if PQconsumeInput(conn) == 0:
+                    self._drain(conn)
+                    self._wake()
+                    return RUN_CONN_BAD
+            if fds[1].revents:
+                self._drain(conn)
+                self._wake()
+                return RUN_CONTROL
+
+
+cdef void _remove_ptr(Producer **arr, size_t *n, Producer *p) noexcept nogil:
+    cdef size_t i
+    for i in range(n[0]):
+        if arr[i] == p:
+            arr[i] = arr[n[0] - 1]
+            n[0] -= 1
+            return
+
+
+cdef void _free_producer(Producer *p) noexcept nogil:
+    munmap(p.hdr, p.map_bytes)
+    close(p.efd)
+    free(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Consumer side: lives in a worker process, one reader per subscription.
+
+
+cdef class RingReader:
+    """The reading end of one subscription's ring."""
+
+    cdef pgl_ring_header *hdr
+    cdef unsigned char *data
+    cdef uint64_t cap
+    cdef uint64_t mask
+    cdef uint64_t head
+    cdef uint64_t tail_cache
+    cdef size_t map_bytes
+    cdef int efd
+    cdef int ctrl_fd
+    cdef str last_channel         # channels repeat: decode each name once
+    cdef char last_raw[64]
+    cdef uint16_t last_len
+
+    def __cinit__(self, int memfd, int efd, int ctrl_fd):
+        cdef struct_stat st
+        if fstat(memfd, &st) != 0:
+            raise OSError(errno, "fstat of a ring failed")
+        if st.st_size < PGL_HEADER_BYTES + MIN_CAPACITY:
+            raise ValueError("not a pglistener ring: too small")
+        cdef void *mem = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)
+        if mem == MAP_FAILED:
+            raise OSError(errno, "mmap of a ring failed")
+        self.hdr = <pgl_ring_header *>mem
+        self.map_bytes = st.st_size
+        if (pgl_load_u32(&self.hdr.magic) != PGL_RING_MAGIC
+                or self.hdr.version != PGL_RING_VERSION
+                or self.hdr.capacity + PGL_HEADER_BYTES != <uint64_t>st.st_size):
+            munmap(mem, self.map_bytes)
+            self.hdr = NULL
+            raise ValueError("not a pglistener ring (bad magic, version or size)")
+        self.data = <unsigned char *>mem + PGL_HEADER_BYTES
+        self.cap = self.hdr.capacity
+        self.mask = self.cap - 1
+        self.head = pgl_load_acquire(&self.hdr.head)
+        self.tail_cache = self.head
+        self.efd = efd
+        self.ctrl_fd = ctrl_fd
+        self.last_len = 0xffff
+
+    def __dealloc__(self):
+        if self.hdr != NULL:
+            munmap(self.hdr, self.map_bytes)
+
+    def close(self):
+        """Unmap the ring. The caller guarantees no other thread is inside this reader."""
+        if self.hdr != NULL:
+            munmap(self.hdr, self.map_bytes)
+            self.hdr = NULL
+
+    @property
+    def capacity(self):
+        return self.cap
+
+    cdef inline bint _available(self) noexcept nogil:
+        if self.head != self.tail_cache:
+            return True
+        self.tail_cache = pgl_load_acquire(&self.hdr.tail)
+        return self.head != self.tail_cache
+
+    cdef object _take(self):
+        # The next item, or None when the ring is empty. Does not publish head.
+        cdef unsigned char *rec
+        cdef uint32_t length
+        cdef uint16_t kind, clen
+        cdef uint32_t plen
+        cdef uint64_t missed
+        cdef Notification note
+        cdef Gap gap
+        while self._available():
+            rec = self.data + (self.head & self.mask)
+            length = (<uint32_t *>rec)[0]
+            kind = (<uint16_t *>(rec + 4))[0]
+            if kind == PGL_REC_NOTIFY:
+                clen = (<uint16_t *>(rec + 6))[0]
+                plen = (<uint32_t *>(rec + 12))[0]
+                note = Notification.__new__(Notification)
+                note.channel = self._channel(<const char *>rec + PGL_RECORD_HEADER, clen)
+                note.payload = PyUnicode_DecodeUTF8(
+                    <const char *>rec + PGL_RECORD_HEADER + clen, plen, "surrogateescape")
+                note.pid = (<int32_t *>(rec + 8))[0]
+                self.head += length
+                return note
+            if kind == PGL_REC_GAP:
+                missed = (<uint64_t *>(rec + 8))[0]
+                gap = Gap.__new__(Gap)
+                gap.reason = "reconnect" if (<uint16_t *>(rec + 6))[0] == PGL_GAP_RECONNECT else "overflow"
+                gap.missed = None if missed == PGL_MISSED_UNKNOWN else missed
+                self.head += length
+                return gap
+            self.head += length    # padding
+        return None
+
+    cdef str _channel(self, const char *raw, uint16_t clen):
+        if clen != self.last_len or memcmp(raw, self.last_raw, clen) != 0:
+            self.last_channel = PyUnicode_DecodeUTF8(raw, clen, "surrogateescape")
+            memcpy(self.last_raw, raw, clen)
+            self.last_len = clen
+        return self.last_channel
+
+    cdef inline int _check_open(self) except -1:
+        if self.hdr == NULL:
+            raise ValueError("this ring is closed")
+        return 0
+
+    def get_nowait(self):
+        """The next Notification or Gap, or None when the ring is empty."""
+        self._check_open()
+        item = self._take()
+        pgl_store_release(&self.hdr.head, self.head)
+        return item
+
+    def get_many(self, Py_ssize_t max_items):
+        """Up to max_items items in order (an empty list when the ring is empty)."""
+        cdef list out = []
+        cdef object item
+        self._check_open()
+        while len(out) < max_items:
+            item = self._take()
+            if item is None:
+                break
+            out.append(item)
+        pgl_store_release(&self.hdr.head, self.head)
+        return out
+
+    def wait(self, int timeout_ms, int spin_us=0):
+        """Block until the ring may have data, the timeout passes, or the supervisor is gone.
+        Returns a WAIT_* code; timeout_ms < 0 waits without limit."""
+        cdef int status
+        self._check_open()
+        with nogil:
+            status = self._wait(timeout_ms, spin_us)
+        return status
+
+    cdef int _wait(self, int timeout_ms, int spin_us) noexcept nogil:
+        cdef pollfd fds[2]
+        cdef uint64_t buf
+        cdef uint64_t spin_end
+        cdef int rc
+        if self._available():
+            return WAIT_READY
+        if spin_us > 0:
+            spin_end = _now_ns() + <uint64_t>spin_us * 1000ULL
+            while _now_ns() < spin_end:
+                for _ in range(64):
+                    pgl_cpu_relax()
+                if self._available():
+                    return WAIT_READY
+        pgl_store_u32(&self.hdr.sleeping, 1)
+        pgl_full_fence()    # our `sleeping` store before the load of tail (see _ring.h)
+        if self._available():
+            pgl_store_u32(&self.hdr.sleeping, 0)
+            return WAIT_READY
+        fds[0].fd = self.efd
+        fds[0].events = POLLIN
+        fds[0].revents = 0
+        fds[1].fd = self.ctrl_fd
+        fds[1].events = PGL_POLLRDHUP
+        fds[1].revents = 0
+        rc = poll(fds, 2, timeout_ms)
+        pgl_store_u32(&self.hdr.sleeping, 0)
+        if fds[0].revents & POLLIN:
+            read(self.efd, &buf, 8)     # reset the counter; the eventfd is non-blocking
+        if rc < 0:
+            return WAIT_INTERRUPTED if errno == EINTR else WAIT_PEER_GONE
+        if fds[1].revents & (PGL_POLLRDHUP | POLLHUP | POLLERR | POLLNVAL):
+            return WAIT_PEER_GONE
+        if rc == 0:
+            return WAIT_TIMEOUT
+        return WAIT_READY

@@ -1,0 +1,101 @@
+/*
+ * The shared-memory ring: one single-producer/single-consumer ring per subscription.
+ * The supervisor's dispatch loop is the only producer, the subscription's reader the only
+ * consumer, so the data path has no lock at all.
+ *
+ * Byte layout of one ring segment (an unnamed memfd, sealed against resizing, passed to the
+ * reader over the control socket; nothing exists in the file system):
+ *
+ *   offset  size  field
+ *   0       4     magic "PGLR" (0x524c4750 little endian)
+ *   4       4     layout version (1)
+ *   8       8     capacity: bytes in the data area, a power of two >= 16 KiB
+ *   64      8     tail: total bytes ever published by the producer   (own cache line)
+ *   128     8     head: total bytes ever consumed by the reader      (own cache line)
+ *   192     4     sleeping: 1 while the reader is (about to be) blocked in poll()
+ *   256     ...   data area, `capacity` bytes
+ *
+ * head and tail only grow; a position maps to data[pos & (capacity - 1)]. The producer
+ * publishes records by storing tail with release ordering after writing them; the reader loads
+ * tail with acquire ordering, reads, then stores head with release ordering so that the
+ * producer may reuse the space. Free space is capacity - (tail - head).
+ *
+ * Records start 8-byte aligned; `length` is the whole record rounded up to 8 bytes:
+ *
+ *   0   4  length
+ *   4   2  type: 1 notification, 2 gap, 3 padding
+ *   6   2  notification: channel length in bytes | gap: reason (1 reconnect, 2 overflow)
+ *   8   4  notification: sender backend pid      | gap: 8 bytes missed count,
+ *   12  4  notification: payload length in bytes |      UINT64_MAX when unknown
+ *   16  .. notification: channel bytes, then payload bytes (no terminators)
+ *
+ * A record never wraps: when it does not fit before the end of the data area the producer
+ * writes a padding record over the rest and starts the record at offset 0.
+ *
+ * Waking a sleeping reader (the io_uring SQ_NEED_WAKEUP pattern):
+ *   reader:   sleeping = 1; full fence; if tail == head: poll(eventfd)    else: don't sleep
+ *   producer: store tail;   full fence; if sleeping: exchange(sleeping, 0) and write(eventfd)
+ * The two full fences forbid the store->load reordering that would let both sides miss each
+ * other's store, so a wake-up is never lost. A spurious one costs one extra loop.
+ */
+#ifndef PGL_RING_H
+#define PGL_RING_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define PGL_RING_MAGIC 0x524c4750u
+#define PGL_RING_VERSION 1u
+#define PGL_HEADER_BYTES 256u
+#define PGL_RECORD_HEADER 16u
+
+#define PGL_REC_NOTIFY 1u
+#define PGL_REC_GAP 2u
+#define PGL_REC_PAD 3u
+
+#define PGL_GAP_RECONNECT 1u
+#define PGL_GAP_OVERFLOW 2u
+#define PGL_MISSED_UNKNOWN UINT64_MAX
+
+typedef struct {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t capacity;
+    char _pad0[48];
+    uint64_t tail;
+    char _pad1[56];
+    uint64_t head;
+    char _pad2[56];
+    uint32_t sleeping;
+    char _pad3[60];
+} pgl_ring_header;
+
+_Static_assert(sizeof(pgl_ring_header) == PGL_HEADER_BYTES, "ring header is 256 bytes");
+_Static_assert(offsetof(pgl_ring_header, tail) == 64, "tail on its own cache line");
+_Static_assert(offsetof(pgl_ring_header, head) == 128, "head on its own cache line");
+_Static_assert(offsetof(pgl_ring_header, sleeping) == 192, "sleeping on its own cache line");
+
+static inline uint64_t pgl_load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void pgl_store_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint32_t pgl_load_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline void pgl_store_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t pgl_exchange_u32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+static inline void pgl_full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void pgl_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint32_t pgl_align8(uint32_t n) { return (n + 7u) & ~7u; }
+
+/* 64-bit FNV-1a: channel names are at most 63 bytes, so this is cheap and good enough. */
+static inline uint64_t pgl_hash(const char *s, size_t n) {
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++) { h ^= (unsigned char)s[i]; h *= 1099511628211ULL; }
+    return h;
+}
+
+#endif

@@ -1,0 +1,442 @@
+"""The supervisor process: owns the connection, answers workers, runs the dispatch loop.
+
+Everything here is policy; the per-notification work happens in _dispatch.Dispatcher.run()
+without the GIL. This module is the target of the spawned process (see supervisor.py).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import _protocol
+from ._backoff import Backoff
+from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus
+from ._libpq_check import check_same_libpq
+from .channels import channel_bytes
+from .errors import InvalidChannelName, PGListenerError, TooManySubscriptions
+
+log = logging.getLogger("pglistener.supervisor")
+
+#: How long run() may keep the GIL-free loop before Python gets a turn when nothing happens.
+TICK_MS = 1000
+
+
+@dataclass
+class Config:
+    """What the supervisor process needs; built and validated by Supervisor."""
+
+    conninfo: str
+    safe_target: str            # host/port/dbname for log lines, never the password
+    ring_bytes: int
+    backoff_initial: float
+    backoff_max: float
+    backoff_reset_after: float
+    connect_timeout: float
+    max_subscriptions_per_worker: int
+    log_level: int
+
+
+@dataclass(eq=False)
+class _Client:
+    sock: socket.socket
+    pid: int
+    subs: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Sub:
+    id: int
+    channel: str
+    client: _Client
+
+
+@dataclass(eq=False)
+class _PendingReply:
+    """A subscribe that is answered once its channel's LISTEN is committed."""
+
+    client: _Client
+    req: int
+    sub: _Sub
+    fds: tuple[int, int]
+
+
+class Server:
+    def __init__(self, config: Config, listen_sock: socket.socket, owner: socket.socket) -> None:
+        self.config = config
+        self.listen_sock = listen_sock
+        self.owner = owner
+        self.dispatcher = Dispatcher()
+        self.epoll = select.epoll()
+        self.clients: dict[int, _Client] = {}
+        self.subs: dict[int, _Sub] = {}
+        self.routes: dict[str, list[int]] = {}      # channel -> subscription ids, in order
+        self.listening: set[str] = set()            # LISTENs committed on this connection
+        self.pending: list[_PendingReply] = []
+        self.conn: psycopg.Connection[Any] | None = None
+        self.backoff = Backoff(
+            config.backoff_initial, config.backoff_max, config.backoff_reset_after
+        )
+        self.next_attempt = 0.0
+        self.last_error: str | None = None
+        self.outage_logged = False
+        self.stopping = False
+        self.reconnects = 0
+        self._ids = itertools.count(1)
+        listen_sock.setblocking(False)
+        self.epoll.register(listen_sock.fileno(), select.EPOLLIN)
+        self.epoll.register(owner.fileno(), select.EPOLLIN)
+
+    # -- the main loop ------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while not self.stopping:
+            if self.conn is None:
+                now = time.monotonic()
+                if now >= self.next_attempt:
+                    self._connect()
+                    continue
+                self._handle_control(timeout=self.next_attempt - now)
+                continue
+            status = self.dispatcher.run(
+                self.conn.pgconn.pgconn_ptr, self.epoll.fileno(), TICK_MS
+            )
+            if status == RunStatus.RUN_CONN_BAD:
+                self._lost(self._conn_error() or "the server closed the connection")
+            elif status == RunStatus.RUN_CONTROL:
+                self._handle_control(timeout=0)
+        self._shutdown()
+
+    # -- the connection -----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        try:
+            conn = psycopg.connect(
+                self.config.conninfo,
+                autocommit=True,
+                connect_timeout=max(1, round(self.config.connect_timeout)),
+                client_encoding="UTF8",
+            )
+        except psycopg.Error as exc:
+            self._failed(f"cannot connect to {self.config.safe_target}: {_one_line(exc)}")
+            return
+        # psycopg would build a Notify object per notification it meets during our queries;
+        # route those few through the dispatcher instead, in arrival order.
+        conn.pgconn.notify_handler = self._on_query_notify
+        self.conn = conn
+        try:
+            self._replay_listens()
+        except psycopg.Error as exc:
+            self._lost(f"LISTEN replay failed: {_one_line(exc)}")
+            return
+        if self.outage_logged:
+            log.warning("reconnected to %s (backend pid %d)", self.config.safe_target,
+                        conn.info.backend_pid)
+        else:
+            log.info("listening on %s (backend pid %d)", self.config.safe_target,
+                     conn.info.backend_pid)
+        self.outage_logged = False
+        self.last_error = None
+        self.backoff.succeeded(time.monotonic())
+        self._answer_pending()
+
+    def _replay_listens(self) -> None:
+        """LISTEN every wanted channel in one round trip, then check the server agrees."""
+        assert self.conn is not None
+        wanted = set(self.routes)
+        if wanted:
+            self._execute(sql.SQL("; ").join(
+                sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in sorted(wanted)))
+        self.listening = set(wanted)
+        rows = self._execute(sql.SQL("SELECT pg_listening_channels()"))
+        actual = {row[0] for row in rows}
+        if actual != wanted:
+            raise psycopg.OperationalError(
+                f"server listens on {len(actual)} channels, expected {len(wanted)}: "
+                f"missing {sorted(wanted - actual)[:5]}, unexpected {sorted(actual - wanted)[:5]}")
+
+    def _execute(self, query: sql.Composable) -> list[tuple[Any, ...]]:
+        assert self.conn is not None
+        cur = self.conn.execute(query)
+        rows = cur.fetchall() if cur.description else []
+        # libpq may hold notifications parsed during the query that psycopg left queued.
+        self.dispatcher.drain(self.conn.pgconn.pgconn_ptr)
+        return rows
+
+    def _on_query_notify(self, pgn: Any) -> None:
+        self.dispatcher.dispatch(bytes(pgn.relname), bytes(pgn.extra), pgn.be_pid)
+
+    def _conn_error(self) -> str:
+        if self.conn is None:
+            return ""
+        return _one_line(self.conn.pgconn.error_message.decode("utf-8", "replace"))
+
+    def _failed(self, cause: str) -> None:
+        delay = self.backoff.failed(time.monotonic())
+        self.next_attempt = time.monotonic() + delay
+        self.last_error = cause
+        if not self.outage_logged:
+            log.error("%s; retrying %s", cause, "now" if delay == 0 else f"in {delay:.1f} s")
+            self.outage_logged = True
+        else:
+            log.info("%s; retrying in %.1f s", cause, delay)
+
+    def _lost(self, cause: str) -> None:
+        """The connection is gone: every live stream gets a Gap, then we reconnect."""
+        self.dispatcher.mark_reconnect()
+        self.reconnects += 1
+        conn, self.conn = self.conn, None
+        self.listening.clear()
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - the socket is already broken
+                pass
+        self._failed(f"lost the connection to {self.config.safe_target}: {cause}")
+
+    # -- control ------------------------------------------------------------------------------
+
+    def _handle_control(self, timeout: float) -> None:
+        for fd, _events in self.epoll.poll(timeout):
+            if fd == self.listen_sock.fileno():
+                self._accept()
+            elif fd == self.owner.fileno():
+                self._on_owner()
+            elif fd in self.clients:
+                self._on_client(self.clients[fd])
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listen_sock.accept()
+        except BlockingIOError:
+            return
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            log.warning("refused a control connection from uid %d (pid %d)", uid, pid)
+            sock.close()
+            return
+        sock.setblocking(False)
+        client = _Client(sock, pid)
+        self.clients[sock.fileno()] = client
+        self.epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def _on_client(self, client: _Client) -> None:
+        try:
+            got = _protocol.recv(client.sock)
+        except (OSError, ValueError) as exc:
+            log.warning("dropping worker pid %d: %s", client.pid, exc)
+            got = None
+        if got is None:
+            self._detach(client)
+            return
+        message, fds = got
+        for fd in fds:        # workers never send descriptors
+            os.close(fd)
+        req = message.get("req")
+        try:
+            op = message.get("op")
+            if op == "subscribe":
+                self._subscribe(client, req, message.get("channel"))
+            elif op == "unsubscribe":
+                self._unsubscribe(client, message.get("sub"))
+                self._reply(client, {"req": req, "ok": True})
+            elif op == "cancel":
+                self._cancel(client, message.get("of"))
+            else:
+                raise ValueError(f"unknown operation {op!r}")
+        except (PGListenerError, ValueError, KeyError) as exc:
+            self._reply(client, {"req": req, "ok": False, "error": type(exc).__name__,
+                                 "message": str(exc)})
+
+    def _reply(self, client: _Client, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        try:
+            _protocol.send(client.sock, message, fds)
+        except BlockingIOError:
+            # Never block the loop on one worker: one that does not read its replies is cut
+            # off, and the hang-up detaches it on the next turn.
+            log.warning("worker pid %d does not read its replies: disconnecting it", client.pid)
+            client.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass        # the worker is gone; its EOF will detach it
+
+    def _subscribe(self, client: _Client, req: int, channel: Any) -> None:
+        raw = channel_bytes(channel)
+        if len(client.subs) >= self.config.max_subscriptions_per_worker:
+            raise TooManySubscriptions(
+                f"a worker process may hold at most {self.config.max_subscriptions_per_worker} "
+                f"subscriptions (Supervisor(max_subscriptions_per_worker=...)); unsubscribe "
+                f"some first")
+        sub = _Sub(next(self._ids), channel, client)
+        memfd, efd = self._make_ring(sub.id)
+        self.subs[sub.id] = sub
+        client.subs.add(sub.id)
+        self.routes.setdefault(channel, []).append(sub.id)
+        self.dispatcher.set_route(raw, self.routes[channel])
+        self.pending.append(_PendingReply(client, req, sub, (memfd, efd)))
+        if self.conn is not None and channel not in self.listening:
+            try:
+                self._execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            except psycopg.Error as exc:
+                self._lost(f"LISTEN failed: {_one_line(exc)}")
+                return
+            self.listening.add(channel)
+        if self.conn is not None:
+            self._answer_pending()
+
+    def _make_ring(self, sub_id: int) -> tuple[int, int]:
+        """An unnamed, sealed memfd and an eventfd for one subscription."""
+        size = HEADER_BYTES + self.config.ring_bytes
+        memfd = os.memfd_create(f"pglistener-ring-{sub_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        owned = os.dup(efd)     # the dispatcher's copy; `efd` goes to the worker
+        try:
+            os.ftruncate(memfd, size)
+            # The worker cannot shrink the ring under us (a write would then be a SIGBUS).
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.dispatcher.add_ring(sub_id, memfd, owned, self.config.ring_bytes)
+        except BaseException:
+            for fd in (memfd, efd, owned):
+                os.close(fd)
+            raise
+        return memfd, efd
+
+    def _answer_pending(self) -> None:
+        """Answer every subscribe whose channel is now LISTENed on the server."""
+        still = []
+        for p in self.pending:
+            if p.sub.channel in self.listening:
+                self._reply(p.client, {"req": p.req, "ok": True, "sub": p.sub.id}, p.fds)
+                for fd in p.fds:
+                    os.close(fd)
+            else:
+                still.append(p)
+        self.pending = still
+
+    def _cancel(self, client: _Client, req: Any) -> None:
+        for p in self.pending:
+            if p.client is client and p.req == req:
+                self._unsubscribe(client, p.sub.id)
+                return
+
+    def _unsubscribe(self, client: _Client, sub_id: Any) -> None:
+        sub = self.subs.get(sub_id) if isinstance(sub_id, int) else None
+        if sub is None or sub.client is not client:
+            raise KeyError(f"no subscription {sub_id!r} for this worker")
+        del self.subs[sub.id]
+        client.subs.discard(sub.id)
+        for p in [p for p in self.pending if p.sub is sub]:
+            self.pending.remove(p)
+            for fd in p.fds:
+                os.close(fd)
+        ids = self.routes[sub.channel]
+        ids.remove(sub.id)
+        self.dispatcher.set_route(sub.channel.encode(), ids)
+        self.dispatcher.remove_ring(sub.id)
+        if not ids:
+            del self.routes[sub.channel]
+            if self.conn is not None and sub.channel in self.listening:
+                self.listening.discard(sub.channel)
+                try:
+                    self._execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(sub.channel)))
+                except psycopg.Error as exc:
+                    self._lost(f"UNLISTEN failed: {_one_line(exc)}")
+
+    def _detach(self, client: _Client) -> None:
+        for sub_id in sorted(client.subs):
+            self._unsubscribe(client, sub_id)
+        self.epoll.unregister(client.sock.fileno())
+        del self.clients[client.sock.fileno()]
+        client.sock.close()
+
+    def _on_owner(self) -> None:
+        try:
+            got = _protocol.recv(self.owner)
+        except (OSError, ValueError):
+            got = None
+        if got is None:
+            log.info("the owning process is gone: stopping")
+            self.stopping = True
+            return
+        message, _fds = got
+        op = message.get("op")
+        if op == "status":
+            self._reply_owner(message, self.status())
+        elif op == "stop":
+            self.stopping = True
+            self._reply_owner(message, {})
+
+    def _reply_owner(self, message: dict[str, Any], body: dict[str, Any]) -> None:
+        try:
+            _protocol.send(self.owner, {"req": message.get("req"), "ok": True, **body})
+        except OSError:
+            self.stopping = True
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.conn is not None,
+            "backend_pid": self.conn.info.backend_pid if self.conn is not None else None,
+            "last_error": self.last_error,
+            "reconnects": self.reconnects,
+            "workers": len(self.clients),
+            "subscriptions": len(self.subs),
+            "channels": sorted(self.routes),
+            "received": self.dispatcher.received,
+            "unrouted": self.dispatcher.unrouted,
+        }
+
+    def _shutdown(self) -> None:
+        for client in list(self.clients.values()):
+            client.sock.close()    # readers see the hang-up and raise SupervisorGone
+        self.clients.clear()
+        for p in self.pending:
+            for fd in p.fds:
+                os.close(fd)
+        if self.conn is not None:
+            self.conn.close()
+        log.info("stopped")
+
+
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())
+
+
+def main(config: Config, listen_sock: socket.socket, owner: socket.socket, log_queue: Any) -> None:
+    """Entry point of the spawned supervisor process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the owner's to handle
+    root = logging.getLogger("pglistener")
+    root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+    root.setLevel(config.log_level)
+    root.propagate = False
+    try:
+        try:
+            check_same_libpq()
+        except PGListenerError as exc:
+            _protocol.send(owner, {"ready": False, "error": type(exc).__name__,
+                                   "message": str(exc)})
+            return
+        server = Server(config, listen_sock, owner)
+        _protocol.send(owner, {"ready": True, "pid": os.getpid()})
+        server.serve()
+    except Exception:
+        log.exception("the supervisor failed")
+        raise
+    finally:
+        for h in root.handlers:
+            h.close()
+        log_queue.close()
+        log_queue.join_thread()

@@ -1,0 +1,27 @@
+"""Every exception pglistener raises, in one place."""
+
+from __future__ import annotations
+
+
+class PGListenerError(Exception):
+    """Base class of pglistener's own errors."""
+
+
+class InvalidChannelName(PGListenerError, ValueError):
+    """A channel name PostgreSQL would reject or silently change."""
+
+
+class SupervisorGone(PGListenerError):
+    """The supervisor process has stopped or died; nothing more will arrive."""
+
+
+class SubscriptionClosed(PGListenerError):
+    """get() on a subscription that was unsubscribed."""
+
+
+class TooManySubscriptions(PGListenerError):
+    """A worker process asked for more subscriptions than the supervisor allows."""
+
+
+class IncompatibleLibpq(PGListenerError, RuntimeError):
+    """psycopg and pglistener's extension do not share one libpq."""

@@ -1,0 +1,267 @@
+"""The Supervisor: starts and stops the process that owns the listening connection."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from . import _dispatch, _protocol
+from ._libpq_check import check_same_libpq
+from ._logs import SupervisorLogs
+from ._server import Config, main
+from .errors import IncompatibleLibpq, SupervisorGone
+from .worker import Worker
+
+log = logging.getLogger("pglistener")
+
+DEFAULT_RING_BYTES = 4 * 1024 * 1024
+
+_EXITED = (
+    "it exited. If your program starts a Supervisor at module level, put that under "
+    "`if __name__ == '__main__':`: the supervisor is a spawned process, and spawn imports the "
+    "main module (see 'Safe importing of main module' in the multiprocessing docs)"
+)
+
+
+class Supervisor:
+    """Owns one PostgreSQL connection in a separate process and fans its notifications out to
+    any number of subscriptions, in any number of processes, through shared-memory rings.
+
+    >>> with Supervisor("dbname=app").start() as sup:
+    ...     with sup.worker().subscribe("orders") as sub:
+    ...         for item in sub:
+    ...             print(item)
+
+    Options:
+
+    - ring_bytes: capacity of each subscription's ring (a power of two, at least 16 KiB). A
+      reader that falls this far behind sees Gap(reason="overflow", missed=N).
+    - application_name: used unless the DSN names one (default "pglistener").
+    - backoff_initial, backoff_max, backoff_reset_after: reconnect delays in seconds; the first
+      retry is immediate, then backoff_initial doubling to backoff_max, with jitter; the
+      sequence restarts once a connection has stayed up for backoff_reset_after.
+    - connect_timeout: seconds for one connection attempt.
+    - max_subscriptions_per_worker: per worker process.
+    - start_timeout: seconds start() waits for the supervisor process to come up.
+    """
+
+    def __init__(
+        self,
+        dsn: str = "",
+        *,
+        ring_bytes: int = DEFAULT_RING_BYTES,
+        application_name: str = "pglistener",
+        backoff_initial: float = 0.5,
+        backoff_max: float = 60.0,
+        backoff_reset_after: float = 30.0,
+        connect_timeout: float = 10.0,
+        max_subscriptions_per_worker: int = 1024,
+        start_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(dsn, str):
+            raise TypeError("dsn is a libpq connection string or URI (str)")
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as exc:
+            # psycopg's message quotes no part of the DSN, so no password can leak here.
+            raise ValueError(f"invalid DSN: {exc}") from None
+        if not ("application_name" in params or os.environ.get("PGAPPNAME")):
+            params["application_name"] = application_name
+        _check_ring_bytes(ring_bytes)
+        for name, value in (("backoff_initial", backoff_initial), ("backoff_max", backoff_max),
+                            ("connect_timeout", connect_timeout),
+                            ("start_timeout", start_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if backoff_max < backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        if max_subscriptions_per_worker < 1:
+            raise ValueError("max_subscriptions_per_worker must be at least 1")
+        self._config = Config(
+            conninfo=make_conninfo("", **params),
+            safe_target=_safe_target(params),
+            ring_bytes=ring_bytes,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+            backoff_reset_after=backoff_reset_after,
+            connect_timeout=connect_timeout,
+            max_subscriptions_per_worker=max_subscriptions_per_worker,
+            log_level=logging.getLogger("pglistener").getEffectiveLevel(),
+        )
+        self._start_timeout = start_timeout
+        self._owner_pid = os.getpid()
+        self._process: Any = None
+        self._owner: socket.socket | None = None
+        self._owner_lock = threading.Lock()
+        self._dir: str | None = None
+        self._logs: SupervisorLogs | None = None
+        self._req = 0
+
+    def __repr__(self) -> str:
+        state = "running" if self._process is not None else "not running"
+        return f"<Supervisor {self._config.safe_target} {state}>"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> Supervisor:
+        """Start the supervisor process; returns self once it serves workers. Connecting to
+        the server goes on in the background (subscribe() waits for it)."""
+        if self._process is not None:
+            raise RuntimeError("this Supervisor is already started")
+        check_same_libpq()
+        self._dir = tempfile.mkdtemp(prefix="pglistener-")     # mode 0700: only our user
+        path = os.path.join(self._dir, "control")
+        listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        owner, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listen_sock.bind(path)
+            os.chmod(path, 0o600)
+            listen_sock.listen(128)
+            # spawn: safe whatever the default start method is and whatever threads run here.
+            ctx = multiprocessing.get_context("spawn")
+            self._logs = SupervisorLogs(ctx)
+            self._config.log_level = logging.getLogger("pglistener").getEffectiveLevel()
+            self._process = ctx.Process(
+                target=main, args=(self._config, listen_sock, theirs, self._logs.queue),
+                name="pglistener-supervisor", daemon=True)
+            self._process.start()
+        except BaseException:
+            self._cleanup()
+            raise
+        finally:
+            listen_sock.close()
+            theirs.close()
+        self._owner = owner
+        self._path = path
+        try:
+            owner.settimeout(self._start_timeout)
+            got = _protocol.recv(owner)
+            owner.settimeout(None)
+        except (OSError, ValueError) as exc:
+            self.stop()
+            raise RuntimeError(f"the supervisor process did not start: {exc}") from None
+        if got is None or not got[0].get("ready"):
+            message = got[0] if got else {}
+            self.stop()
+            if message.get("error") == "IncompatibleLibpq":
+                raise IncompatibleLibpq(message.get("message", ""))
+            raise RuntimeError(
+                "the supervisor process did not start: " + message.get("message", _EXITED))
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the supervisor process, close its connection and free every ring. Readers
+        still blocked get SupervisorGone. Idempotent; does nothing in a forked child."""
+        if os.getpid() != self._owner_pid or self._process is None:
+            return
+        if self._owner is not None:
+            try:
+                self._request({"op": "stop"}, timeout=timeout)
+            except (SupervisorGone, TimeoutError, OSError):
+                pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        if self._logs is not None:
+            self._logs.close()
+            self._logs = None
+        if self._process is not None:
+            if not self._process.is_alive():
+                self._process.close()
+            self._process = None
+
+    def __enter__(self) -> Supervisor:
+        if self._process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what users ask -----------------------------------------------------------------------
+
+    def worker(self) -> Worker:
+        """A handle for subscribing, picklable: pass it to child processes (fork or spawn)."""
+        if self._owner is None:
+            raise RuntimeError("start() the Supervisor before asking for workers")
+        return Worker(self._path)
+
+    @property
+    def pid(self) -> int | None:
+        """The supervisor process's pid."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def backend_pid(self) -> int | None:
+        """Server pid of the listening connection; None while disconnected."""
+        pid = self.status()["backend_pid"]
+        return int(pid) if pid is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """The supervisor's state: connected, backend_pid, last_error, reconnects, workers,
+        subscriptions, channels, received, unrouted."""
+        reply = self._request({"op": "status"}, timeout=10.0)
+        reply.pop("req", None)
+        reply.pop("ok", None)
+        return reply
+
+    def _request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        with self._owner_lock:
+            if self._owner is None:
+                raise SupervisorGone("the supervisor is not running")
+            self._req += 1
+            message = {**message, "req": self._req}
+            try:
+                _protocol.send(self._owner, message)
+                self._owner.settimeout(timeout)
+                while True:
+                    got = _protocol.recv(self._owner)
+                    if got is None:
+                        raise SupervisorGone("the supervisor process is gone")
+                    if got[0].get("req") == self._req:
+                        return got[0]
+            except socket.timeout:
+                raise TimeoutError(f"the supervisor did not answer within {timeout} s") from None
+            except (BrokenPipeError, ConnectionResetError):
+                raise SupervisorGone("the supervisor process is gone") from None
+            finally:
+                if self._owner is not None:
+                    self._owner.settimeout(None)
+
+
+def _check_ring_bytes(ring_bytes: int) -> None:
+    lo, hi = _dispatch.MIN_CAPACITY, _dispatch.MAX_CAPACITY
+    if not isinstance(ring_bytes, int) or not lo <= ring_bytes <= hi or ring_bytes & (ring_bytes - 1):
+        raise ValueError(
+            f"ring_bytes must be a power of two from {lo} to {hi}, not {ring_bytes!r} "
+            f"(e.g. {DEFAULT_RING_BYTES})")
+
+
+def _safe_target(params: dict[str, Any]) -> str:
+    """Where we connect, for log lines and repr: never the password."""
+    host = params.get("host") or os.environ.get("PGHOST") or "local socket"
+    port = params.get("port") or os.environ.get("PGPORT") or "5432"
+    dbname = params.get("dbname") or os.environ.get("PGDATABASE") or "default database"
+    return f"{dbname} at {host}:{port}"
