@@ -550,6 +550,13 @@ cdef class Dispatcher:
         with nogil:
             self._wake()
 
+    def flush(self):
+        """Write the pending gaps that fit now and wake sleeping readers (run() does this on
+        every turn)."""
+        with nogil:
+            self._flush_gaps()
+            self._wake()
+
     def run(self, size_t pgconn_ptr, int control_fd, int timeout_ms):
         """Drain the connection into the rings until something needs Python; see RUN_*."""
         cdef int status

@@ -55,7 +55,7 @@ class _Control:
                 # A fork child inherits its parent's connection: it opens its own and leaves
                 # the parent's alone (closing our copy does not disturb the parent).
                 if ctl is not None:
-                    ctl.sock.detach()
+                    ctl.sock.close()
                 ctl = cls._by_path[path] = cls(path)
             return ctl
 

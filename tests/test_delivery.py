@@ -1,0 +1,282 @@
+"""Delivery through the supervisor to workers, on a real server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from fix_pg import notify
+from pglistener import (
+    Gap,
+    InvalidChannelName,
+    Notification,
+    Supervisor,
+    SubscriptionClosed,
+    Worker,
+)
+from workers import read_channels
+
+
+def payloads(sub: Any, n: int, timeout: float = 30) -> list[str]:
+    return [sub.get(timeout=timeout).payload for _ in range(n)]
+
+
+def test_notifications_arrive_in_order_with_sender_pid(worker: Worker, conn: psycopg.Connection) -> None:
+    with worker.subscribe("orders", timeout=30) as sub:
+        notify(conn, "orders", [f"p{i}" for i in range(100)])
+        items = [sub.get(timeout=30) for _ in range(100)]
+    assert [n.payload for n in items] == [f"p{i}" for i in range(100)]
+    assert {n.channel for n in items} == {"orders"}
+    assert {n.pid for n in items} == {conn.info.backend_pid}
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_many_workers_overlapping_channels_order_and_no_loss(
+    worker: Worker, conn: psycopg.Connection, method: str
+) -> None:
+    ctx = multiprocessing.get_context(method)
+    channels = [f"ch{i}" for i in range(6)]
+    plan = [channels[0:3], channels[2:5], channels[4:6] + channels[0:1], channels]
+    per_channel = 500
+    ready, out = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=read_channels, args=(worker, chans, per_channel, ready, out))
+             for chans in plan]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=60)
+    # Interleave the channels across many transactions.
+    for start in range(0, per_channel, 50):
+        with conn.transaction():
+            for i in range(start, start + 50):
+                for ch in channels:
+                    conn.execute("SELECT pg_notify(%s, %s)", (ch, f"{ch}:{i}"))
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    seen = sorted(tuple(sorted(r)) for r in results)
+    assert seen == sorted(tuple(sorted(chans)) for chans in plan)
+    for result in results:
+        for ch, got in result.items():
+            assert got == [f"{ch}:{i}" for i in range(per_channel)]
+
+
+def test_one_server_connection_and_one_listen_per_channel(
+    supervisor: Supervisor, conn: psycopg.Connection
+) -> None:
+    w = supervisor.worker()
+    subs = [w.subscribe(ch, timeout=30) for ch in ["a", "b", "a", "a", "b", "c"]]
+    rows = conn.execute(
+        "SELECT pid, application_name FROM pg_stat_activity WHERE application_name = 'pglistener'"
+    ).fetchall()
+    assert rows == [(supervisor.backend_pid, "pglistener")]
+    assert supervisor.status()["channels"] == ["a", "b", "c"]
+    # UNLISTEN only when the last subscriber of a channel leaves: while one "a" remains the
+    # server still delivers to us, after that it does not even send.
+    for sub in subs[:2]:
+        sub.unsubscribe()
+    notify(conn, "a", ["still"])
+    assert subs[2].get(timeout=30).payload == "still"
+    for sub in subs[2:4]:
+        sub.unsubscribe()
+    assert supervisor.status()["channels"] == ["b", "c"]
+    before = supervisor.status()["received"]
+    notify(conn, "a", ["nobody"])
+    notify(conn, "b", ["marker"])
+    assert subs[4].get(timeout=30).payload == "marker"
+    assert supervisor.status()["received"] == before + 1     # "a" was not sent to us
+    for sub in subs[4:]:
+        sub.unsubscribe()
+
+
+TRICKY = ["MixedCase", "with space", 'quo"te', "*", "select", "a;b", "ünïcødé", "日本語",
+          "x" * 63, "é" * 31 + "x", "--", "'single'"]
+
+
+def test_tricky_channel_names_round_trip(worker: Worker, conn: psycopg.Connection) -> None:
+    subs = [worker.subscribe(name, timeout=30) for name in TRICKY]
+    for name in TRICKY:
+        conn.execute("SELECT pg_notify(%s, %s)", (name, name))
+    for name, sub in zip(TRICKY, subs):
+        got = sub.get(timeout=30)
+        assert (got.channel, got.payload) == (name, name)
+        sub.unsubscribe()
+
+
+@pytest.mark.parametrize(
+    "bad, rule",
+    [("", "empty"), ("a\x00b", "NUL"), ("x" * 64, "63 bytes"), ("é" * 32, "63 bytes"),
+     (b"bytes", "str")],
+)
+def test_bad_channel_names_are_refused_and_the_supervisor_still_serves(
+    worker: Worker, conn: psycopg.Connection, bad: Any, rule: str
+) -> None:
+    with pytest.raises(InvalidChannelName, match=rule):
+        worker.subscribe(bad, timeout=30)
+    with worker.subscribe("fine", timeout=30) as sub:
+        notify(conn, "fine", ["ok"])
+        assert sub.get(timeout=30).payload == "ok"
+
+
+def test_supervisor_checks_names_itself(worker: Worker) -> None:
+    # A worker that skips the client-side check still cannot get a bad LISTEN through.
+    from pglistener.worker import _Control
+
+    ctl = _Control.get(worker._path)
+    reply, fds = ctl.request({"op": "subscribe", "channel": "y" * 64}, timeout=30)
+    assert fds == []
+    assert reply["ok"] is False and reply["error"] == "InvalidChannelName"
+
+
+def test_empty_and_largest_multibyte_payloads(worker: Worker, conn: psycopg.Connection) -> None:
+    big = "é" * 3999 + "x"           # 7999 bytes in UTF-8, the most the server accepts
+    assert len(big.encode()) == 7999
+    with worker.subscribe("sizes", timeout=30) as sub:
+        # Identical payloads in one transaction may be folded: one empty one per transaction.
+        notify(conn, "sizes", ["", big])
+        notify(conn, "sizes", ["", big[::-1]])
+        assert payloads(sub, 4) == ["", big, "", big[::-1]]
+
+
+def test_unsubscribe_stops_delivery(worker: Worker, conn: psycopg.Connection) -> None:
+    keep = worker.subscribe("u", timeout=30)
+    gone = worker.subscribe("u", timeout=30)
+    notify(conn, "u", ["both"])
+    assert gone.get(timeout=30).payload == "both"
+    gone.unsubscribe()
+    with pytest.raises(SubscriptionClosed):
+        gone.get(timeout=1)
+    notify(conn, "u", ["only-keep"])
+    assert payloads(keep, 2) == ["both", "only-keep"]
+    keep.unsubscribe()
+
+
+def test_unsubscribe_wakes_a_blocked_reader(worker: Worker) -> None:
+    sub = worker.subscribe("blocked", timeout=30)
+    ended: list[str] = []
+
+    def read_all() -> None:
+        for _ in sub:
+            pass
+        ended.append("iteration ended")
+
+    t = threading.Thread(target=read_all)
+    t.start()
+    time.sleep(0.2)
+    sub.unsubscribe()
+    t.join(30)
+    assert ended == ["iteration ended"]
+
+
+def test_callback_errors_are_logged_and_do_not_stop_delivery(
+    worker: Worker, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    got: list[str] = []
+    done = threading.Event()
+
+    def callback(n: Notification) -> None:
+        if n.payload == "boom":
+            raise RuntimeError("handler failed")
+        got.append(n.payload)
+        if n.payload == "last":
+            done.set()
+
+    with caplog.at_level(logging.ERROR, logger="pglistener"):
+        sub = worker.subscribe("cb", callback, timeout=30)
+        notify(conn, "cb", ["first", "boom", "after", "last"])
+        assert done.wait(30)
+        sub.unsubscribe()
+    assert got == ["first", "after", "last"]
+    assert "handler failed" in caplog.text
+
+
+def test_json_subscription_decodes_and_skips_what_is_not_json(
+    worker: Worker, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    docs = [{"id": 1}, [1, 2], "text", None]
+    with caplog.at_level(logging.ERROR, logger="pglistener"):
+        with worker.subscribe_json("js", timeout=30) as sub:
+            notify(conn, "js", [json.dumps(docs[0]), "{not json", json.dumps(docs[1]),
+                                json.dumps(docs[2]), json.dumps(docs[3])])
+            assert [sub.get(timeout=30) for _ in docs] == docs
+    assert "not JSON" in caplog.text and "{not json" in caplog.text
+
+    seen: list[Any] = []
+    done = threading.Event()
+
+    def callback(value: Any) -> None:
+        seen.append(value)
+        if value == "end":
+            done.set()
+
+    sub = worker.subscribe_json("js2", callback, timeout=30)
+    notify(conn, "js2", ["oops", json.dumps({"a": 1}), json.dumps("end")])
+    assert done.wait(30)
+    sub.unsubscribe()
+    assert seen == [{"a": 1}, "end"]
+
+
+def test_overflow_is_a_gap_with_the_exact_count(dsn: str, conn: psycopg.Connection) -> None:
+    with Supervisor(dsn, ring_bytes=16 * 1024).start() as sup:
+        sub = sup.worker().subscribe("flood", timeout=30)
+        sent = 5000
+        notify(conn, "flood", [f"{i:06d}" for i in range(sent)])   # nobody reads meanwhile
+        seen: list[int] = []
+        stream: list[Any] = []
+        missed = 0
+        while len(seen) + missed < sent:
+            item = sub.get(timeout=30)
+            stream.append(item)
+            if isinstance(item, Gap):
+                assert item.reason == "overflow"
+                missed += item.missed
+            else:
+                seen.append(int(item.payload))
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.5)       # and nothing beyond what was sent
+        sub.unsubscribe()
+    assert missed > 0
+    assert len(seen) + missed == sent
+    # The ring filled and nobody read: the first ones arrived, the gap stands where the rest
+    # went missing.
+    assert seen == list(range(len(seen)))
+    assert isinstance(stream[-1], Gap) and stream[-1].missed == sent - len(seen)
+
+
+def test_reconnect_puts_a_gap_in_every_stream(supervisor: Supervisor, conn: psycopg.Connection) -> None:
+    w = supervisor.worker()
+    a, b = w.subscribe("r1", timeout=30), w.subscribe("r2", timeout=30)
+    notify(conn, "r1", ["before"])
+    old = supervisor.backend_pid
+    conn.execute("SELECT pg_terminate_backend(%s)", (old,))
+    deadline = time.monotonic() + 30
+    while supervisor.backend_pid in (None, old):
+        assert time.monotonic() < deadline, "the supervisor did not reconnect"
+        time.sleep(0.05)
+    notify(conn, "r1", ["after"])
+    notify(conn, "r2", ["after"])
+    assert [a.get(timeout=30) for _ in range(3)] == [
+        Notification("r1", "before", conn.info.backend_pid), Gap("reconnect", None),
+        Notification("r1", "after", conn.info.backend_pid)]
+    assert [b.get(timeout=30) for _ in range(2)] == [
+        Gap("reconnect", None), Notification("r2", "after", conn.info.backend_pid)]
+    a.unsubscribe()
+    b.unsubscribe()
+
+
+def test_get_many_returns_items_in_order(worker: Worker, conn: psycopg.Connection) -> None:
+    with worker.subscribe("many", timeout=30) as sub:
+        notify(conn, "many", [str(i) for i in range(1000)])
+        got: list[str] = []
+        while len(got) < 1000:
+            got += [n.payload for n in sub.get_many(300, timeout=30)]
+    assert got == [str(i) for i in range(1000)]

@@ -1,0 +1,258 @@
+"""Starting, stopping, dying, idling, and what must never leak."""
+
+from __future__ import annotations
+
+import gc
+import glob
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from fix_pg import notify
+from pglistener import Supervisor, SupervisorGone, Worker
+from workers import block_in_get
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for(predicate, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_stop_frees_everything_and_blocked_readers_get_supervisor_gone(dsn: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    ready, out = ctx.Queue(), ctx.Queue()      # (their semaphores are the test's, not ours)
+    shm_before = set(os.listdir("/dev/shm"))
+    sup = Supervisor(dsn).start()
+    sock_dir = os.path.dirname(sup.worker()._path)
+    assert oct(os.stat(sock_dir).st_mode & 0o777) == "0o700"
+    child = ctx.Process(target=block_in_get, args=(sup.worker(), ready, out))
+    child.start()
+    ready.get(timeout=60)
+    pid = sup.pid
+    sup.stop()
+    sup.stop()      # idempotent
+    assert out.get(timeout=30) == "SupervisorGone"
+    child.join(30)
+    assert not os.path.exists(sock_dir)
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    gc.collect()     # the log queue's semaphores are unlinked when it is collected
+    assert set(os.listdir("/dev/shm")) == shm_before
+
+
+def test_subscribe_after_stop_raises_supervisor_gone(dsn: str) -> None:
+    sup = Supervisor(dsn).start()
+    w = sup.worker()
+    sub = w.subscribe("x", timeout=30)
+    sup.stop()
+    with pytest.raises(SupervisorGone):
+        sub.get(timeout=30)
+    with pytest.raises(SupervisorGone):
+        for _ in sub:
+            pass
+    with pytest.raises(SupervisorGone):
+        w.subscribe("y", timeout=30)
+    sub.unsubscribe()
+
+
+def test_killed_supervisor_is_noticed_by_blocked_readers(dsn: str) -> None:
+    sup = Supervisor(dsn).start()
+    try:
+        sub = sup.worker().subscribe("k", timeout=30)
+        result: list[str] = []
+
+        def read() -> None:
+            try:
+                sub.get()
+            except SupervisorGone:
+                result.append("gone")
+
+        t = threading.Thread(target=read)
+        t.start()
+        time.sleep(0.2)
+        os.kill(sup.pid, signal.SIGKILL)
+        t.join(30)
+        assert result == ["gone"]
+    finally:
+        sup.stop()
+
+
+def test_items_delivered_before_the_supervisor_stops_are_still_read(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    sup = Supervisor(dsn).start()
+    sub = sup.worker().subscribe("last", timeout=30)
+    notify(conn, "last", ["one", "two"])
+    wait_for(lambda: sup.status()["received"] == 2, "delivery")
+    sup.stop()
+    assert [sub.get(timeout=5).payload for _ in range(2)] == ["one", "two"]
+    with pytest.raises(SupervisorGone):
+        sub.get(timeout=5)
+
+
+def test_idle_supervisor_and_reader_use_no_cpu(dsn: str) -> None:
+    with Supervisor(dsn).start() as sup:
+        ctx = multiprocessing.get_context("spawn")
+        ready, out = ctx.Queue(), ctx.Queue()
+        child = ctx.Process(target=block_in_get, args=(sup.worker(), ready, out))
+        child.start()
+        ready.get(timeout=60)
+        time.sleep(0.5)       # let start-up work settle
+        before = cpu_seconds(sup.pid), cpu_seconds(child.pid)
+        time.sleep(3)
+        after = cpu_seconds(sup.pid), cpu_seconds(child.pid)
+        child.kill()
+        child.join()
+    # A spinning or polling process would burn most of the 3 s; allow scheduler noise.
+    assert after[0] - before[0] < 0.1, "the idle supervisor is using CPU"
+    assert after[1] - before[1] < 0.1, "an idle reader blocked in get() is using CPU"
+
+
+def test_application_name_defaults_and_the_dsn_wins(dsn: str, conn: psycopg.Connection) -> None:
+    with Supervisor(dsn).start() as sup:
+        name = conn.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
+                            (sup.backend_pid,)).fetchone()
+        assert name == ("pglistener",)
+    custom = make_conninfo(dsn, application_name="my-service")
+    with Supervisor(custom).start() as sup:
+        name = conn.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
+                            (sup.backend_pid,)).fetchone()
+        assert name == ("my-service",)
+
+
+def test_password_never_shows(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cret-Pa55word"
+    with_password = make_conninfo(dsn, password=secret)
+    assert conninfo_to_dict(with_password)["password"] == secret
+    # A DSN that cannot connect, so that failures get logged with their cause.
+    unreachable = make_conninfo(with_password, host="127.0.0.1", port="9", connect_timeout="1")
+    with caplog.at_level(logging.DEBUG, logger="pglistener"):
+        for target in (with_password, unreachable):
+            sup = Supervisor(target, backoff_initial=0.1, backoff_max=0.2).start()
+            try:
+                w = sup.worker()
+                shown = [repr(sup), repr(w), str(pickle.dumps(w)), str(sup.status())]
+                with open(f"/proc/{sup.pid}/cmdline", "rb") as f:
+                    shown.append(f.read().decode(errors="replace"))
+                with open(f"/proc/{sup.pid}/environ", "rb") as f:
+                    shown.append(f.read().decode(errors="replace"))
+                if target is unreachable:
+                    with pytest.raises(TimeoutError):
+                        w.subscribe("c", timeout=1.5)
+            finally:
+                sup.stop()
+            assert all(secret not in s for s in shown)
+    assert "cannot connect" in caplog.text, "the connection failure was not logged"
+    assert secret not in caplog.text
+
+
+def test_supervisor_logs_reach_this_process(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pglistener"):
+        sup = Supervisor(dsn).start()
+        pid, supervisor_pid = sup.backend_pid, sup.pid
+        sup.stop()
+    records = [r for r in caplog.records if r.name == "pglistener.supervisor"]
+    assert any(f"backend pid {pid}" in r.getMessage() for r in records)
+    assert {r.process for r in records} == {supervisor_pid}
+
+
+def test_starts_from_a_thread_of_a_threaded_parent(dsn: str, conn: psycopg.Connection) -> None:
+    stop = threading.Event()
+    busy = [threading.Thread(target=stop.wait) for _ in range(4)]
+    for t in busy:
+        t.start()
+    result: list[object] = []
+
+    def run() -> None:
+        with Supervisor(dsn).start() as sup:
+            with sup.worker().subscribe("threaded", timeout=30) as sub:
+                notify(conn, "threaded", ["hi"])
+                result.append(sub.get(timeout=30).payload)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    stop.set()
+    for b in busy:
+        b.join()
+    assert result == ["hi"]
+
+
+def test_database_down_at_start_then_subscribe_times_out_with_the_cause(dsn: str) -> None:
+    unreachable = make_conninfo(dsn, host="127.0.0.1", port="9", connect_timeout="1")
+    with Supervisor(unreachable, backoff_initial=0.1, backoff_max=0.5).start() as sup:
+        assert sup.backend_pid is None
+        with pytest.raises(TimeoutError, match="not committed"):
+            sup.worker().subscribe("never", timeout=1)
+        assert "cannot connect" in sup.status()["last_error"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"ring_bytes": 1000}, "power of two"), ({"ring_bytes": 3 << 20}, "power of two"),
+     ({"backoff_initial": 0}, "positive"), ({"backoff_initial": 5, "backoff_max": 1}, "at least"),
+     ({"max_subscriptions_per_worker": 0}, "at least 1")],
+)
+def test_bad_options_are_refused_with_what_to_do(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Supervisor("", **kwargs)
+
+
+def test_bad_dsn_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ValueError, match="invalid DSN") as info:
+        Supervisor("host=x password=hunter2 = nonsense")
+    assert "hunter2" not in str(info.value)
+
+
+def test_worker_limit_is_enforced_with_a_clear_error(dsn: str) -> None:
+    from pglistener import TooManySubscriptions
+
+    with Supervisor(dsn, max_subscriptions_per_worker=2).start() as sup:
+        w = sup.worker()
+        a, b = w.subscribe("l", timeout=30), w.subscribe("l", timeout=30)
+        with pytest.raises(TooManySubscriptions, match="max_subscriptions_per_worker"):
+            w.subscribe("l", timeout=30)
+        a.unsubscribe()
+        w.subscribe("l", timeout=30).unsubscribe()
+        b.unsubscribe()
+
+
+def test_subscription_does_not_cross_fork(worker: Worker) -> None:
+    sub = worker.subscribe("f", timeout=30)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+
+    def child() -> None:
+        try:
+            sub.get(timeout=1)
+            out.put("read the parent's ring")
+        except RuntimeError as exc:
+            out.put(str(exc))
+
+    p = ctx.Process(target=child)
+    p.start()
+    assert "subscribe again in the child" in out.get(timeout=30)
+    p.join(30)
+    sub.unsubscribe()
+
+
+def test_no_ring_segments_in_the_file_system(worker: Worker) -> None:
+    subs = [worker.subscribe(f"fs{i}", timeout=30) for i in range(5)]
+    assert not [p for p in glob.glob("/dev/shm/*") if "pglistener" in p]
+    for s in subs:
+        s.unsubscribe()

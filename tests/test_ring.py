@@ -1,0 +1,251 @@
+"""The ring, in one process, against a model: no database here.
+
+The model is an independent byte-exact simulation of the layout documented in _ring.h:
+records of align8(16 + channel + payload) bytes, a padding record where one would wrap, and
+a gap record (16 bytes) written before the first notification that fits after a loss.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from pglistener import Gap, Notification
+from pglistener._dispatch import HEADER_BYTES, MIN_CAPACITY, Dispatcher, RingReader, WaitStatus
+
+
+def align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class Ring:
+    """A dispatcher with one ring routed from channel 'c', and its reader."""
+
+    def __init__(self, capacity: int) -> None:
+        self.dispatcher = Dispatcher()
+        memfd = os.memfd_create("test-ring")
+        os.ftruncate(memfd, HEADER_BYTES + capacity)
+        efd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.ctl, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.dispatcher.add_ring(1, memfd, os.dup(efd), capacity)
+        self.reader = RingReader(memfd, efd, self.ctl.fileno())
+        os.close(memfd)
+        self.efd = efd
+
+    def route(self, channel: bytes) -> None:
+        self.dispatcher.set_route(channel, [1])
+
+    def close(self) -> None:
+        self.reader.close()
+        self.dispatcher.remove_ring(1)
+        os.close(self.efd)
+        self.ctl.close()
+        self.peer.close()
+
+
+class Model:
+    def __init__(self, capacity: int) -> None:
+        self.cap = capacity
+        self.tail = 0
+        self.head = 0
+        self.queue: deque[tuple[object, int]] = deque()   # (item, bytes it took incl. padding)
+        self.gap = 0
+
+    def span(self, pos: int, n: int) -> int:
+        to_end = self.cap - pos % self.cap
+        return n if n <= to_end else to_end + n
+
+    def push(self, item: Notification) -> None:
+        n = align8(16 + len(item.channel.encode()) + len(item.payload.encode()))
+        if self.gap:
+            gap_span = self.span(self.tail, 16)
+            need = gap_span + self.span(self.tail + gap_span, n)
+            if self.tail + need - self.head > self.cap:
+                self.gap += 1
+                return
+            self.queue.append((Gap("overflow", self.gap), gap_span))
+            self.tail += gap_span
+            self.gap = 0
+        elif self.tail + self.span(self.tail, n) - self.head > self.cap:
+            self.gap = 1
+            return
+        s = self.span(self.tail, n)
+        self.queue.append((item, s))
+        self.tail += s
+
+    def flush(self) -> None:
+        if self.gap and self.tail + self.span(self.tail, 16) - self.head <= self.cap:
+            s = self.span(self.tail, 16)
+            self.queue.append((Gap("overflow", self.gap), s))
+            self.tail += s
+            self.gap = 0
+
+    def pop(self) -> object:
+        item, s = self.queue.popleft()
+        self.head += s
+        return item
+
+
+# PostgreSQL text never holds NUL, and libpq hands payloads over as C strings.
+no_nul = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))
+payloads = st.one_of(
+    st.text(no_nul, max_size=40),
+    st.text(alphabet="éあ🙂x", min_size=0, max_size=2000),
+    st.integers(0, 7999).map(lambda n: "p" * n),
+)
+
+
+class RingMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ring: Ring | None = None
+        self.model: Model | None = None
+        self.pid = 1
+
+    @precondition(lambda self: self.ring is None)
+    @rule(shift=st.integers(0, 3))
+    def create(self, shift: int) -> None:
+        capacity = MIN_CAPACITY << shift
+        self.ring = Ring(capacity)
+        self.ring.route(b"c")
+        self.model = Model(capacity)
+
+    @precondition(lambda self: self.ring is not None)
+    @rule(payload=payloads, count=st.integers(1, 20))
+    def notify(self, payload: str, count: int) -> None:
+        for _ in range(count):
+            self.pid += 1
+            raw = payload.encode()
+            self.ring.dispatcher.dispatch(b"c", raw, self.pid)
+            self.model.push(Notification("c", payload, self.pid))
+
+    @precondition(lambda self: self.ring is not None)
+    @rule(payload=payloads)
+    def notify_unrouted(self, payload: str) -> None:
+        self.ring.dispatcher.dispatch(b"other", payload.encode(), 1)
+
+    @precondition(lambda self: self.ring is not None)
+    @rule(count=st.integers(1, 50), batch=st.booleans())
+    def read(self, count: int, batch: bool) -> None:
+        if batch:
+            got = self.ring.reader.get_many(count)
+        else:
+            got = []
+            for _ in range(count):
+                item = self.ring.reader.get_nowait()
+                if item is None:
+                    break
+                got.append(item)
+        want = [self.model.pop() for _ in range(min(count, len(self.model.queue)))]
+        assert got == want
+
+    @precondition(lambda self: self.ring is not None)
+    @rule()
+    def flush(self) -> None:
+        self.ring.dispatcher.flush()
+        self.model.flush()
+
+    @invariant()
+    def nothing_is_lost(self) -> None:
+        if self.ring is None:
+            return
+        delivered, missed, used = self.ring.dispatcher.ring_stats(1)
+        assert used == self.model.tail - self.model.head
+
+    def teardown(self) -> None:
+        if self.ring is not None:
+            # Drain: every record left must match the model, then the ring is empty.
+            self.ring.dispatcher.flush()
+            self.model.flush()
+            rest = self.ring.reader.get_many(1 << 20)
+            assert rest == [item for item, _ in self.model.queue]
+            self.ring.close()
+
+
+TestRingAgainstModel = RingMachine.TestCase
+TestRingAgainstModel.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_seen_plus_missed_equals_sent() -> None:
+    ring = Ring(MIN_CAPACITY)
+    ring.route(b"c")
+    sent = 0
+    seen: list[Notification] = []
+    missed = 0
+    for round_ in range(50):
+        for i in range(1000):
+            sent += 1
+            ring.dispatcher.dispatch(b"c", f"{round_}:{i}".encode() * 3, sent)
+        ring.dispatcher.flush()
+        for item in ring.reader.get_many(100_000):
+            if isinstance(item, Gap):
+                assert item.reason == "overflow" and item.missed > 0
+                missed += item.missed
+            else:
+                seen.append(item)
+    ring.dispatcher.flush()
+    for item in ring.reader.get_many(100_000):
+        if isinstance(item, Gap):
+            missed += item.missed
+        else:
+            seen.append(item)
+    assert missed > 0, "the ring never overflowed: the test proves nothing"
+    assert len(seen) + missed == sent
+    pids = [n.pid for n in seen]
+    assert pids == sorted(pids)
+    ring.close()
+
+
+def test_wait_times_out_then_wakes_on_data() -> None:
+    ring = Ring(MIN_CAPACITY)
+    ring.route(b"c")
+    assert ring.reader.wait(10, 0) == WaitStatus.WAIT_TIMEOUT
+    ring.dispatcher.dispatch(b"c", b"x", 1)
+    assert ring.reader.wait(-1, 0) == WaitStatus.WAIT_READY
+    assert ring.reader.get_nowait() == Notification("c", "x", 1)
+    ring.close()
+
+
+def test_wait_sees_the_peer_hang_up() -> None:
+    ring = Ring(MIN_CAPACITY)
+    ring.peer.close()
+    assert ring.reader.wait(-1, 0) == WaitStatus.WAIT_PEER_GONE
+    ring.reader.close()
+    ring.dispatcher.remove_ring(1)
+    os.close(ring.efd)
+    ring.ctl.close()
+
+
+def test_reader_refuses_what_is_not_a_ring() -> None:
+    memfd = os.memfd_create("junk")
+    os.ftruncate(memfd, HEADER_BYTES + MIN_CAPACITY)
+    try:
+        RingReader(memfd, -1, -1)
+    except ValueError as exc:
+        assert "not a pglistener ring" in str(exc)
+    else:
+        raise AssertionError("a zeroed segment was accepted as a ring")
+    finally:
+        os.close(memfd)
+
+
+def test_capacity_must_be_a_power_of_two() -> None:
+    d = Dispatcher()
+    memfd = os.memfd_create("x")
+    try:
+        for bad in (1000, MIN_CAPACITY + 8, MIN_CAPACITY // 2):
+            try:
+                d.add_ring(1, memfd, -1, bad)
+            except ValueError as exc:
+                assert "power of two" in str(exc)
+            else:
+                raise AssertionError(f"capacity {bad} accepted")
+    finally:
+        os.close(memfd)
