@@ -1,0 +1,1 @@
+"""python -m pglistener.bench: throughput of pglistener against other listeners."""
