@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 
 class Backoff:
@@ -40,5 +40,5 @@ class Backoff:
         self._failures += 1
         if self._failures == 1:
             return 0.0
-        base = min(self.maximum, self.initial * 2 ** (self._failures - 2))
+        base = min(self.maximum, self.initial * 2.0 ** (self._failures - 2))
         return base * (1.0 - self.JITTER * self._rand())

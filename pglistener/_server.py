@@ -27,7 +27,7 @@ from ._backoff import Backoff
 from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus
 from ._libpq_check import check_same_libpq
 from .channels import channel_bytes
-from .errors import InvalidChannelName, PGListenerError, TooManySubscriptions
+from .errors import PGListenerError, TooManySubscriptions
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -69,7 +69,7 @@ class _PendingReply:
     """A subscribe that is answered once its channel's LISTEN is committed."""
 
     client: _Client
-    req: int
+    req: Any
     sub: _Sub
     fds: tuple[int, int]
 
@@ -111,9 +111,7 @@ class Server:
                     continue
                 self._handle_control(timeout=self.next_attempt - now)
                 continue
-            status = self.dispatcher.run(
-                self.conn.pgconn.pgconn_ptr, self.epoll.fileno(), TICK_MS
-            )
+            status = self.dispatcher.run(_pgconn_ptr(self.conn), self.epoll.fileno(), TICK_MS)
             if status == RunStatus.RUN_CONN_BAD:
                 self._lost(self._conn_error() or "the server closed the connection")
             elif status == RunStatus.RUN_CONTROL:
@@ -161,19 +159,19 @@ class Server:
             self._execute(sql.SQL("; ").join(
                 sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in sorted(wanted)))
         self.listening = set(wanted)
-        rows = self._execute(sql.SQL("SELECT pg_listening_channels()"))
+        rows = self._execute(sql.Composed([sql.SQL("SELECT pg_listening_channels()")]))
         actual = {row[0] for row in rows}
         if actual != wanted:
             raise psycopg.OperationalError(
                 f"server listens on {len(actual)} channels, expected {len(wanted)}: "
                 f"missing {sorted(wanted - actual)[:5]}, unexpected {sorted(actual - wanted)[:5]}")
 
-    def _execute(self, query: sql.Composable) -> list[tuple[Any, ...]]:
+    def _execute(self, query: sql.Composed) -> list[tuple[Any, ...]]:
         assert self.conn is not None
         cur = self.conn.execute(query)
         rows = cur.fetchall() if cur.description else []
         # libpq may hold notifications parsed during the query that psycopg left queued.
-        self.dispatcher.drain(self.conn.pgconn.pgconn_ptr)
+        self.dispatcher.drain(_pgconn_ptr(self.conn))
         return rows
 
     def _on_query_notify(self, pgn: Any) -> None:
@@ -273,7 +271,7 @@ class Server:
         except OSError:
             pass        # the worker is gone; its EOF will detach it
 
-    def _subscribe(self, client: _Client, req: int, channel: Any) -> None:
+    def _subscribe(self, client: _Client, req: Any, channel: Any) -> None:
         raw = channel_bytes(channel)
         if len(client.subs) >= self.config.max_subscriptions_per_worker:
             raise TooManySubscriptions(
@@ -409,6 +407,11 @@ class Server:
         if self.conn is not None:
             self.conn.close()
         log.info("stopped")
+
+
+def _pgconn_ptr(conn: psycopg.Connection[Any]) -> int:
+    """The PGconn* of psycopg's C implementation (checked at start), for our libpq calls."""
+    return int(conn.pgconn.pgconn_ptr)  # type: ignore[attr-defined]  # C implementation only
 
 
 def _one_line(exc: object) -> str:

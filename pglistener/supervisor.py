@@ -242,7 +242,7 @@ class Supervisor:
                         raise SupervisorGone("the supervisor process is gone")
                     if got[0].get("req") == self._req:
                         return got[0]
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(f"the supervisor did not answer within {timeout} s") from None
             except (BrokenPipeError, ConnectionResetError):
                 raise SupervisorGone("the supervisor process is gone") from None
@@ -253,7 +253,8 @@ class Supervisor:
 
 def _check_ring_bytes(ring_bytes: int) -> None:
     lo, hi = _dispatch.MIN_CAPACITY, _dispatch.MAX_CAPACITY
-    if not isinstance(ring_bytes, int) or not lo <= ring_bytes <= hi or ring_bytes & (ring_bytes - 1):
+    power_of_two = isinstance(ring_bytes, int) and ring_bytes & (ring_bytes - 1) == 0
+    if not power_of_two or not lo <= ring_bytes <= hi:
         raise ValueError(
             f"ring_bytes must be a power of two from {lo} to {hi}, not {ring_bytes!r} "
             f"(e.g. {DEFAULT_RING_BYTES})")

@@ -9,7 +9,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, Union
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from . import _protocol
 from ._dispatch import Gap, Notification, RingReader, WaitStatus
@@ -24,7 +25,10 @@ from .errors import (
 
 log = logging.getLogger("pglistener.worker")
 
-Item = Union[Notification, Gap]
+#: What a subscription yields.
+Item = Notification | Gap
+
+_S = TypeVar("_S", bound="Subscription")
 
 #: How long a reader polls its ring before it sleeps on the eventfd: a notification that comes
 #: within this window skips the wake-up syscall pair. Short, because the machines we run on
@@ -75,7 +79,9 @@ class _Control:
         self._ids = itertools.count(1)
         self.gone = False
 
-    def request(self, message: dict[str, Any], timeout: float | None) -> tuple[dict[str, Any], list[int]]:
+    def request(
+        self, message: dict[str, Any], timeout: float | None
+    ) -> tuple[dict[str, Any], list[int]]:
         req = next(self._ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         self.send({**message, "req": req})
@@ -114,7 +120,7 @@ class _Control:
         self.sock.settimeout(timeout)
         try:
             got = _protocol.recv(self.sock)
-        except socket.timeout:
+        except TimeoutError:
             return None
         except OSError:
             got = None
@@ -196,7 +202,7 @@ class Subscription:
     channel: str
 
     @classmethod
-    def _open(cls, path: str, channel: str, timeout: float | None) -> Any:
+    def _open(cls: type[_S], path: str, channel: str, timeout: float | None) -> _S:
         channel_bytes(channel)      # the supervisor checks again; fail here without a trip
         ctl = _Control.get(path)
         try:
@@ -240,7 +246,7 @@ class Subscription:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def get(self, timeout: float | None = None) -> Any:
+    def get(self, timeout: float | None = None) -> Item:
         """The next Notification or Gap, in order. Blocks (without spinning a core) up to
         `timeout` seconds, then raises TimeoutError; raises SupervisorGone once the supervisor
         is gone and everything it delivered has been read, SubscriptionClosed after
@@ -273,7 +279,7 @@ class Subscription:
             self._check_open()
             return [first, *self._reader.get_many(max_items - 1)]
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Item]:
         """Blocking iteration; ends after unsubscribe(), raises SupervisorGone."""
         while True:
             try:
@@ -318,7 +324,9 @@ class Subscription:
 
     # -- callback style -----------------------------------------------------------------------
 
-    def _start_thread(self, callback: Callable[[Any], Any], on_gap: Callable[[Gap], Any] | None) -> None:
+    def _start_thread(
+        self, callback: Callable[[Any], Any], on_gap: Callable[[Gap], Any] | None
+    ) -> None:
         self._thread = threading.Thread(
             target=self._deliver, args=(callback, on_gap),
             name=f"pglistener-{self.channel}", daemon=True)
@@ -327,15 +335,14 @@ class Subscription:
     def _deliver(self, callback: Callable[[Any], Any], on_gap: Callable[[Gap], Any] | None) -> None:
         try:
             for item in self:
-                if isinstance(item, Gap):
-                    handler = on_gap
-                    if handler is None:
-                        log.warning("%r: notifications may be missing (%r)", self.channel, item)
-                        continue
-                else:
-                    handler = callback
+                if isinstance(item, Gap) and on_gap is None:
+                    log.warning("%r: notifications may be missing (%r)", self.channel, item)
+                    continue
                 try:
-                    handler(item)
+                    if isinstance(item, Gap):
+                        on_gap(item)  # type: ignore[misc]  # (None was handled above)
+                    else:
+                        callback(item)
                 except Exception:
                     log.exception("error in the pglistener handler for %r", self.channel)
         except SupervisorGone:
@@ -369,7 +376,8 @@ class JsonSubscription(Subscription):
         try:
             return json.loads(item.payload)
         except ValueError:
-            log.error("skipped a payload on %r that is not JSON: %.200r", self.channel, item.payload)
+            log.error("skipped a payload on %r that is not JSON: %.200r",
+                      self.channel, item.payload)
             return _SKIP
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest

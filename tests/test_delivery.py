@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import threading
 import time
 from typing import Any
@@ -18,8 +17,8 @@ from pglistener import (
     Gap,
     InvalidChannelName,
     Notification,
-    Supervisor,
     SubscriptionClosed,
+    Supervisor,
     Worker,
 )
 from workers import read_channels
@@ -29,7 +28,9 @@ def payloads(sub: Any, n: int, timeout: float = 30) -> list[str]:
     return [sub.get(timeout=timeout).payload for _ in range(n)]
 
 
-def test_notifications_arrive_in_order_with_sender_pid(worker: Worker, conn: psycopg.Connection) -> None:
+def test_notifications_arrive_in_order_with_sender_pid(
+    worker: Worker, conn: psycopg.Connection
+) -> None:
     with worker.subscribe("orders", timeout=30) as sub:
         notify(conn, "orders", [f"p{i}" for i in range(100)])
         items = [sub.get(timeout=30) for _ in range(100)]
@@ -106,7 +107,7 @@ def test_tricky_channel_names_round_trip(worker: Worker, conn: psycopg.Connectio
     subs = [worker.subscribe(name, timeout=30) for name in TRICKY]
     for name in TRICKY:
         conn.execute("SELECT pg_notify(%s, %s)", (name, name))
-    for name, sub in zip(TRICKY, subs):
+    for name, sub in zip(TRICKY, subs, strict=True):
         got = sub.get(timeout=30)
         assert (got.channel, got.payload) == (name, name)
         sub.unsubscribe()
@@ -263,7 +264,9 @@ def test_overflow_is_a_gap_with_the_exact_count(dsn: str, conn: psycopg.Connecti
     assert expected == sent
 
 
-def test_reconnect_puts_a_gap_in_every_stream(supervisor: Supervisor, conn: psycopg.Connection) -> None:
+def test_reconnect_puts_a_gap_in_every_stream(
+    supervisor: Supervisor, conn: psycopg.Connection
+) -> None:
     w = supervisor.worker()
     a, b = w.subscribe("r1", timeout=30), w.subscribe("r2", timeout=30)
     notify(conn, "r1", ["before"])

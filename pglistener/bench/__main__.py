@@ -22,8 +22,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 
@@ -63,7 +64,7 @@ def start_server(stack: ExitStack) -> str:
 
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     datadir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pglistener-bench-"))
-    server = pgserver.get_server(datadir, cleanup_mode="stop")
+    server = pgserver.get_server(datadir, cleanup_mode="stop")  # type: ignore[attr-defined]
     stack.callback(server.cleanup)
     return str(server.get_uri())
 
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(x['deliveries_per_s'] for x in rounds):>14,.0f} "
               f"{sum(x['missed'] for x in rounds):>7}")
     ratios = [a["per_reader_per_s"] / b["per_reader_per_s"]
-              for a, b in zip(results["pglistener"], results["psycopg"])]
-    print(f"\npglistener per reader / psycopg notifies(), round by round: "
+              for a, b in zip(results["pglistener"], results["psycopg"], strict=True)]
+    print("\npglistener per reader / psycopg notifies(), round by round: "
           + ", ".join(f"{x:.2f}x" for x in ratios))
     if args.json:
         with open(args.json, "w") as f:
