@@ -9,6 +9,8 @@ import shutil
 import socket
 import tempfile
 import threading
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -24,6 +26,20 @@ from .worker import Worker
 log = logging.getLogger("pglistener")
 
 DEFAULT_RING_BYTES = 4 * 1024 * 1024
+
+#: Supervisor processes started here, for the fork hook below.
+_STARTED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _not_their_parent_after_fork() -> None:
+    # An os.fork() child inherits multiprocessing's record of this process's children, and
+    # multiprocessing's exit handler terminates the daemonic ones: a forked web worker that
+    # exits normally would kill its parent's supervisor. The child is not their parent.
+    for process in _STARTED:
+        multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
+
+
+os.register_at_fork(after_in_child=_not_their_parent_after_fork)
 
 _EXITED = (
     "it exited. If your program starts a Supervisor at module level, put that under "
@@ -104,6 +120,7 @@ class Supervisor:
         self._owner_lock = threading.Lock()
         self._dir: str | None = None
         self._logs: SupervisorLogs | None = None
+        self._release: Callable[[], Any] = lambda: None
         self._req = 0
 
     def __repr__(self) -> str:
@@ -134,14 +151,20 @@ class Supervisor:
                 target=main, args=(self._config, listen_sock, theirs, self._logs.queue),
                 name="pglistener-supervisor", daemon=True)
             self._process.start()
+            _STARTED.add(self._process)
         except BaseException:
-            self._cleanup()
+            _release(self._owner_pid, self._process, self._dir, self._logs)
+            self._process = None
+            owner.close()
             raise
         finally:
             listen_sock.close()
             theirs.close()
         self._owner = owner
         self._path = path
+        # Also when the Supervisor is dropped without stop(), or at interpreter exit.
+        self._release = weakref.finalize(
+            self, _release, self._owner_pid, self._process, self._dir, self._logs)
         try:
             owner.settimeout(self._start_timeout)
             got = _protocol.recv(owner)
@@ -168,29 +191,17 @@ class Supervisor:
                 self._request({"op": "stop"}, timeout=timeout)
             except (SupervisorGone, TimeoutError, OSError):
                 pass
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.terminate()
             self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
         self._cleanup()
 
     def _cleanup(self) -> None:
         if self._owner is not None:
             self._owner.close()
             self._owner = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-        if self._logs is not None:
-            self._logs.close()
-            self._logs = None
-        if self._process is not None:
-            if not self._process.is_alive():
-                self._process.close()
-            self._process = None
+        self._release()      # the weakref.finalize of start(): runs once
+        self._process = None
+        self._logs = None
+        self._dir = None
 
     def __enter__(self) -> Supervisor:
         if self._process is None:
@@ -249,6 +260,26 @@ class Supervisor:
             finally:
                 if self._owner is not None:
                     self._owner.settimeout(None)
+
+
+def _release(owner_pid: int, process: Any, directory: str | None,
+             logs: SupervisorLogs | None, timeout: float = 5.0) -> None:
+    """End the supervisor process and remove what start() made. Only in the process that
+    started it: a fork child that exits must not take its parent's supervisor along."""
+    if os.getpid() != owner_pid:
+        return
+    if process is not None and process.pid is not None:
+        for end in (process.terminate, process.kill):
+            if not process.is_alive():
+                break
+            end()
+            process.join(timeout)
+        process.join()
+        process.close()
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+    if logs is not None:
+        logs.close()
 
 
 def _check_ring_bytes(ring_bytes: int) -> None:

@@ -55,16 +55,11 @@ class _Control:
     def get(cls, path: str) -> _Control:
         with cls._lock:
             ctl = cls._by_path.get(path)
-            if ctl is None or ctl.pid != os.getpid():
-                # A fork child inherits its parent's connection: it opens its own and leaves
-                # the parent's alone (closing our copy does not disturb the parent).
-                if ctl is not None:
-                    ctl.sock.close()
+            if ctl is None:
                 ctl = cls._by_path[path] = cls(path)
             return ctl
 
     def __init__(self, path: str) -> None:
-        self.pid = os.getpid()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(path)
@@ -140,6 +135,18 @@ class _Control:
             return
         if isinstance(req, int):
             self._replies[req] = (message, fds)
+
+
+def _forget_after_fork() -> None:
+    # A fork child may inherit the lock held by a parent thread, and its parent's
+    # connections: start afresh (the parent's sockets stay open in the parent).
+    _Control._lock = threading.Lock()
+    inherited, _Control._by_path = _Control._by_path, {}
+    for ctl in inherited.values():
+        ctl.sock.close()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class Worker:

@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -256,3 +258,47 @@ def test_no_ring_segments_in_the_file_system(worker: Worker) -> None:
     assert not [p for p in glob.glob("/dev/shm/*") if "pglistener" in p]
     for s in subs:
         s.unsubscribe()
+
+
+def test_a_dropped_supervisor_is_cleaned_up(dsn: str) -> None:
+    sup = Supervisor(dsn).start()
+    sock_dir = os.path.dirname(sup.worker()._path)
+    pid = sup.pid
+    del sup
+    gc.collect()
+    assert not os.path.exists(sock_dir)
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+FORK_EXIT_SCRIPT = """
+import os, sys
+from pglistener import Supervisor
+
+if __name__ == "__main__":
+    with Supervisor(sys.argv[1]).start() as sup:
+        worker = sup.worker()
+        sub = worker.subscribe("parent", timeout=30)
+        pid = os.fork()
+        if pid == 0:
+            # A forked child (a web server's worker, say) that uses pglistener itself, then
+            # exits normally: atexit handlers and finalizers run.
+            with worker.subscribe("child", timeout=30):
+                pass
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        with __import__("psycopg").connect(sys.argv[1], autocommit=True) as conn:
+            conn.execute("NOTIFY parent, 'still here'")
+        print(sub.get(timeout=30).payload, sup.backend_pid is not None)
+"""
+
+
+def test_a_fork_child_that_exits_leaves_the_parents_supervisor_alone(
+    dsn: str, tmp_path
+) -> None:
+    script = tmp_path / "fork_exit.py"
+    script.write_text(FORK_EXIT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), dsn], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["still", "here", "True"]
