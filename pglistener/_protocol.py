@@ -6,7 +6,9 @@ descriptors ride along with the message they belong to. Each message is a small 
 worker -> supervisor                          supervisor -> worker
 {"op": "subscribe", "req": n, "channel": c}   {"req": n, "ok": true, "sub": id} + [memfd, eventfd]
 {"op": "unsubscribe", "req": n, "sub": id}    {"req": n, "ok": true}
-{"op": "cancel", "req": n, "of": m}           (no reply: request m was abandoned on timeout)
+{"op": "cancel", "req": n, "of": m}           {"req": m, "ok": false, "error": "Cancelled"}
+                                              (m was abandoned on timeout; no reply if m
+                                              was answered already)
 (close the socket)                            detach: every subscription of the worker is dropped
 any failure:                                  {"req": n, "ok": false, "error": name, "message": m}
 

@@ -326,9 +326,11 @@ class Server:
         self.pending = still
 
     def _cancel(self, client: _Client, req: Any) -> None:
+        """The worker gave up waiting for subscribe `req`: drop it, and close the request."""
         for p in self.pending:
             if p.client is client and p.req == req:
                 self._unsubscribe(client, p.sub.id)
+                self._reply(client, {"req": req, "ok": False, "error": "Cancelled"})
                 return
 
     def _unsubscribe(self, client: _Client, sub_id: Any) -> None:

@@ -86,7 +86,10 @@ class _Control:
                     raise SupervisorGone("the supervisor process is gone")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    # Tell the supervisor to drop it; a reply that crossed this in flight is
+                    # undone when it arrives (see _file).
                     self._abandoned.add(req)
+                    self.send({"op": "cancel", "of": req})
                     raise TimeoutError
                 if self._reading:
                     self._cond.wait(remaining)

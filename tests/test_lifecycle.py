@@ -202,6 +202,9 @@ def test_database_down_at_start_then_subscribe_times_out_with_the_cause(dsn: str
         with pytest.raises(TimeoutError, match="not committed"):
             sup.worker().subscribe("never", timeout=1)
         assert "cannot connect" in sup.status()["last_error"]
+        # The abandoned subscribe is dropped, not kept waiting for the database.
+        wait_for(lambda: sup.status()["subscriptions"] == 0, "the cancelled subscribe to go")
+        assert sup.status()["channels"] == []
 
 
 @pytest.mark.parametrize(
