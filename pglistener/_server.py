@@ -87,6 +87,7 @@ class Server:
         self.listening: set[str] = set()            # LISTENs committed on this connection
         self.pending: list[_PendingReply] = []
         self.conn: psycopg.Connection[Any] | None = None
+        self.up = False          # connected and every LISTEN replayed: streams are whole
         self.backoff = Backoff(
             config.backoff_initial, config.backoff_max, config.backoff_reset_after
         )
@@ -148,6 +149,7 @@ class Server:
                      conn.info.backend_pid)
         self.outage_logged = False
         self.last_error = None
+        self.up = True
         self.backoff.succeeded(time.monotonic())
         self._answer_pending()
 
@@ -193,9 +195,13 @@ class Server:
             log.info("%s; retrying in %.1f s", cause, delay)
 
     def _lost(self, cause: str) -> None:
-        """The connection is gone: every live stream gets a Gap, then we reconnect."""
-        self.dispatcher.mark_reconnect()
-        self.reconnects += 1
+        """The connection is gone: every live stream gets one Gap, then we reconnect."""
+        if self.up:
+            # Once per outage, at the place the working connection was lost; attempts that
+            # fail before every LISTEN is back in place deliver nothing and add no gap.
+            self.dispatcher.mark_reconnect()
+            self.reconnects += 1
+            self.up = False
         conn, self.conn = self.conn, None
         self.listening.clear()
         if conn is not None:
@@ -256,7 +262,9 @@ class Server:
                 self._cancel(client, message.get("of"))
             else:
                 raise ValueError(f"unknown operation {op!r}")
-        except (PGListenerError, ValueError, KeyError) as exc:
+        except (PGListenerError, ValueError, KeyError, OSError) as exc:
+            # One worker's bad or failed request (a bad name, out of descriptors) fails that
+            # request only, never the supervisor.
             self._reply(client, {"req": req, "ok": False, "error": type(exc).__name__,
                                  "message": str(exc)})
 

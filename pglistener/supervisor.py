@@ -111,7 +111,7 @@ class Supervisor:
             backoff_reset_after=backoff_reset_after,
             connect_timeout=connect_timeout,
             max_subscriptions_per_worker=max_subscriptions_per_worker,
-            log_level=logging.getLogger("pglistener").getEffectiveLevel(),
+            log_level=logging.NOTSET,       # start() takes the level in force then
         )
         self._start_timeout = start_timeout
         self._owner_pid = os.getpid()
