@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -21,7 +23,7 @@ from pglistener import (
     Supervisor,
     Worker,
 )
-from workers import read_channels
+from workers import read_channels, read_forever
 
 
 def payloads(sub: Any, n: int, timeout: float = 30) -> list[str]:
@@ -294,3 +296,30 @@ def test_get_many_returns_items_in_order(worker: Worker, conn: psycopg.Connectio
         while len(got) < 1000:
             got += [n.payload for n in sub.get_many(300, timeout=30)]
     assert got == [str(i) for i in range(1000)]
+
+
+def test_a_killed_worker_is_detached_and_others_keep_their_stream(
+    supervisor: Supervisor, conn: psycopg.Connection
+) -> None:
+    w = supervisor.worker()
+    survivor = w.subscribe("shared", timeout=30)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    victims = [ctx.Process(target=read_forever, args=(w, ch, ready)) for ch in ("shared", "own")]
+    for p in victims:
+        p.start()
+    for _ in victims:
+        ready.get(timeout=60)
+    assert supervisor.status()["subscriptions"] == 3
+    notify(conn, "shared", [str(i) for i in range(1000)])
+    for p in victims:
+        os.kill(p.pid, signal.SIGKILL)     # mid-stream
+        p.join(30)
+    notify(conn, "shared", [str(i) for i in range(1000, 2000)])
+    deadline = time.monotonic() + 30
+    while supervisor.status()["subscriptions"] != 1:
+        assert time.monotonic() < deadline, "the dead worker's subscriptions were not reclaimed"
+        time.sleep(0.02)
+    assert supervisor.status()["channels"] == ["shared"]      # "own" was UNLISTENed
+    assert payloads(survivor, 2000) == [str(i) for i in range(2000)]
+    survivor.unsubscribe()

@@ -31,3 +31,11 @@ def block_in_get(worker: Worker, ready: Any, out: Any) -> None:
         out.put("item")
     except Exception as exc:  # noqa: BLE001 - the type is the result
         out.put(type(exc).__name__)
+
+
+def read_forever(worker: Worker, channel: str, ready: Any) -> None:
+    """Subscribe and read until killed."""
+    sub = worker.subscribe(channel, timeout=30)
+    ready.put(True)
+    for _ in sub:
+        pass
