@@ -61,9 +61,6 @@ MIN_CAPACITY = 16 * 1024          # a 63-byte channel and a 7999-byte payload mu
 MAX_CAPACITY = 1024 * 1024 * 1024
 HEADER_BYTES = PGL_HEADER_BYTES
 
-cdef uint64_t NO_GAP = 0
-
-
 def libpq_version():
     """Version of the libpq this module is linked to at run time (PQlibVersion())."""
     return PQlibVersion()
@@ -321,7 +318,7 @@ cdef class Dispatcher:
             raise OSError(errno, "mmap of a ring failed")
         cdef Producer *p = <Producer *>calloc(1, sizeof(Producer))
         cdef Producer **grown = <Producer **>realloc(self.rings, (self.n_rings + 1) * sizeof(Producer *))
-        cdef Producer **grown_dirty
+        cdef Producer **grown_dirty = NULL   # stays NULL when the first realloc fails
         if grown != NULL:
             self.rings = grown
             grown_dirty = <Producer **>realloc(self.dirty, (self.n_rings + 1) * sizeof(Producer *))
@@ -530,10 +527,10 @@ cdef class Dispatcher:
                 self._mark(p)
             elif p.gap_reason != 0:
                 pending = True
-        if pending and self.gaps_pending and self.gap_retry_ms < 64:
-            self.gap_retry_ms = self.gap_retry_ms * 2 if self.gap_retry_ms else 1
-        elif not pending:
+        if not pending:
             self.gap_retry_ms = 0
+        elif self.gap_retry_ms < 64:
+            self.gap_retry_ms = self.gap_retry_ms * 2 if self.gap_retry_ms else 1
         self.gaps_pending = pending
 
     def drain(self, size_t pgconn_ptr):
