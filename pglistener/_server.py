@@ -161,14 +161,14 @@ class Server:
             self._execute(sql.SQL("; ").join(
                 sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in sorted(wanted)))
         self.listening = set(wanted)
-        rows = self._execute(sql.Composed([sql.SQL("SELECT pg_listening_channels()")]))
+        rows = self._execute(sql.SQL("SELECT pg_listening_channels()"))
         actual = {row[0] for row in rows}
         if actual != wanted:
             raise psycopg.OperationalError(
                 f"server listens on {len(actual)} channels, expected {len(wanted)}: "
                 f"missing {sorted(wanted - actual)[:5]}, unexpected {sorted(actual - wanted)[:5]}")
 
-    def _execute(self, query: sql.Composed) -> list[tuple[Any, ...]]:
+    def _execute(self, query: sql.SQL | sql.Composed) -> list[tuple[Any, ...]]:
         assert self.conn is not None
         cur = self.conn.execute(query)
         rows = cur.fetchall() if cur.description else []

@@ -345,14 +345,15 @@ class Subscription:
     def _deliver(self, callback: Callable[[Any], Any], on_gap: Callable[[Gap], Any] | None) -> None:
         try:
             for item in self:
-                if isinstance(item, Gap) and on_gap is None:
-                    log.warning("%r: notifications may be missing (%r)", self.channel, item)
-                    continue
+                if isinstance(item, Gap):
+                    if on_gap is None:
+                        log.warning("%r: notifications may be missing (%r)", self.channel, item)
+                        continue
+                    handler: Callable[[Any], Any] = on_gap
+                else:
+                    handler = callback
                 try:
-                    if isinstance(item, Gap):
-                        on_gap(item)  # type: ignore[misc]  # (None was handled above)
-                    else:
-                        callback(item)
+                    handler(item)
                 except Exception:
                     log.exception("error in the pglistener handler for %r", self.channel)
         except SupervisorGone:

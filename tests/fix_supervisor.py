@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -16,6 +17,23 @@ def supervisor(dsn: str) -> Iterator[Supervisor]:
         yield sup
     finally:
         sup.stop()
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Poll until predicate() is true; fail saying `what` did not happen within timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def process_gone(pid: int) -> bool:
+    """True when pid has exited (no such process, or a zombie not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from fix_pg import notify
+from fix_supervisor import wait_for
 from pglistener import (
     Gap,
     InvalidChannelName,
@@ -234,10 +235,8 @@ def test_overflow_is_a_gap_with_the_exact_count(dsn: str, conn: psycopg.Connecti
         sent = 5000
         notify(conn, "flood", [f"{i:06d}" for i in range(sent)])
         # Read only once the supervisor has taken all 5000 (~120 KB) into a 16 KiB ring.
-        deadline = time.monotonic() + 60
-        while sup.status()["received"] < sent:
-            assert time.monotonic() < deadline, "the supervisor did not receive the flood"
-            time.sleep(0.01)
+        wait_for(lambda: sup.status()["received"] >= sent, "the supervisor to receive the flood",
+                 timeout=60)
         seen: list[int] = []
         stream: list[Any] = []
         missed = 0
@@ -274,10 +273,7 @@ def test_reconnect_puts_a_gap_in_every_stream(
     notify(conn, "r1", ["before"])
     old = supervisor.backend_pid
     conn.execute("SELECT pg_terminate_backend(%s)", (old,))
-    deadline = time.monotonic() + 30
-    while supervisor.backend_pid in (None, old):
-        assert time.monotonic() < deadline, "the supervisor did not reconnect"
-        time.sleep(0.05)
+    wait_for(lambda: supervisor.backend_pid not in (None, old), "the supervisor to reconnect")
     notify(conn, "r1", ["after"])
     notify(conn, "r2", ["after"])
     assert [a.get(timeout=30) for _ in range(3)] == [
@@ -316,10 +312,8 @@ def test_a_killed_worker_is_detached_and_others_keep_their_stream(
         os.kill(p.pid, signal.SIGKILL)     # mid-stream
         p.join(30)
     notify(conn, "shared", [str(i) for i in range(1000, 2000)])
-    deadline = time.monotonic() + 30
-    while supervisor.status()["subscriptions"] != 1:
-        assert time.monotonic() < deadline, "the dead worker's subscriptions were not reclaimed"
-        time.sleep(0.02)
+    wait_for(lambda: supervisor.status()["subscriptions"] == 1,
+             "the dead worker's subscriptions to be reclaimed")
     assert supervisor.status()["channels"] == ["shared"]      # "own" was UNLISTENed
     assert payloads(survivor, 2000) == [str(i) for i in range(2000)]
     survivor.unsubscribe()

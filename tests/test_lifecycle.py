@@ -19,6 +19,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from fix_pg import notify
+from fix_supervisor import process_gone, wait_for
 from pglistener import Supervisor, SupervisorGone, Worker
 from workers import block_in_get
 
@@ -27,13 +28,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_stop_frees_everything_and_blocked_readers_get_supervisor_gone(dsn: str) -> None:
@@ -52,7 +46,7 @@ def test_stop_frees_everything_and_blocked_readers_get_supervisor_gone(dsn: str)
     assert out.get(timeout=30) == "SupervisorGone"
     child.join(30)
     assert not os.path.exists(sock_dir)
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert process_gone(pid)
     gc.collect()     # the log queue's semaphores are unlinked when it is collected
     assert set(os.listdir("/dev/shm")) == shm_before
 
@@ -270,7 +264,7 @@ def test_a_dropped_supervisor_is_cleaned_up(dsn: str) -> None:
     del sup
     gc.collect()
     assert not os.path.exists(sock_dir)
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert process_gone(pid)
 
 
 FORK_EXIT_SCRIPT = """

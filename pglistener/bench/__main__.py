@@ -77,9 +77,8 @@ def produce(conn: psycopg.Connection[Any], n: int, payload_bytes: int) -> float:
     return time.monotonic()
 
 
-def run_round(start_readers: Callable[[Any, Any], list[Any]], conn: psycopg.Connection[Any],
-              args: argparse.Namespace) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
+def run_round(ctx: Any, start_readers: Callable[[Any, Any], list[Any]],
+              conn: psycopg.Connection[Any], args: argparse.Namespace) -> dict[str, Any]:
     ready, out = ctx.Queue(), ctx.Queue()
     procs = start_readers(ready, out)
     for _ in procs:
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name, start in systems.items():        # interleaved: drift hits all alike
                 print(f"round {r + 1}/{args.rounds}: {name}...", file=sys.stderr, flush=True)
-                results[name].append(run_round(start, conn, args))
+                results[name].append(run_round(ctx, start, conn, args))
 
     print()
     print(f"drain: {args.notifications} notifications of {args.payload_bytes} bytes on one "
