@@ -18,8 +18,8 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
 from pglistener._libpq cimport (
-    PGL_BUILT_LIBPQ_VERSION, PGconn, PGnotify, PQconsumeInput, PQfreemem, PQlibVersion,
-    PQnotifies, PQsocket,
+    PGL_BUILT_LIBPQ_VERSION, PGconn, PGnotify, PQconsumeInput, PQflush, PQfreemem, PQisBusy,
+    PQlibVersion, PQnotifies, PQsocket,
 )
 from pglistener._ring cimport *
 
@@ -31,6 +31,7 @@ cdef extern from "<poll.h>" nogil:
         short revents
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     const short POLLIN
+    const short POLLOUT
     const short POLLHUP
     const short POLLERR
     const short POLLNVAL
@@ -50,6 +51,7 @@ cpdef enum RunStatus:
     RUN_CONTROL = 1        # the control fd is readable: a worker or the owner wants something
     RUN_CONN_BAD = 2       # PQconsumeInput failed or the socket is gone: reconnect
     RUN_INTERRUPTED = 3    # a signal arrived: let Python run its handlers
+    RUN_RESULT = 4         # want_result: the query's next result is ready (PQgetResult won't block)
 
 cpdef enum WaitStatus:
     WAIT_READY = 0         # data may be there (a wake-up can be spurious: read and loop)
@@ -368,12 +370,14 @@ cdef class Dispatcher:
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         return (p.delivered, p.missed_total, p.tail - pgl_load_acquire(&p.hdr.head))
 
-    def mark_reconnect(self):
-        """Every ring gets a Gap(reconnect) before anything received from now on."""
-        cdef size_t i
-        for i in range(self.n_rings):
-            self.rings[i].gap_reason = PGL_GAP_RECONNECT
-            self.rings[i].gap_missed = PGL_MISSED_UNKNOWN
+    def mark_reconnect(self, ring_ids):
+        """These rings get a Gap(reconnect) before anything received from now on (an
+        overflow gap still waiting for room is folded into it: missed becomes unknown)."""
+        cdef Producer *p
+        for ring_id in ring_ids:
+            p = <Producer *><size_t>self.by_id[ring_id]
+            p.gap_reason = PGL_GAP_RECONNECT
+            p.gap_missed = PGL_MISSED_UNKNOWN
         self.gaps_pending = True
         with nogil:
             self._flush_gaps()
@@ -533,16 +537,8 @@ cdef class Dispatcher:
             self.gap_retry_ms = self.gap_retry_ms * 2 if self.gap_retry_ms else 1
         self.gaps_pending = pending
 
-    def drain(self, size_t pgconn_ptr):
-        """Route whatever libpq has already parsed (after a query); returns the count."""
-        cdef size_t n
-        with nogil:
-            n = self._drain(<PGconn *>pgconn_ptr)
-            self._wake()
-        return n
-
     def dispatch(self, bytes channel, bytes payload, int pid):
-        """Route one notification that psycopg took off the connection during a query."""
+        """Route one notification given from Python (tests; run() does this for the socket)."""
         self._route(channel, payload, pid)
         with nogil:
             self._wake()
@@ -554,17 +550,22 @@ cdef class Dispatcher:
             self._flush_gaps()
             self._wake()
 
-    def run(self, size_t pgconn_ptr, int control_fd, int timeout_ms):
-        """Drain the connection into the rings until something needs Python; see RUN_*."""
+    def run(self, size_t pgconn_ptr, int control_fd, int timeout_ms, bint want_result=False):
+        """Drain the connection into the rings until something needs Python; see RUN_*.
+
+        With want_result (a query was sent), also flush it out and return RUN_RESULT once its
+        next result is ready; notifications that arrive meanwhile are routed as usual. A
+        negative control_fd is not watched."""
         cdef int status
         with nogil:
-            status = self._run(<PGconn *>pgconn_ptr, control_fd, timeout_ms)
+            status = self._run(<PGconn *>pgconn_ptr, control_fd, timeout_ms, want_result)
         return status
 
-    cdef int _run(self, PGconn *conn, int control_fd, int timeout_ms) noexcept nogil:
+    cdef int _run(self, PGconn *conn, int control_fd, int timeout_ms,
+                  bint want_result) noexcept nogil:
         cdef pollfd fds[2]
         cdef int sock = PQsocket(conn)
-        cdef int rc, wait_ms
+        cdef int rc, wait_ms, unsent = 0
         cdef uint64_t deadline = _now_ns() + <uint64_t>timeout_ms * 1000000ULL
         cdef uint64_t now
         if sock < 0:
@@ -573,6 +574,12 @@ cdef class Dispatcher:
             self._drain(conn)
             self._flush_gaps()
             self._wake()
+            if want_result:
+                unsent = PQflush(conn)
+                if unsent < 0:
+                    return RUN_CONN_BAD
+                if not PQisBusy(conn):
+                    return RUN_RESULT
             now = _now_ns()
             if now >= deadline:
                 return RUN_TIMEOUT
@@ -582,7 +589,7 @@ cdef class Dispatcher:
                 # signal us, so look again soon, less often the longer it stays full.
                 wait_ms = self.gap_retry_ms
             fds[0].fd = sock
-            fds[0].events = POLLIN
+            fds[0].events = POLLIN | POLLOUT if unsent else POLLIN
             fds[0].revents = 0
             fds[1].fd = control_fd
             fds[1].events = POLLIN
@@ -592,7 +599,7 @@ cdef class Dispatcher:
                 if errno == EINTR:
                     return RUN_INTERRUPTED
                 return RUN_CONN_BAD
-            if fds[0].revents:
+            if fds[0].revents & ~POLLOUT:
                 if PQconsumeInput(conn) == 0:
                     self._drain(conn)
                     self._wake()

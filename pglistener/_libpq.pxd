@@ -14,6 +14,10 @@ cdef extern from "libpq-fe.h" nogil:
     int PQsocket(const PGconn *conn)
     int PQlibVersion()
 
+    # 34.4 Asynchronous command processing
+    int PQisBusy(PGconn *conn)
+    int PQflush(PGconn *conn)
+
     # 34.9 Asynchronous notification
     int PQconsumeInput(PGconn *conn)
     PGnotify *PQnotifies(PGconn *conn)

@@ -10,22 +10,25 @@ import fcntl
 import itertools
 import logging
 import logging.handlers
+import math
 import os
 import select
 import signal
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from . import _protocol
 from ._backoff import Backoff
 from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus
 from ._libpq_check import check_same_libpq
+from ._sizes import check_ring_bytes
 from .channels import channel_bytes
 from .errors import PGListenerError, TooManySubscriptions
 
@@ -35,6 +38,11 @@ log = logging.getLogger("pglistener.supervisor")
 TICK_MS = 1000
 
 
+class _QueryFailed(Exception):
+    """A query on the listening connection failed or went unanswered; the connection is
+    treated as lost (a standby refusing LISTEN is retried like a dead server)."""
+
+
 @dataclass
 class Config:
     """What the supervisor process needs; built and validated by Supervisor."""
@@ -42,10 +50,12 @@ class Config:
     conninfo: str
     safe_target: str            # host/port/dbname for log lines, never the password
     ring_bytes: int
+    max_ring_bytes: int
     backoff_initial: float
     backoff_max: float
     backoff_reset_after: float
     connect_timeout: float
+    liveness_timeout: float
     max_subscriptions_per_worker: int
     log_level: int
 
@@ -96,6 +106,9 @@ class Server:
         self.outage_logged = False
         self.stopping = False
         self.reconnects = 0
+        self.last_heard = 0.0           # when the server last sent us anything
+        self.heard_count = 0            # dispatcher.received at that time
+        self.heartbeat_sent: float | None = None
         self._ids = itertools.count(1)
         listen_sock.setblocking(False)
         self.epoll.register(listen_sock.fileno(), select.EPOLLIN)
@@ -112,9 +125,21 @@ class Server:
                     continue
                 self._handle_control(timeout=self.next_attempt - now)
                 continue
-            status = self.dispatcher.run(_pgconn_ptr(self.conn), self.epoll.fileno(), TICK_MS)
+            try:
+                wait_ms = self._liveness()
+            except psycopg.Error as exc:
+                self._lost(f"heartbeat failed: {_one_line(exc)}")
+                continue
+            if wait_ms is None:
+                self._lost("the server did not answer within liveness_timeout "
+                           f"({self.config.liveness_timeout:g} s)")
+                continue
+            status = self.dispatcher.run(_pgconn_ptr(self.conn), self.epoll.fileno(), wait_ms,
+                                         want_result=self.heartbeat_sent is not None)
             if status == RunStatus.RUN_CONN_BAD:
                 self._lost(self._conn_error() or "the server closed the connection")
+            elif status == RunStatus.RUN_RESULT:
+                self._on_heartbeat_result()
             elif status == RunStatus.RUN_CONTROL:
                 self._handle_control(timeout=0)
         self._shutdown()
@@ -126,20 +151,22 @@ class Server:
             conn = psycopg.connect(
                 self.config.conninfo,
                 autocommit=True,
-                connect_timeout=max(1, round(self.config.connect_timeout)),
+                connect_timeout=max(2, round(self.config.connect_timeout)),
                 client_encoding="UTF8",
             )
         except psycopg.Error as exc:
             self._failed(f"cannot connect to {self.config.safe_target}: {_one_line(exc)}")
             return
-        # psycopg would build a Notify object per notification it meets during our queries;
-        # route those few through the dispatcher instead, in arrival order.
-        conn.pgconn.notify_handler = self._on_query_notify
+        # From here on psycopg only holds the connection: every query goes through _query(),
+        # so that notifications arriving meanwhile take the usual path into the rings.
+        conn.pgconn.notify_handler = None
         self.conn = conn
+        self._heard()
+        self.heartbeat_sent = None
         try:
             self._replay_listens()
-        except psycopg.Error as exc:
-            self._lost(f"LISTEN replay failed: {_one_line(exc)}")
+        except _QueryFailed as exc:
+            self._lost(f"LISTEN replay failed: {exc}")
             return
         if self.outage_logged:
             log.warning("reconnected to %s (backend pid %d)", self.config.safe_target,
@@ -155,29 +182,98 @@ class Server:
 
     def _replay_listens(self) -> None:
         """LISTEN every wanted channel in one round trip, then check the server agrees."""
-        assert self.conn is not None
         wanted = set(self.routes)
         if wanted:
-            self._execute(sql.SQL("; ").join(
+            self._query(sql.SQL("; ").join(
                 sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in sorted(wanted)))
         self.listening = set(wanted)
-        rows = self._execute(sql.SQL("SELECT pg_listening_channels()"))
-        actual = {row[0] for row in rows}
+        rows = self._query(sql.SQL("SELECT pg_listening_channels()"))
+        actual = {bytes(row[0] or b"").decode() for row in rows}
         if actual != wanted:
-            raise psycopg.OperationalError(
+            raise _QueryFailed(
                 f"server listens on {len(actual)} channels, expected {len(wanted)}: "
                 f"missing {sorted(wanted - actual)[:5]}, unexpected {sorted(actual - wanted)[:5]}")
 
-    def _execute(self, query: sql.SQL | sql.Composed) -> list[tuple[Any, ...]]:
+    # -- queries and liveness -----------------------------------------------------------------
+    #
+    # A blocked read never notices a peer that vanished without FIN or RST (a frozen NAT, a
+    # dead host), and TCP keepalives cannot see a stalled proxy that still ACKs. So nothing
+    # waits on the server without a deadline: each query must be answered, and a quiet
+    # connection must answer a heartbeat, within liveness_timeout, or it is declared dead.
+
+    def _query(self, query: sql.Composable) -> list[tuple[bytes | None, ...]]:
+        """Run query (one or more statements) within liveness_timeout; the rows of every
+        result, as text. Notifications that arrive meanwhile go to the rings as usual."""
         assert self.conn is not None
-        cur = self.conn.execute(query)
-        rows = cur.fetchall() if cur.description else []
-        # libpq may hold notifications parsed during the query that psycopg left queued.
-        self.dispatcher.drain(_pgconn_ptr(self.conn))
+        pgconn = self.conn.pgconn
+        deadline = time.monotonic() + self.config.liveness_timeout
+        if self.heartbeat_sent is not None:      # one command at a time on a connection
+            for _ in self._results(deadline):
+                pass
+            self.heartbeat_sent = None
+        try:
+            pgconn.send_query(query.as_bytes(self.conn))
+        except psycopg.Error as exc:
+            raise _QueryFailed(_one_line(exc)) from None
+        rows: list[tuple[bytes | None, ...]] = []
+        error = None
+        for res in self._results(deadline):
+            if res.status == pq.ExecStatus.FATAL_ERROR:
+                error = error or _one_line(res.error_message.decode("utf-8", "replace"))
+            elif res.status == pq.ExecStatus.TUPLES_OK:
+                rows.extend(tuple(res.get_value(i, j) for j in range(res.nfields))
+                            for i in range(res.ntuples))
+        if error is not None:
+            raise _QueryFailed(error)
         return rows
 
-    def _on_query_notify(self, pgn: Any) -> None:
-        self.dispatcher.dispatch(bytes(pgn.relname), bytes(pgn.extra), pgn.be_pid)
+    def _results(self, deadline: float) -> Iterator[pq.abc.PGresult]:
+        """Each result of the command in flight as it becomes ready, until the last."""
+        assert self.conn is not None
+        pgconn = self.conn.pgconn
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _QueryFailed(
+                    f"no answer within liveness_timeout ({self.config.liveness_timeout:g} s)")
+            status = self.dispatcher.run(_pgconn_ptr(self.conn), -1,
+                                         math.ceil(remaining * 1000), want_result=True)
+            if status == RunStatus.RUN_CONN_BAD:
+                raise _QueryFailed(self._conn_error() or "the server closed the connection")
+            if status == RunStatus.RUN_RESULT:
+                self._heard()
+                res = pgconn.get_result()      # ready: does not block
+                if res is None:
+                    return
+                yield res
+
+    def _heard(self) -> None:
+        self.last_heard = time.monotonic()
+        self.heard_count = self.dispatcher.received
+
+    def _liveness(self) -> int | None:
+        """Send the heartbeat when it is due; how long run() may wait (ms) before the next
+        look, or None when the server has been silent past liveness_timeout."""
+        assert self.conn is not None
+        now = time.monotonic()
+        if self.dispatcher.received != self.heard_count:     # notifications count as life
+            self._heard()
+        limit = self.config.liveness_timeout
+        quiet = now - self.last_heard
+        if quiet >= limit:
+            return None
+        if self.heartbeat_sent is None and quiet >= limit / 3:
+            # The empty query: the cheapest statement the server must answer.
+            self.conn.pgconn.send_query(b"")
+            self.heartbeat_sent = now
+        due = self.last_heard + (limit if self.heartbeat_sent is not None else limit / 3)
+        return max(1, min(TICK_MS, math.ceil((due - now) * 1000)))
+
+    def _on_heartbeat_result(self) -> None:
+        assert self.conn is not None
+        self._heard()
+        if self.conn.pgconn.get_result() is None:     # ready: does not block
+            self.heartbeat_sent = None
 
     def _conn_error(self) -> str:
         if self.conn is None:
@@ -198,8 +294,10 @@ class Server:
         """The connection is gone: every live stream gets one Gap, then we reconnect."""
         if self.up:
             # Once per outage, at the place the working connection was lost; attempts that
-            # fail before every LISTEN is back in place deliver nothing and add no gap.
-            self.dispatcher.mark_reconnect()
+            # fail before every LISTEN is back in place deliver nothing and add no gap. A
+            # subscribe still waiting for its LISTEN has missed nothing yet: no gap there.
+            waiting = {p.sub.id for p in self.pending}
+            self.dispatcher.mark_reconnect([i for i in self.subs if i not in waiting])
             self.reconnects += 1
             self.up = False
         conn, self.conn = self.conn, None
@@ -254,7 +352,7 @@ class Server:
         try:
             op = message.get("op")
             if op == "subscribe":
-                self._subscribe(client, req, message.get("channel"))
+                self._subscribe(client, req, message.get("channel"), message.get("ring_bytes"))
             elif op == "unsubscribe":
                 self._unsubscribe(client, message.get("sub"))
                 self._reply(client, {"req": req, "ok": True})
@@ -279,15 +377,17 @@ class Server:
         except OSError:
             pass        # the worker is gone; its EOF will detach it
 
-    def _subscribe(self, client: _Client, req: Any, channel: Any) -> None:
+    def _subscribe(self, client: _Client, req: Any, channel: Any, ring_bytes: Any) -> None:
         raw = channel_bytes(channel)
+        capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
+            ring_bytes, self.config.max_ring_bytes, "Supervisor(max_ring_bytes=...)")
         if len(client.subs) >= self.config.max_subscriptions_per_worker:
             raise TooManySubscriptions(
                 f"a worker process may hold at most {self.config.max_subscriptions_per_worker} "
                 f"subscriptions (Supervisor(max_subscriptions_per_worker=...)); unsubscribe "
                 f"some first")
         sub = _Sub(next(self._ids), channel, client)
-        memfd, efd = self._make_ring(sub.id)
+        memfd, efd = self._make_ring(sub.id, capacity)
         self.subs[sub.id] = sub
         client.subs.add(sub.id)
         self.routes.setdefault(channel, []).append(sub.id)
@@ -295,17 +395,17 @@ class Server:
         self.pending.append(_PendingReply(client, req, sub, (memfd, efd)))
         if self.conn is not None and channel not in self.listening:
             try:
-                self._execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            except psycopg.Error as exc:
-                self._lost(f"LISTEN failed: {_one_line(exc)}")
+                self._query(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            except _QueryFailed as exc:
+                self._lost(f"LISTEN failed: {exc}")
                 return
             self.listening.add(channel)
         if self.conn is not None:
             self._answer_pending()
 
-    def _make_ring(self, sub_id: int) -> tuple[int, int]:
+    def _make_ring(self, sub_id: int, capacity: int) -> tuple[int, int]:
         """An unnamed, sealed memfd and an eventfd for one subscription."""
-        size = HEADER_BYTES + self.config.ring_bytes
+        size = HEADER_BYTES + capacity
         memfd = os.memfd_create(f"pglistener-ring-{sub_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         owned = os.dup(efd)     # the dispatcher's copy; `efd` goes to the worker
@@ -314,7 +414,7 @@ class Server:
             # The worker cannot shrink the ring under us (a write would then be a SIGBUS).
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            self.dispatcher.add_ring(sub_id, memfd, owned, self.config.ring_bytes)
+            self.dispatcher.add_ring(sub_id, memfd, owned, capacity)
         except BaseException:
             for fd in (memfd, efd, owned):
                 os.close(fd)
@@ -360,9 +460,9 @@ class Server:
             if self.conn is not None and sub.channel in self.listening:
                 self.listening.discard(sub.channel)
                 try:
-                    self._execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(sub.channel)))
-                except psycopg.Error as exc:
-                    self._lost(f"UNLISTEN failed: {_one_line(exc)}")
+                    self._query(sql.SQL("UNLISTEN {}").format(sql.Identifier(sub.channel)))
+                except _QueryFailed as exc:
+                    self._lost(f"UNLISTEN failed: {exc}")
 
     def _detach(self, client: _Client) -> None:
         for sub_id in sorted(client.subs):
@@ -396,8 +496,8 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         return {
-            "connected": self.conn is not None,
-            "backend_pid": self.conn.info.backend_pid if self.conn is not None else None,
+            "connected": self.up,
+            "backend_pid": self.conn.info.backend_pid if self.up and self.conn else None,
             "last_error": self.last_error,
             "reconnects": self.reconnects,
             "workers": len(self.clients),
@@ -408,6 +508,16 @@ class Server:
         }
 
     def _shutdown(self) -> None:
+        # Remove the control socket and its private directory here too, so that an owner
+        # that died without stop() leaves nothing behind (rmdir only takes an empty one).
+        path = self.listen_sock.getsockname()
+        for remove in (os.unlink, os.rmdir):
+            try:
+                remove(path)
+            except OSError:
+                pass
+            path = os.path.dirname(path)
+        self.listen_sock.close()
         for client in list(self.clients.values()):
             client.sock.close()    # readers see the hang-up and raise SupervisorGone
         self.clients.clear()

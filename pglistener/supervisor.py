@@ -16,16 +16,15 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from . import _dispatch, _protocol
+from . import _protocol
 from ._libpq_check import check_same_libpq
 from ._logs import SupervisorLogs
 from ._server import Config, main
+from ._sizes import DEFAULT_MAX_RING_BYTES, DEFAULT_RING_BYTES, check_ring_bytes
 from .errors import IncompatibleLibpq, SupervisorGone
 from .worker import Worker
 
 log = logging.getLogger("pglistener")
-
-DEFAULT_RING_BYTES = 4 * 1024 * 1024
 
 #: Supervisor processes started here, for the fork hook below.
 _STARTED: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -61,11 +60,17 @@ class Supervisor:
 
     - ring_bytes: capacity of each subscription's ring (a power of two, at least 16 KiB). A
       reader that falls this far behind sees Gap(reason="overflow", missed=N).
+    - max_ring_bytes: the most one subscription may ask for with subscribe(ring_bytes=...)
+      (default: ring_bytes or 64 MiB, whichever is larger).
     - application_name: used unless the DSN names one (default "pglistener").
     - backoff_initial, backoff_max, backoff_reset_after: reconnect delays in seconds; the first
       retry is immediate, then backoff_initial doubling to backoff_max, with jitter; the
       sequence restarts once a connection has stayed up for backoff_reset_after.
     - connect_timeout: seconds for one connection attempt.
+    - liveness_timeout: seconds the server may stay silent. A quiet connection gets a
+      heartbeat after a third of it, and every query must be answered within it; past it the
+      connection is declared dead and the reconnect path runs (readers see a reconnect Gap).
+      It also sets libpq's TCP keepalives and tcp_user_timeout, unless the DSN sets them.
     - max_subscriptions_per_worker: per worker process.
     - start_timeout: seconds start() waits for the supervisor process to come up.
     """
@@ -75,11 +80,13 @@ class Supervisor:
         dsn: str = "",
         *,
         ring_bytes: int = DEFAULT_RING_BYTES,
+        max_ring_bytes: int | None = None,
         application_name: str = "pglistener",
         backoff_initial: float = 0.5,
         backoff_max: float = 60.0,
         backoff_reset_after: float = 30.0,
         connect_timeout: float = 10.0,
+        liveness_timeout: float = 15.0,
         max_subscriptions_per_worker: int = 1024,
         start_timeout: float = 30.0,
     ) -> None:
@@ -92,12 +99,20 @@ class Supervisor:
             raise ValueError(f"invalid DSN: {exc}") from None
         if not ("application_name" in params or os.environ.get("PGAPPNAME")):
             params["application_name"] = application_name
-        _check_ring_bytes(ring_bytes)
+        check_ring_bytes(ring_bytes)
+        if max_ring_bytes is None:
+            max_ring_bytes = max(ring_bytes, DEFAULT_MAX_RING_BYTES)
+        check_ring_bytes(max_ring_bytes)
+        if max_ring_bytes < ring_bytes:
+            raise ValueError("max_ring_bytes must be at least ring_bytes")
         for name, value in (("backoff_initial", backoff_initial), ("backoff_max", backoff_max),
                             ("connect_timeout", connect_timeout),
+                            ("liveness_timeout", liveness_timeout),
                             ("start_timeout", start_timeout)):
             if not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        for key, setting in _tcp_liveness(liveness_timeout).items():
+            params.setdefault(key, setting)
         if backoff_max < backoff_initial:
             raise ValueError("backoff_max must be at least backoff_initial")
         if max_subscriptions_per_worker < 1:
@@ -106,10 +121,12 @@ class Supervisor:
             conninfo=make_conninfo("", **params),
             safe_target=_safe_target(params),
             ring_bytes=ring_bytes,
+            max_ring_bytes=max_ring_bytes,
             backoff_initial=backoff_initial,
             backoff_max=backoff_max,
             backoff_reset_after=backoff_reset_after,
             connect_timeout=connect_timeout,
+            liveness_timeout=liveness_timeout,
             max_subscriptions_per_worker=max_subscriptions_per_worker,
             log_level=logging.NOTSET,       # start() takes the level in force then
         )
@@ -282,13 +299,18 @@ def _release(owner_pid: int, process: Any, directory: str | None,
         logs.close()
 
 
-def _check_ring_bytes(ring_bytes: int) -> None:
-    lo, hi = _dispatch.MIN_CAPACITY, _dispatch.MAX_CAPACITY
-    power_of_two = isinstance(ring_bytes, int) and ring_bytes & (ring_bytes - 1) == 0
-    if not power_of_two or not lo <= ring_bytes <= hi:
-        raise ValueError(
-            f"ring_bytes must be a power of two from {lo} to {hi}, not {ring_bytes!r} "
-            f"(e.g. {DEFAULT_RING_BYTES})")
+def _tcp_liveness(liveness_timeout: float) -> dict[str, str]:
+    """libpq's TCP settings that notice a dead peer within about liveness_timeout: keepalive
+    probes after a third of it, and tcp_user_timeout for data the peer never acknowledges.
+    Ignored on Unix sockets; the heartbeat covers every transport."""
+    idle = max(1, int(liveness_timeout / 3))
+    return {
+        "keepalives": "1",
+        "keepalives_idle": str(idle),
+        "keepalives_interval": str(max(1, int(liveness_timeout / 9))),
+        "keepalives_count": "3",
+        "tcp_user_timeout": str(max(1, int(liveness_timeout * 1000))),
+    }
 
 
 def _safe_target(params: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from . import _protocol
 from ._dispatch import Gap, Notification, RingReader, WaitStatus
+from ._sizes import check_ring_bytes
 from .channels import channel_bytes
 from .errors import (
     InvalidChannelName,
@@ -38,6 +39,7 @@ SPIN_US = 20
 _ERRORS: dict[str, type[Exception]] = {
     "InvalidChannelName": InvalidChannelName,
     "TooManySubscriptions": TooManySubscriptions,
+    "ValueError": ValueError,
 }
 
 
@@ -172,6 +174,7 @@ class Worker:
         *,
         timeout: float | None = None,
         on_gap: Callable[[Gap], Any] | None = None,
+        ring_bytes: int | None = None,
     ) -> Subscription:
         """Subscribe to `channel`; returns once the supervisor's LISTEN is committed.
 
@@ -179,8 +182,10 @@ class Worker:
         With one, a reader thread calls callback(notification) for each notification in
         order; exceptions it raises are logged, never fatal. Gaps go to on_gap, or are logged
         as warnings. Raises TimeoutError when the LISTEN is not committed within `timeout`.
+        ring_bytes sizes this subscription's ring (default: the Supervisor's ring_bytes; at
+        most its max_ring_bytes).
         """
-        sub = Subscription._open(self._path, channel, timeout)
+        sub = Subscription._open(self._path, channel, timeout, ring_bytes)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -192,11 +197,12 @@ class Worker:
         *,
         timeout: float | None = None,
         on_gap: Callable[[Gap], Any] | None = None,
+        ring_bytes: int | None = None,
     ) -> JsonSubscription:
         """Like subscribe(), with each payload decoded as JSON: get() and iteration give the
         decoded values (and Gap items), the callback gets the decoded value. Payloads that are
         not JSON are logged and skipped."""
-        sub = JsonSubscription._open(self._path, channel, timeout)
+        sub = JsonSubscription._open(self._path, channel, timeout, ring_bytes)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -212,11 +218,16 @@ class Subscription:
     channel: str
 
     @classmethod
-    def _open(cls: type[_S], path: str, channel: str, timeout: float | None) -> _S:
-        channel_bytes(channel)      # the supervisor checks again; fail here without a trip
+    def _open(cls: type[_S], path: str, channel: str, timeout: float | None,
+              ring_bytes: int | None) -> _S:
+        # The supervisor checks again; fail here without a trip.
+        channel_bytes(channel)
+        message: dict[str, Any] = {"op": "subscribe", "channel": channel}
+        if ring_bytes is not None:
+            message["ring_bytes"] = check_ring_bytes(ring_bytes)
         ctl = _Control.get(path)
         try:
-            reply, fds = ctl.request({"op": "subscribe", "channel": channel}, timeout)
+            reply, fds = ctl.request(message, timeout)
         except TimeoutError:
             raise TimeoutError(
                 f"LISTEN {channel!r} was not committed within {timeout} s (is the database "

@@ -299,3 +299,47 @@ def test_a_fork_child_that_exits_leaves_the_parents_supervisor_alone(
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["still", "here", "True"]
+
+
+OWNER_SCRIPT = """
+import sys, time
+from pglistener import Supervisor
+
+if __name__ == "__main__":
+    sup = Supervisor(sys.argv[1]).start()
+    sub = sup.worker().subscribe("orphan", timeout=30)
+    print(sup.pid, sup.worker()._path, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_owner_leaves_nothing_behind(dsn: str, tmp_path) -> None:
+    """SIGKILL the process that started the supervisor: no finalizer runs there, so the
+    supervisor notices the hang-up, stops, and removes its socket and directory itself."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER_SCRIPT)
+    owner = subprocess.Popen([sys.executable, str(script), dsn], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert owner.stdout is not None
+        supervisor_pid, path = owner.stdout.readline().split()
+        assert os.path.exists(path)
+        owner.kill()
+        owner.wait(30)
+        wait_for(lambda: process_gone(int(supervisor_pid)), "the orphaned supervisor to stop")
+        assert not os.path.exists(os.path.dirname(path))
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_ring_size_per_subscription_within_the_supervisors_limit(worker: Worker) -> None:
+    with worker.subscribe("sized", timeout=30, ring_bytes=64 * 1024) as sub:
+        assert sub._reader.capacity == 64 * 1024
+    with pytest.raises(ValueError, match="power of two"):
+        worker.subscribe("sized", timeout=30, ring_bytes=100_000)
+    # The worker checks only the absolute bounds; the supervisor enforces its own limit.
+    with pytest.raises(ValueError, match=r"max_ring_bytes"):
+        worker.subscribe("sized", timeout=30, ring_bytes=256 * 1024 * 1024)
+    with worker.subscribe("sized", timeout=30) as sub:     # and it still serves
+        assert sub._reader.capacity == 4 * 1024 * 1024

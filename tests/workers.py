@@ -39,3 +39,31 @@ def read_forever(worker: Worker, channel: str, ready: Any) -> None:
     ready.put(True)
     for _ in sub:
         pass
+
+
+def agent(worker: Worker, conn: Any) -> None:
+    """Obey the test's commands over a Pipe, one reply each: subscribe, unsubscribe, read."""
+    subs: dict[int, Any] = {}
+    while True:
+        cmd, *args = conn.recv()
+        try:
+            if cmd == "subscribe":
+                key = len(subs) and max(subs) + 1
+                subs[key] = worker.subscribe(args[0], timeout=30)
+                conn.send(("ok", key))
+            elif cmd == "unsubscribe":
+                subs.pop(args[0]).unsubscribe()
+                conn.send(("ok", None))
+            elif cmd == "read":
+                # Exactly n items, then whatever else is there (there should be nothing).
+                sub, n = subs[args[0]], args[1]
+                items = [sub.get(timeout=30) for _ in range(n)]
+                while True:
+                    try:
+                        items.append(sub.get(timeout=0))
+                    except TimeoutError:
+                        break
+                conn.send(("ok", [f"GAP:{i.reason}" if isinstance(i, Gap) else i.payload
+                                  for i in items]))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            conn.send(("error", repr(exc)))
