@@ -108,6 +108,7 @@ class Server:
         self.reconnects = 0
         self.last_heard = 0.0           # when the server last sent us anything
         self.heard_count = 0            # dispatcher.received at that time
+        self.command_done = 0.0         # when the last query or heartbeat was answered
         self.heartbeat_sent: float | None = None
         self._ids = itertools.count(1)
         listen_sock.setblocking(False)
@@ -162,6 +163,7 @@ class Server:
         conn.pgconn.notify_handler = None
         self.conn = conn
         self._heard()
+        self.command_done = self.last_heard
         self.heartbeat_sent = None
         try:
             self._replay_listens()
@@ -244,6 +246,7 @@ class Server:
                 self._heard()
                 res = pgconn.get_result()      # ready: does not block
                 if res is None:
+                    self.command_done = self.last_heard
                     return
                 yield res
 
@@ -259,14 +262,17 @@ class Server:
         if self.dispatcher.received != self.heard_count:     # notifications count as life
             self._heard()
         limit = self.config.liveness_timeout
-        quiet = now - self.last_heard
-        if quiet >= limit:
+        if now - self.last_heard >= limit:
             return None
-        if self.heartbeat_sent is None and quiet >= limit / 3:
-            # The empty query: the cheapest statement the server must answer.
+        # A heartbeat every third of the limit, busy or not: it is one empty query (the
+        # cheapest statement the server must answer), and it keeps the session from looking
+        # idle to idle_session_timeout or a pooler.
+        if self.heartbeat_sent is None and now - self.command_done >= limit / 3:
             self.conn.pgconn.send_query(b"")
             self.heartbeat_sent = now
-        due = self.last_heard + (limit if self.heartbeat_sent is not None else limit / 3)
+        due = self.last_heard + limit
+        if self.heartbeat_sent is None:
+            due = min(due, self.command_done + limit / 3)
         return max(1, min(TICK_MS, math.ceil((due - now) * 1000)))
 
     def _on_heartbeat_result(self) -> None:
@@ -274,6 +280,7 @@ class Server:
         self._heard()
         if self.conn.pgconn.get_result() is None:     # ready: does not block
             self.heartbeat_sent = None
+            self.command_done = self.last_heard
 
     def _conn_error(self) -> str:
         if self.conn is None:

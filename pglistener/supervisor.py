@@ -67,9 +67,9 @@ class Supervisor:
       retry is immediate, then backoff_initial doubling to backoff_max, with jitter; the
       sequence restarts once a connection has stayed up for backoff_reset_after.
     - connect_timeout: seconds for one connection attempt.
-    - liveness_timeout: seconds the server may stay silent. A quiet connection gets a
-      heartbeat after a third of it, and every query must be answered within it; past it the
-      connection is declared dead and the reconnect path runs (readers see a reconnect Gap).
+    - liveness_timeout: seconds the server may stay silent. A heartbeat goes out every third
+      of it, and every query must be answered within it; past it the connection is declared
+      dead and the reconnect path runs (readers see a reconnect Gap).
       It also sets libpq's TCP keepalives and tcp_user_timeout, unless the DSN sets them.
     - max_subscriptions_per_worker: per worker process.
     - start_timeout: seconds start() waits for the supervisor process to come up.

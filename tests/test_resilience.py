@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from fix_cluster import Cluster
 from fix_proxy import Proxy, proxied
+from psycopg.conninfo import make_conninfo
 
 from fix_pg import notify
 from fix_supervisor import wait_for
@@ -80,6 +81,21 @@ def test_quiet_connection_is_kept_by_heartbeats(dsn: str, proxy: Proxy) -> None:
         assert status["backend_pid"] == pid
         assert proxy.accepted == 1
         sub.unsubscribe()
+
+
+def test_heartbeats_go_out_while_notifications_flow(dsn: str, conn: psycopg.Connection) -> None:
+    """A session that only receives looks idle to the server: idle_session_timeout would end
+    it unless the heartbeat keeps going when notifications keep the connection busy."""
+    with Supervisor(make_conninfo(dsn, options="-c idle_session_timeout=1500"),
+                    liveness_timeout=3).start() as sup:
+        sub = sup.worker().subscribe("busy", timeout=30)
+        pid = sup.backend_pid
+        for i in range(20):          # 4 s: more than twice the idle timeout
+            notify(conn, "busy", [str(i)])
+            time.sleep(0.2)
+        assert texts(read(sub, 20)) == [str(i) for i in range(20)]
+        assert sup.status()["reconnects"] == 0
+        assert sup.backend_pid == pid
 
 
 def test_reset_stream_reconnects_with_one_gap(
