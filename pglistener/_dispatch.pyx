@@ -756,6 +756,27 @@ cdef class RingReader:
         pgl_store_release(&self.hdr.head, self.head)
         return out
 
+    def prepare_sleep(self):
+        """For an event loop that watches the eventfd itself: ask to be woken. False when
+        data is already there (then do not sleep); after True, sleep until the eventfd is
+        readable, then call end_sleep()."""
+        self._check_open()
+        if self._available():
+            return False
+        pgl_store_u32(&self.hdr.sleeping, 1)
+        pgl_full_fence()    # our `sleeping` store before the load of tail (see _ring.h)
+        if self._available():
+            pgl_store_u32(&self.hdr.sleeping, 0)
+            return False
+        return True
+
+    def end_sleep(self):
+        """Awake again: stop asking for wake-ups, and reset the eventfd's counter."""
+        cdef uint64_t buf
+        if self.hdr != NULL:        # closed: the eventfd may be closed too
+            pgl_store_u32(&self.hdr.sleeping, 0)
+            read(self.efd, &buf, 8)     # non-blocking: nothing to reset is fine
+
     def wait(self, int timeout_ms, int spin_us=0):
         """Block until the ring may have data, the timeout passes, or the supervisor is gone.
         Returns a WAIT_* code; timeout_ms < 0 waits without limit."""

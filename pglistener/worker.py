@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -10,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _protocol
 from ._dispatch import Gap, Notification, RingReader, WaitStatus
@@ -23,6 +24,9 @@ from .errors import (
     SupervisorGone,
     TooManySubscriptions,
 )
+
+if TYPE_CHECKING:
+    from .aio import AsyncSubscription
 
 log = logging.getLogger("pglistener.worker")
 
@@ -62,6 +66,8 @@ class _Control:
             return ctl
 
     def __init__(self, path: str) -> None:
+        self.path = path
+        self.pid = os.getpid()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(path)
@@ -189,6 +195,28 @@ class Worker:
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
+
+    async def subscribe_async(
+        self,
+        channel: str,
+        *,
+        timeout: float | None = None,
+        ring_bytes: int | None = None,
+    ) -> AsyncSubscription:
+        """subscribe() for asyncio: the returned AsyncSubscription is read with
+        `await sub.get()` and `async for`; the event loop watches its eventfd."""
+        from .aio import AsyncSubscription
+
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(
+            None, Subscription._open, self._path, channel, timeout, ring_bytes)
+        try:
+            sub = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The request goes on in its thread: close what it brings back.
+            opening.add_done_callback(_close_late)
+            raise
+        return AsyncSubscription(sub)
 
     def subscribe_json(
         self,
@@ -326,16 +354,22 @@ class Subscription:
         self._closed = True
         os.eventfd_write(self._efd, 1)      # wake a reader blocked in wait()
         with self._read_lock:               # it leaves the ring before we unmap it
-            self._reader.close()
-            os.close(self._efd)
+            self._close_ring()
+        self._tell_supervisor()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _close_ring(self) -> None:
+        self._reader.close()
+        os.close(self._efd)
+
+    def _tell_supervisor(self) -> None:
         if not self._ctl.gone:
             try:
                 self._ctl.request({"op": "unsubscribe", "sub": self._id}, timeout=10.0)
             except (SupervisorGone, TimeoutError):
                 pass
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
 
     def __enter__(self) -> Subscription:
         return self
@@ -401,6 +435,11 @@ class JsonSubscription(Subscription):
             log.error("skipped a payload on %r that is not JSON: %.200r",
                       self.channel, item.payload)
             return _SKIP
+
+
+def _close_late(opening: asyncio.Future[Subscription]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        asyncio.get_running_loop().run_in_executor(None, opening.result().unsubscribe)
 
 
 def _remaining(deadline: float | None) -> float | None:
