@@ -761,6 +761,10 @@ cdef class RingReader:
         data is already there (then do not sleep); after True, sleep until the eventfd is
         readable, then call end_sleep()."""
         self._check_open()
+        return self._announce_sleep()
+
+    cdef bint _announce_sleep(self) noexcept nogil:
+        # Raise the sleeping flag unless data is there; True when the flag stays up.
         if self._available():
             return False
         pgl_store_u32(&self.hdr.sleeping, 1)
@@ -800,10 +804,7 @@ cdef class RingReader:
                     pgl_cpu_relax()
                 if self._available():
                     return WAIT_READY
-        pgl_store_u32(&self.hdr.sleeping, 1)
-        pgl_full_fence()    # our `sleeping` store before the load of tail (see _ring.h)
-        if self._available():
-            pgl_store_u32(&self.hdr.sleeping, 0)
+        if not self._announce_sleep():
             return WAIT_READY
         fds[0].fd = self.efd
         fds[0].events = POLLIN
