@@ -12,11 +12,13 @@ from .channels import MAX_CHANNEL_BYTES
 from .errors import (
     IncompatibleLibpq,
     InvalidChannelName,
+    PayloadTooLarge,
     PGListenerError,
     SubscriptionClosed,
     SupervisorGone,
     TooManySubscriptions,
 )
+from .publish import MAX_PAYLOAD_BYTES, notify, notify_json
 from .supervisor import Supervisor
 from .worker import JsonSubscription, Subscription, Worker
 
@@ -27,7 +29,9 @@ __all__ = [
     "InvalidChannelName",
     "JsonSubscription",
     "MAX_CHANNEL_BYTES",
+    "MAX_PAYLOAD_BYTES",
     "Notification",
+    "PayloadTooLarge",
     "PGListenerError",
     "Subscription",
     "SubscriptionClosed",
@@ -35,4 +39,6 @@ __all__ = [
     "SupervisorGone",
     "TooManySubscriptions",
     "Worker",
+    "notify",
+    "notify_json",
 ]

@@ -11,6 +11,10 @@ class InvalidChannelName(PGListenerError, ValueError):
     """A channel name PostgreSQL would reject or silently change."""
 
 
+class PayloadTooLarge(PGListenerError, ValueError):
+    """A notification payload longer than the server accepts (7999 bytes by default)."""
+
+
 class SupervisorGone(PGListenerError):
     """The supervisor process has stopped or died; nothing more will arrive."""
 

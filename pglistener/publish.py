@@ -1,0 +1,102 @@
+"""Sending notifications: pglistener.notify() and notify_json() on psycopg connections.
+
+The same checks as subscribe(), before anything is sent, so that a bad channel or a payload
+the server would refuse fails here with a message that says what to do; the query is always
+parameterised (pg_notify), never built from strings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Coroutine
+from typing import Any, overload
+
+import psycopg
+
+from .channels import channel_bytes
+from .errors import PayloadTooLarge
+
+#: PostgreSQL takes payloads shorter than BLCKSZ - NAMEDATALEN - 128 bytes: 8000 with the
+#: default 8 KiB blocks, so at most 7999.
+MAX_PAYLOAD_BYTES = 7999
+
+_NOTIFY = "SELECT pg_notify(%s, %s)"
+
+
+@overload
+def notify(conn: psycopg.Connection[Any], channel: str, payload: str = "", *,
+           max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None: ...
+
+
+@overload
+def notify(conn: psycopg.AsyncConnection[Any], channel: str, payload: str = "", *,
+           max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> Coroutine[Any, Any, None]: ...
+
+
+def notify(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+    channel: str,
+    payload: str = "",
+    *,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+) -> Coroutine[Any, Any, None] | None:
+    """NOTIFY `channel` with `payload` on a psycopg connection; with an AsyncConnection,
+    await the result. Sent at once in autocommit mode, else when the transaction commits.
+
+    Raises InvalidChannelName, or PayloadTooLarge when the payload's bytes (in the
+    connection's encoding) would be refused by the server; max_payload_bytes is for servers
+    built with another block size. Identical notifications in one transaction may be folded
+    into one by the server."""
+    params = (_checked_channel(channel), _checked_payload(conn, payload, max_payload_bytes))
+    if isinstance(conn, psycopg.AsyncConnection):
+        return _notify_async(conn, params)
+    conn.execute(_NOTIFY, params)
+    return None
+
+
+@overload
+def notify_json(conn: psycopg.Connection[Any], channel: str, value: Any, *,
+                max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None: ...
+
+
+@overload
+def notify_json(conn: psycopg.AsyncConnection[Any], channel: str, value: Any, *,
+                max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> Coroutine[Any, Any, None]: ...
+
+
+def notify_json(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+    channel: str,
+    value: Any,
+    *,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+) -> Coroutine[Any, Any, None] | None:
+    """notify() with `value` encoded as compact JSON (read it with subscribe_json())."""
+    payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return notify(conn, channel, payload,
+                  max_payload_bytes=max_payload_bytes)
+
+
+async def _notify_async(conn: psycopg.AsyncConnection[Any], params: tuple[str, str]) -> None:
+    await conn.execute(_NOTIFY, params)
+
+
+def _checked_channel(channel: str) -> str:
+    channel_bytes(channel)
+    return channel
+
+
+def _checked_payload(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+                     payload: object, max_payload_bytes: int) -> str:
+    if not isinstance(payload, str):
+        raise TypeError(f"a payload is a str, not {type(payload).__name__} "
+                        f"(notify_json() sends other values as JSON)")
+    if "\x00" in payload:
+        raise ValueError("a payload cannot contain NUL: PostgreSQL text cannot hold it "
+                         "(send binary data base64-encoded)")
+    size = len(payload.encode(conn.info.encoding, errors="replace"))
+    if size > max_payload_bytes:
+        raise PayloadTooLarge(
+            f"the payload is {size} bytes in {conn.info.encoding} and the server takes at "
+            f"most {max_payload_bytes}: send a key (an id) and keep the data in a table")
+    return payload
