@@ -37,6 +37,9 @@ log = logging.getLogger("pglistener.supervisor")
 #: How long run() may keep the GIL-free loop before Python gets a turn when nothing happens.
 TICK_MS = 1000
 
+#: The heartbeat: cheap, and what stats() reports as the server's queue fill.
+_HEARTBEAT = b"SELECT pg_notification_queue_usage()"
+
 
 class _QueryFailed(Exception):
     """A query on the listening connection failed or went unanswered; the connection is
@@ -72,6 +75,7 @@ class _Sub:
     id: int
     channel: str
     client: _Client
+    ring_bytes: int
 
 
 @dataclass(eq=False)
@@ -98,6 +102,9 @@ class Server:
         self.pending: list[_PendingReply] = []
         self.conn: psycopg.Connection[Any] | None = None
         self.up = False          # connected and every LISTEN replayed: streams are whole
+        self.down_since: float | None = time.monotonic()    # not listening since then
+        self.outage_total = 0.0
+        self.queue_usage: float | None = None   # pg_notification_queue_usage(), last seen
         self.backoff = Backoff(
             config.backoff_initial, config.backoff_max, config.backoff_reset_after
         )
@@ -179,6 +186,9 @@ class Server:
         self.outage_logged = False
         self.last_error = None
         self.up = True
+        if self.down_since is not None:
+            self.outage_total += time.monotonic() - self.down_since
+            self.down_since = None
         self.backoff.succeeded(time.monotonic())
         self._answer_pending()
 
@@ -189,6 +199,7 @@ class Server:
             self._query(sql.SQL("; ").join(
                 sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in sorted(wanted)))
         self.listening = set(wanted)
+        self.queue_usage = _queue_usage(self._query(sql.SQL(_HEARTBEAT.decode()))[0][0])
         rows = self._query(sql.SQL("SELECT pg_listening_channels()"))
         actual = {bytes(row[0] or b"").decode() for row in rows}
         if actual != wanted:
@@ -264,11 +275,11 @@ class Server:
         limit = self.config.liveness_timeout
         if now - self.last_heard >= limit:
             return None
-        # A heartbeat every third of the limit, busy or not: it is one empty query (the
-        # cheapest statement the server must answer), and it keeps the session from looking
-        # idle to idle_session_timeout or a pooler.
+        # A heartbeat every third of the limit, busy or not: one cheap query that also
+        # samples the server's notification queue for stats(), and keeps the session from
+        # looking idle to idle_session_timeout or a pooler.
         if self.heartbeat_sent is None and now - self.command_done >= limit / 3:
-            self.conn.pgconn.send_query(b"")
+            self.conn.pgconn.send_query(_HEARTBEAT)
             self.heartbeat_sent = now
         due = self.last_heard + limit
         if self.heartbeat_sent is None:
@@ -278,9 +289,12 @@ class Server:
     def _on_heartbeat_result(self) -> None:
         assert self.conn is not None
         self._heard()
-        if self.conn.pgconn.get_result() is None:     # ready: does not block
+        res = self.conn.pgconn.get_result()     # ready: does not block
+        if res is None:
             self.heartbeat_sent = None
             self.command_done = self.last_heard
+        elif res.status == pq.ExecStatus.TUPLES_OK:
+            self.queue_usage = _queue_usage(res.get_value(0, 0))
 
     def _conn_error(self) -> str:
         if self.conn is None:
@@ -307,6 +321,7 @@ class Server:
             self.dispatcher.mark_reconnect([i for i in self.subs if i not in waiting])
             self.reconnects += 1
             self.up = False
+            self.down_since = time.monotonic()
         conn, self.conn = self.conn, None
         self.listening.clear()
         if conn is not None:
@@ -393,7 +408,7 @@ class Server:
                 f"a worker process may hold at most {self.config.max_subscriptions_per_worker} "
                 f"subscriptions (Supervisor(max_subscriptions_per_worker=...)); unsubscribe "
                 f"some first")
-        sub = _Sub(next(self._ids), channel, client)
+        sub = _Sub(next(self._ids), channel, client, capacity)
         memfd, efd = self._make_ring(sub.id, capacity)
         self.subs[sub.id] = sub
         client.subs.add(sub.id)
@@ -491,6 +506,8 @@ class Server:
         op = message.get("op")
         if op == "status":
             self._reply_owner(message, self.status())
+        elif op == "stats":
+            self._reply_owner(message, self.stats())
         elif op == "stop":
             self.stopping = True
             self._reply_owner(message, {})
@@ -512,6 +529,32 @@ class Server:
             "channels": sorted(self.routes),
             "received": self.dispatcher.received,
             "unrouted": self.dispatcher.unrouted,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self.up:
+            state = "listening"
+        else:
+            state = "connecting" if self.conn is not None else "disconnected"
+        readers = []
+        for sub in self.subs.values():
+            delivered, missed, lag = self.dispatcher.ring_stats(sub.id)
+            readers.append({"subscription": sub.id, "channel": sub.channel,
+                            "pid": sub.client.pid, "delivered": delivered, "missed": missed,
+                            "ring_bytes": sub.ring_bytes, "lag_bytes": lag})
+        return {
+            "state": state,
+            "backend_pid": self.conn.info.backend_pid if self.up and self.conn else None,
+            "reconnects": self.reconnects,
+            "outage_seconds": self.outage_total + (
+                now - self.down_since if self.down_since is not None else 0.0),
+            "last_error": self.last_error,
+            "queue_usage": self.queue_usage,
+            "received": self.dispatcher.received,
+            "unrouted": self.dispatcher.unrouted,
+            "workers": len(self.clients),
+            "readers": readers,
         }
 
     def _shutdown(self) -> None:
@@ -539,6 +582,10 @@ class Server:
 def _pgconn_ptr(conn: psycopg.Connection[Any]) -> int:
     """The PGconn* of psycopg's C implementation (checked at start), for our libpq calls."""
     return int(conn.pgconn.pgconn_ptr)  # type: ignore[attr-defined]  # C implementation only
+
+
+def _queue_usage(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _one_line(exc: object) -> str:

@@ -22,6 +22,7 @@ from ._logs import SupervisorLogs
 from ._server import Config, main
 from ._sizes import DEFAULT_MAX_RING_BYTES, DEFAULT_RING_BYTES, check_ring_bytes
 from .errors import IncompatibleLibpq, SupervisorGone
+from .stats import Stats
 from .worker import Worker
 
 log = logging.getLogger("pglistener")
@@ -254,6 +255,11 @@ class Supervisor:
         reply.pop("req", None)
         reply.pop("ok", None)
         return reply
+
+    def stats(self) -> Stats:
+        """Connection state, backend pid, reconnects and total outage time, the server's
+        notification queue fill, and per reader: delivered, missed, ring size and lag."""
+        return Stats._from_reply(self._request({"op": "stats"}, timeout=10.0))
 
     def _request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
         with self._owner_lock:

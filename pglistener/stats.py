@@ -1,0 +1,46 @@
+"""What Supervisor.stats() reports: the connection, the server's queue, and every reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ReaderStats:
+    """One subscription's ring, as the supervisor sees it."""
+
+    subscription: int       # its id in the supervisor
+    channel: str
+    pid: int                # the worker process that reads it
+    delivered: int          # notifications written into the ring
+    missed: int             # notifications counted into overflow gaps
+    ring_bytes: int         # the ring's capacity
+    lag_bytes: int          # written and not read yet
+
+    @property
+    def fill(self) -> float:
+        """How full the ring is, 0.0 to 1.0; at 1.0 what comes next is missed."""
+        return self.lag_bytes / self.ring_bytes
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of the supervisor."""
+
+    state: str                  # "listening", "connecting" or "disconnected"
+    backend_pid: int | None     # the listening connection's server process, when listening
+    reconnects: int             # outages of a working connection so far
+    outage_seconds: float       # total time not listening since start, the current outage too
+    last_error: str | None      # the cause of the current outage, if any
+    queue_usage: float | None   # the server's pg_notification_queue_usage(), 0.0 to 1.0,
+                                # sampled at each heartbeat (liveness_timeout / 3)
+    received: int               # notifications taken off the connection
+    unrouted: int               # of those, on a channel nobody subscribed to any more
+    workers: int                # connected worker processes
+    readers: tuple[ReaderStats, ...]
+
+    @classmethod
+    def _from_reply(cls, reply: dict[str, Any]) -> Stats:
+        fields = {k: reply[k] for k in cls.__dataclass_fields__ if k != "readers"}
+        return cls(**fields, readers=tuple(ReaderStats(**r) for r in reply["readers"]))
