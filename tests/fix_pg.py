@@ -62,3 +62,11 @@ def notify(conn: psycopg.Connection, channel: str, payloads: list[str]) -> None:
     with conn.transaction():
         with conn.cursor() as cur:
             cur.executemany("SELECT pg_notify(%s, %s)", [(channel, p) for p in payloads])
+
+
+def sessions(conn: psycopg.Connection, application_name: str) -> int:
+    """How many server sessions carry this application_name."""
+    row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                       (application_name,)).fetchone()
+    assert row is not None
+    return int(row[0])

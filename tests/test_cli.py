@@ -11,7 +11,7 @@ import uuid
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from fix_pg import notify
+from fix_pg import notify, sessions
 from fix_supervisor import wait_for
 
 
@@ -45,9 +45,7 @@ def test_json_lines_then_a_clean_stop_on_sigterm(dsn: str, conn: psycopg.Connect
         proc.kill()
         proc.wait()
     # Its supervisor closed the connection on the way out.
-    wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity "
-                                  "WHERE application_name = %s", (app,)).fetchone() == (0,),
-             "the listening connection to close")
+    wait_for(lambda: sessions(conn, app) == 0, "the listening connection to close")
 
 
 def test_text_lines_like_psql_and_sigint(dsn: str, conn: psycopg.Connection) -> None:

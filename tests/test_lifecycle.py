@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from fix_pg import notify
+from fix_pg import notify, sessions
 from fix_supervisor import process_gone, wait_for
 from pglistener import Supervisor, SupervisorGone, Worker
 from workers import block_in_get
@@ -313,21 +313,27 @@ if __name__ == "__main__":
 """
 
 
-def test_a_killed_owner_leaves_nothing_behind(dsn: str, tmp_path) -> None:
-    """SIGKILL the process that started the supervisor: no finalizer runs there, so the
-    supervisor notices the hang-up, stops, and removes its socket and directory itself."""
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_owner_leaves_nothing_behind(dsn: str, conn: psycopg.Connection, tmp_path,
+                                                  signum: int) -> None:
+    """SIGINT unwinds the owner and runs stop(); after SIGTERM or SIGKILL nothing runs there,
+    so the supervisor notices the hang-up itself: either way it closes its connection and
+    removes its socket and directory."""
+    app = f"owner-{signum}"
     script = tmp_path / "owner.py"
     script.write_text(OWNER_SCRIPT)
-    owner = subprocess.Popen([sys.executable, str(script), dsn], stdout=subprocess.PIPE,
-                             text=True)
+    target = make_conninfo(dsn, application_name=app)
+    owner = subprocess.Popen([sys.executable, str(script), target],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert owner.stdout is not None
         supervisor_pid, path = owner.stdout.readline().split()
         assert os.path.exists(path)
-        owner.kill()
+        owner.send_signal(signum)
         owner.wait(30)
         wait_for(lambda: process_gone(int(supervisor_pid)), "the orphaned supervisor to stop")
         assert not os.path.exists(os.path.dirname(path))
+        wait_for(lambda: sessions(conn, app) == 0, "the listening connection to close")
     finally:
         owner.kill()
         owner.wait()
