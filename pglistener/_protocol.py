@@ -4,16 +4,19 @@ One AF_UNIX SOCK_SEQPACKET connection per worker process: message boundaries are
 descriptors ride along with the message they belong to. Each message is a small JSON object.
 
 worker -> supervisor                          supervisor -> worker
-{"op": "subscribe", "req": n, "channel": c}   {"req": n, "ok": true, "sub": id} + [memfd, eventfd]
+{"op": "subscribe", "req": n, "channel": c,   {"req": n, "ok": true, "sub": id} + [memfd, eventfd]
+ "ring_bytes": b (optional)}                  (once the channel's LISTEN is committed)
 {"op": "unsubscribe", "req": n, "sub": id}    {"req": n, "ok": true}
 {"op": "cancel", "req": n, "of": m}           {"req": m, "ok": false, "error": "Cancelled"}
                                               (m was abandoned on timeout; no reply if m
                                               was answered already)
 (close the socket)                            detach: every subscription of the worker is dropped
+(connect, never send: asyncio's hang-up watch) EOF when the supervisor goes
 any failure:                                  {"req": n, "ok": false, "error": name, "message": m}
 
 owner (the Supervisor object) -> supervisor, over a socketpair made at start:
 {"op": "status", "req": n}                    {"req": n, "ok": true, "backend_pid": ..., ...}
+{"op": "stats", "req": n}                     {"req": n, "ok": true, "state": ..., "readers": [..]}
 {"op": "stop", "req": n}                      {"req": n, "ok": true}, then the process exits
 """
 
