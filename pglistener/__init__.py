@@ -19,6 +19,7 @@ from .errors import (
     TooManySubscriptions,
 )
 from .publish import MAX_PAYLOAD_BYTES, notify, notify_json
+from .stats import ReaderStats, Stats
 from .supervisor import Supervisor
 from .worker import JsonSubscription, Subscription, Worker
 
@@ -33,6 +34,8 @@ __all__ = [
     "Notification",
     "PayloadTooLarge",
     "PGListenerError",
+    "ReaderStats",
+    "Stats",
     "Subscription",
     "SubscriptionClosed",
     "Supervisor",
