@@ -73,14 +73,14 @@ class _Client:
 @dataclass(eq=False)
 class _Sub:
     id: int
-    channel: str
+    channels: tuple[str, ...]
     client: _Client
     ring_bytes: int
 
 
 @dataclass(eq=False)
 class _PendingReply:
-    """A subscribe that is answered once its channel's LISTEN is committed."""
+    """A subscribe that is answered once its channels' LISTENs are committed."""
 
     client: _Client
     req: Any
@@ -374,7 +374,7 @@ class Server:
         try:
             op = message.get("op")
             if op == "subscribe":
-                self._subscribe(client, req, message.get("channel"), message.get("ring_bytes"))
+                self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"))
             elif op == "unsubscribe":
                 self._unsubscribe(client, message.get("sub"))
                 self._reply(client, {"req": req, "ok": True})
@@ -399,8 +399,10 @@ class Server:
         except OSError:
             pass        # the worker is gone; its EOF will detach it
 
-    def _subscribe(self, client: _Client, req: Any, channel: Any, ring_bytes: Any) -> None:
-        raw = channel_bytes(channel)
+    def _subscribe(self, client: _Client, req: Any, channels: Any, ring_bytes: Any) -> None:
+        if not isinstance(channels, list) or not channels:
+            raise ValueError("a subscription needs a list of one or more channels")
+        raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
             ring_bytes, self.config.max_ring_bytes, "Supervisor(max_ring_bytes=...)")
         if len(client.subs) >= self.config.max_subscriptions_per_worker:
@@ -408,22 +410,26 @@ class Server:
                 f"a worker process may hold at most {self.config.max_subscriptions_per_worker} "
                 f"subscriptions (Supervisor(max_subscriptions_per_worker=...)); unsubscribe "
                 f"some first")
-        sub = _Sub(next(self._ids), channel, client, capacity)
+        sub = _Sub(next(self._ids), tuple(raws), client, capacity)
         memfd, efd = self._make_ring(sub.id, capacity)
         self.subs[sub.id] = sub
         client.subs.add(sub.id)
-        self.routes.setdefault(channel, []).append(sub.id)
-        self.dispatcher.set_route(raw, self.routes[channel])
+        for channel, raw in raws.items():
+            self.routes.setdefault(channel, []).append(sub.id)
+            self.dispatcher.set_route(raw, self.routes[channel])
         self.pending.append(_PendingReply(client, req, sub, (memfd, efd)))
-        if self.conn is not None and channel not in self.listening:
+        if self.conn is None:
+            return          # answered once connected and replayed
+        new = [ch for ch in sub.channels if ch not in self.listening]
+        if new:
             try:
-                self._query(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                self._query(sql.SQL("; ").join(
+                    sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in new))
             except _QueryFailed as exc:
                 self._lost(f"LISTEN failed: {exc}")
                 return
-            self.listening.add(channel)
-        if self.conn is not None:
-            self._answer_pending()
+            self.listening.update(new)
+        self._answer_pending()
 
     def _make_ring(self, sub_id: int, capacity: int) -> tuple[int, int]:
         """An unnamed, sealed memfd and an eventfd for one subscription."""
@@ -444,10 +450,10 @@ class Server:
         return memfd, efd
 
     def _answer_pending(self) -> None:
-        """Answer every subscribe whose channel is now LISTENed on the server."""
+        """Answer every subscribe whose channels are all LISTENed on the server now."""
         still = []
         for p in self.pending:
-            if p.sub.channel in self.listening:
+            if self.listening.issuperset(p.sub.channels):
                 self._reply(p.client, {"req": p.req, "ok": True, "sub": p.sub.id}, p.fds)
                 for fd in p.fds:
                     os.close(fd)
@@ -473,18 +479,23 @@ class Server:
             self.pending.remove(p)
             for fd in p.fds:
                 os.close(fd)
-        ids = self.routes[sub.channel]
-        ids.remove(sub.id)
-        self.dispatcher.set_route(sub.channel.encode(), ids)
+        gone = []
+        for channel in sub.channels:
+            ids = self.routes[channel]
+            ids.remove(sub.id)
+            self.dispatcher.set_route(channel.encode(), ids)
+            if not ids:
+                del self.routes[channel]
+                gone.append(channel)
         self.dispatcher.remove_ring(sub.id)
-        if not ids:
-            del self.routes[sub.channel]
-            if self.conn is not None and sub.channel in self.listening:
-                self.listening.discard(sub.channel)
-                try:
-                    self._query(sql.SQL("UNLISTEN {}").format(sql.Identifier(sub.channel)))
-                except _QueryFailed as exc:
-                    self._lost(f"UNLISTEN failed: {exc}")
+        gone = [ch for ch in gone if ch in self.listening]
+        if gone and self.conn is not None:
+            self.listening.difference_update(gone)
+            try:
+                self._query(sql.SQL("; ").join(
+                    sql.SQL("UNLISTEN {}").format(sql.Identifier(ch)) for ch in gone))
+            except _QueryFailed as exc:
+                self._lost(f"UNLISTEN failed: {exc}")
 
     def _detach(self, client: _Client) -> None:
         for sub_id in sorted(client.subs):
@@ -540,7 +551,7 @@ class Server:
         readers = []
         for sub in self.subs.values():
             delivered, missed, lag = self.dispatcher.ring_stats(sub.id)
-            readers.append({"subscription": sub.id, "channel": sub.channel,
+            readers.append({"subscription": sub.id, "channels": list(sub.channels),
                             "pid": sub.client.pid, "delivered": delivered, "missed": missed,
                             "ring_bytes": sub.ring_bytes, "lag_bytes": lag})
         return {

@@ -74,6 +74,7 @@ class AsyncSubscription:
 
     def __init__(self, sub: Subscription) -> None:
         self._sub = sub
+        self.channels = sub.channels
         self.channel = sub.channel
         self._lock = asyncio.Lock()
         self._waiter: asyncio.Future[None] | None = None

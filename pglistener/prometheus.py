@@ -45,7 +45,7 @@ class SupervisorCollector(Collector):
             yield GaugeMetricFamily(f"{p}_server_queue_usage",
                                     "pg_notification_queue_usage() of the server, 0 to 1",
                                     value=s.queue_usage)
-        labels = ["channel", "pid", "subscription"]
+        labels = ["channels", "pid", "subscription"]
         delivered = CounterMetricFamily(f"{p}_reader_delivered",
                                         "Notifications written into a reader's ring",
                                         labels=labels)
@@ -57,7 +57,7 @@ class SupervisorCollector(Collector):
         fill = GaugeMetricFamily(f"{p}_reader_ring_fill", "How full a reader's ring is, 0 to 1",
                                  labels=labels)
         for r in s.readers:
-            values = [r.channel, str(r.pid), str(r.subscription)]
+            values = [",".join(r.channels), str(r.pid), str(r.subscription)]
             delivered.add_metric(values, r.delivered)
             missed.add_metric(values, r.missed)
             lag.add_metric(values, r.lag_bytes)

@@ -11,7 +11,7 @@ class ReaderStats:
     """One subscription's ring, as the supervisor sees it."""
 
     subscription: int       # its id in the supervisor
-    channel: str
+    channels: tuple[str, ...]
     pid: int                # the worker process that reads it
     delivered: int          # notifications written into the ring
     missed: int             # notifications counted into overflow gaps
@@ -43,4 +43,6 @@ class Stats:
     @classmethod
     def _from_reply(cls, reply: dict[str, Any]) -> Stats:
         fields = {k: reply[k] for k in cls.__dataclass_fields__ if k != "readers"}
-        return cls(**fields, readers=tuple(ReaderStats(**r) for r in reply["readers"]))
+        readers = tuple(ReaderStats(**{**r, "channels": tuple(r["channels"])})
+                        for r in reply["readers"])
+        return cls(**fields, readers=readers)

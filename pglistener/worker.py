@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _protocol
@@ -175,14 +175,15 @@ class Worker:
 
     def subscribe(
         self,
-        channel: str,
+        channel: str | Sequence[str],
         callback: Callable[[Notification], Any] | None = None,
         *,
         timeout: float | None = None,
         on_gap: Callable[[Gap], Any] | None = None,
         ring_bytes: int | None = None,
     ) -> Subscription:
-        """Subscribe to `channel`; returns once the supervisor's LISTEN is committed.
+        """Subscribe to `channel` (or to several channels, read as one stream in the server's
+        order); returns once the supervisor's LISTEN is committed.
 
         Without a callback, read the subscription: sub.get(), iteration, sub.get_many().
         With one, a reader thread calls callback(notification) for each notification in
@@ -198,7 +199,7 @@ class Worker:
 
     async def subscribe_async(
         self,
-        channel: str,
+        channel: str | Sequence[str],
         *,
         timeout: float | None = None,
         ring_bytes: int | None = None,
@@ -220,7 +221,7 @@ class Worker:
 
     def subscribe_json(
         self,
-        channel: str,
+        channel: str | Sequence[str],
         callback: Callable[[Any], Any] | None = None,
         *,
         timeout: float | None = None,
@@ -243,14 +244,16 @@ class Subscription:
     on its own.
     """
 
+    #: The channels this subscription receives, in the order given.
+    channels: tuple[str, ...]
+    #: The channel, or the channels joined by ", " (for messages and logs).
     channel: str
 
     @classmethod
-    def _open(cls: type[_S], path: str, channel: str, timeout: float | None,
+    def _open(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
               ring_bytes: int | None) -> _S:
-        # The supervisor checks again; fail here without a trip.
-        channel_bytes(channel)
-        message: dict[str, Any] = {"op": "subscribe", "channel": channel}
+        channels = _channel_list(channel)
+        message: dict[str, Any] = {"op": "subscribe", "channels": list(channels)}
         if ring_bytes is not None:
             message["ring_bytes"] = check_ring_bytes(ring_bytes)
         ctl = _Control.get(path)
@@ -258,8 +261,8 @@ class Subscription:
             reply, fds = ctl.request(message, timeout)
         except TimeoutError:
             raise TimeoutError(
-                f"LISTEN {channel!r} was not committed within {timeout} s (is the database "
-                f"reachable? see the pglistener log)") from None
+                f"LISTEN {', '.join(channels)!r} was not committed within {timeout} s (is the "
+                f"database reachable? see the pglistener log)") from None
         if not reply.get("ok"):
             error = _ERRORS.get(str(reply.get("error")), PGListenerError)
             raise error(reply.get("message", "subscribe failed"))
@@ -276,10 +279,12 @@ class Subscription:
             raise
         finally:
             os.close(memfd)     # the mapping stays; the descriptor is not needed
-        return cls(ctl, channel, int(reply["sub"]), reader, efd)
+        return cls(ctl, channels, int(reply["sub"]), reader, efd)
 
-    def __init__(self, ctl: _Control, channel: str, sub_id: int, reader: RingReader, efd: int):
-        self.channel = channel
+    def __init__(self, ctl: _Control, channels: tuple[str, ...], sub_id: int, reader: RingReader,
+                 efd: int):
+        self.channels = channels
+        self.channel = ", ".join(channels)
         self._ctl = ctl
         self._id = sub_id
         self._reader = reader
@@ -435,6 +440,17 @@ class JsonSubscription(Subscription):
             log.error("skipped a payload on %r that is not JSON: %.200r",
                       self.channel, item.payload)
             return _SKIP
+
+
+def _channel_list(channel: str | Sequence[str]) -> tuple[str, ...]:
+    """One or more valid channel names, in order, without repeats (checked here so that a bad
+    one fails without a trip; the supervisor checks again)."""
+    names = (channel,) if isinstance(channel, str) else tuple(channel)
+    if not names:
+        raise InvalidChannelName("subscribe to at least one channel")
+    for name in names:
+        channel_bytes(name)
+    return tuple(dict.fromkeys(names))
 
 
 def _close_late(opening: asyncio.Future[Subscription]) -> None:

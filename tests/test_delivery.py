@@ -136,9 +136,14 @@ def test_supervisor_checks_names_itself(worker: Worker) -> None:
     from pglistener.worker import _Control
 
     ctl = _Control.get(worker._path)
-    reply, fds = ctl.request({"op": "subscribe", "channel": "y" * 64}, timeout=30)
+    reply, fds = ctl.request({"op": "subscribe", "channels": ["ok", "y" * 64]}, timeout=30)
     assert fds == []
     assert reply["ok"] is False and reply["error"] == "InvalidChannelName"
+    for bad in ("y", [], None):
+        reply, fds = ctl.request({"op": "subscribe", "channels": bad}, timeout=30)
+        assert fds == [] and reply["ok"] is False and reply["error"] == "ValueError"
+    with worker.subscribe("ok", timeout=30) as sub:        # and it still serves
+        assert sub.channels == ("ok",)
 
 
 def test_empty_and_largest_multibyte_payloads(worker: Worker, conn: psycopg.Connection) -> None:
@@ -317,3 +322,27 @@ def test_a_killed_worker_is_detached_and_others_keep_their_stream(
     assert supervisor.status()["channels"] == ["shared"]      # "own" was UNLISTENed
     assert payloads(survivor, 2000) == [str(i) for i in range(2000)]
     survivor.unsubscribe()
+
+
+def test_one_subscription_to_several_channels_keeps_the_servers_order(
+    supervisor: Supervisor, conn: psycopg.Connection
+) -> None:
+    w = supervisor.worker()
+    with w.subscribe(["m1", "m2", "m1"], timeout=30) as both, \
+            w.subscribe("m2", timeout=30) as alone:
+        assert both.channels == ("m1", "m2") and both.channel == "m1, m2"
+        with conn.transaction():
+            for i in range(300):
+                conn.execute("SELECT pg_notify(%s, %s)", (f"m{i % 2 + 1}", str(i)))
+        got = [both.get(timeout=30) for _ in range(300)]
+        assert [(n.channel, n.payload) for n in got] == [
+            (f"m{i % 2 + 1}", str(i)) for i in range(300)]
+        assert [alone.get(timeout=30).payload for _ in range(150)] == [
+            str(i) for i in range(1, 300, 2)]
+        assert supervisor.status()["channels"] == ["m1", "m2"]
+    # Both gone: both channels UNLISTENed (in one round trip).
+    assert supervisor.status()["channels"] == []
+    with pytest.raises(InvalidChannelName):
+        w.subscribe([], timeout=30)
+    with pytest.raises(InvalidChannelName):
+        w.subscribe(["ok", "x" * 64], timeout=30)

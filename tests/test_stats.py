@@ -28,7 +28,7 @@ def test_stats_follow_delivery_lag_overflow_and_outages(dsn: str,
         notify(conn, "st", [f"{i:04d}" for i in range(100)])
         wait_for(lambda: sup.stats().readers[0].delivered == 100, "delivery")
         (r,) = sup.stats().readers
-        assert (r.channel, r.pid, r.ring_bytes, r.missed) == ("st", os.getpid(), 16384, 0)
+        assert (r.channels, r.pid, r.ring_bytes, r.missed) == (("st",), os.getpid(), 16384, 0)
         assert r.lag_bytes == 100 * 24 and r.fill == r.lag_bytes / 16384   # 16 + 2 + 4, to 8
         sub.get_many(100, timeout=30)
         assert sup.stats().readers[0].lag_bytes == 0
@@ -58,7 +58,7 @@ def test_prometheus_collector_exposes_the_same_figures(dsn: str,
         wait_for(lambda: sup.stats().received == 3, "delivery")
         registry = CollectorRegistry()
         registry.register(SupervisorCollector(sup))
-        samples = {(s.name, s.labels.get("channel")): s.value
+        samples = {(s.name, s.labels.get("channels")): s.value
                    for family in text_string_to_metric_families(generate_latest(registry)
                                                                 .decode())
                    for s in family.samples}
