@@ -22,19 +22,27 @@ def libpq_version_num() -> int:
     return int(major) * 10000 + int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-extension = Extension(
-    "pglistener._dispatch",
-    ["pglistener/_dispatch.pyx"],
-    include_dirs=[pg_config("--includedir")],
-    library_dirs=[pg_config("--libdir")],
-    libraries=["pq"],
-    define_macros=[("PGL_BUILT_LIBPQ_VERSION", str(libpq_version_num()))],
-    extra_compile_args=["-O2", "-Wall"],
-)
+def libpq_extension(name: str, source: str) -> Extension:
+    return Extension(
+        name,
+        [source],
+        include_dirs=[pg_config("--includedir")],
+        library_dirs=[pg_config("--libdir")],
+        libraries=["pq"],
+        define_macros=[("PGL_BUILT_LIBPQ_VERSION", str(libpq_version_num()))],
+        extra_compile_args=["-O2", "-Wall"],
+    )
+
+
+extensions = [
+    libpq_extension("pglistener._dispatch", "pglistener/_dispatch.pyx"),
+    # The benchmark's `raw` system: the C ceiling of one connection.
+    libpq_extension("pglistener.bench._raw", "pglistener/bench/_raw.pyx"),
+]
 
 setup(
     ext_modules=cythonize(
-        [extension],
+        extensions,
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
     )

@@ -8,16 +8,26 @@ import sys
 from pathlib import Path
 
 
-def test_bench_quick_writes_json(dsn: str, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "pglistener.bench", "--quick", "--workers", "2",
-         "--dsn", dsn, "--json", str(out)],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+        [sys.executable, "-m", "pglistener.bench", "--quick", "--workers", "2", "--dsn", dsn,
+         "--scenario", "drain", "--scenario", "fanout", "--scenario", "latency",
+         "--notifications", "2000", "--json", str(out), "--plot", str(png)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert set(data["results"]) == {"pglistener", "psycopg"}
-    for rounds in data["results"].values():
-        assert len(rounds) == 1 and rounds[0]["per_reader_per_s"] > 0
-    assert data["results"]["pglistener"][0]["readers"] == 2
-    assert "pglistener" in proc.stdout and "deliveries/s" in proc.stdout
+    assert set(data["results"]) == {"drain", "fanout", "latency"}
+    assert set(data["results"]["drain"]) == {
+        "raw", "pglistener", "pglistener-dispatch", "psycopg", "asyncpg"}
+    for system, rounds in data["results"]["drain"].items():
+        (r,) = rounds
+        assert r["received"] + r["missed"] == 2000, system
+        assert r["per_reader_per_s"] > 0
+    (fan,) = data["results"]["fanout"]["pglistener"]
+    assert fan["readers"] == 2 and fan["received"] == 4000
+    (lat,) = data["results"]["latency"]["raw"]
+    assert lat["samples"] == 2000 and 0 < lat["p50_us"] <= lat["p99_us"]
+    assert {t["target"].split(":")[0] for t in data["targets"]} >= {"drain", "fanout", "latency"}
+    assert png.stat().st_size > 10_000
+    assert "== drain" in proc.stdout and "== targets" in proc.stdout

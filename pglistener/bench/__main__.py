@@ -1,14 +1,18 @@
-"""Benchmark: a backlog of notifications on one channel, committed in one transaction, read
-to the end by every reader; systems interleaved round by round on one server.
+"""python -m pglistener.bench: pglistener side by side with the other ways to listen.
 
-Systems:
-  pglistener   the supervisor and W worker processes, each reading its ring in batches
-  psycopg      psycopg 3 conn.notifies() in one process (the usual single-process listener)
+Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, idle.
+Systems, all on the same server with the same workload:
 
-The figure per system is notifications per second per reader, from the producer's commit to
-the last reader's last notification (median over rounds, with min and max); deliveries/s
-multiplies by the readers. Anything a pglistener reader missed (a full ring) is reported, not
-hidden.
+  raw                  a C loop on one connection (PQconsumeInput + PQnotifies): the ceiling
+  pglistener           the supervisor and one worker process per reader, Notification objects
+  pglistener-dispatch  a reader that consumes raw records in batches: the supervisor's own rate
+  psycopg              psycopg 3 conn.notifies() in one process
+  asyncpg              asyncpg add_listener callbacks in one process
+  conn-per-worker      one process per reader, each with its own connection (psycopg)
+  mp-queue             one psycopg listener fanning out through multiprocessing.Queue
+
+Rounds interleave the systems so that drift on a noisy machine hits all of them alike; each
+figure is the median over rounds with min and max, and ratios are taken round by round.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -29,9 +31,20 @@ from typing import Any
 import psycopg
 
 from pglistener import Supervisor, _dispatch
-from pglistener.bench.readers import pglistener_reader, psycopg_reader
 
-CHANNEL = "pglistener_bench"
+from . import report, systems
+from .scenarios import (
+    ONE_PROCESS,
+    SCENARIOS,
+    Scenario,
+    channel_names,
+    expected,
+    produce_backlog,
+    produce_flat_out,
+    produce_paced,
+    shares,
+)
+from .systems import Job
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,22 +52,177 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dsn", help="server to use (default: the PG* environment if PGHOST or "
                    "PGDATABASE is set, else an embedded PostgreSQL from pgserver)")
-    p.add_argument("--notifications", type=int, default=200_000, help="per round (default 200000)")
-    p.add_argument("--workers", type=int, default=4, help="pglistener reader processes (default 4)")
-    p.add_argument("--payload-bytes", type=int, default=16, help="payload size (default 16)")
+    p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                   help="run this scenario (repeat for several; default: all)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per system (default 3)")
+    p.add_argument("--notifications", type=int,
+                   help="backlog size of the count scenarios (default: per scenario)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="readers in fanout, spread and live (default 4)")
+    p.add_argument("--channels", type=int, help="channels of the spread scenario (default 100)")
+    p.add_argument("--payload-bytes", type=int,
+                   help="payload size of drain and fanout (default 16; payload200 keeps 200)")
     p.add_argument("--ring-bytes", type=int, default=64 << 20,
-                   help="ring per subscription (default 64 MiB: the whole backlog fits)")
-    p.add_argument("--quick", action="store_true", help="a short run: 20000 notifications, 1 round")
+                   help="pglistener ring per subscription (default 64 MiB)")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run: small backlogs, 1 s producers, 1 round")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="draw the figures (matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress display")
     args = p.parse_args(argv)
     if args.quick:
-        args.notifications, args.rounds = 20_000, 1
-    if args.notifications < 1 or args.workers < 1 or args.rounds < 1:
-        p.error("--notifications, --workers and --rounds must be at least 1")
-    if not 8 <= args.payload_bytes <= 7999:
+        args.rounds = 1
+    if args.rounds < 1 or args.workers < 1:
+        p.error("--rounds and --workers must be at least 1")
+    if args.notifications is not None and args.notifications < args.workers:
+        p.error("--notifications must be at least --workers")
+    if args.payload_bytes is not None and not 8 <= args.payload_bytes <= 7999:
         p.error("--payload-bytes must be from 8 to 7999")
+    if args.channels is not None and args.channels < args.workers:
+        p.error("--channels must be at least --workers")
     return args
+
+
+def shaped(scenario: Scenario, args: argparse.Namespace) -> Scenario:
+    """The scenario with the command line's sizes."""
+    changes: dict[str, Any] = {}
+    if scenario.kind == "count":
+        changes["notifications"] = args.notifications or (
+            scenario.quick_notifications if args.quick else scenario.notifications)
+        if args.payload_bytes and scenario.name != "payload200":
+            changes["payload_bytes"] = args.payload_bytes
+        if args.channels and scenario.channels > 1:
+            changes["channels"] = args.channels
+    if scenario.kind in ("latency", "live") and args.quick:
+        changes["seconds"] = 1.0
+    return Scenario(**{**scenario.__dict__, **changes})
+
+
+class Bench:
+    def __init__(self, dsn: str, args: argparse.Namespace, stack: ExitStack) -> None:
+        self.dsn = dsn
+        self.args = args
+        self.ctx = multiprocessing.get_context("spawn")
+        self.sup = stack.enter_context(Supervisor(dsn, ring_bytes=args.ring_bytes,
+                                                  max_ring_bytes=args.ring_bytes).start())
+        self.worker = self.sup.worker()
+        self.conn = stack.enter_context(psycopg.connect(dsn, autocommit=True))
+
+    # -- one system in one scenario, one round ----------------------------------------------
+
+    def run(self, scenario: Scenario, system: str) -> dict[str, Any]:
+        if scenario.kind == "idle":
+            return self._idle(scenario)
+        readers = self.args.workers if scenario.many_readers else 1
+        channels = channel_names(scenario)
+        share = shares(channels, readers)
+        grace = 60.0 if scenario.kind == "count" else scenario.seconds + 10.0
+        deadline = time.monotonic() + grace + 30.0
+        mode = scenario.kind
+
+        def job(chans: list[str], fan: int = 1, route: dict[str, int] | None = None) -> Job:
+            n = (expected(scenario, scenario.notifications, chans) if mode == "count"
+                 else int(scenario.rate * scenario.seconds))
+            return Job(chans, n, mode, deadline, fan, route or {})
+
+        targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        in_process = system in ONE_PROCESS and readers > 1
+        if system == "pglistener":
+            targets = [(systems.pglistener_reader, (self.worker, job(c))) for c in share]
+        elif system == "pglistener-dispatch":
+            targets = [(systems.pglistener_dispatch_reader, (self.worker, job(c))) for c in share]
+        elif system == "conn-per-worker":
+            targets = [(systems.psycopg_reader, (self.dsn, job(c))) for c in share]
+        elif system in ONE_PROCESS:
+            fn = {"raw": systems.raw_reader, "psycopg": systems.psycopg_reader,
+                  "asyncpg": systems.asyncpg_reader}[system]
+            if system == "raw" or not in_process:
+                one = job(channels)
+            elif len(channels) > 1:
+                one = job(channels, route={c: k for k, cs in enumerate(share) for c in cs})
+            else:
+                one = job(channels, fan=readers)
+            targets = [(fn, (self.dsn, one))]
+        elif system == "mp-queue":
+            queues = [self.ctx.Queue() for _ in share]
+            route = {c: k for k, cs in enumerate(share) for c in cs} if len(channels) > 1 else {}
+            listener = job(channels, route=route)
+            targets = [(systems.mp_queue_listener, (self.dsn, listener, queues))]
+            targets += [(systems.mp_queue_reader, (q, job(c))) for q, c in zip(queues, share,
+                                                                                 strict=True)]
+        else:
+            raise ValueError(system)
+        reports, produced = self._drive(scenario, targets)
+        return report.figures(scenario, reports, produced, readers, in_process)
+
+    def _drive(self, scenario: Scenario, targets: list[tuple[Callable[..., None], tuple[Any, ...]]]
+               ) -> tuple[list[dict[str, Any]], tuple[float, float, int] | None]:
+        ready, out = self.ctx.Queue(), self.ctx.Queue()
+        procs = [self.ctx.Process(target=fn, args=(*a, ready, out), daemon=True)
+                 for fn, a in targets]
+        for p in procs:
+            p.start()
+        try:
+            for _ in procs:
+                _get(ready, procs, 120)
+            produced = None
+            channel = channel_names(scenario)[0]
+            if scenario.kind == "count":
+                produce_backlog(self.conn, scenario, scenario.notifications)
+            elif scenario.kind == "latency":
+                produce_paced(self.conn, channel, scenario.rate, scenario.seconds)
+            else:
+                produced = produce_flat_out(self.conn, channel, scenario.seconds)
+            reports = [_get(out, procs, 300) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+        return [r for r in reports if "listener" not in r], produced
+
+    def _idle(self, scenario: Scenario) -> dict[str, Any]:
+        """CPU used by the supervisor and by a reader blocked in get(), nothing sent."""
+        ready, out = self.ctx.Queue(), self.ctx.Queue()
+        job = Job(channel_names(scenario), 1, "count", time.monotonic() + scenario.seconds + 1)
+        p = self.ctx.Process(target=systems.pglistener_idle_reader,
+                             args=(self.worker, job, ready, out), daemon=True)
+        p.start()
+        ready.get(timeout=120)
+        time.sleep(0.2)
+        assert self.sup.pid is not None and p.pid is not None
+        before = [_cpu_seconds(self.sup.pid), _cpu_seconds(p.pid)]
+        time.sleep(scenario.seconds)
+        after = [_cpu_seconds(self.sup.pid), _cpu_seconds(p.pid)]
+        out.get(timeout=60)
+        p.join(10)
+        supervisor, reader = ((b - a) / scenario.seconds * 100 for a, b in
+                              zip(before, after, strict=True))
+        return {"supervisor_cpu_percent": supervisor, "reader_cpu_percent": reader}
+
+
+def _get(queue: Any, procs: list[Any], timeout: float) -> Any:
+    """The next message, or an error as soon as one of the processes died without one."""
+    import queue as queues
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return queue.get(timeout=0.5)
+        except queues.Empty:
+            failed = [p for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"a benchmark process failed (exit code "
+                                   f"{failed[0].exitcode}); its traceback is above") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no report within {timeout} s") from None
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(stack: ExitStack) -> str:
@@ -69,48 +237,30 @@ def start_server(stack: ExitStack) -> str:
     return str(server.get_uri())
 
 
-def produce(conn: psycopg.Connection[Any], n: int, payload_bytes: int) -> float:
-    """Commit n distinct notifications in one transaction; the moment the commit returned."""
-    conn.execute(
-        "SELECT count(pg_notify(%s, lpad(i::text, %s, '0'))) FROM generate_series(1, %s) i",
-        (CHANNEL, payload_bytes, n))
-    return time.monotonic()
-
-
-def run_round(ctx: Any, start_readers: Callable[[Any, Any], list[Any]],
-              conn: psycopg.Connection[Any], args: argparse.Namespace) -> dict[str, Any]:
-    ready, out = ctx.Queue(), ctx.Queue()
-    procs = start_readers(ready, out)
-    for _ in procs:
-        ready.get(timeout=120)
-    t0 = produce(conn, args.notifications, args.payload_bytes)
-    reports = [out.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join(60)
-    seconds = max(r["end"] for r in reports) - t0
-    return {
-        "readers": len(procs),
-        "seconds": seconds,
-        "per_reader_per_s": args.notifications / seconds,
-        "deliveries_per_s": args.notifications * len(procs) / seconds,
-        "missed": sum(r["missed"] for r in reports),
-    }
-
-
 def header(dsn: str) -> dict[str, Any]:
+    import platform
+
+    try:
+        import asyncpg
+        asyncpg_version = asyncpg.__version__
+    except ImportError:
+        asyncpg_version = "not installed"
     with psycopg.connect(dsn) as conn:
         server = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
     return {
-        "cores": os.cpu_count(),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.system()}",
         "python": platform.python_version(),
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {psycopg.pq.version()})",
+        "asyncpg": asyncpg_version,
         "server": server,
-        "pglistener_extension": f"built against libpq {_dispatch.built_libpq_version()}",
+        "pglistener extension": f"built against libpq {_dispatch.built_libpq_version()}, "
+                                f"running libpq {_dispatch.libpq_version()}",
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    chosen = [shaped(SCENARIOS[name], args) for name in (args.scenario or SCENARIOS)]
     with ExitStack() as stack:
         dsn = args.dsn
         if dsn is None:
@@ -121,53 +271,30 @@ def main(argv: list[str] | None = None) -> int:
         info = header(dsn)
         for key, value in info.items():
             print(f"{key:>22}: {value}")
-        ctx = multiprocessing.get_context("spawn")
-        sup = stack.enter_context(Supervisor(dsn, ring_bytes=args.ring_bytes).start())
-        worker = sup.worker()
-        conn = stack.enter_context(psycopg.connect(dsn, autocommit=True))
-
-        systems: dict[str, Callable[[Any, Any], list[Any]]] = {
-            "pglistener": lambda ready, out: _start(ctx, [
-                (pglistener_reader, (worker, CHANNEL, args.notifications, ready, out))
-                for _ in range(args.workers)]),
-            "psycopg": lambda ready, out: _start(ctx, [
-                (psycopg_reader, (dsn, CHANNEL, args.notifications, ready, out))]),
-        }
-        results: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
-        for r in range(args.rounds):
-            for name, start in systems.items():        # interleaved: drift hits all alike
-                print(f"round {r + 1}/{args.rounds}: {name}...", file=sys.stderr, flush=True)
-                results[name].append(run_round(ctx, start, conn, args))
-
-    print()
-    print(f"drain: {args.notifications} notifications of {args.payload_bytes} bytes on one "
-          f"channel, {args.rounds} round(s), median [min-max]")
-    print(f"{'system':<12} {'readers':>7} {'per reader/s':>28} {'deliveries/s':>14} {'missed':>7}")
-    summary = {}
-    for name, rounds in results.items():
-        rates = [x["per_reader_per_s"] for x in rounds]
-        med = statistics.median(rates)
-        summary[name] = med
-        print(f"{name:<12} {rounds[0]['readers']:>7} {med:>12,.0f} "
-              f"[{min(rates):>,.0f}-{max(rates):>,.0f}] "
-              f"{statistics.median(x['deliveries_per_s'] for x in rounds):>14,.0f} "
-              f"{sum(x['missed'] for x in rounds):>7}")
-    ratios = [a["per_reader_per_s"] / b["per_reader_per_s"]
-              for a, b in zip(results["pglistener"], results["psycopg"], strict=True)]
-    print("\npglistener per reader / psycopg notifies(), round by round: "
-          + ", ".join(f"{x:.2f}x" for x in ratios))
+        print(f"{'command':>22}: python -m pglistener.bench {' '.join(argv or sys.argv[1:])}")
+        sys.stdout.flush()
+        bench = Bench(dsn, args, stack)
+        results: dict[str, dict[str, list[dict[str, Any]]]] = {
+            s.name: {system: [] for system in s.systems} for s in chosen}
+        steps = [(r, s, system) for r in range(args.rounds) for s in chosen
+                 for system in s.systems]
+        with report.Progress(len(steps), enabled=not args.no_progress) as progress:
+            for r, scenario, system in steps:
+                progress.step(f"round {r + 1}/{args.rounds}: {scenario.name} / {system}")
+                results[scenario.name][system].append(bench.run(scenario, system))
+    summary = report.summarize(chosen, results)
+    targets = report.targets(results)
+    report.print_tables(chosen, results, summary, args)
+    report.print_targets(targets)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": info, "args": vars(args), "results": results,
-                       "ratios": {"pglistener/psycopg": ratios}}, f, indent=2)
+            json.dump({"header": info, "args": vars(args),
+                       "scenarios": {s.name: s.__dict__ for s in chosen},
+                       "results": results, "summary": summary, "targets": targets}, f, indent=2)
+    if args.plot:
+        report.plot(chosen, summary, args.plot)
+        print(f"\nplot written to {args.plot}")
     return 0
-
-
-def _start(ctx: Any, targets: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> list[Any]:
-    procs = [ctx.Process(target=fn, args=a) for fn, a in targets]
-    for p in procs:
-        p.start()
-    return procs
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+def drain(
+    pgconn_ptr: int, expect: int, timeout_ms: int, latency: bool = False
+) -> tuple[int, int, int, list[int] | None]: ...

@@ -1,0 +1,263 @@
+"""Figures from the readers' reports, the tables, the targets, the plot and the progress."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .scenarios import ONE_PROCESS, Scenario
+
+# -- figures of one round ---------------------------------------------------------------------
+
+
+def figures(scenario: Scenario, reports: list[dict[str, Any]],
+            produced: tuple[float, float, int] | None, readers: int,
+            in_process: bool) -> dict[str, Any]:
+    base = {"readers": readers, "processes": len(reports), "in_process": in_process,
+            "received": sum(r["received"] for r in reports),
+            "missed": sum(r["missed"] for r in reports)}
+    if scenario.kind == "count":
+        # From the first notification to the last: the drain rate, whatever the start-up.
+        seconds = max(r["end"] for r in reports) - min(r["first"] for r in reports)
+        return {**base, "seconds": seconds,
+                "per_reader_per_s": statistics.median(
+                    r["received"] / max(r["end"] - r["first"], 1e-9) for r in reports),
+                "deliveries_per_s": sum(r["deliveries"] for r in reports) / seconds}
+    lat = sorted(x for r in reports for x in r["lat_ns"])
+    if scenario.kind == "latency":
+        return {**base, "samples": len(lat), **{
+            f"{name}_us": _percentile(lat, q) / 1000
+            for name, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))}}
+    assert produced is not None
+    first, last, count = produced
+    produced_per_s = count / (last - first)
+    rates = [r["received"] / max(r["end"] - first, 1e-9) for r in reports]
+    return {**base, "produced": count, "produced_per_s": produced_per_s,
+            "delivered_per_s": statistics.median(rates),
+            "keep_up": min(min(rates) / produced_per_s,
+                           min(r["received"] for r in reports) / count),
+            "max_lag_ms": (lat[-1] / 1e6) if lat else None}
+
+
+def _percentile(values: list[int], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(values[min(len(values) - 1, int(q * len(values)))])
+
+
+# -- summaries and targets --------------------------------------------------------------------
+
+KEYS = {"count": ("per_reader_per_s", "deliveries_per_s"),
+        "latency": ("p50_us", "p99_us", "p999_us"),
+        "live": ("produced_per_s", "delivered_per_s", "keep_up", "max_lag_ms"),
+        "idle": ("supervisor_cpu_percent", "reader_cpu_percent")}
+
+
+def summarize(chosen: list[Scenario], results: dict[str, Any]) -> dict[str, Any]:
+    """Median, min and max over rounds of each figure."""
+    out: dict[str, Any] = {}
+    for s in chosen:
+        for system, rounds in results[s.name].items():
+            row = {}
+            for key in KEYS[s.kind]:
+                values = [r[key] for r in rounds if r.get(key) is not None]
+                if values:
+                    row[key] = {"median": statistics.median(values), "min": min(values),
+                                "max": max(values)}
+            out.setdefault(s.name, {})[system] = row
+    return out
+
+
+def _ratio(results: dict[str, Any], scenario: str, a: str, b: str, key: str,
+           op: Callable[[float, float], float] = lambda x, y: x / y) -> list[float]:
+    rows = results.get(scenario, {})
+    if a not in rows or b not in rows:
+        return []
+    return [op(x[key], y[key]) for x, y in zip(rows[a], rows[b], strict=True)]
+
+
+#: (target, scenario, system, reference, figure, "ratio" or "difference", op, goal)
+TARGETS = [
+    ("drain: pglistener >= 0.5x raw, one Python reader", "drain", "pglistener", "raw",
+     "per_reader_per_s", "ratio", ">=", 0.5),
+    ("drain: pglistener >= 6x psycopg notifies()", "drain", "pglistener", "psycopg",
+     "per_reader_per_s", "ratio", ">=", 6.0),
+    ("drain: pglistener >= 6x asyncpg", "drain", "pglistener", "asyncpg",
+     "per_reader_per_s", "ratio", ">=", 6.0),
+    ("drain: supervisor dispatch >= 0.9x raw", "drain", "pglistener-dispatch", "raw",
+     "per_reader_per_s", "ratio", ">=", 0.9),
+    ("fanout: pglistener >= 20x mp-queue (deliveries/s)", "fanout", "pglistener", "mp-queue",
+     "deliveries_per_s", "ratio", ">=", 20.0),
+    ("fanout: pglistener >= 3x conn-per-worker (deliveries/s)", "fanout", "pglistener",
+     "conn-per-worker", "deliveries_per_s", "ratio", ">=", 3.0),
+    ("latency: p99 within 50 us of raw (us over raw)", "latency", "pglistener", "raw",
+     "p99_us", "difference", "<=", 50.0),
+    ("latency: p50 within 30 us of raw (us over raw)", "latency", "pglistener", "raw",
+     "p50_us", "difference", "<=", 30.0),
+    ("live: pglistener keeps up (delivered/produced)", "live", "pglistener", None,
+     "keep_up", "", ">=", 0.98),
+    ("idle: supervisor CPU % (about 0)", "idle", "pglistener", None,
+     "supervisor_cpu_percent", "", "<=", 1.0),
+    ("idle: blocked reader CPU % (about 0)", "idle", "pglistener", None,
+     "reader_cpu_percent", "", "<=", 1.0),
+]
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each from round-by-round ratios measured in this run."""
+    checks = []
+    for name, scenario, system, reference, key, how, op, goal in TARGETS:
+        if reference is None:
+            values = [r[key] for r in results.get(scenario, {}).get(system, [])]
+        else:
+            values = _ratio(results, scenario, system, reference, key,
+                            (lambda x, y: x - y) if how == "difference" else (lambda x, y: x / y))
+        checks.append((name, op, goal, values))
+    out = []
+    for name, op, goal, values in checks:
+        if values:
+            median = statistics.median(values)
+            met = median >= goal if op == ">=" else median <= goal
+            out.append({"target": name, "goal": f"{op} {goal:g}", "rounds": values,
+                        "median": median, "met": met})
+    return out
+
+
+# -- printing ---------------------------------------------------------------------------------
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if key not in row:
+        return "-"
+    f = row[key]
+    return f"{f['median']:{fmt}} [{f['min']:{fmt}}-{f['max']:{fmt}}]"
+
+
+def print_tables(chosen: list[Scenario], results: dict[str, Any], summary: dict[str, Any],
+                 args: Any) -> None:
+    for s in chosen:
+        print(f"\n== {s.name}: {s.what}")
+        if s.kind == "count":
+            print(f"   {s.notifications} notifications of {s.payload_bytes} bytes on "
+                  f"{s.channels} channel(s); median [min-max] over {args.rounds} round(s)")
+            print(f"   {'system':<20} {'readers':<13} {'per reader/s':>32} {'deliveries/s':>32}"
+                  f" {'missed':>7}")
+        elif s.kind == "latency":
+            print(f"   {s.rate}/s for {s.seconds:g} s; microseconds from before the sender's "
+                  f"NOTIFY to the reader")
+            print(f"   {'system':<20} {'p50':>22} {'p99':>22} {'p99.9':>22}")
+        elif s.kind == "live":
+            print(f"   {s.seconds:g} s, one NOTIFY per transaction; delivered/s per reader against "
+                  f"produced/s")
+            print(f"   {'system':<20} {'readers':<13} {'produced/s':>28} {'delivered/s':>28} "
+                  f"{'kept up':>20} {'max lag ms':>24}")
+        for system, row in summary[s.name].items():
+            rounds = results[s.name][system]
+            shape = _shape(system, rounds[0]) if rounds and s.kind != "idle" else ""
+            if s.kind == "count":
+                print(f"   {system:<20} {shape:<13} {_cell(row, 'per_reader_per_s', ',.0f'):>32} "
+                      f"{_cell(row, 'deliveries_per_s', ',.0f'):>32} "
+                      f"{sum(r['missed'] for r in rounds):>7}")
+            elif s.kind == "latency":
+                print(f"   {system:<20} {_cell(row, 'p50_us', '.0f'):>22} "
+                      f"{_cell(row, 'p99_us', '.0f'):>22} {_cell(row, 'p999_us', '.0f'):>22}")
+            elif s.kind == "live":
+                print(f"   {system:<20} {shape:<13} {_cell(row, 'produced_per_s', ',.0f'):>28} "
+                      f"{_cell(row, 'delivered_per_s', ',.0f'):>28} "
+                      f"{_cell(row, 'keep_up', '.3f'):>20} {_cell(row, 'max_lag_ms', '.1f'):>24}")
+            else:
+                print(f"   supervisor CPU {_cell(row, 'supervisor_cpu_percent', '.2f')} %, "
+                      f"reader blocked in get() {_cell(row, 'reader_cpu_percent', '.2f')} %")
+
+
+def _shape(system: str, first: dict[str, Any]) -> str:
+    if first["in_process"]:
+        return f"{first['readers']} in-process"
+    if system == "mp-queue":
+        return f"1+{first['processes']} procs"
+    if system in ONE_PROCESS:
+        return "1 process"
+    return f"{first['processes']} procs"
+
+
+def print_targets(checks: list[dict[str, Any]]) -> None:
+    if not checks:
+        return
+    print("\n== targets (round-by-round ratios in this run; median)")
+    for c in checks:
+        rounds = ", ".join(f"{v:.2f}" for v in c["rounds"])
+        print(f"   {'met   ' if c['met'] else 'MISSED'} {c['target']:<58} {c['median']:>9.2f} "
+              f"(goal {c['goal']}; rounds: {rounds})")
+
+
+def plot(chosen: list[Scenario], summary: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [s for s in chosen if s.kind != "idle"]
+    if not shown:
+        return
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.8 * len(shown)), squeeze=False)
+    for ax, s in zip(axes[:, 0], shown, strict=True):
+        rows = summary[s.name]
+        key, label, scale = {
+            "count": ("deliveries_per_s", "deliveries/s (millions)", 1e-6),
+            "latency": ("p99_us", "p99 latency (us), lower is better", 1.0),
+            "live": ("delivered_per_s", "delivered/s per reader (millions)", 1e-6),
+        }[s.kind]
+        names = [n for n in rows if key in rows[n]]
+        med = [rows[n][key]["median"] * scale for n in names]
+        lo = [m - rows[n][key]["min"] * scale for n, m in zip(names, med, strict=True)]
+        hi = [rows[n][key]["max"] * scale - m for n, m in zip(names, med, strict=True)]
+        colors = ["tab:orange" if n.startswith("pglistener") else "tab:blue" for n in names]
+        ax.barh(names, med, xerr=[lo, hi], color=colors)
+        ax.invert_yaxis()
+        ax.set_title(f"{s.name}: {s.what}", fontsize=9)
+        ax.set_xlabel(label, fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+class Progress:
+    """A live progress bar on stderr (rich), or one line per step without a terminal."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total = total
+        self.done = -1
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
+                from rich.progress import Progress as Bar
+            except ImportError:
+                return
+            self.bar = Bar(TextColumn("{task.description}"), BarColumn(),
+                           MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+
+    def __enter__(self) -> Progress:
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task("", total=self.total)
+        return self
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, description=what)
+        else:
+            print(f"[{self.done + 1}/{self.total}] {what}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

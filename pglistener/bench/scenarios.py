@@ -1,0 +1,126 @@
+"""The benchmark's scenarios, as data, and the producers that drive them.
+
+Every scenario runs every system that applies, on the same server with the same workload.
+Systems that read in one process (raw, psycopg, asyncpg) take part with one reader, or fan out
+in-process to the scenario's handlers where that is how they would be used ("in-process" in
+the output); the others run one process per reader.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .systems import END
+
+#: Systems, in the order the tables list them; the first is the reference of the ratios.
+ONE_PROCESS = ("raw", "psycopg", "asyncpg")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    what: str
+    kind: str                   # "count", "latency", "live" or "idle"
+    systems: tuple[str, ...]
+    channels: int = 1
+    many_readers: bool = False  # --workers readers (else one)
+    payload_bytes: int = 16
+    notifications: int = 0      # count: the backlog
+    quick_notifications: int = 0
+    seconds: float = 0.0        # latency and live: how long the producer runs
+    rate: int = 0               # latency: notifications per second
+
+
+SCENARIOS = {s.name: s for s in [
+    Scenario("drain", "a backlog on one channel, one reader taking Notification objects",
+             "count", ("raw", "pglistener", "pglistener-dispatch", "psycopg", "asyncpg"),
+             notifications=200_000, quick_notifications=20_000),
+    Scenario("fanout", "a backlog on one channel, every reader gets all of it",
+             "count", ("pglistener", "conn-per-worker", "mp-queue", "psycopg", "asyncpg"),
+             many_readers=True, notifications=50_000, quick_notifications=5_000),
+    Scenario("spread", "a backlog over 100 channels, each reader on its share of them",
+             "count", ("raw", "pglistener", "conn-per-worker", "mp-queue", "psycopg", "asyncpg"),
+             channels=100, many_readers=True, notifications=100_000,
+             quick_notifications=10_000),
+    Scenario("payload200", "like drain, with 200-byte payloads",
+             "count", ("raw", "pglistener", "pglistener-dispatch", "psycopg", "asyncpg"),
+             payload_bytes=200, notifications=200_000, quick_notifications=20_000),
+    Scenario("latency", "one NOTIFY per transaction at a steady rate: commit-to-reader",
+             "latency", ("raw", "pglistener", "psycopg", "asyncpg"), seconds=3.0, rate=2000),
+    Scenario("live", "a producer at full speed while every reader consumes",
+             "live", ("pglistener", "conn-per-worker", "mp-queue", "psycopg"),
+             many_readers=True, seconds=3.0),
+    Scenario("idle", "CPU of the supervisor and of a reader blocked in get(), nothing sent",
+             "idle", ("pglistener",), seconds=2.0),
+]}
+
+#: The figure each kind of scenario is judged by.
+FIGURE = {"count": "deliveries_per_s", "latency": "p99_us", "live": "keep_up"}
+
+
+def channel_names(scenario: Scenario) -> list[str]:
+    return [f"bench_{scenario.name}_{i}" for i in range(scenario.channels)]
+
+
+def shares(channels: list[str], readers: int) -> list[list[str]]:
+    """Each reader's channels: all of them with one channel, else an equal share."""
+    if len(channels) == 1:
+        return [channels] * readers
+    return [channels[k::readers] for k in range(readers)]
+
+
+def expected(scenario: Scenario, n: int, share: list[str]) -> int:
+    """How many of n backlog notifications land on `share` (the i-th goes to channel
+    i % channels)."""
+    names = channel_names(scenario)
+    if len(names) == 1:
+        return n
+    per, extra = divmod(n, len(names))
+    return sum(per + (names.index(c) < extra) for c in share)
+
+
+def produce_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: int) -> None:
+    """n distinct notifications in one transaction."""
+    names = channel_names(scenario)
+    prefix = names[0].rsplit("_", 1)[0] + "_"
+    channel = "%s || ((i - 1) %% %s)::text" if scenario.channels > 1 else "%s"
+    params: list[Any] = [prefix, scenario.channels] if scenario.channels > 1 else [names[0]]
+    conn.execute(
+        f"SELECT count(pg_notify({channel}, lpad(i::text, %s, '0'))) "  # noqa: S608 - no input
+        f"FROM generate_series(1, %s) i", [*params, scenario.payload_bytes, n])
+
+
+def produce_paced(conn: psycopg.Connection[Any], channel: str, rate: int, seconds: float) -> int:
+    """One notification per transaction at `rate` per second, each carrying its send time
+    (CLOCK_MONOTONIC ns) so that readers measure commit-to-reader latency."""
+    total = int(rate * seconds)
+    start = time.monotonic()
+    for i in range(total):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        conn.execute("SELECT pg_notify(%s, %s)", (channel, f"{time.monotonic_ns()}:{i}"))
+    return total
+
+
+def produce_flat_out(conn: psycopg.Connection[Any], channel: str,
+                     seconds: float) -> tuple[float, float, int]:
+    """One NOTIFY per transaction, as an application sends them, as fast as one connection
+    goes (pipelined, 500 statements per batch, each in its own transaction) for `seconds`;
+    then the end marker. Payloads carry their batch's send time. Returns (first send, last
+    commit, notifications produced)."""
+    start = time.monotonic()
+    produced = 0
+    with conn.cursor() as cur:
+        while time.monotonic() - start < seconds:
+            sent = time.monotonic_ns()
+            cur.executemany("SELECT pg_notify(%s, %s)",
+                            [(channel, f"{sent}:{i}") for i in range(500)])
+            produced += 500
+    last = time.monotonic()
+    conn.execute("SELECT pg_notify(%s, %s)", (channel, END))
+    return start, last, produced

@@ -1,0 +1,268 @@
+"""The listeners under test, as reader processes (spawned, so everything here is importable).
+
+Every reader gets a Job: what to listen to, how many notifications it should account for,
+and how to treat payloads. It says "ready" once it listens, reads, and reports a dict:
+
+  first, end   CLOCK_MONOTONIC (one clock for every process here) of its first and last
+               notification
+  received     notifications it took
+  missed       notifications reported missing by a Gap (pglistener only; never hidden)
+  deliveries   handler calls (differs from received only for in-process fan-out)
+  lat_ns       in "latency" and "live" modes: arrival minus the send time in the payload
+
+Modes: "count" reads until `expect` are accounted for; "latency" too, keeping each latency;
+"live" reads until the payload "end" (or the deadline), keeping each latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+END = "end"
+
+
+@dataclass
+class Job:
+    channels: list[str]
+    expect: int                     # "count"/"latency": notifications to account for
+    mode: str = "count"
+    deadline: float = 0.0           # CLOCK_MONOTONIC; give up then (a slow system in "live")
+    fan: int = 1                    # in-process handlers each notification goes to
+    route: dict[str, int] = field(default_factory=dict)   # spread: channel -> its handler
+
+
+class Tally:
+    """What one reader saw. take() is the per-notification work every system does alike:
+    count it and hand it to the in-process handlers, if any; only the latency and live modes
+    read the clock per notification."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.received = self.missed = self.deliveries = 0
+        self.first = self.end = 0.0
+        self.lat_ns: list[int] = []
+        self.timed = job.mode in ("latency", "live")
+        self.handled = [0] * max(job.fan, *(k + 1 for k in job.route.values()), 1)
+
+    def take(self, channel: str, payload: str) -> bool:
+        """Count one notification; False once the reader is done."""
+        if self.timed:
+            if payload == END:
+                return False
+            now = time.monotonic_ns()
+            self.lat_ns.append(now - int(payload.split(":", 1)[0]))
+            self.end = now / 1e9
+        self.received += 1
+        if self.received == 1:
+            self.first = time.monotonic()
+        if self.job.route:                      # spread, fanned out in one process
+            self.handled[self.job.route[channel]] += 1
+            self.deliveries += 1
+        else:
+            for i in range(self.job.fan):       # every handler gets it
+                self.handled[i] += 1
+            self.deliveries += self.job.fan
+        return self._going()
+
+    def gap(self, missed: int | None) -> bool:
+        self.missed += missed or 0
+        return self._going()
+
+    def _going(self) -> bool:
+        if self.job.mode == "live" or self.received + self.missed < self.job.expect:
+            return True
+        if not self.timed:
+            self.end = time.monotonic()
+        return False
+
+    def timed_out(self) -> bool:
+        return time.monotonic() >= self.job.deadline
+
+    def report(self) -> dict[str, Any]:
+        return {"first": self.first, "end": self.end, "received": self.received,
+                "missed": self.missed, "deliveries": self.deliveries, "lat_ns": self.lat_ns}
+
+
+# -- pglistener ------------------------------------------------------------------------------
+
+def pglistener_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
+    """One process, one subscription covering its channels, read in batches."""
+    from pglistener import Gap
+
+    sub = worker.subscribe(job.channels, timeout=60)
+    tally = Tally(job)
+    ready.put(True)
+    going = True
+    while going and not tally.timed_out():
+        try:
+            items = sub.get_many(4096, timeout=1.0)
+        except TimeoutError:
+            continue
+        for item in items:
+            if isinstance(item, Gap):
+                going = tally.gap(item.missed)
+            else:
+                going = tally.take(item.channel, item.payload)
+            if not going:
+                break
+    out.put(tally.report())
+    sub.unsubscribe()
+
+
+def pglistener_idle_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
+    """Subscribes and blocks in get() until the deadline: what an idle reader costs."""
+    sub = worker.subscribe(job.channels, timeout=60)
+    ready.put(True)
+    try:
+        sub.get(timeout=max(0.0, job.deadline - time.monotonic()))
+    except TimeoutError:
+        pass
+    out.put({})
+    sub.unsubscribe()
+
+
+def pglistener_dispatch_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
+    """Consumes raw records in batches without building objects: the supervisor's own
+    socket-to-ring rate, with the reader out of the way."""
+    sub = worker.subscribe(job.channels, timeout=60)
+    tally = Tally(job)
+    ready.put(True)
+    reader = sub._reader
+    while tally.received + tally.missed < job.expect and not tally.timed_out():
+        n, missed = reader.discard(1 << 20)
+        if n or missed:
+            if not tally.received:
+                tally.first = time.monotonic()
+            tally.received += n
+            tally.missed += missed
+            tally.end = time.monotonic()
+        else:
+            reader.wait(100, 20)
+    tally.deliveries = tally.received
+    out.put(tally.report())
+    sub.unsubscribe()
+
+
+# -- one connection per process ---------------------------------------------------------------
+
+def _listen(conn: Any, channels: list[str]) -> None:
+    from psycopg import sql
+
+    conn.execute(sql.SQL("; ").join(sql.SQL("LISTEN {}").format(sql.Identifier(c))
+                                    for c in channels))
+
+
+def raw_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """The C loop of _raw on a psycopg connection: no routing, no IPC, no Python objects."""
+    import psycopg
+
+    from pglistener.bench._raw import drain
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _listen(conn, job.channels)
+        ready.put(True)
+        timeout_ms = int(max(0.0, job.deadline - time.monotonic()) * 1000)
+        n, first_ns, end_ns, lat = drain(
+            int(conn.pgconn.pgconn_ptr),  # type: ignore[attr-defined]
+            job.expect, timeout_ms, job.mode == "latency")
+    out.put({"first": first_ns / 1e9, "end": end_ns / 1e9, "received": n, "missed": 0,
+             "deliveries": n, "lat_ns": lat or []})
+
+
+def psycopg_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """psycopg 3's conn.notifies(), the usual way to listen with psycopg."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _listen(conn, job.channels)
+        tally = Tally(job)
+        ready.put(True)
+        going = True
+        while going and not tally.timed_out():
+            for note in conn.notifies(timeout=1.0):
+                going = tally.take(note.channel, note.payload)
+                if not going:
+                    break
+    out.put(tally.report())
+
+
+def asyncpg_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """asyncpg's add_listener callbacks on its event loop."""
+    import asyncpg
+
+    async def main() -> dict[str, Any]:
+        conn = await asyncpg.connect(_asyncpg_dsn(dsn))
+        tally = Tally(job)
+        done = asyncio.Event()
+
+        def on_note(_conn: Any, _pid: int, channel: str, payload: str) -> None:
+            if not done.is_set() and not tally.take(channel, payload):
+                done.set()
+
+        for channel in job.channels:
+            await conn.add_listener(channel, on_note)
+        ready.put(True)
+        try:
+            await asyncio.wait_for(done.wait(), max(0.1, job.deadline - time.monotonic()))
+        except (TimeoutError, asyncio.TimeoutError):
+            pass
+        await conn.close()
+        return tally.report()
+
+    out.put(asyncio.run(main()))
+
+
+def _asyncpg_dsn(dsn: str) -> str:
+    """asyncpg takes URIs only; pgserver gives a URI with the socket directory as ?host=."""
+    if dsn.startswith(("postgres://", "postgresql://")):
+        return dsn
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(dsn)
+    query = "&".join(f"{k}={quote(str(v))}" for k, v in params.items())
+    return f"postgresql:///?{query}"
+
+
+# -- one listener fanning out through multiprocessing.Queue ----------------------------------
+
+def mp_queue_listener(dsn: str, job: Job, queues: list[Any], ready: Any, out: Any) -> None:
+    """psycopg notifies() in one process, each notification put on its readers' queues."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _listen(conn, job.channels)
+        ready.put(True)
+        sent = 0
+        going = True
+        while going and time.monotonic() < job.deadline:
+            for note in conn.notifies(timeout=1.0):
+                item = (note.channel, note.payload)
+                if job.route:
+                    queues[job.route[note.channel]].put(item)
+                else:
+                    for q in queues:
+                        q.put(item)
+                sent += 1
+                if (job.mode == "live" and note.payload == END) or (
+                        job.mode != "live" and sent >= job.expect):
+                    going = False
+                    break
+    out.put({"listener": True})
+
+
+def mp_queue_reader(queue: Any, job: Job, ready: Any, out: Any) -> None:
+    tally = Tally(job)
+    ready.put(True)
+    going = True
+    while going and not tally.timed_out():
+        try:
+            channel, payload = queue.get(timeout=1.0)
+        except Exception:  # noqa: BLE001 - queue.Empty
+            continue
+        going = tally.take(channel, payload)
+    out.put(tally.report())
