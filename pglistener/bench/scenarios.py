@@ -38,7 +38,7 @@ class Scenario:
 SCENARIOS = {s.name: s for s in [
     Scenario("drain", "a backlog on one channel, one reader taking Notification objects",
              "count", ("raw", "pglistener", "pglistener-dispatch", "psycopg", "asyncpg"),
-             notifications=200_000, quick_notifications=20_000),
+             notifications=1_000_000, quick_notifications=20_000),
     Scenario("fanout", "a backlog on one channel, every reader gets all of it",
              "count", ("pglistener", "conn-per-worker", "mp-queue", "psycopg", "asyncpg"),
              many_readers=True, notifications=50_000, quick_notifications=5_000),
