@@ -18,6 +18,7 @@ from .errors import (
     SupervisorGone,
     TooManySubscriptions,
 )
+from .pool import Pool, SlotStats
 from .publish import MAX_PAYLOAD_BYTES, notify, notify_json
 from .stats import ReaderStats, Stats
 from .supervisor import Supervisor
@@ -33,8 +34,10 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "Notification",
     "PayloadTooLarge",
+    "Pool",
     "PGListenerError",
     "ReaderStats",
+    "SlotStats",
     "Stats",
     "Subscription",
     "SubscriptionClosed",

@@ -47,6 +47,9 @@ cpdef enum WaitStatus:
     WAIT_PEER_GONE = 2     # the supervisor's end of the control socket is closed
     WAIT_INTERRUPTED = 3
 
+_GAP_REASONS = {PGL_GAP_RECONNECT: "reconnect", PGL_GAP_OVERFLOW: "overflow",
+                PGL_GAP_RESTART: "restart"}
+
 MIN_CAPACITY = 16 * 1024          # a 63-byte channel and a 7999-byte payload must fit
 MAX_CAPACITY = 1024 * 1024 * 1024
 HEADER_BYTES = PGL_HEADER_BYTES
@@ -106,7 +109,9 @@ cdef class Gap:
     """The place in a stream where notifications may be missing.
 
     `reason` is "reconnect" (the connection was lost: what was sent meanwhile is gone, `missed`
-    is None) or "overflow" (this reader's ring was full: `missed` is the exact count).
+    is None), "overflow" (this reader's ring was full: `missed` is the exact count) or
+    "restart" (the first item of a pool worker that was restarted: what was sent while no one
+    read for it is gone, `missed` is None).
     """
 
     cdef readonly str reason
@@ -358,13 +363,14 @@ cdef class Dispatcher:
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         return (p.delivered, p.missed_total, p.tail - pgl_load_acquire(&p.hdr.head))
 
-    def mark_reconnect(self, ring_ids):
+    def mark_reconnect(self, ring_ids, bint restart=False):
         """These rings get a Gap(reconnect) before anything received from now on (an
-        overflow gap still waiting for room is folded into it: missed becomes unknown)."""
+        overflow gap still waiting for room is folded into it: missed becomes unknown).
+        With restart, a Gap(restart) instead: a new subscription of a restarted worker."""
         cdef Producer *p
         for ring_id in ring_ids:
             p = <Producer *><size_t>self.by_id[ring_id]
-            p.gap_reason = PGL_GAP_RECONNECT
+            p.gap_reason = PGL_GAP_RESTART if restart else PGL_GAP_RECONNECT
             p.gap_missed = PGL_MISSED_UNKNOWN
         self.gaps_pending = True
         with nogil:
@@ -705,7 +711,7 @@ cdef class RingReader:
             if kind == PGL_REC_GAP:
                 missed = (<uint64_t *>(rec + 8))[0]
                 gap = Gap.__new__(Gap)
-                gap.reason = "reconnect" if (<uint16_t *>(rec + 6))[0] == PGL_GAP_RECONNECT else "overflow"
+                gap.reason = _GAP_REASONS.get((<uint16_t *>(rec + 6))[0], "overflow")
                 gap.missed = None if missed == PGL_MISSED_UNKNOWN else missed
                 self.head += length
                 return gap

@@ -5,7 +5,8 @@ descriptors ride along with the message they belong to. Each message is a small 
 
 worker -> supervisor                          supervisor -> worker
 {"op": "subscribe", "req": n, "channel": c,   {"req": n, "ok": true, "sub": id} + [memfd, eventfd]
- "ring_bytes": b (optional)}                  (once the channel's LISTEN is committed)
+ "ring_bytes": b, "restart": true (optional)} (once the channel's LISTEN is committed;
+                                              restart: the ring starts with Gap("restart"))
 {"op": "unsubscribe", "req": n, "sub": id}    {"req": n, "ok": true}
 {"op": "cancel", "req": n, "of": m}           {"req": m, "ok": false, "error": "Cancelled"}
                                               (m was abandoned on timeout; no reply if m

@@ -24,7 +24,8 @@
  *
  *   0   4  length
  *   4   2  type: 1 notification, 2 gap, 3 padding
- *   6   2  notification: channel length in bytes | gap: reason (1 reconnect, 2 overflow)
+ *   6   2  notification: channel length in bytes | gap: reason (1 reconnect, 2 overflow,
+ *                                                       3 restart)
  *   8   4  notification: sender backend pid      | gap: 8 bytes missed count,
  *   12  4  notification: payload length in bytes |      UINT64_MAX when unknown
  *   16  .. notification: channel bytes, then payload bytes (no terminators)
@@ -55,6 +56,7 @@
 
 #define PGL_GAP_RECONNECT 1u
 #define PGL_GAP_OVERFLOW 2u
+#define PGL_GAP_RESTART 3u
 #define PGL_MISSED_UNKNOWN UINT64_MAX
 
 typedef struct {

@@ -12,6 +12,7 @@ cdef extern from "_ring.h" nogil:
     const uint16_t PGL_REC_PAD
     const uint16_t PGL_GAP_RECONNECT
     const uint16_t PGL_GAP_OVERFLOW
+    const uint16_t PGL_GAP_RESTART
     const uint64_t PGL_MISSED_UNKNOWN
 
     ctypedef struct pgl_ring_header:

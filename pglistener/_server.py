@@ -374,7 +374,8 @@ class Server:
         try:
             op = message.get("op")
             if op == "subscribe":
-                self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"))
+                self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"),
+                                bool(message.get("restart")))
             elif op == "unsubscribe":
                 self._unsubscribe(client, message.get("sub"))
                 self._reply(client, {"req": req, "ok": True})
@@ -399,7 +400,8 @@ class Server:
         except OSError:
             pass        # the worker is gone; its EOF will detach it
 
-    def _subscribe(self, client: _Client, req: Any, channels: Any, ring_bytes: Any) -> None:
+    def _subscribe(self, client: _Client, req: Any, channels: Any, ring_bytes: Any,
+                   restart: bool = False) -> None:
         if not isinstance(channels, list) or not channels:
             raise ValueError("a subscription needs a list of one or more channels")
         raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
@@ -412,6 +414,8 @@ class Server:
                 f"some first")
         sub = _Sub(next(self._ids), tuple(raws), client, capacity)
         memfd, efd = self._make_ring(sub.id, capacity)
+        if restart:     # a restarted pool worker: its stream starts by saying so
+            self.dispatcher.mark_reconnect([sub.id], restart=True)
         self.subs[sub.id] = sub
         client.subs.add(sub.id)
         for channel, raw in raws.items():

@@ -22,6 +22,7 @@ from ._logs import SupervisorLogs
 from ._server import Config, main
 from ._sizes import DEFAULT_MAX_RING_BYTES, DEFAULT_RING_BYTES, check_ring_bytes
 from .errors import IncompatibleLibpq, SupervisorGone
+from .pool import Pool
 from .stats import Stats
 from .worker import Worker
 
@@ -140,6 +141,7 @@ class Supervisor:
         self._logs: SupervisorLogs | None = None
         self._release: Callable[[], Any] = lambda: None
         self._req = 0
+        self._pools: list[tuple[Pool, float]] = []
 
     def __repr__(self) -> str:
         state = "running" if self._process is not None else "not running"
@@ -200,10 +202,15 @@ class Supervisor:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the supervisor process, close its connection and free every ring. Readers
-        still blocked get SupervisorGone. Idempotent; does nothing in a forked child."""
+        """Stop the pools it spawned (their readers finish the item in hand), then the
+        supervisor process: close its connection and free every ring. Readers still blocked
+        get SupervisorGone. Idempotent; does nothing in a forked child."""
         if os.getpid() != self._owner_pid or self._process is None:
             return
+        # Readers first, each finishing the item in hand; then the connection.
+        pools, self._pools = self._pools, []
+        for pool, stop_timeout in pools:
+            pool.stop(stop_timeout)
         if self._owner is not None:
             try:
                 self._request({"op": "stop"}, timeout=timeout)
@@ -236,6 +243,21 @@ class Supervisor:
         if self._owner is None:
             raise RuntimeError("start() the Supervisor before asking for workers")
         return Worker(self._path)
+
+    def spawn(self, target: Callable[..., Any], *args: Any, processes: int = 1,
+              start_method: str | None = None, stop_timeout: float = 10.0) -> Pool:
+        """Start `processes` children, each running target(worker, *args) with its own
+        Worker, and restart any that crashes (with the connection's backoff). target must be
+        importable (a module-level function). start_method: "forkserver" by default (else
+        "spawn"), both safe from a threaded parent. stop() stops the pool first."""
+        if self._owner is None:
+            raise RuntimeError("start() the Supervisor before spawning workers")
+        c = self._config
+        pool = Pool(self._path, target, args, processes, start_method,
+                    (c.backoff_initial, c.backoff_max, c.backoff_reset_after),
+                    name=getattr(target, "__name__", "pool"))
+        self._pools.append((pool, stop_timeout))
+        return pool
 
     @property
     def pid(self) -> int | None:

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -148,6 +149,26 @@ class _Control:
             self._replies[req] = (message, fds)
 
 
+#: Set in a pool worker asked to stop (SIGTERM): get() raises SubscriptionClosed from then
+#: on, so a reader finishes the item in hand and its loop ends.
+_stop_requested = threading.Event()
+_open_subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+
+
+def request_stop() -> None:
+    """End every subscription's reading in this process after the current item: the next
+    get() (or iteration step) raises SubscriptionClosed; blocked ones wake up for it. Safe to
+    call from a signal handler."""
+    _stop_requested.set()
+    for sub in list(_open_subscriptions):
+        if sub._closed or sub._pid != os.getpid():
+            continue
+        try:
+            os.eventfd_write(sub._efd, 1)
+        except OSError:
+            pass        # closed meanwhile
+
+
 def _forget_after_fork() -> None:
     # A fork child may inherit the lock held by a parent thread, and its parent's
     # connections: start afresh (the parent's sockets stay open in the parent).
@@ -164,14 +185,17 @@ class Worker:
     """A handle on a running supervisor, for subscribing. Picklable: give it to child
     processes, started by fork or spawn; each process opens its own control connection."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, restarted: bool = False) -> None:
         self._path = path
+        # A pool worker started again after a crash: every stream it opens begins with
+        # Gap("restart"), since what was sent while no one read for it is gone.
+        self._restarted = restarted
 
     def __repr__(self) -> str:
-        return f"<Worker {self._path}>"
+        return f"<Worker {self._path}{' restarted' if self._restarted else ''}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Worker, (self._path,))
+        return (Worker, (self._path, self._restarted))
 
     def subscribe(
         self,
@@ -192,7 +216,7 @@ class Worker:
         ring_bytes sizes this subscription's ring (default: the Supervisor's ring_bytes; at
         most its max_ring_bytes).
         """
-        sub = Subscription._open(self._path, channel, timeout, ring_bytes)
+        sub = Subscription._open(self._path, channel, timeout, ring_bytes, self._restarted)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -210,7 +234,7 @@ class Worker:
 
         loop = asyncio.get_running_loop()
         opening = loop.run_in_executor(
-            None, Subscription._open, self._path, channel, timeout, ring_bytes)
+            None, Subscription._open, self._path, channel, timeout, ring_bytes, self._restarted)
         try:
             sub = await asyncio.shield(opening)
         except asyncio.CancelledError:
@@ -231,7 +255,7 @@ class Worker:
         """Like subscribe(), with each payload decoded as JSON: get() and iteration give the
         decoded values (and Gap items), the callback gets the decoded value. Payloads that are
         not JSON are logged and skipped."""
-        sub = JsonSubscription._open(self._path, channel, timeout, ring_bytes)
+        sub = JsonSubscription._open(self._path, channel, timeout, ring_bytes, self._restarted)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -251,9 +275,11 @@ class Subscription:
 
     @classmethod
     def _open(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
-              ring_bytes: int | None) -> _S:
+              ring_bytes: int | None, restarted: bool = False) -> _S:
         channels = _channel_list(channel)
         message: dict[str, Any] = {"op": "subscribe", "channels": list(channels)}
+        if restarted:
+            message["restart"] = True
         if ring_bytes is not None:
             message["ring_bytes"] = check_ring_bytes(ring_bytes)
         ctl = _Control.get(path)
@@ -293,6 +319,7 @@ class Subscription:
         self._read_lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        _open_subscriptions.add(self)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -344,6 +371,8 @@ class Subscription:
     def _check_open(self) -> None:
         if self._closed:
             raise SubscriptionClosed(f"the subscription to {self.channel!r} was closed")
+        if _stop_requested.is_set():
+            raise SubscriptionClosed("this worker process is stopping")
         if os.getpid() != self._pid:
             raise RuntimeError(
                 "a subscription belongs to the process that made it: subscribe again in the "

@@ -67,3 +67,27 @@ def agent(worker: Worker, conn: Any) -> None:
                                   for i in items]))
         except Exception as exc:  # noqa: BLE001 - the test reports it
             conn.send(("error", repr(exc)))
+
+
+def pool_reader(worker: Worker, channel: str, out: Any, seconds_per_item: float = 0.0) -> None:
+    """A pool child: report ("ready", pid), then every item as (pid, payload or "GAP:reason"),
+    and ("done", pid, payload) after handling each, taking seconds_per_item."""
+    import os
+    import time
+
+    sub = worker.subscribe(channel, timeout=30)
+    out.put(("ready", os.getpid()))
+    for item in sub:
+        out.put((os.getpid(), f"GAP:{item.reason}" if isinstance(item, Gap) else item.payload))
+        time.sleep(seconds_per_item)
+        if not isinstance(item, Gap):
+            out.put(("done", os.getpid(), item.payload))
+
+
+def crash_on_start(worker: Worker, out: Any) -> None:
+    """A pool child whose handler fails at once: report the start, then raise."""
+    import os
+    import time
+
+    out.put((time.monotonic(), os.getpid()))
+    raise RuntimeError("this handler fails on start")
