@@ -388,6 +388,10 @@ class Server:
             # request only, never the supervisor.
             self._reply(client, {"req": req, "ok": False, "error": type(exc).__name__,
                                  "message": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - nor does a request we did not foresee
+            log.exception("a request from worker pid %d failed", client.pid)
+            self._reply(client, {"req": req, "ok": False, "error": "PGListenerError",
+                                 "message": f"the supervisor failed this request: {exc!r}"})
 
     def _reply(self, client: _Client, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
         try:

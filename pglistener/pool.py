@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._backoff import Backoff
+from ._forksafe import started
 from .errors import SupervisorGone
 from .worker import Worker, request_stop
 
@@ -139,6 +140,7 @@ class Pool:
             args=(self._path, restarted, self._target, self._args),
             name=f"pglistener-{self._name}-{slot.index}", daemon=True)
         process.start()
+        started(process)
         slot.process = process
         slot.starts += 1
         slot.restarts += restarted

@@ -17,6 +17,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import _protocol
+from ._forksafe import started
 from ._libpq_check import check_same_libpq
 from ._logs import SupervisorLogs
 from ._server import Config, main
@@ -27,20 +28,6 @@ from .stats import Stats
 from .worker import Worker
 
 log = logging.getLogger("pglistener")
-
-#: Supervisor processes started here, for the fork hook below.
-_STARTED: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _not_their_parent_after_fork() -> None:
-    # An os.fork() child inherits multiprocessing's record of this process's children, and
-    # multiprocessing's exit handler terminates the daemonic ones: a forked web worker that
-    # exits normally would kill its parent's supervisor. The child is not their parent.
-    for process in _STARTED:
-        multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
-
-
-os.register_at_fork(after_in_child=_not_their_parent_after_fork)
 
 _EXITED = (
     "it exited. If your program starts a Supervisor at module level, put that under "
@@ -171,7 +158,7 @@ class Supervisor:
                 target=main, args=(self._config, listen_sock, theirs, self._logs.queue),
                 name="pglistener-supervisor", daemon=True)
             self._process.start()
-            _STARTED.add(self._process)
+            started(self._process)
         except BaseException:
             _release(self._owner_pid, self._process, self._dir, self._logs)
             self._process = None

@@ -165,3 +165,40 @@ def test_a_signal_to_the_parent_ends_pool_and_supervisor(dsn: str, tmp_path: Any
     finally:
         owner.kill()
         owner.wait()
+
+
+FORK_EXIT = """
+import multiprocessing, os, sys
+sys.path.insert(0, sys.argv[2])
+import psycopg
+from pglistener import Supervisor
+from workers import pool_reader
+
+if __name__ == "__main__":
+    out = multiprocessing.get_context("forkserver").Queue()
+    with Supervisor(sys.argv[1]).start() as sup:
+        pool = sup.spawn(pool_reader, "forked", out, processes=2)
+        for _ in range(2):
+            out.get(timeout=60)
+        before = sorted(pool.pids)
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)         # a forked web worker that ends normally: exit handlers run
+        os.waitpid(pid, 0)
+        with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+            conn.execute("NOTIFY forked, 'still here'")
+        got = sorted(out.get(timeout=30)[0] for _ in range(2))
+        print(before == sorted(pool.pids) == got)
+"""
+
+
+def test_a_fork_child_that_exits_leaves_the_pool_alone(dsn: str, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_exit.py"
+    script.write_text(FORK_EXIT)
+    proc = subprocess.run([sys.executable, str(script), dsn, os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True"]
