@@ -123,21 +123,38 @@ def test_pool_arguments_are_checked(dsn: str) -> None:
         Supervisor(dsn).spawn(pool_reader, "x", None)
 
 
-POOL_OWNER = """
-import multiprocessing, sys, time
+# Scripts run as their own program (a parent of its own to signal or fork): each starts a
+# supervisor and a pool of 2 pool_reader children on channel argv[3], and waits for them.
+PREAMBLE = """
+import multiprocessing, os, sys, time
 sys.path.insert(0, sys.argv[2])
+import psycopg
 from pglistener import Supervisor
 from workers import pool_reader
 
 if __name__ == "__main__":
     out = multiprocessing.get_context("forkserver").Queue()
     with Supervisor(sys.argv[1]).start() as sup:
-        pool = sup.spawn(pool_reader, "owned", out, processes=2)
+        pool = sup.spawn(pool_reader, sys.argv[3], out, processes=2)
         for _ in range(2):
             out.get(timeout=60)
+"""
+
+POOL_OWNER = PREAMBLE + """
         print(sup.pid, sup.worker()._path, *pool.pids, flush=True)
         time.sleep(600)
 """
+
+
+def run_script(tmp_path: Any, text: str, dsn: str, channel: str) -> Any:
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.Popen([sys.executable, str(script), dsn, os.path.dirname(__file__),
+                             channel], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -146,13 +163,7 @@ def test_a_signal_to_the_parent_ends_pool_and_supervisor(dsn: str, tmp_path: Any
     """SIGINT unwinds the parent: stop() ends the pool, then the supervisor. SIGTERM kills
     it outright: the supervisor sees its owner gone and stops, and the pool's children, their
     supervisor gone, stop after the item in hand. Either way nothing is left."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "pool_owner.py"
-    script.write_text(POOL_OWNER)
-    owner = subprocess.Popen([sys.executable, str(script), dsn, os.path.dirname(__file__)],
-                             stdout=subprocess.PIPE, text=True)
+    owner = run_script(tmp_path, POOL_OWNER, dsn, "owned")
     try:
         assert owner.stdout is not None
         supervisor, path, *children = owner.stdout.readline().split()
@@ -167,19 +178,7 @@ def test_a_signal_to_the_parent_ends_pool_and_supervisor(dsn: str, tmp_path: Any
         owner.wait()
 
 
-FORK_EXIT = """
-import multiprocessing, os, sys
-sys.path.insert(0, sys.argv[2])
-import psycopg
-from pglistener import Supervisor
-from workers import pool_reader
-
-if __name__ == "__main__":
-    out = multiprocessing.get_context("forkserver").Queue()
-    with Supervisor(sys.argv[1]).start() as sup:
-        pool = sup.spawn(pool_reader, "forked", out, processes=2)
-        for _ in range(2):
-            out.get(timeout=60)
+FORK_EXIT = PREAMBLE + """
         before = sorted(pool.pids)
         pid = os.fork()
         if pid == 0:
@@ -187,18 +186,17 @@ if __name__ == "__main__":
         os.waitpid(pid, 0)
         with psycopg.connect(sys.argv[1], autocommit=True) as conn:
             conn.execute("NOTIFY forked, 'still here'")
-        got = sorted(out.get(timeout=30)[0] for _ in range(2))
-        print(before == sorted(pool.pids) == got)
+        got = []
+        while len(got) < 2:
+            message = out.get(timeout=30)
+            if message[1] == "still here":
+                got.append(message[0])
+        print(before == sorted(pool.pids) == sorted(got))
 """
 
 
 def test_a_fork_child_that_exits_leaves_the_pool_alone(dsn: str, tmp_path: Any) -> None:
-    import subprocess
-    import sys
-
-    script = tmp_path / "fork_exit.py"
-    script.write_text(FORK_EXIT)
-    proc = subprocess.run([sys.executable, str(script), dsn, os.path.dirname(__file__)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["True"]
+    proc = run_script(tmp_path, FORK_EXIT, dsn, "forked")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert stdout.split() == ["True"]
