@@ -19,6 +19,7 @@ finishes the item in hand and its loop ends; after `timeout` the rest get SIGKIL
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -93,6 +94,9 @@ class Pool:
         self._thread = threading.Thread(target=self._watch, name=f"pglistener-pool-{name}",
                                         daemon=True)
         self._thread.start()
+        # At interpreter exit, multiprocessing terminates daemonic children: do not restart
+        # them then. (Registered after multiprocessing's own handler, so it runs before.)
+        atexit.register(self._halt)
 
     def __repr__(self) -> str:
         return f"<Pool {self._name} {len(self._slots)} processes>"
@@ -167,14 +171,23 @@ class Pool:
 
     # -- stopping -----------------------------------------------------------------------------
 
+    def _halt(self) -> None:
+        """Stop restarting; the children are left to whoever ends them."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._wake_w.send(None)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every child (each finishes its current item), SIGKILL those still running
         after `timeout` seconds, and stop restarting. Idempotent."""
+        atexit.unregister(self._halt)
         with self._lock:
-            if self._stopping:
+            if self._wake_w.closed:
                 return
-            self._stopping = True
-            self._wake_w.send(None)
+            if not self._stopping:
+                self._stopping = True
+                self._wake_w.send(None)
             processes = [s.process for s in self._slots if s.process is not None]
         self._thread.join()
         for p in processes:
