@@ -60,6 +60,7 @@ class Config:
     connect_timeout: float
     liveness_timeout: float
     max_subscriptions_per_worker: int
+    max_channels_per_worker: int
     log_level: int
 
 
@@ -416,6 +417,13 @@ class Server:
                 f"a worker process may hold at most {self.config.max_subscriptions_per_worker} "
                 f"subscriptions (Supervisor(max_subscriptions_per_worker=...)); unsubscribe "
                 f"some first")
+        held = sum(len(self.subs[i].channels) for i in client.subs)
+        if held + len(raws) > self.config.max_channels_per_worker:
+            raise TooManySubscriptions(
+                f"a worker process may subscribe to at most "
+                f"{self.config.max_channels_per_worker} channels in all "
+                f"(Supervisor(max_channels_per_worker=...)); it holds {held} and asked for "
+                f"{len(raws)} more")
         sub = _Sub(next(self._ids), tuple(raws), client, capacity)
         memfd, efd = self._make_ring(sub.id, capacity)
         if restart:     # a restarted pool worker: its stream starts by saying so

@@ -60,7 +60,8 @@ class Supervisor:
       of it, and every query must be answered within it; past it the connection is declared
       dead and the reconnect path runs (readers see a reconnect Gap).
       It also sets libpq's TCP keepalives and tcp_user_timeout, unless the DSN sets them.
-    - max_subscriptions_per_worker: per worker process.
+    - max_subscriptions_per_worker, max_channels_per_worker: per worker process (a
+      subscription may cover several channels; each counts).
     - start_timeout: seconds start() waits for the supervisor process to come up.
     """
 
@@ -77,6 +78,7 @@ class Supervisor:
         connect_timeout: float = 10.0,
         liveness_timeout: float = 15.0,
         max_subscriptions_per_worker: int = 1024,
+        max_channels_per_worker: int = 4096,
         start_timeout: float = 30.0,
     ) -> None:
         if not isinstance(dsn, str):
@@ -104,8 +106,9 @@ class Supervisor:
             params.setdefault(key, setting)
         if backoff_max < backoff_initial:
             raise ValueError("backoff_max must be at least backoff_initial")
-        if max_subscriptions_per_worker < 1:
-            raise ValueError("max_subscriptions_per_worker must be at least 1")
+        if max_subscriptions_per_worker < 1 or max_channels_per_worker < 1:
+            raise ValueError("max_subscriptions_per_worker and max_channels_per_worker must be "
+                             "at least 1")
         self._config = Config(
             conninfo=make_conninfo("", **params),
             safe_target=_safe_target(params),
@@ -117,6 +120,7 @@ class Supervisor:
             connect_timeout=connect_timeout,
             liveness_timeout=liveness_timeout,
             max_subscriptions_per_worker=max_subscriptions_per_worker,
+            max_channels_per_worker=max_channels_per_worker,
             log_level=logging.NOTSET,       # start() takes the level in force then
         )
         self._start_timeout = start_timeout

@@ -205,7 +205,8 @@ def test_database_down_at_start_then_subscribe_times_out_with_the_cause(dsn: str
     "kwargs, message",
     [({"ring_bytes": 1000}, "power of two"), ({"ring_bytes": 3 << 20}, "power of two"),
      ({"backoff_initial": 0}, "positive"), ({"backoff_initial": 5, "backoff_max": 1}, "at least"),
-     ({"max_subscriptions_per_worker": 0}, "at least 1")],
+     ({"max_subscriptions_per_worker": 0}, "at least 1"),
+     ({"max_channels_per_worker": 0}, "at least 1")],
 )
 def test_bad_options_are_refused_with_what_to_do(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -229,6 +230,19 @@ def test_worker_limit_is_enforced_with_a_clear_error(dsn: str) -> None:
         a.unsubscribe()
         w.subscribe("l", timeout=30).unsubscribe()
         b.unsubscribe()
+
+
+def test_channel_limit_counts_every_channel_of_every_subscription(dsn: str) -> None:
+    from pglistener import TooManySubscriptions
+
+    with Supervisor(dsn, max_channels_per_worker=3).start() as sup:
+        w = sup.worker()
+        two = w.subscribe(["k1", "k2"], timeout=30)
+        with pytest.raises(TooManySubscriptions, match="max_channels_per_worker"):
+            w.subscribe(["k3", "k4"], timeout=30)
+        w.subscribe("k3", timeout=30).unsubscribe()      # one more fits
+        two.unsubscribe()
+        assert sup.status()["channels"] == []
 
 
 def test_subscription_does_not_cross_fork(worker: Worker) -> None:
