@@ -48,7 +48,12 @@ def test_a_pool_of_three_receives_and_a_killed_child_comes_back_with_a_gap(
         assert streams == {pid: [str(i) for i in range(20)] for pid in first}
 
         victim = sorted(first)[0]
+        # A multiprocessing.Queue is not safe against SIGKILL: a writer killed while its
+        # feeder thread holds the queue's lock blocks every other writer. So kill the victim
+        # while it is idle (its last message is a moment old) and let it die before sending.
+        time.sleep(0.2)
         os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: process_gone(victim), "the victim to die")
         notify(conn, "jobs", [str(i) for i in range(20, 30)])    # while it is down
         messages = []
         while not [m for m in messages if m[0] == "ready"]:       # back within the backoff
