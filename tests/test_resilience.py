@@ -164,6 +164,11 @@ class Waiting:
             target=lambda: self.got.append(sup.worker().subscribe(channel, timeout=120)))
         self.thread.start()
 
+    def held_by(self, sup: Supervisor, cause: str) -> None:
+        """The supervisor reports `cause` as its last error, and subscribe() still waits."""
+        wait_for(lambda: cause in (sup.status()["last_error"] or ""), f"the error {cause!r}")
+        assert self.thread.is_alive()
+
     def receives_once_ready(self, dsn: str) -> None:
         """subscribe() returns, and nothing sent after that is lost: its LISTEN was
         committed before it returned."""
@@ -179,9 +184,7 @@ def test_server_down_at_start_then_up(cluster: Cluster) -> None:
     try:
         with Supervisor(cluster.dsn, **FAST_RETRY).start() as sup:
             waiting = Waiting(sup, "late")
-            wait_for(lambda: "cannot connect" in (sup.status()["last_error"] or ""),
-                     "a failed attempt")
-            assert waiting.thread.is_alive()
+            waiting.held_by(sup, "cannot connect")
             cluster.start()
             waiting.receives_once_ready(cluster.dsn)
     finally:
@@ -195,9 +198,7 @@ def test_standby_refuses_listen_and_is_retried_until_promoted(cluster: Cluster) 
         with Supervisor(standby.dsn, **FAST_RETRY).start() as sup:
             waiting = Waiting(sup, "hot")
             # "cannot execute LISTEN during recovery": retried like a lost connection.
-            wait_for(lambda: "during recovery" in (sup.status()["last_error"] or ""),
-                     "the standby to refuse LISTEN")
-            assert waiting.thread.is_alive()
+            waiting.held_by(sup, "during recovery")
             standby.promote()
             waiting.receives_once_ready(standby.dsn)
     finally:
