@@ -545,25 +545,33 @@ class Server:
         except OSError:
             self.stopping = True
 
-    def status(self) -> dict[str, Any]:
+    def _counters(self) -> dict[str, Any]:
+        """What status() and stats() both report."""
         return {
-            "connected": self.up,
             "backend_pid": self.conn.info.backend_pid if self.up and self.conn else None,
             "last_error": self.last_error,
             "reconnects": self.reconnects,
             "workers": len(self.clients),
-            "subscriptions": len(self.subs),
-            "channels": sorted(self.routes),
             "received": self.dispatcher.received,
             "unrouted": self.dispatcher.unrouted,
         }
 
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.up,
+            **self._counters(),
+            "subscriptions": len(self.subs),
+            "channels": sorted(self.routes),
+        }
+
     def stats(self) -> dict[str, Any]:
-        now = time.monotonic()
         if self.up:
             state = "listening"
         else:
             state = "connecting" if self.conn is not None else "disconnected"
+        outage = self.outage_total
+        if self.down_since is not None:
+            outage += time.monotonic() - self.down_since
         readers = []
         for sub in self.subs.values():
             delivered, missed, lag = self.dispatcher.ring_stats(sub.id)
@@ -572,15 +580,9 @@ class Server:
                             "ring_bytes": sub.ring_bytes, "lag_bytes": lag})
         return {
             "state": state,
-            "backend_pid": self.conn.info.backend_pid if self.up and self.conn else None,
-            "reconnects": self.reconnects,
-            "outage_seconds": self.outage_total + (
-                now - self.down_since if self.down_since is not None else 0.0),
-            "last_error": self.last_error,
+            **self._counters(),
+            "outage_seconds": outage,
             "queue_usage": self.queue_usage,
-            "received": self.dispatcher.received,
-            "unrouted": self.dispatcher.unrouted,
-            "workers": len(self.clients),
             "readers": readers,
         }
 
