@@ -49,6 +49,7 @@ cpdef enum WaitStatus:
 
 _GAP_REASONS = {PGL_GAP_RECONNECT: "reconnect", PGL_GAP_OVERFLOW: "overflow",
                 PGL_GAP_RESTART: "restart"}
+_GAP_CODES = {"reconnect": PGL_GAP_RECONNECT, "restart": PGL_GAP_RESTART}  # mark_gap's
 
 MIN_CAPACITY = 16 * 1024          # a 63-byte channel and a 7999-byte payload must fit
 MAX_CAPACITY = 1024 * 1024 * 1024
@@ -363,14 +364,15 @@ cdef class Dispatcher:
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         return (p.delivered, p.missed_total, p.tail - pgl_load_acquire(&p.hdr.head))
 
-    def mark_reconnect(self, ring_ids, bint restart=False):
-        """These rings get a Gap(reconnect) before anything received from now on (an
-        overflow gap still waiting for room is folded into it: missed becomes unknown).
-        With restart, a Gap(restart) instead: a new subscription of a restarted worker."""
+    def mark_gap(self, ring_ids, str reason):
+        """These rings get a Gap(reason), "reconnect" or "restart" (missed unknown), before
+        anything received from now on; an overflow gap still waiting for room is folded
+        into it."""
+        cdef uint16_t code = _GAP_CODES[reason]
         cdef Producer *p
         for ring_id in ring_ids:
             p = <Producer *><size_t>self.by_id[ring_id]
-            p.gap_reason = PGL_GAP_RESTART if restart else PGL_GAP_RECONNECT
+            p.gap_reason = code
             p.gap_missed = PGL_MISSED_UNKNOWN
         self.gaps_pending = True
         with nogil:

@@ -319,7 +319,7 @@ class Server:
             # fail before every LISTEN is back in place deliver nothing and add no gap. A
             # subscribe still waiting for its LISTEN has missed nothing yet: no gap there.
             waiting = {p.sub.id for p in self.pending}
-            self.dispatcher.mark_reconnect([i for i in self.subs if i not in waiting])
+            self.dispatcher.mark_gap([i for i in self.subs if i not in waiting], "reconnect")
             self.reconnects += 1
             self.up = False
             self.down_since = time.monotonic()
@@ -427,7 +427,7 @@ class Server:
         sub = _Sub(next(self._ids), tuple(raws), client, capacity)
         memfd, efd = self._make_ring(sub.id, capacity)
         if restart:     # a restarted pool worker: its stream starts by saying so
-            self.dispatcher.mark_reconnect([sub.id], restart=True)
+            self.dispatcher.mark_gap([sub.id], "restart")
         self.subs[sub.id] = sub
         client.subs.add(sub.id)
         for channel, raw in raws.items():
