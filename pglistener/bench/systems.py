@@ -80,6 +80,12 @@ class Tally:
             self.end = time.monotonic()
         return False
 
+    def finish(self, received: int, missed: int = 0) -> None:
+        """A plain count is over: its figures, ended now."""
+        self.end = time.monotonic()
+        self.received = self.deliveries = received
+        self.missed = missed
+
     def timed_out(self) -> bool:
         return time.monotonic() >= self.job.deadline
 
@@ -137,9 +143,7 @@ def _count_pglistener(sub: Any, tally: Tally) -> None:
                 missed += item.missed or 0
             else:
                 received += 1
-    tally.end = time.monotonic()
-    tally.received = tally.deliveries = received
-    tally.missed = missed
+    tally.finish(received, missed)
 
 
 def pglistener_idle_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
@@ -219,8 +223,7 @@ def psycopg_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
                     if not received:
                         tally.first = time.monotonic()
                     received += 1
-            tally.end = time.monotonic()
-            tally.received = tally.deliveries = received
+            tally.finish(received)
             out.put(tally.report())
             return
         going = True
@@ -250,8 +253,7 @@ def asyncpg_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
                 tally.first = time.monotonic()
             tally.received += 1
             if tally.received == job.expect:
-                tally.end = time.monotonic()
-                tally.deliveries = tally.received
+                tally.finish(tally.received)
                 done.set()
 
         for channel in job.channels:
@@ -324,8 +326,7 @@ def mp_queue_reader(queue: Any, job: Job, ready: Any, out: Any) -> None:
             tally.received += 1
             going = tally.received < job.expect
             if not going:
-                tally.end = time.monotonic()
-                tally.deliveries = tally.received
+                tally.finish(tally.received)
         else:
             going = tally.take(channel, payload)
     out.put(tally.report())
