@@ -19,7 +19,8 @@ def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"drain", "fanout", "latency"}
     assert set(data["results"]["drain"]) == {
-        "raw", "pglistener", "pglistener-dispatch", "psycopg", "asyncpg"}
+        "raw", "pglistener", "pglistener-for", "pglistener-callback", "pglistener-async",
+        "pglistener-dispatch", "psycopg", "asyncpg"}
     for system, rounds in data["results"]["drain"].items():
         (r,) = rounds
         assert r["received"] + r["missed"] == 2000, system

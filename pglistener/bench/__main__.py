@@ -4,7 +4,10 @@ Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency,
 Systems, all on the same server with the same workload:
 
   raw                  a C loop on one connection (PQconsumeInput + PQnotifies): the ceiling
-  pglistener           the supervisor and one worker process per reader, Notification objects
+  pglistener           the supervisor and one worker process per reader: sub.get_many(4096)
+  pglistener-for       the same, read as the README's first example: for item in sub
+  pglistener-callback  the same, read by worker.subscribe(channel, callback)
+  pglistener-async     the same, read by async for item in sub (asyncio)
   pglistener-dispatch  a reader that consumes raw records in batches: the supervisor's own rate
   psycopg              psycopg 3 conn.notifies() in one process
   asyncpg              asyncpg add_listener callbacks in one process
@@ -98,6 +101,16 @@ def shaped(scenario: Scenario, args: argparse.Namespace) -> Scenario:
     return Scenario(**{**scenario.__dict__, **changes})
 
 
+#: pglistener's systems: one spawned worker process per reader, differing only in how it reads.
+WORKER_READERS: dict[str, Callable[..., None]] = {
+    "pglistener": systems.pglistener_reader,
+    "pglistener-for": systems.pglistener_for_reader,
+    "pglistener-callback": systems.pglistener_callback_reader,
+    "pglistener-async": systems.pglistener_async_reader,
+    "pglistener-dispatch": systems.pglistener_dispatch_reader,
+}
+
+
 class Bench:
     def __init__(self, dsn: str, args: argparse.Namespace, stack: ExitStack) -> None:
         self.dsn = dsn
@@ -127,10 +140,8 @@ class Bench:
 
         targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         in_process = system in ONE_PROCESS and readers > 1
-        if system == "pglistener":
-            targets = [(systems.pglistener_reader, (self.worker, job(c))) for c in share]
-        elif system == "pglistener-dispatch":
-            targets = [(systems.pglistener_dispatch_reader, (self.worker, job(c))) for c in share]
+        if system in WORKER_READERS:
+            targets = [(WORKER_READERS[system], (self.worker, job(c))) for c in share]
         elif system == "conn-per-worker":
             targets = [(systems.psycopg_reader, (self.dsn, job(c))) for c in share]
         elif system in ONE_PROCESS:

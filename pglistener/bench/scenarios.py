@@ -19,6 +19,10 @@ from .systems import END
 #: Systems, in the order the tables list them; the first is the reference of the ratios.
 ONE_PROCESS = ("raw", "psycopg", "asyncpg")
 
+#: pglistener read the ways a user writes it (the README's code): get_many, for, a callback,
+#: async for.
+READ_PATHS = ("pglistener", "pglistener-for", "pglistener-callback", "pglistener-async")
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -37,7 +41,7 @@ class Scenario:
 
 SCENARIOS = {s.name: s for s in [
     Scenario("drain", "a backlog on one channel, one reader taking Notification objects",
-             "count", ("raw", "pglistener", "pglistener-dispatch", "psycopg", "asyncpg"),
+             "count", ("raw", *READ_PATHS, "pglistener-dispatch", "psycopg", "asyncpg"),
              notifications=1_000_000, quick_notifications=20_000),
     Scenario("fanout", "a backlog on one channel, every reader gets all of it",
              "count", ("pglistener", "conn-per-worker", "mp-queue", "psycopg", "asyncpg"),
@@ -47,7 +51,7 @@ SCENARIOS = {s.name: s for s in [
              channels=100, many_readers=True, notifications=100_000,
              quick_notifications=10_000),
     Scenario("payload200", "like drain, with 200-byte payloads",
-             "count", ("raw", "pglistener", "pglistener-dispatch", "psycopg", "asyncpg"),
+             "count", ("raw", *READ_PATHS, "pglistener-dispatch", "psycopg", "asyncpg"),
              payload_bytes=200, notifications=200_000, quick_notifications=20_000),
     Scenario("latency", "one NOTIFY per transaction at a steady rate: commit-to-reader",
              "latency", ("raw", "pglistener", "psycopg", "asyncpg"), seconds=3.0, rate=2000),

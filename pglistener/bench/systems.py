@@ -146,6 +146,83 @@ def _count_pglistener(sub: Any, tally: Tally) -> None:
     tally.finish(received, missed)
 
 
+def pglistener_for_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
+    """The README's first example: `for item in sub`, counting."""
+    from pglistener import Gap
+
+    tally = Tally(job)
+    assert tally.plain, "pglistener-for runs only the plain count scenarios"
+    received = missed = 0
+    with worker.subscribe(job.channels, timeout=60) as sub:
+        ready.put(True)
+        for item in sub:
+            if not received and not missed:
+                tally.first = time.monotonic()
+            if type(item) is Gap:
+                missed += item.missed or 0
+            else:
+                received += 1
+            if received + missed >= job.expect:
+                break
+    tally.finish(received, missed)
+    out.put(tally.report())
+
+
+def pglistener_callback_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
+    """worker.subscribe(channel, callback, on_gap=...): a reader thread calls back, counting."""
+    import threading
+
+    tally = Tally(job)
+    assert tally.plain, "pglistener-callback runs only the plain count scenarios"
+    counts = [0, 0]         # received, missed
+    done = threading.Event()
+
+    def on_note(_note: Any) -> None:
+        if not counts[0] and not counts[1]:
+            tally.first = time.monotonic()
+        counts[0] += 1
+        if counts[0] + counts[1] >= job.expect:
+            done.set()
+
+    def on_gap(gap: Any) -> None:
+        counts[1] += gap.missed or 0
+        if counts[0] + counts[1] >= job.expect:
+            done.set()
+
+    sub = worker.subscribe(job.channels, on_note, on_gap=on_gap, timeout=60)
+    ready.put(True)
+    done.wait(max(0.0, job.deadline - time.monotonic()))
+    tally.finish(*counts)
+    out.put(tally.report())
+    sub.unsubscribe()
+
+
+def pglistener_async_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
+    """`async with await worker.subscribe_async(...)` and `async for item in sub`, counting."""
+    from pglistener import Gap
+
+    tally = Tally(job)
+    assert tally.plain, "pglistener-async runs only the plain count scenarios"
+
+    async def main() -> tuple[int, int]:
+        received = missed = 0
+        async with await worker.subscribe_async(job.channels, timeout=60) as sub:
+            ready.put(True)
+            async for item in sub:
+                if not received and not missed:
+                    tally.first = time.monotonic()
+                if type(item) is Gap:
+                    missed += item.missed or 0
+                else:
+                    received += 1
+                if received + missed >= job.expect:
+                    break
+        return received, missed
+
+    tally.finish(*asyncio.run(main()))
+    out.put(tally.report())
+
+
 def pglistener_idle_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
     """Subscribes and blocks in get() until the deadline: what an idle reader costs."""
     sub = worker.subscribe(job.channels, timeout=60)
