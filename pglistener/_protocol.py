@@ -8,12 +8,16 @@ worker -> supervisor                          supervisor -> worker
  "ring_bytes": b, "restart": true (optional)} (once the channel's LISTEN is committed;
                                               restart: the ring starts with Gap("restart"))
 {"op": "unsubscribe", "req": n, "sub": id}    {"req": n, "ok": true}
+{"op": "unsubscribe", "sub": id}              (no reply: a subscription dropped without
+                                              unsubscribe(), or closed by a cancelled task)
 {"op": "cancel", "req": n, "of": m}           {"req": m, "ok": false, "error": "Cancelled"}
                                               (m was abandoned on timeout; no reply if m
                                               was answered already)
 (close the socket)                            detach: every subscription of the worker is dropped
 (connect, never send: asyncio's hang-up watch) EOF when the supervisor goes
 any failure:                                  {"req": n, "ok": false, "error": name, "message": m}
+                                              (nothing for a message without "req": replies
+                                              nobody reads would fill the worker's socket)
 
 owner (the Supervisor object) -> supervisor, over a socketpair made at start:
 {"op": "status", "req": n}                    {"req": n, "ok": true, "backend_pid": ..., ...}
@@ -32,8 +36,12 @@ MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
 
 
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
 def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-    data = json.dumps(message, separators=(",", ":")).encode()
+    data = encode(message)
     if fds:
         socket.send_fds(sock, [data], list(fds))
     else:

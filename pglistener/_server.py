@@ -395,6 +395,8 @@ class Server:
                                  "message": f"the supervisor failed this request: {exc!r}"})
 
     def _reply(self, client: _Client, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        if message.get("req") is None:
+            return      # a post: its sender reads no reply (see _protocol)
         try:
             _protocol.send(client.sock, message, fds)
         except BlockingIOError:
