@@ -7,7 +7,7 @@ stream, at the place where notifications may be missing.
 """
 
 from ._dispatch import Gap, Notification
-from .aio import AsyncSubscription
+from .aio import AsyncJsonSubscription, AsyncSubscription
 from .channels import MAX_CHANNEL_BYTES
 from .errors import (
     IncompatibleLibpq,
@@ -25,6 +25,7 @@ from .supervisor import Supervisor
 from .worker import JsonSubscription, Subscription, Worker
 
 __all__ = [
+    "AsyncJsonSubscription",
     "AsyncSubscription",
     "Gap",
     "IncompatibleLibpq",

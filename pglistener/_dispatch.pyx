@@ -7,8 +7,13 @@ sleeping readers, and returns a status code. The ring's byte layout is drawn in 
 """
 
 cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport (
+    NOWAIT_LOCK, PY_LOCK_ACQUIRED, PY_LOCK_INTR, PyThread_acquire_lock, PyThread_allocate_lock,
+    PyThread_free_lock, PyThread_release_lock, PyThread_type_lock,
+)
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.errno cimport EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcmp, memcpy, strlen
@@ -24,6 +29,10 @@ from pglistener._libpq cimport (
 from pglistener._poll cimport POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, poll, pollfd
 from pglistener._ring cimport *
 
+import os as _os
+
+from pglistener.errors import PGListenerError, SubscriptionClosed, SupervisorGone
+
 
 cdef extern from *:
     # POLLRDHUP needs _GNU_SOURCE in <poll.h>; its value is fixed by the Linux ABI.
@@ -31,6 +40,139 @@ cdef extern from *:
     #define PGL_POLLRDHUP 0x2000
     """
     const short PGL_POLLRDHUP
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    const int MSG_DONTWAIT
+    const int MSG_NOSIGNAL
+
+
+cdef extern from *:
+    # An awaitable whose result is already there, in plain C: awaiting it gives `value` at
+    # once. Through am_send (Python 3.10, 3.11) it returns the value with no exception at all;
+    # through tp_iternext (3.12+) it sets StopIteration(value). Cython code raising
+    # StopIteration would add a traceback entry (a frame) per item.
+    """
+    typedef struct {
+        PyObject_HEAD
+        PyObject *value;
+    } pgl_ReadyObject;
+
+    static void pgl_ready_dealloc(PyObject *self) {
+        Py_XDECREF(((pgl_ReadyObject *)self)->value);
+        PyObject_Free(self);
+    }
+
+    static PyObject *pgl_ready_self(PyObject *self) { Py_INCREF(self); return self; }
+
+    static PyObject *pgl_ready_next(PyObject *self) {
+        PyObject *value = ((pgl_ReadyObject *)self)->value, *exc;
+        ((pgl_ReadyObject *)self)->value = NULL;
+        if (value == NULL) {            /* awaited again: None, like a finished coroutine */
+            PyErr_SetNone(PyExc_StopIteration);
+            return NULL;
+        }
+        /* StopIteration(value) built here, so that a tuple value is not unpacked */
+        exc = PyObject_CallOneArg(PyExc_StopIteration, value);
+        Py_DECREF(value);
+        if (exc != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+
+    static PyObject *pgl_ready_send(PyObject *self, PyObject *arg) {
+        return pgl_ready_next(self);
+    }
+
+    static PyObject *pgl_ready_throw(PyObject *self, PyObject *args) {
+        PyObject *typ, *val = NULL, *tb = NULL;
+        Py_CLEAR(((pgl_ReadyObject *)self)->value);
+        if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
+            return NULL;
+        if (PyExceptionInstance_Check(typ))
+            PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+        else if (val != NULL && val != Py_None)
+            PyErr_SetObject(typ, val);
+        else
+            PyErr_SetNone(typ);
+        return NULL;
+    }
+
+    static PyObject *pgl_ready_close(PyObject *self, PyObject *unused) {
+        Py_CLEAR(((pgl_ReadyObject *)self)->value);
+        Py_RETURN_NONE;
+    }
+
+    #if PY_VERSION_HEX >= 0x030A0000
+    static PySendResult pgl_ready_am_send(PyObject *self, PyObject *arg, PyObject **result) {
+        PyObject *value = ((pgl_ReadyObject *)self)->value;
+        ((pgl_ReadyObject *)self)->value = NULL;
+        if (value == NULL) {
+            Py_INCREF(Py_None);
+            value = Py_None;
+        }
+        *result = value;                /* the reference moves to the caller */
+        return PYGEN_RETURN;
+    }
+    #endif
+
+    static PyAsyncMethods pgl_ready_async = {
+        pgl_ready_self,                 /* am_await */
+        0, 0,                           /* am_aiter, am_anext */
+    #if PY_VERSION_HEX >= 0x030A0000
+        pgl_ready_am_send,
+    #endif
+    };
+
+    static PyMethodDef pgl_ready_methods[] = {
+        {"send", pgl_ready_send, METH_O, NULL},
+        {"throw", pgl_ready_throw, METH_VARARGS, NULL},
+        {"close", pgl_ready_close, METH_NOARGS, NULL},
+        {NULL, NULL, 0, NULL},
+    };
+
+    static PyTypeObject pgl_ReadyType = {
+        PyVarObject_HEAD_INIT(NULL, 0)
+        "pglistener._dispatch.Ready",   /* tp_name */
+        sizeof(pgl_ReadyObject),        /* tp_basicsize */
+    };
+
+    static int pgl_ready_init(void) {
+        pgl_ReadyType.tp_dealloc = pgl_ready_dealloc;
+        pgl_ReadyType.tp_as_async = &pgl_ready_async;
+        pgl_ReadyType.tp_flags = Py_TPFLAGS_DEFAULT;
+        pgl_ReadyType.tp_doc = "An awaitable whose result is already there.";
+        pgl_ReadyType.tp_iter = pgl_ready_self;
+        pgl_ReadyType.tp_iternext = pgl_ready_next;
+        pgl_ReadyType.tp_methods = pgl_ready_methods;
+        return PyType_Ready(&pgl_ReadyType);
+    }
+
+    static PyObject *pgl_ready_new(PyObject *value) {
+        pgl_ReadyObject *self = PyObject_New(pgl_ReadyObject, &pgl_ReadyType);
+        if (self == NULL)
+            return NULL;
+        Py_INCREF(value);
+        self->value = value;
+        return (PyObject *)self;
+    }
+    """
+    int pgl_ready_init() except -1
+    object pgl_ready_new(object value)
+
+
+if pgl_ready_init() < 0:
+    raise ImportError("pglistener._dispatch: cannot set up its awaitable type")
+
+
+cdef extern from "pythread.h":
+    # Not in Cython's cpython/pythread.pxd; public C API since Python 3.2.
+    ctypedef long long PY_TIMEOUT_T
+    int PyThread_acquire_lock_timed(PyThread_type_lock lock, PY_TIMEOUT_T microseconds,
+                                    int intr_flag) nogil
 
 
 # Status codes returned by Dispatcher.run() and RingReader.wait(); the Python side maps them.
@@ -119,8 +261,9 @@ cdef class Gap:
     cdef readonly object missed
 
     def __init__(self, str reason, missed=None):
-        if reason not in ("reconnect", "overflow"):
-            raise ValueError(f"Gap reason must be 'reconnect' or 'overflow', not {reason!r}")
+        if reason not in _GAP_CODES and reason != "overflow":
+            raise ValueError(
+                f"Gap reason must be 'reconnect', 'overflow' or 'restart', not {reason!r}")
         self.reason = reason
         self.missed = missed
 
@@ -625,8 +768,10 @@ cdef void _free_producer(Producer *p) noexcept nogil:
 # Consumer side: lives in a worker process, one reader per subscription.
 
 
+@cython.final
 cdef class RingReader:
-    """The reading end of one subscription's ring."""
+    """The reading end of one subscription's ring: records in, items out, nothing else (the
+    Stream around it adds threads, closing and the supervisor)."""
 
     cdef pgl_ring_header *hdr
     cdef unsigned char *data
@@ -673,9 +818,16 @@ cdef class RingReader:
 
     def close(self):
         """Unmap the ring. The caller guarantees no other thread is inside this reader."""
+        self._unmap()
+
+    cdef void _unmap(self) noexcept:
         if self.hdr != NULL:
             munmap(self.hdr, self.map_bytes)
             self.hdr = NULL
+
+    cdef inline void _publish(self) noexcept:
+        # Hand the bytes consumed so far back to the producer.
+        pgl_store_release(&self.hdr.head, self.head)
 
     @property
     def capacity(self):
@@ -700,6 +852,10 @@ cdef class RingReader:
             rec = self.data + (self.head & self.mask)
             length = (<uint32_t *>rec)[0]
             kind = (<uint16_t *>(rec + 4))[0]
+            if length < 8 or length & 7 or length > self.tail_cache - self.head:
+                # Only the supervisor writes here; a length like this would loop or read
+                # past what was published.
+                raise PGListenerError(f"corrupt ring record (length {length})")
             if kind == PGL_REC_NOTIFY:
                 clen = (<uint16_t *>(rec + 6))[0]
                 plen = (<uint32_t *>(rec + 12))[0]
@@ -713,7 +869,7 @@ cdef class RingReader:
             if kind == PGL_REC_GAP:
                 missed = (<uint64_t *>(rec + 8))[0]
                 gap = Gap.__new__(Gap)
-                gap.reason = _GAP_REASONS.get((<uint16_t *>(rec + 6))[0], "overflow")
+                gap.reason = _GAP_REASONS[(<uint16_t *>(rec + 6))[0]]
                 gap.missed = None if missed == PGL_MISSED_UNKNOWN else missed
                 self.head += length
                 return gap
@@ -841,3 +997,458 @@ cdef class RingReader:
         if rc == 0:
             return WAIT_TIMEOUT
         return WAIT_READY
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream core: what every subscription (sync, JSON, asyncio) is built on. It owns the ring
+# mapping and the eventfd, knows whether it is closed and which process it belongs to, takes
+# items off the ring, and tells the supervisor when it is dropped. The Python classes on top
+# differ only in how they wait.
+
+#: How long a blocking reader polls its ring before it sleeps on the eventfd (microseconds):
+#: a notification that comes within this window skips the wake-up syscall pair. See
+#: set_spin_us(); the latency scenario of the benchmark tunes it.
+cdef int _spin_us = 50
+
+# What a stream's takes return when nothing is there (None is a JSON value); EMPTY to Python.
+cdef object _empty = object()
+EMPTY = _empty
+
+# Bumped in a fork child: a stream made before the fork belongs to the parent.
+cdef unsigned long _fork_generation = 0
+# Set in a pool worker asked to stop: reading ends after the item in hand.
+cdef bint _stopping = False
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+_os.register_at_fork(after_in_child=_forked)
+
+
+def set_spin_us(int microseconds):
+    """How long a blocked reader spins before it sleeps (0: sleep at once)."""
+    global _spin_us
+    if microseconds < 0:
+        raise ValueError("spin time must be >= 0 microseconds")
+    _spin_us = microseconds
+
+
+def spin_us():
+    return _spin_us
+
+
+def request_stop():
+    """From now on every stream of this process ends after the item in hand: iteration stops
+    and get() raises SubscriptionClosed. Streams blocked in a wait must be woken (wake())."""
+    global _stopping
+    _stopping = True
+
+
+def stop_requested():
+    return _stopping
+
+
+@cython.no_gc_clear     # __dealloc__ needs `control` to tell the supervisor
+cdef class Stream:
+    """One subscription's ordered stream of Notification and Gap items: the part every way of
+    reading shares. Thread-safe: the ring is read under a lock that each reader takes with its
+    own timeout, so two threads get distinct items in order.
+
+    A stream that is dropped without being closed is released all the same: its descriptors
+    are closed and the supervisor is told (without waiting for it), whichever way the last
+    reference goes (garbage collection, a loop left by break, a cancelled task)."""
+
+    cdef RingReader _reader
+    cdef PyThread_type_lock lock
+    cdef int efd                   # ours: closed with the stream
+    cdef int ctrl_fd               # the control socket's fd, owned by `control`
+    cdef unsigned long generation
+    cdef bint peer_gone
+    cdef readonly bint closed
+    cdef readonly long long sub_id
+    cdef readonly tuple channels   # in the order given
+    cdef readonly str channel      # the channels joined by ", " (for messages and logs)
+    cdef object control            # keeps the control socket (and so ctrl_fd) open
+    cdef bytes release_msg         # the unsubscribe record sent when dropped
+    cdef object decode             # None, or payload -> value (JSON)
+    cdef object on_undecodable     # called with a Notification that decode refused
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        self.efd = -1
+        self.closed = True         # until __init__ has everything
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+
+    def __init__(self, RingReader reader not None, int efd, object control, long long sub_id,
+                 tuple channels not None, bytes release_msg not None, decode=None,
+                 on_undecodable=None):
+        """Takes ownership of efd. `control` has `sock` (the control socket, whose hang-up
+        means the supervisor is gone), `gone`, `request()` and `post(bytes)` (send when it
+        can)."""
+        if self.efd >= 0 or self._reader is not None:
+            raise RuntimeError("a Stream is initialised once")
+        self.channels = channels
+        self.channel = ", ".join(channels)
+        self.efd = efd
+        self._reader = reader
+        self.ctrl_fd = reader.ctrl_fd
+        self.control = control
+        self.sub_id = sub_id
+        self.release_msg = release_msg
+        self.decode = decode
+        self.on_undecodable = on_undecodable
+        self.generation = _fork_generation
+        self.closed = False
+
+    def __dealloc__(self):
+        if not self.closed:
+            self._close_here()
+            if self.generation == _fork_generation:
+                self._post_release_c()
+        elif self.efd >= 0:
+            close(self.efd)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.channel!r} {'closed' if self.closed else 'open'}>"
+
+    def __reduce__(self):
+        raise TypeError(
+            f"a {type(self).__name__} belongs to the process that made it and cannot be "
+            f"pickled: pass the Worker to the other process and subscribe there")
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def ring(self):
+        """The RingReader under this stream (for tools that read raw records)."""
+        return self._reader
+
+    @property
+    def _control(self):
+        """The process's control connection this stream came through."""
+        return self.control
+
+    cdef inline int _usable(self, bint iterating) except -1:
+        # 1 when reading may go on; 0 (iterating) or SubscriptionClosed when it is over.
+        if self.closed or _stopping:
+            if iterating:
+                return 0
+            if self.closed:
+                raise SubscriptionClosed(f"the subscription {self._name()} was closed")
+            raise SubscriptionClosed("this worker process is stopping")
+        if self.generation != _fork_generation:
+            raise RuntimeError(
+                "a subscription belongs to the process that made it: subscribe again in the "
+                "child (pass the Worker, not the Subscription)")
+        return 1
+
+    cdef str _name(self):
+        return repr(self.channel)
+
+    cdef int _check_gone(self) except -1:
+        # The ring is empty: if the supervisor is gone too, nothing more will come.
+        if not self.peer_gone and self.control.gone:
+            self.peer_gone = True
+        if self.peer_gone:
+            self.control.gone = True
+            raise SupervisorGone("the supervisor process is gone")
+        return 0
+
+    # -- taking items -----------------------------------------------------------------------
+
+    cdef object _next_item(self):
+        # The next item to hand out, or _empty when the ring is empty: decodes, skips payloads
+        # that do not decode, and publishes the consumed bytes. The caller holds the lock.
+        cdef object item
+        while True:
+            item = self._reader._take()
+            if item is None:
+                self._reader._publish()
+                return _empty
+            if self.decode is not None and type(item) is Notification:
+                try:
+                    item = self.decode((<Notification>item).payload)
+                except (ValueError, RecursionError):
+                    self._reader._publish()
+                    self.on_undecodable(item)
+                    continue
+            self._reader._publish()
+            return item
+
+    cdef int _acquire(self, uint64_t deadline) except -1:
+        # Take the read lock, waiting at most until deadline (0: no limit); TimeoutError.
+        cdef int got
+        cdef uint64_t now
+        cdef PY_TIMEOUT_T us
+        if PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            return 0
+        while True:
+            us = -1
+            if deadline:
+                now = _now_ns()
+                us = <PY_TIMEOUT_T>((deadline - now) // 1000) if deadline > now else 0
+            with nogil:
+                got = PyThread_acquire_lock_timed(self.lock, us, 1)
+            if got == PY_LOCK_ACQUIRED:
+                return 0
+            if got == PY_LOCK_INTR:
+                PyErr_CheckSignals()
+                continue
+            raise TimeoutError(f"nothing on {self._name()}: another thread is reading it")
+
+    cdef object _get(self, double timeout, bint iterating):
+        # The next item, waiting up to timeout seconds (< 0: no limit). When iterating, _empty
+        # once the stream is closed or the process stops instead of SubscriptionClosed.
+        cdef uint64_t deadline = 0
+        cdef uint64_t now
+        cdef int status, wait_ms
+        cdef object item
+        if timeout >= 0:
+            deadline = _now_ns() + <uint64_t>(timeout * 1e9) + 1
+        if not self._usable(iterating):
+            return _empty
+        self._acquire(deadline)
+        try:
+            while True:
+                if not self._usable(iterating):
+                    return _empty
+                item = self._next_item()
+                if item is not _empty:
+                    return item
+                self._check_gone()
+                wait_ms = -1
+                if deadline:
+                    now = _now_ns()
+                    if now >= deadline:
+                        raise TimeoutError(f"nothing on {self._name()} within {timeout:g} s")
+                    wait_ms = <int>((deadline - now + 999999) // 1000000)
+                with nogil:
+                    status = self._reader._wait(wait_ms, _spin_us)
+                if status == WAIT_PEER_GONE:
+                    self.peer_gone = True
+                elif status == WAIT_INTERRUPTED:
+                    # Run signal handlers without the lock: one may close this stream.
+                    PyThread_release_lock(self.lock)
+                    try:
+                        PyErr_CheckSignals()
+                    finally:
+                        self._acquire(0)
+        finally:
+            PyThread_release_lock(self.lock)
+
+    cdef list _get_many(self, Py_ssize_t max_items, double timeout, bint iterating):
+        cdef list out = []
+        cdef object item = self._get(timeout, iterating)
+        if item is _empty:
+            return out
+        out.append(item)
+        if self._usable(True):
+            self._take_into(out, max_items)
+        return out
+
+    cdef int _take_into(self, list out, Py_ssize_t max_items) except -1:
+        # Append what is in the ring now until `out` holds max_items; nothing if another
+        # thread is reading (it takes them in order).
+        cdef object item
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            return 0
+        try:
+            while len(out) < max_items:
+                item = self._next_item()
+                if item is _empty:
+                    break
+                out.append(item)
+        finally:
+            PyThread_release_lock(self.lock)
+        return 0
+
+    def _take_ready(self):
+        """The next item if one is there, else EMPTY, without waiting (for event loops):
+        raises SubscriptionClosed, or SupervisorGone once it is gone and the ring is empty."""
+        self._usable(False)
+        return self._take_now()
+
+    cdef object _take_now(self):
+        # _take_ready() once the stream was found usable.
+        cdef object item
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            return _empty       # another thread reads: not ready for this one
+        try:
+            item = self._next_item()
+            if item is _empty:
+                self._check_gone()
+            return item
+        finally:
+            PyThread_release_lock(self.lock)
+
+    def _take_many(self, Py_ssize_t max_items):
+        """Up to max_items items that are there now, without waiting."""
+        cdef list out = []
+        self._usable(False)
+        self._take_into(out, max_items)
+        return out
+
+    # -- waking and closing -----------------------------------------------------------------
+
+    def _wake(self):
+        """Wake whoever waits on this stream (they look again); nothing if it is closed."""
+        cdef uint64_t one = 1
+        if not self.closed and self.generation == _fork_generation:
+            write(self.efd, &one, 8)
+
+    def _prepare_sleep(self):
+        """For an event loop watching the eventfd (fileno()): True when it should wait for it,
+        False when data is there already. After True, call _end_sleep() once woken."""
+        self._usable(False)
+        return self._reader._announce_sleep()
+
+    def _end_sleep(self):
+        if not self.closed:
+            self._reader.end_sleep()
+
+    def fileno(self):
+        """The eventfd that becomes readable when items may be there (for event loops)."""
+        self._usable(False)
+        return self.efd
+
+    def _close(self):
+        """Stop reading here: wakes blocked readers, waits for them to leave the ring, unmaps
+        it and closes the eventfd. True for the one call that did it (the caller then tells
+        the supervisor); safe from any thread, any number of times."""
+        cdef uint64_t one = 1
+        if self.closed:
+            return False
+        self.closed = True
+        if self.generation == _fork_generation:
+            write(self.efd, &one, 8)          # a reader blocked in _wait() wakes and leaves
+        with nogil:
+            PyThread_acquire_lock(self.lock, 1)
+        try:
+            self._close_here()
+        finally:
+            PyThread_release_lock(self.lock)
+        return True
+
+    cdef void _close_here(self) noexcept:
+        self.closed = True
+        self._reader._unmap()
+        if self.efd >= 0:
+            close(self.efd)
+            self.efd = -1
+
+    def _release(self, bint wait):
+        """Close here (_close()) and tell the supervisor to drop the subscription: with wait,
+        return once it has (up to 10 s, then as without); without, post it and return at once
+        (usable from a signal handler or a task being cancelled). False if already closed."""
+        if not self._close():
+            return False
+        if self.generation != _fork_generation:
+            return True
+        if wait and not self.control.gone:
+            try:
+                self.control.request({"op": "unsubscribe", "sub": self.sub_id}, 10.0)
+                self.release_msg = None
+            except SupervisorGone:
+                self.release_msg = None
+            except TimeoutError:
+                pass
+        self._post_release_c()
+        return True
+
+    cdef void _post_release_c(self) noexcept:
+        cdef bytes msg = self.release_msg
+        if msg is None:
+            return
+        self.release_msg = None
+        if send(self.ctrl_fd, <const char *>msg, len(msg), MSG_DONTWAIT | MSG_NOSIGNAL) >= 0:
+            return
+        if errno == EAGAIN:
+            try:
+                self.control.post(msg)   # the control connection sends it with its next one
+            except Exception:
+                pass
+        # any other error: the supervisor is gone, and with it the subscription
+
+
+cdef class BlockingStream(Stream):
+    """A Stream read by blocking: iteration, get(), get_many() and the callback thread's
+    loop. (Only def methods here: a Python subclass gets Stream's vtable.)"""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """Blocking iteration: ends after unsubscribe() (or a pool's stop); raises
+        SupervisorGone once the supervisor is gone and everything it delivered was read."""
+        cdef object item = self._get(-1.0, True)
+        if item is _empty:
+            raise StopIteration
+        return item
+
+    def get(self, timeout=None):
+        """The next Notification or Gap, in order. Blocks (without spinning a core) up to
+        `timeout` seconds, then raises TimeoutError; raises SupervisorGone once the supervisor
+        is gone and everything it delivered has been read, SubscriptionClosed after
+        unsubscribe()."""
+        return self._get(-1.0 if timeout is None else _timeout(timeout), False)
+
+    def get_many(self, Py_ssize_t max_items=1024, timeout=None):
+        """Up to max_items items in order: waits like get() for the first, then takes what is
+        already there without waiting."""
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        return self._get_many(max_items, -1.0 if timeout is None else _timeout(timeout), False)
+
+    def _deliver(self, callback, on_gap, on_error, Py_ssize_t batch=256):
+        """The callback thread's loop: hands each item to callback (Gap items to on_gap) in
+        order, batch by batch; an exception from either goes to on_error(item) (called inside
+        the except block) and the loop goes on. Returns once the stream is closed or the
+        process stops; raises SupervisorGone."""
+        cdef list items
+        cdef object item
+        while True:
+            items = self._get_many(batch, -1.0, True)
+            if not items:
+                return
+            for item in items:
+                if self.closed:
+                    return
+                try:
+                    if type(item) is Gap:
+                        on_gap(item)
+                    else:
+                        callback(item)
+                except Exception:
+                    on_error(item)
+
+
+cdef class AsyncStream(Stream):
+    """A Stream read from an event loop. Its __anext__ is compiled: when an item is in the
+    ring it returns an awaitable that is already done (no coroutine, future or task); only an
+    empty ring goes through the subclass's `_anext_wait()` coroutine."""
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        cdef object item
+        if self.closed or _stopping or self.generation != _fork_generation:
+            return self._anext_wait()           # raises what the stream's state calls for
+        item = self._take_now()
+        if item is _empty:
+            return self._anext_wait()
+        return pgl_ready_new(item)
+
+
+cdef double _timeout(object timeout) except -1.0:
+    cdef double t = timeout
+    if t != t:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    return t if t > 0 else 0.0

@@ -1,23 +1,51 @@
 """asyncio readers: the event loop watches each subscription's eventfd, no thread, no polling.
 
-A get() takes an item off the ring only when it returns it, so cancelling a pending get()
-(or a timeout) loses nothing. A supervisor that dies is seen through one extra control
-connection per event loop that never carries a request: it becomes readable only at EOF.
+An item that is already in the ring is returned without the event loop: `await sub.get()`
+completes at once and `async for` takes the next item without a future or a task; only an
+empty ring goes through the loop. A get() takes an item off the ring only when it returns it,
+so cancelling a pending get() (or a timeout) loses nothing. Closing never awaits: `async with`
+and `unsubscribe()` release the subscription even when the surrounding task is being cancelled
+(anyio cancels every await in a cancelled scope, cleanup included). A supervisor that dies is
+seen through one extra control connection per event loop that never carries a request: it
+becomes readable only at EOF.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import socket
 import weakref
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
-from ._dispatch import Gap, Notification
-from .errors import SubscriptionClosed, SupervisorGone
-from .worker import Subscription, _Control
+from ._control import Control
+from ._dispatch import EMPTY, AsyncStream, Gap, Notification
+from ._stream import open_stream
+from .errors import SubscriptionClosed
 
 Item = Notification | Gap
+
+_A = TypeVar("_A", bound="AsyncSubscription")
+
+
+async def open_async(cls: type[_A], path: str, channel: str | Sequence[str],
+                     timeout: float | None, ring_bytes: int | None, restarted: bool) -> _A:
+    """cls._open() in the loop's executor (the subscribe waits for LISTEN to be committed)."""
+    loop = asyncio.get_running_loop()
+    opening = loop.run_in_executor(None, open_stream, cls, path, channel, timeout, ring_bytes,
+                                   restarted)
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # The request goes on in its thread: release what it brings back.
+        opening.add_done_callback(_release_late)
+        raise
+
+
+def _release_late(opening: asyncio.Future[Any]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result()._release(False)
 
 
 class _HangupWatch:
@@ -27,26 +55,26 @@ class _HangupWatch:
         weakref.WeakKeyDictionary())
 
     @classmethod
-    def get(cls, loop: asyncio.AbstractEventLoop, ctl: _Control, path: str) -> _HangupWatch:
+    def get(cls, loop: asyncio.AbstractEventLoop, ctl: Control) -> _HangupWatch:
         watches = cls._by_loop.setdefault(loop, {})
-        watch = watches.get(path)
+        watch = watches.get(ctl.path)
         if watch is None or watch.pid != ctl.pid:       # a fork child watches on its own
-            watch = watches[path] = cls(loop, ctl, path)
+            watch = watches[ctl.path] = cls(loop, ctl)
         return watch
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, ctl: _Control, path: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, ctl: Control) -> None:
         self.ctl = ctl
         self.pid = ctl.pid
         self.waiters: set[asyncio.Future[None]] = set()
+        self.loop = loop
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            self.sock.connect(path)
+            self.sock.connect(ctl.path)
         except OSError:
             self.sock.close()
             ctl.gone = True
             return
         self.sock.setblocking(False)
-        self.loop = loop
         loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
@@ -65,113 +93,125 @@ class _HangupWatch:
                 waiter.set_result(None)
 
 
-class AsyncSubscription:
+class AsyncSubscription(AsyncStream):
     """One subscription's ordered stream, read from asyncio: `await sub.get()`,
     `async for item in sub`, `await sub.unsubscribe()`, `async with`.
 
-    Belongs to the process that made it, and to one event loop at a time.
+    Belongs to the process that made it, and to one event loop at a time; several tasks may
+    read it (each item goes to one of them). Released when dropped, like Subscription.
     """
 
-    def __init__(self, sub: Subscription) -> None:
-        self._sub = sub
-        self.channels = sub.channels
-        self.channel = sub.channel
-        self._lock = asyncio.Lock()
-        self._waiter: asyncio.Future[None] | None = None
+    # The one future that the waiting tasks share while the ring is empty (None when nobody
+    # waits), and how many tasks wait on it.
+    _waiter: asyncio.Future[None] | None = None
+    _waiting = 0
+    _watched_fd = -1
+    _watch: _HangupWatch | None = None
 
-    def __repr__(self) -> str:
-        state = "closed" if self._sub._closed else "open"
-        return f"<AsyncSubscription {self.channel!r} {state}>"
-
-    async def get(self, timeout: float | None = None) -> Item:
+    async def get(self, timeout: float | None = None) -> Any:
         """The next Notification or Gap, in order. Raises TimeoutError after `timeout`
         seconds, SupervisorGone once the supervisor is gone and everything it delivered has
         been read, SubscriptionClosed after unsubscribe()."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        async with self._lock:
-            while True:
-                item = self._take()
-                if item is not None:
-                    return item
-                if deadline is not None and loop.time() >= deadline:
-                    raise TimeoutError(f"nothing on {self.channel!r} within {timeout} s")
-                reader = self._sub._reader
-                if reader.prepare_sleep():
-                    try:
-                        await self._sleep(loop, deadline)
-                    finally:
-                        reader.end_sleep()
+        item = self._take_ready()
+        if item is not EMPTY:
+            return item
+        return await self._get_slow(timeout)
 
-    async def get_many(self, max_items: int = 1024, timeout: float | None = None) -> list[Item]:
+    async def _get_slow(self, timeout: float | None) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, timeout)
+        while True:
+            item = self._take_ready()
+            if item is not EMPTY:
+                return item
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(f"nothing on {self.channel!r} within {timeout} s")
+            await self._readable(loop, deadline)
+
+    async def get_many(self, max_items: int = 1024, timeout: float | None = None) -> list[Any]:
         """Up to max_items items in order: waits like get() for the first, then takes what
         is already there."""
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
         first = await self.get(timeout)
-        self._sub._check_open()
-        return [first, *self._sub._reader.get_many(max_items - 1)]
+        return [first, *self._take_many(max_items - 1)]
 
-    def _take(self) -> Item | None:
-        sub = self._sub
-        sub._check_open()
-        item = sub._reader.get_nowait()
-        if item is None and sub._ctl.gone:
-            raise SupervisorGone("the supervisor process is gone")
-        return item
+    # `async for`: __aiter__ and __anext__ are compiled (AsyncStream); an item already in the
+    # ring is returned without the event loop, an empty ring comes here.
 
-    async def _sleep(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
-        """Until the eventfd is readable, the supervisor hangs up, unsubscribe(), or the
-        deadline; the caller looks again in every case."""
-        watch = _HangupWatch.get(loop, self._sub._ctl, self._sub._ctl.path)
-        waiter: asyncio.Future[None] = loop.create_future()
-        efd = self._sub._efd
-        loop.add_reader(efd, _wake, waiter)
-        watch.waiters.add(waiter)
-        timer = None if deadline is None else loop.call_at(deadline, _wake, waiter)
-        self._waiter = waiter
+    async def _anext_wait(self) -> Any:
         try:
-            if self._sub._ctl.gone:
-                return
-            await waiter
-        finally:
-            self._waiter = None
-            watch.waiters.discard(waiter)
-            if timer is not None:
-                timer.cancel()
-            if not self._sub._closed:
-                loop.remove_reader(efd)
-
-    def __aiter__(self) -> AsyncSubscription:
-        return self
-
-    async def __anext__(self) -> Item:
-        try:
-            return await self.get()
+            return await self._get_slow(None)
         except SubscriptionClosed:
             raise StopAsyncIteration from None
 
+    # -- waiting ----------------------------------------------------------------------------
+
+    async def _readable(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+        """Until the eventfd is readable, the supervisor hangs up, unsubscribe(), or the
+        deadline; the caller looks again in every case. Cancelling it loses nothing and
+        leaves the other waiters waiting."""
+        waiter = self._waiter
+        if waiter is None:
+            if not self._prepare_sleep():
+                return              # data came meanwhile
+            waiter = self._waiter = loop.create_future()
+            self._watched_fd = self.fileno()
+            loop.add_reader(self._watched_fd, self._on_readable)
+            watch = self._watch = _HangupWatch.get(loop, self._control)
+            watch.waiters.add(waiter)
+            if watch.ctl.gone:
+                self._stop_waiting(loop)
+                return
+        self._waiting += 1
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            # asyncio.wait() neither cancels the shared future on a timeout nor when this
+            # task is cancelled.
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0 and self._waiter is waiter:
+                self._stop_waiting(loop)     # nobody waits: nothing stays registered
+
+    def _on_readable(self) -> None:
+        self._stop_waiting(asyncio.get_running_loop())
+
+    def _stop_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is None:
+            return
+        loop.remove_reader(self._watched_fd)
+        self._end_sleep()
+        if self._watch is not None:
+            self._watch.waiters.discard(waiter)
+        if not waiter.done():
+            waiter.set_result(None)
+
+    # -- closing ----------------------------------------------------------------------------
+
     async def unsubscribe(self) -> None:
         """Stop delivery and free the ring; a pending get() raises SubscriptionClosed.
-        Idempotent."""
-        sub = self._sub
-        if sub._closed or os.getpid() != sub._pid:
+        Idempotent. Never awaits, so it runs to the end even in a cancelled task; the
+        supervisor is told without waiting for its answer."""
+        self._close_now()
+
+    def _close_now(self) -> None:
+        if self.closed:
             return
-        sub._closed = True
-        waiter = self._waiter
-        if waiter is not None:
-            # It is parked in _sleep(): nothing touches the ring until it runs again, and
-            # then it sees _closed first.
-            asyncio.get_running_loop().remove_reader(sub._efd)
-            _wake(waiter)
-        sub._close_ring()
-        await asyncio.get_running_loop().run_in_executor(None, sub._tell_supervisor)
+        if self._waiter is not None:
+            self._stop_waiting(asyncio.get_running_loop())
+        self._release(False)
 
     async def __aenter__(self) -> AsyncSubscription:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.unsubscribe()
+        self._close_now()
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+class AsyncJsonSubscription(AsyncSubscription):
+    """An AsyncSubscription whose get() and `async for` give each payload decoded as JSON
+    (and Gap items); payloads that are not JSON are logged and skipped."""
+
+    decoder = staticmethod(json.loads)

@@ -133,9 +133,9 @@ def test_bad_channel_names_are_refused_and_the_supervisor_still_serves(
 
 def test_supervisor_checks_names_itself(worker: Worker) -> None:
     # A worker that skips the client-side check still cannot get a bad LISTEN through.
-    from pglistener.worker import _Control
+    from pglistener._control import Control
 
-    ctl = _Control.get(worker._path)
+    ctl = Control.get(worker._path)
     reply, fds = ctl.request({"op": "subscribe", "channels": ["ok", "y" * 64]}, timeout=30)
     assert fds == []
     assert reply["ok"] is False and reply["error"] == "InvalidChannelName"

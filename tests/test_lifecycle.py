@@ -355,11 +355,11 @@ def test_a_signalled_owner_leaves_nothing_behind(dsn: str, conn: psycopg.Connect
 
 def test_ring_size_per_subscription_within_the_supervisors_limit(worker: Worker) -> None:
     with worker.subscribe("sized", timeout=30, ring_bytes=64 * 1024) as sub:
-        assert sub._reader.capacity == 64 * 1024
+        assert sub.ring.capacity == 64 * 1024
     with pytest.raises(ValueError, match="power of two"):
         worker.subscribe("sized", timeout=30, ring_bytes=100_000)
     # The worker checks only the absolute bounds; the supervisor enforces its own limit.
     with pytest.raises(ValueError, match=r"max_ring_bytes"):
         worker.subscribe("sized", timeout=30, ring_bytes=256 * 1024 * 1024)
     with worker.subscribe("sized", timeout=30) as sub:     # and it still serves
-        assert sub._reader.capacity == 4 * 1024 * 1024
+        assert sub.ring.capacity == 4 * 1024 * 1024

@@ -241,7 +241,7 @@ def pglistener_dispatch_reader(worker: Any, job: Job, ready: Any, out: Any) -> N
     sub = worker.subscribe(job.channels, timeout=60)
     tally = Tally(job)
     ready.put(True)
-    reader = sub._reader
+    reader = sub.ring
     while tally.received + tally.missed < job.expect and not tally.timed_out():
         n, missed = reader.discard(1 << 20)
         if n or missed:

@@ -1,0 +1,99 @@
+"""Opening a subscription, and stopping them all: what every kind of subscription shares
+beside the compiled stream core (`_dispatch.Stream`), on which `Subscription` (worker.py) and
+`AsyncSubscription` (aio.py) add only their way of waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from . import _dispatch, _protocol
+from ._control import Control
+from ._dispatch import Notification, RingReader
+from ._sizes import check_ring_bytes
+from .channels import channel_bytes
+from .errors import InvalidChannelName, PGListenerError, TooManySubscriptions
+
+log = logging.getLogger("pglistener.worker")
+
+_ERRORS: dict[str, type[Exception]] = {
+    "InvalidChannelName": InvalidChannelName,
+    "TooManySubscriptions": TooManySubscriptions,
+    "ValueError": ValueError,
+}
+
+_S = TypeVar("_S", bound=_dispatch.Stream)
+
+#: Every open stream of this process, for request_stop().
+_open: weakref.WeakSet[_dispatch.Stream] = weakref.WeakSet()
+
+
+def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
+                ring_bytes: int | None, restarted: bool = False) -> _S:
+    """Subscribe over this process's control connection and wrap the ring in a `cls` (a
+    Stream subclass; its `decoder` attribute, if any, decodes payloads). Returns once LISTEN
+    is committed: a blocking call, which asyncio runs in an executor."""
+    channels = channel_list(channel)
+    message: dict[str, Any] = {"op": "subscribe", "channels": list(channels)}
+    if restarted:
+        message["restart"] = True
+    if ring_bytes is not None:
+        message["ring_bytes"] = check_ring_bytes(ring_bytes)
+    ctl = Control.get(path)
+    try:
+        reply, fds = ctl.request(message, timeout)
+    except TimeoutError:
+        raise TimeoutError(
+            f"LISTEN {', '.join(channels)!r} was not committed within {timeout} s (is the "
+            f"database reachable? see the pglistener log)") from None
+    if not reply.get("ok"):
+        error = _ERRORS.get(str(reply.get("error")), PGListenerError)
+        raise error(reply.get("message", "subscribe failed"))
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise PGListenerError("the supervisor sent a malformed subscription")
+    memfd, efd = fds
+    sub_id = int(reply["sub"])
+    release = _protocol.encode({"op": "unsubscribe", "sub": sub_id})
+    try:
+        reader = RingReader(memfd, efd, ctl.sock.fileno())
+    except BaseException:
+        os.close(efd)
+        ctl.post(release)
+        raise
+    finally:
+        os.close(memfd)     # the mapping stays; the descriptor is not needed
+    decoder: Callable[[str], Any] | None = getattr(cls, "decoder", None)
+    stream = cls(reader, efd, ctl, sub_id, channels, release, decoder,
+                 _undecodable if decoder is not None else None)
+    _open.add(stream)
+    return stream
+
+
+def request_stop() -> None:
+    """End every subscription's reading in this process after the current item: the next
+    get() (or iteration step) raises SubscriptionClosed; blocked ones wake up for it. Safe to
+    call from a signal handler."""
+    _dispatch.request_stop()
+    for stream in list(_open):
+        stream._wake()
+
+
+def channel_list(channel: str | Sequence[str]) -> tuple[str, ...]:
+    """One or more valid channel names, in order, without repeats (checked here so that a bad
+    one fails without a trip; the supervisor checks again)."""
+    names = (channel,) if isinstance(channel, str) else tuple(channel)
+    if not names:
+        raise InvalidChannelName("subscribe to at least one channel")
+    for name in names:
+        channel_bytes(name)
+    return tuple(dict.fromkeys(names))
+
+
+def _undecodable(note: Notification) -> None:
+    log.error("skipped a payload on %r that is not JSON: %.200r", note.channel, note.payload)
