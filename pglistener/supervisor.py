@@ -13,10 +13,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from . import _protocol
+from ._dsn import parse as parse_dsn
+from ._dsn import safe_target
 from ._forksafe import started
 from ._libpq_check import check_same_libpq
 from ._logs import SupervisorLogs
@@ -81,13 +82,7 @@ class Supervisor:
         max_channels_per_worker: int = 4096,
         start_timeout: float = 30.0,
     ) -> None:
-        if not isinstance(dsn, str):
-            raise TypeError("dsn is a libpq connection string or URI (str)")
-        try:
-            params = conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError as exc:
-            # psycopg's message quotes no part of the DSN, so no password can leak here.
-            raise ValueError(f"invalid DSN: {exc}") from None
+        params = parse_dsn(dsn)
         if not ("application_name" in params or os.environ.get("PGAPPNAME")):
             params["application_name"] = application_name
         check_ring_bytes(ring_bytes)
@@ -111,7 +106,7 @@ class Supervisor:
                              "at least 1")
         self._config = Config(
             conninfo=make_conninfo("", **params),
-            safe_target=_safe_target(params),
+            safe_target=safe_target(params),
             ring_bytes=ring_bytes,
             max_ring_bytes=max_ring_bytes,
             backoff_initial=backoff_initial,
@@ -330,11 +325,3 @@ def _tcp_liveness(liveness_timeout: float) -> dict[str, str]:
         "keepalives_count": "3",
         "tcp_user_timeout": str(max(1, int(liveness_timeout * 1000))),
     }
-
-
-def _safe_target(params: dict[str, Any]) -> str:
-    """Where we connect, for log lines and repr: never the password."""
-    host = params.get("host") or os.environ.get("PGHOST") or "local socket"
-    port = params.get("port") or os.environ.get("PGPORT") or "5432"
-    dbname = params.get("dbname") or os.environ.get("PGDATABASE") or "default database"
-    return f"{dbname} at {host}:{port}"

@@ -16,11 +16,17 @@ Systems, all on the same server with the same workload:
 
 Rounds interleave the systems so that drift on a noisy machine hits all of them alike; each
 figure is the median over rounds with min and max, and ratios are taken round by round.
+
+What it needs beyond pglistener comes with `pip install 'pglistener[bench]'`: pgserver (the
+embedded server used when no --dsn is given), asyncpg (its system), matplotlib (--plot) and
+rich (the progress bar). Without the extra, pass --dsn: systems whose package is missing are
+skipped and marked so in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -34,6 +40,7 @@ from typing import Any
 import psycopg
 
 from pglistener import Supervisor, _dispatch
+from pglistener._dsn import describe as describe_dsn
 
 from . import report, systems
 from .scenarios import (
@@ -72,7 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="draw the figures (matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
+    p.add_argument("--check", action="store_true",
+                   help="exit with status 1 when a target is missed (for CI)")
     args = p.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p.error(f"--plot needs matplotlib: {EXTRA}")
     if args.quick:
         args.rounds = 1
     if args.rounds < 1 or args.workers < 1:
@@ -99,6 +110,18 @@ def shaped(scenario: Scenario, args: argparse.Namespace) -> Scenario:
     if scenario.kind in ("latency", "live") and args.quick:
         changes["seconds"] = 1.0
     return Scenario(**{**scenario.__dict__, **changes})
+
+
+EXTRA = "pip install 'pglistener[bench]'"
+
+#: Systems that need a package pglistener itself does not depend on.
+NEEDS = {"asyncpg": "asyncpg"}
+
+
+def missing_systems() -> dict[str, str]:
+    """Systems that cannot run here, and why."""
+    return {system: f"{module} is not installed ({EXTRA})" for system, module in NEEDS.items()
+            if importlib.util.find_spec(module) is None}
 
 
 #: pglistener's systems: one spawned worker process per reader, differing only in how it reads.
@@ -277,18 +300,26 @@ def main(argv: list[str] | None = None) -> int:
         if dsn is None:
             dsn = "" if (os.environ.get("PGHOST") or os.environ.get("PGDATABASE")) else None
         if dsn is None:
+            if importlib.util.find_spec("pgserver") is None:
+                print(f"no server: pass --dsn, or {EXTRA} for an embedded PostgreSQL",
+                      file=sys.stderr)
+                return 2
             print("starting an embedded PostgreSQL (pgserver)...", file=sys.stderr)
             dsn = start_server(stack)
         info = header(dsn)
         for key, value in info.items():
             print(f"{key:>22}: {value}")
-        print(f"{'command':>22}: python -m pglistener.bench {' '.join(argv or sys.argv[1:])}")
+        print(f"{'command':>22}: python -m pglistener.bench {' '.join(_safe_argv(argv))}")
+        skipped = missing_systems()
+        for system, why in skipped.items():
+            print(f"{'skipped':>22}: {system}: {why}")
         sys.stdout.flush()
         bench = Bench(dsn, args, stack)
         results: dict[str, dict[str, list[dict[str, Any]]]] = {
-            s.name: {system: [] for system in s.systems} for s in chosen}
+            s.name: {system: [] for system in s.systems if system not in skipped}
+            for s in chosen}
         steps = [(r, s, system) for r in range(args.rounds) for s in chosen
-                 for system in s.systems]
+                 for system in results[s.name]]
         with report.Progress(len(steps), enabled=not args.no_progress) as progress:
             for r, scenario, system in steps:
                 progress.step(f"round {r + 1}/{args.rounds}: {scenario.name} / {system}")
@@ -299,13 +330,33 @@ def main(argv: list[str] | None = None) -> int:
     report.print_targets(targets)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": info, "args": vars(args),
+            json.dump({"header": info, "args": {**vars(args), "dsn": _safe_dsn(args.dsn)},
                        "scenarios": {s.name: s.__dict__ for s in chosen},
+                       "skipped": skipped,
                        "results": results, "summary": summary, "targets": targets}, f, indent=2)
     if args.plot:
         report.plot(chosen, summary, args.plot)
         print(f"\nplot written to {args.plot}")
+    missed = [t["target"] for t in targets if not t["met"]]
+    if args.check and missed:
+        print(f"\n--check: {len(missed)} target(s) missed", file=sys.stderr)
+        return 1
     return 0
+
+
+def _safe_dsn(dsn: str | None) -> str | None:
+    return None if dsn is None else describe_dsn(dsn)
+
+
+def _safe_argv(argv: list[str] | None) -> list[str]:
+    """The command line as given, with any DSN shown without its password."""
+    out = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(out):
+        if arg == "--dsn" and i + 1 < len(out):
+            out[i + 1] = repr(describe_dsn(out[i + 1]))
+        elif arg.startswith("--dsn="):
+            out[i] = f"--dsn={describe_dsn(arg[6:])!r}"
+    return out
 
 
 if __name__ == "__main__":
