@@ -6,6 +6,8 @@ rings in order. Loss is never silent: a full ring or a reconnect shows up as a G
 stream, at the place where notifications may be missing.
 """
 
+__version__ = "0.1.0"
+
 from ._dispatch import Gap, Notification
 from .aio import AsyncJsonSubscription, AsyncSubscription
 from .channels import MAX_CHANNEL_BYTES
@@ -46,6 +48,7 @@ __all__ = [
     "SupervisorGone",
     "TooManySubscriptions",
     "Worker",
+    "__version__",
     "notify",
     "notify_json",
 ]
