@@ -2,13 +2,15 @@
 
 Prints notifications as they arrive, through a supervisor and a worker: a psql-like
 debugging tool for pglistener's own path. Without --dsn the usual PG* environment applies.
-SIGINT or SIGTERM stops it cleanly.
+SIGINT or SIGTERM stops it cleanly, connected or not. A server that refuses the credentials,
+the role or the database ends it with that error, unless --retry.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -16,6 +18,7 @@ import sys
 from typing import Any
 
 from . import Gap, Supervisor, SupervisorGone, Worker
+from ._server import is_permanent
 from .channels import channel_bytes
 from .errors import InvalidChannelName
 
@@ -30,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     listen.add_argument("--json", action="store_true",
                         help="one JSON object per line: channel, payload, pid (a gap: "
                              "channel, gap, missed)")
+    listen.add_argument("--retry", action=argparse.BooleanOptionalAction, default=False,
+                        help="keep retrying when the server refuses the credentials, the role "
+                             "or the database (default: exit with its error; a server that "
+                             "cannot be reached is always retried)")
     listen.add_argument("channels", nargs="+", metavar="CHANNEL")
     args = parser.parse_args(argv)
     for channel in args.channels:
@@ -39,42 +46,74 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pglistener: %(message)s")
+    if not args.retry:      # that error is reported once, below, as the reason to exit
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: not is_permanent(r.getMessage()))
     try:
         sup = Supervisor(args.dsn)
     except ValueError as exc:
         parser.error(str(exc))
     with sup.start():
-        try:
-            asyncio.run(_listen(sup.worker(), list(dict.fromkeys(args.channels)), args.json))
-        except SupervisorGone as exc:
-            print(f"pglistener: {exc}", file=sys.stderr)
-            return 1
-    return 0
+        return asyncio.run(_listen(sup, list(dict.fromkeys(args.channels)), args.json,
+                                   args.retry))
 
 
-async def _listen(worker: Worker, channels: list[str], as_json: bool) -> None:
+async def _listen(sup: Supervisor, channels: list[str], as_json: bool, retry: bool) -> int:
+    """Until SIGINT or SIGTERM (0), the supervisor's end (1), or, without retry, a refusal
+    that retrying will not mend (1). Stops at any moment, connected or not."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    subs = [await worker.subscribe_async(ch) for ch in channels]
-    print(f"listening on {', '.join(channels)}", file=sys.stderr, flush=True)
-    readers = [asyncio.ensure_future(_print_all(sub, as_json)) for sub in subs]
-    stopping = asyncio.ensure_future(stop.wait())
+    tasks: dict[asyncio.Future[Any], str] = {
+        asyncio.ensure_future(stop.wait()): "stop",
+        asyncio.ensure_future(_print_all(sup.worker(), channels, as_json)): "work",
+    }
+    if not retry:
+        tasks[asyncio.ensure_future(_refused(sup))] = "refused"
     try:
-        done, _ = await asyncio.wait([stopping, *readers], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            task.result()       # a reader that ended raises why (SupervisorGone)
+            if tasks[task] == "refused":
+                print(f"pglistener: {task.result()} (not retrying: see --retry)",
+                      file=sys.stderr)
+                return 1
+            if tasks[task] == "work":
+                task.result()       # raises why it ended (SupervisorGone)
+        return 0
+    except SupervisorGone as exc:
+        print(f"pglistener: {exc}", file=sys.stderr)
+        return 1
     finally:
-        for task in (stopping, *readers):
+        for task in tasks:
             task.cancel()
-        for sub in subs:
-            await sub.unsubscribe()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # A subscribe still waiting for its LISTEN holds an executor thread: the
+        # supervisor's end lets it go (asyncio.run waits for that thread).
+        await loop.run_in_executor(None, sup.stop)
 
 
-async def _print_all(sub: Any, as_json: bool) -> None:
+async def _print_all(worker: Worker, channels: list[str], as_json: bool) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(await worker.subscribe_async(ch))
+                for ch in channels]
+        print(f"listening on {', '.join(channels)}", file=sys.stderr, flush=True)
+        await asyncio.gather(*(_print_one(sub, as_json) for sub in subs))
+
+
+async def _print_one(sub: Any, as_json: bool) -> None:
     async for item in sub:
         print(_format(sub.channel, item, as_json), flush=True)
+
+
+async def _refused(sup: Supervisor) -> str:
+    """The supervisor's last error, once it is one that retrying alone will not mend."""
+    loop = asyncio.get_running_loop()
+    while True:
+        stats = await loop.run_in_executor(None, sup.stats)
+        if stats.last_error and stats.last_error_permanent:
+            return stats.last_error
+        await asyncio.sleep(0.5)
 
 
 def _format(channel: str, item: Any, as_json: bool) -> str:

@@ -10,6 +10,8 @@ worker -> supervisor                          supervisor -> worker
 {"op": "unsubscribe", "req": n, "sub": id}    {"req": n, "ok": true}
 {"op": "unsubscribe", "sub": id}              (no reply: a subscription dropped without
                                               unsubscribe(), or closed by a cancelled task)
+{"op": "state", "req": n}                     {"req": n, "ok": true, "connected": bool,
+                                               "last_error": str or null}
 {"op": "cancel", "req": n, "of": m}           {"req": m, "ok": false, "error": "Cancelled"}
                                               (m was abandoned on timeout; no reply if m
                                               was answered already)

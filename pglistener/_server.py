@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import math
 import os
+import re
 import select
 import signal
 import socket
@@ -39,6 +40,17 @@ TICK_MS = 1000
 
 #: The heartbeat: cheap, and what stats() reports as the server's queue fill.
 _HEARTBEAT = b"SELECT pg_notification_queue_usage()"
+
+
+#: What libpq says when retrying alone will not mend a connection: the credentials, the role
+#: or the database are wrong (libpq gives no SQLSTATE for a refused connection).
+_PERMANENT = re.compile(r"authentication failed|no pg_hba\.conf entry|"
+                        r"(role|database) \"[^\"]*\" does not exist|password is required")
+
+
+def is_permanent(cause: str) -> bool:
+    """Whether a connection failure is one that retrying alone will not mend."""
+    return bool(_PERMANENT.search(cause))
 
 
 class _QueryFailed(Exception):
@@ -111,6 +123,7 @@ class Server:
         )
         self.next_attempt = 0.0
         self.last_error: str | None = None
+        self.last_error_permanent = False   # retrying alone will not mend it (credentials)
         self.outage_logged = False
         self.stopping = False
         self.reconnects = 0
@@ -186,6 +199,7 @@ class Server:
                      conn.info.backend_pid)
         self.outage_logged = False
         self.last_error = None
+        self.last_error_permanent = False
         self.up = True
         if self.down_since is not None:
             self.outage_total += time.monotonic() - self.down_since
@@ -306,6 +320,7 @@ class Server:
         delay = self.backoff.failed(time.monotonic())
         self.next_attempt = time.monotonic() + delay
         self.last_error = cause
+        self.last_error_permanent = is_permanent(cause)
         if not self.outage_logged:
             log.error("%s; retrying %s", cause, "now" if delay == 0 else f"in {delay:.1f} s")
             self.outage_logged = True
@@ -382,6 +397,9 @@ class Server:
                 self._reply(client, {"req": req, "ok": True})
             elif op == "cancel":
                 self._cancel(client, message.get("of"))
+            elif op == "state":
+                self._reply(client, {"req": req, "ok": True, "connected": self.up,
+                                     "last_error": self.last_error})
             else:
                 raise ValueError(f"unknown operation {op!r}")
         except (PGListenerError, ValueError, KeyError, OSError) as exc:
@@ -552,6 +570,7 @@ class Server:
         return {
             "backend_pid": self.conn.info.backend_pid if self.up and self.conn else None,
             "last_error": self.last_error,
+            "last_error_permanent": self.last_error_permanent,
             "reconnects": self.reconnects,
             "workers": len(self.clients),
             "received": self.dispatcher.received,

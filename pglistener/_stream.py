@@ -47,9 +47,8 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
     try:
         reply, fds = ctl.request(message, timeout)
     except TimeoutError:
-        raise TimeoutError(
-            f"LISTEN {', '.join(channels)!r} was not committed within {timeout} s (is the "
-            f"database reachable? see the pglistener log)") from None
+        raise TimeoutError(f"LISTEN {', '.join(channels)!r} was not committed within "
+                           f"{timeout} s: {_why_not(ctl)}") from None
     if not reply.get("ok"):
         error = _ERRORS.get(str(reply.get("error")), PGListenerError)
         raise error(reply.get("message", "subscribe failed"))
@@ -93,6 +92,19 @@ def channel_list(channel: str | Sequence[str]) -> tuple[str, ...]:
     for name in names:
         channel_bytes(name)
     return tuple(dict.fromkeys(names))
+
+
+def _why_not(ctl: Control) -> str:
+    """What the supervisor says keeps it from listening, for a subscribe that timed out."""
+    try:
+        state, _ = ctl.request({"op": "state"}, timeout=2.0)
+    except (TimeoutError, PGListenerError):
+        return "the supervisor does not answer"
+    if state.get("last_error"):
+        return f"the supervisor cannot listen: {state['last_error']}"
+    if not state.get("connected"):
+        return "the supervisor is still connecting"
+    return "the server has not answered the LISTEN yet"
 
 
 def _undecodable(note: Notification) -> None:

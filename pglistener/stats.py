@@ -33,6 +33,8 @@ class Stats:
     reconnects: int             # outages of a working connection so far
     outage_seconds: float       # total time not listening since start, the current outage too
     last_error: str | None      # the cause of the current outage, if any
+    last_error_permanent: bool  # it is one that retrying alone will not mend (bad
+                                # credentials, an unknown role or database)
     queue_usage: float | None   # the server's pg_notification_queue_usage(), 0.0 to 1.0,
                                 # sampled at each heartbeat (liveness_timeout / 3)
     received: int               # notifications taken off the connection

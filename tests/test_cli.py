@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import psycopg
+import pytest
 from psycopg.conninfo import make_conninfo
 
 from fix_pg import notify, sessions
@@ -68,3 +71,45 @@ def test_a_bad_channel_is_a_usage_error() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "at most 63 bytes" in proc.stderr
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stops_on_a_signal_while_it_cannot_connect(signum: int) -> None:
+    """Nothing listens on port 1: the supervisor retries, and SIGINT or SIGTERM still ends
+    the tool at once, its supervisor and every other process of its group with it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pglistener", "listen", "--dsn",
+         "host=127.0.0.1 port=1 connect_timeout=2", "x"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()       # the first failed attempt, logged
+        assert "Connection refused" in line, line
+        time.sleep(1.0)                     # retrying now, its subscribe still waiting
+        proc.send_signal(signum)
+        assert proc.wait(30) == 0
+        wait_for(lambda: _group_gone(proc.pid), "the supervisor to exit with the tool")
+        assert "leaked" not in proc.stderr.read()
+    finally:
+        if not _group_gone(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_refused_database_ends_it_with_one_clear_line(dsn: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pglistener", "listen", "--dsn",
+         make_conninfo(dsn, dbname="no_such_db"), "x"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("pglistener:")]
+    assert len(lines) == 1, proc.stderr
+    assert 'database "no_such_db" does not exist' in lines[0] and "not retrying" in lines[0]

@@ -363,3 +363,11 @@ def test_ring_size_per_subscription_within_the_supervisors_limit(worker: Worker)
         worker.subscribe("sized", timeout=30, ring_bytes=256 * 1024 * 1024)
     with worker.subscribe("sized", timeout=30) as sub:     # and it still serves
         assert sub.ring.capacity == 4 * 1024 * 1024
+
+
+def test_a_subscribe_timeout_quotes_why_the_supervisor_cannot_listen(dsn: str) -> None:
+    with Supervisor(make_conninfo(dsn, dbname="no_such_db")).start() as sup:
+        with pytest.raises(TimeoutError, match='database "no_such_db" does not exist'):
+            sup.worker().subscribe("x", timeout=3)
+        stats = sup.stats()
+        assert stats.state == "disconnected" and stats.last_error_permanent
