@@ -1,9 +1,18 @@
-"""python -m pglistener listen [--dsn DSN] [--json] CHANNEL [CHANNEL ...]
+"""python -m pglistener listen [--dsn DSN] [--json] [--retry] CHANNEL [CHANNEL ...]
+python -m pglistener supervise [--dsn DSN] [--socket PATH] [-- COMMAND [ARGS ...]]
 
-Prints notifications as they arrive, through a supervisor and a worker: a psql-like
-debugging tool for pglistener's own path. Without --dsn the usual PG* environment applies.
-SIGINT or SIGTERM stops it cleanly, connected or not. A server that refuses the credentials,
-the role or the database ends it with that error, unless --retry.
+listen prints notifications as they arrive, through a supervisor and a worker: a psql-like
+debugging tool for pglistener's own path. SIGINT or SIGTERM stops it cleanly, connected or
+not. A server that refuses the credentials, the role or the database ends it with that
+error, unless --retry.
+
+supervise runs one supervisor for a whole process tree. With a command, it runs the command
+with PGLISTENER_ADDRESS in its environment (Worker.from_env() in any process under it:
+uvicorn or gunicorn workers, Celery, Django), forwards SIGINT and SIGTERM to it, stops when
+it exits and exits with its status. Without one it runs until SIGINT or SIGTERM, as a
+sidecar listening at --socket.
+
+Without --dsn the usual PG* environment applies.
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
+import threading
 from typing import Any
 
 from . import Gap, Supervisor, SupervisorGone, Worker
@@ -38,14 +50,25 @@ def main(argv: list[str] | None = None) -> int:
                              "or the database (default: exit with its error; a server that "
                              "cannot be reached is always retried)")
     listen.add_argument("channels", nargs="+", metavar="CHANNEL")
+    supervise = commands.add_parser(
+        "supervise", help="one supervisor for a process tree, or as a sidecar")
+    supervise.add_argument("--dsn", default="",
+                           help="libpq connection string or URI (default: the PG* environment)")
+    supervise.add_argument("--socket", metavar="PATH",
+                           help="listen for workers here (default: a private directory; "
+                                "required without a command)")
+    supervise.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                           help="run this with PGLISTENER_ADDRESS set, then stop")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="pglistener: %(message)s")
+    if args.command == "supervise":
+        return _supervise(parser, args)
     for channel in args.channels:
         try:
             channel_bytes(channel)
         except InvalidChannelName as exc:
             parser.error(str(exc))
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="pglistener: %(message)s")
     if not args.retry:      # that error is reported once, below, as the reason to exit
         for handler in logging.getLogger().handlers:
             handler.addFilter(lambda r: not is_permanent(r.getMessage()))
@@ -56,6 +79,52 @@ def main(argv: list[str] | None = None) -> int:
     with sup.start():
         return asyncio.run(_listen(sup, list(dict.fromkeys(args.channels)), args.json,
                                    args.retry))
+
+
+def _supervise(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    command = args.run[1:] if args.run[:1] == ["--"] else args.run
+    if not command and not args.socket:
+        parser.error("supervise needs --socket PATH to run as a sidecar, or -- COMMAND")
+    try:
+        sup = Supervisor(args.dsn, address=args.socket)
+    except ValueError as exc:
+        parser.error(str(exc))
+    stop = threading.Event()
+    child: subprocess.Popen[bytes] | None = None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if child is not None:
+            child.send_signal(signum)       # its own process group: it gets it once, here
+        else:
+            stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    try:
+        sup.start()
+    except FileExistsError as exc:
+        print(f"pglistener: {exc}", file=sys.stderr)
+        return 1
+    with sup:
+        address = sup.worker().address
+        if not command:
+            print(f"pglistener: supervising at {address}", file=sys.stderr, flush=True)
+            while not stop.wait(1.0):
+                pass
+            return 0
+        env = {**os.environ, Worker.ENV: address}
+        try:
+            # In its own process group, so that a signal meant for the whole group (Ctrl-C)
+            # reaches it once, forwarded (process_group= is 3.11+; a session does on 3.10).
+            if sys.version_info >= (3, 11):
+                child = subprocess.Popen(command, env=env, process_group=0)
+            else:
+                child = subprocess.Popen(command, env=env, start_new_session=True)
+        except OSError as exc:
+            print(f"pglistener: cannot run {command[0]!r}: {exc}", file=sys.stderr)
+            return 127
+        status = child.wait()
+    return status if status >= 0 else 128 - status
 
 
 async def _listen(sup: Supervisor, channels: list[str], as_json: bool, retry: bool) -> int:

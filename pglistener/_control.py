@@ -51,6 +51,16 @@ class Control:
         self._abandoned: set[int] = set()
         self._ids = itertools.count(1)
         self.gone = False
+        self.stopped_by_owner = False
+
+    @classmethod
+    def stopping(cls, path: str) -> None:
+        """The owner of the supervisor at `path` is stopping it: for this process's readers
+        its hang-up is the end they were told of, not an outage."""
+        with cls._lock:
+            ctl = cls._by_path.get(path)
+        if ctl is not None:
+            ctl.stopped_by_owner = True
 
     def request(
         self, message: dict[str, Any], timeout: float | None

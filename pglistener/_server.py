@@ -74,6 +74,7 @@ class Config:
     max_subscriptions_per_worker: int
     max_channels_per_worker: int
     log_level: int
+    private_dir: bool = True    # the control socket's directory is ours to remove
 
 
 @dataclass(eq=False)
@@ -611,7 +612,7 @@ class Server:
         # Remove the control socket and its private directory here too, so that an owner
         # that died without stop() leaves nothing behind (rmdir only takes an empty one).
         path = self.listen_sock.getsockname()
-        for remove in (os.unlink, os.rmdir):
+        for remove in (os.unlink, os.rmdir) if self.config.private_dir else (os.unlink,):
             try:
                 remove(path)
             except OSError:

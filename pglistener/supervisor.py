@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import shutil
 import socket
+import stat
+import sys
 import tempfile
 import threading
 import weakref
@@ -16,6 +18,7 @@ from typing import Any
 from psycopg.conninfo import make_conninfo
 
 from . import _protocol
+from ._control import Control
 from ._dsn import parse as parse_dsn
 from ._dsn import safe_target
 from ._forksafe import started
@@ -35,6 +38,17 @@ _EXITED = (
     "`if __name__ == '__main__':`: the supervisor is a spawned process, and spawn imports the "
     "main module (see 'Safe importing of main module' in the multiprocessing docs)"
 )
+
+
+def _check_main_module() -> None:
+    """spawn runs the main module's file again in the child: refuse, saying why, when there
+    is none to run (a script read from standard input has __file__ '<stdin>')."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):
+        raise RuntimeError(
+            f"cannot start a supervisor from a main module without a file ({main_file!r}: "
+            f"a script read from standard input?): the supervisor is a spawned process, and "
+            f"spawn runs the main module's file again; save the script to a file and run that")
 
 
 class Supervisor:
@@ -64,6 +78,10 @@ class Supervisor:
     - max_subscriptions_per_worker, max_channels_per_worker: per worker process (a
       subscription may cover several channels; each counts).
     - start_timeout: seconds start() waits for the supervisor process to come up.
+    - address: where to listen for workers, a Unix socket path that other processes of this
+      user find it by (Worker.from_address(), or PGLISTENER_ADDRESS and Worker.from_env()).
+      Default: a fresh private directory. A stale socket there is replaced; one where a
+      supervisor answers is refused. The directory is not created or removed.
     """
 
     def __init__(
@@ -81,6 +99,7 @@ class Supervisor:
         max_subscriptions_per_worker: int = 1024,
         max_channels_per_worker: int = 4096,
         start_timeout: float = 30.0,
+        address: str | None = None,
     ) -> None:
         params = parse_dsn(dsn)
         if not ("application_name" in params or os.environ.get("PGAPPNAME")):
@@ -119,6 +138,10 @@ class Supervisor:
             log_level=logging.NOTSET,       # start() takes the level in force then
         )
         self._start_timeout = start_timeout
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f"address is a socket path (str), not {type(address).__name__}")
+        self._address = None if address is None else os.path.abspath(address)
+        self._config.private_dir = address is None
         self._owner_pid = os.getpid()
         self._process: Any = None
         self._owner: socket.socket | None = None
@@ -141,12 +164,19 @@ class Supervisor:
         if self._process is not None:
             raise RuntimeError("this Supervisor is already started")
         check_same_libpq()
-        self._dir = tempfile.mkdtemp(prefix="pglistener-")     # mode 0700: only our user
-        path = os.path.join(self._dir, "control")
+        _check_main_module()
+        if self._address is None:
+            self._dir = tempfile.mkdtemp(prefix="pglistener-")     # mode 0700: our user only
+            path = os.path.join(self._dir, "control")
+        else:
+            path = self._address
+            _clear_stale_socket(path)
         listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         owner, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        bound = False
         try:
             listen_sock.bind(path)
+            bound = True
             os.chmod(path, 0o600)
             listen_sock.listen(128)
             # spawn: safe whatever the default start method is and whatever threads run here.
@@ -159,7 +189,8 @@ class Supervisor:
             self._process.start()
             started(self._process)
         except BaseException:
-            _release(self._owner_pid, self._process, self._dir, self._logs)
+            _release(self._owner_pid, self._process, self._dir, self._logs,
+                     self._address if bound else None)
             self._process = None
             owner.close()
             raise
@@ -170,7 +201,8 @@ class Supervisor:
         self._path = path
         # Also when the Supervisor is dropped without stop(), or at interpreter exit.
         self._release = weakref.finalize(
-            self, _release, self._owner_pid, self._process, self._dir, self._logs)
+            self, _release, self._owner_pid, self._process, self._dir, self._logs,
+            self._address)
         try:
             owner.settimeout(self._start_timeout)
             got = _protocol.recv(owner)
@@ -198,6 +230,7 @@ class Supervisor:
         for pool, stop_timeout in pools:
             pool.stop(stop_timeout)
         if self._owner is not None:
+            Control.stopping(self._path)    # readers here: a clean end, not an outage
             try:
                 self._request({"op": "stop"}, timeout=timeout)
             except (SupervisorGone, TimeoutError, OSError):
@@ -294,7 +327,8 @@ class Supervisor:
 
 
 def _release(owner_pid: int, process: Any, directory: str | None,
-             logs: SupervisorLogs | None, timeout: float = 5.0) -> None:
+             logs: SupervisorLogs | None, socket_path: str | None = None,
+             timeout: float = 5.0) -> None:
     """End the supervisor process and remove what start() made. Only in the process that
     started it: a fork child that exits must not take its parent's supervisor along."""
     if os.getpid() != owner_pid:
@@ -309,8 +343,31 @@ def _release(owner_pid: int, process: Any, directory: str | None,
         process.close()
     if directory is not None:
         shutil.rmtree(directory, ignore_errors=True)
+    if socket_path is not None:     # a given address: the socket only, not its directory
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
     if logs is not None:
         logs.close()
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Make way at `path` for our socket: remove a socket nobody answers on; refuse anything
+    else."""
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket: choose another address")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)             # left by a supervisor that died
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(f"a supervisor already listens at {path}")
 
 
 def _tcp_liveness(liveness_timeout: float) -> dict[str, str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._control import Control
 from ._dispatch import BlockingStream, Gap, Notification
 from ._stream import open_stream, request_stop
 from .aio import AsyncJsonSubscription, AsyncSubscription, open_async
@@ -30,6 +32,39 @@ class Worker:
         # A pool worker started again after a crash: every stream it opens begins with
         # Gap("restart"), since what was sent while no one read for it is gone.
         self._restarted = restarted
+
+    #: The environment variable `python -m pglistener supervise` hands the address down in.
+    ENV = "PGLISTENER_ADDRESS"
+
+    @classmethod
+    def from_address(cls, address: str) -> Worker:
+        """A Worker for the supervisor listening at `address` (a Unix socket path: see
+        `worker.address`, Supervisor(address=...), `python -m pglistener supervise`), in any
+        process of the same user. Connects at once: raises SupervisorGone when no supervisor
+        answers there."""
+        if not isinstance(address, str) or not address:
+            raise TypeError(f"address is a socket path (str), not {address!r}")
+        path = os.path.abspath(address)
+        Control.get(path)
+        return cls(path)
+
+    @classmethod
+    def from_env(cls) -> Worker:
+        """from_address() of $PGLISTENER_ADDRESS, which `python -m pglistener supervise -- CMD`
+        sets for CMD and everything it starts (uvicorn, gunicorn and their workers, ...)."""
+        address = os.environ.get(cls.ENV)
+        if not address:
+            raise LookupError(
+                f"{cls.ENV} is not set: start this program under `python -m pglistener "
+                f"supervise -- COMMAND`, or export the address of a running supervisor "
+                f"(Supervisor.worker().address)")
+        return cls.from_address(address)
+
+    @property
+    def address(self) -> str:
+        """Where the supervisor listens: give it to Worker.from_address() in any process of
+        this user (or put it in PGLISTENER_ADDRESS for Worker.from_env())."""
+        return self._path
 
     def __repr__(self) -> str:
         return f"<Worker {self._path}{' restarted' if self._restarted else ''}>"
@@ -149,7 +184,10 @@ class Subscription(BlockingStream):
         try:
             self._deliver(callback, on_gap or self._log_gap, self._log_error)
         except SupervisorGone:
-            log.error("the supervisor is gone: %r receives nothing more", self.channel)
+            if self._control.stopped_by_owner:     # sup.stop() in this process: a clean end
+                log.debug("the supervisor stopped: %r's callbacks end", self.channel)
+            else:
+                log.error("the supervisor is gone: %r receives nothing more", self.channel)
 
     def _log_gap(self, gap: Gap) -> None:
         log.warning("%r: notifications may be missing (%r)", self.channel, gap)

@@ -371,3 +371,26 @@ def test_a_subscribe_timeout_quotes_why_the_supervisor_cannot_listen(dsn: str) -
             sup.worker().subscribe("x", timeout=3)
         stats = sup.stats()
         assert stats.state == "disconnected" and stats.last_error_permanent
+
+
+def test_a_script_read_from_stdin_is_told_why_it_cannot_start(dsn: str) -> None:
+    script = ("from pglistener import Supervisor\n"
+              "if __name__ == '__main__':\n"
+              f"    Supervisor({dsn!r}).start()\n")
+    proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "standard input" in proc.stderr and "save the script to a file" in proc.stderr
+    assert "__main__" not in proc.stderr.splitlines()[-1]     # not the guard it already has
+
+
+def test_a_clean_exit_with_a_callback_subscription_logs_no_error(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="pglistener"):
+        with Supervisor(dsn).start() as sup:
+            sup.worker().subscribe("cb-exit", lambda _n: None, timeout=30)
+        wait_for(lambda: not [t for t in threading.enumerate()
+                              if t.name == "pglistener-cb-exit"], "the callback thread to end")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "callbacks end" in caplog.text
