@@ -9,6 +9,7 @@ own system user.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -19,17 +20,30 @@ import pytest
 
 
 def _binaries() -> Path:
+    """pgserver's PostgreSQL 16, or (where pgserver has no wheel, as on Python 3.13) the
+    server binaries next to the system's pg_config."""
     try:
         from pgserver._commands import POSTGRES_BIN_PATH
+        return Path(POSTGRES_BIN_PATH)
     except ImportError as exc:
-        pytest.fail(f"the fault tests run their own PostgreSQL from pgserver's binaries: {exc}")
-    return Path(POSTGRES_BIN_PATH)
+        missing = exc
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        bindir = Path(subprocess.check_output([pg_config, "--bindir"], text=True).strip())
+        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
+            return bindir
+    pytest.fail(f"the fault tests run their own PostgreSQL: no pgserver ({missing}) and no "
+                f"server binaries beside pg_config (Debian: apt-get install postgresql)")
 
 
 def _run_as() -> int | None:
+    """PostgreSQL refuses root: run it as pgserver's user, or the system's postgres."""
     if os.getuid() != 0:
         return None
-    from pgserver.utils import ensure_user_exists
+    try:
+        from pgserver.utils import ensure_user_exists
+    except ImportError:
+        return pwd.getpwnam("postgres").pw_uid
     entry = ensure_user_exists("pgserver")
     assert entry is not None
     return entry.pw_uid
