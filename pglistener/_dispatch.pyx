@@ -1205,12 +1205,7 @@ cdef class Stream:
         # one pass (their bytes go back to the producer as they are taken), keep them, and
         # hand out the first; _empty when the ring is empty.
         cdef list batch = []
-        cdef object item
-        while len(batch) < _BATCH:
-            item = self._next_item()
-            if item is _empty:
-                break
-            batch.append(item)
+        self._ring_into(batch, _BATCH)
         if not batch:
             return _empty
         self.held = batch
@@ -1305,13 +1300,20 @@ cdef class Stream:
         if len(out) >= max_items or not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
             return 0
         try:
-            while len(out) < max_items:
-                item = self._next_item()
-                if item is _empty:
-                    break
-                out.append(item)
+            self._ring_into(out, max_items)
         finally:
             PyThread_release_lock(self.lock)
+        return 0
+
+    cdef int _ring_into(self, list out, Py_ssize_t max_items) except -1:
+        # With the lock: append items off the ring until `out` holds max_items or the ring
+        # is empty.
+        cdef object item
+        while len(out) < max_items:
+            item = self._next_item()
+            if item is _empty:
+                break
+            out.append(item)
         return 0
 
     def _take_ready(self):
