@@ -1079,6 +1079,7 @@ cdef class Stream:
     cdef bytes release_msg         # the unsubscribe record sent when dropped
     cdef object decode             # None, or payload -> value (JSON)
     cdef object on_undecodable     # called with a Notification that decode refused
+    cdef bint with_channel         # decoded values go out as (channel, value) pairs
     cdef list held                 # items taken off the ring and not handed out yet, in order
     cdef Py_ssize_t held_pos       # the next of them to hand out
     cdef object __weakref__
@@ -1109,6 +1110,8 @@ cdef class Stream:
         self.release_msg = release_msg
         self.decode = decode
         self.on_undecodable = on_undecodable
+        # Decoded values from several channels would not say which one sent them.
+        self.with_channel = decode is not None and len(channels) > 1
         self.generation = _fork_generation
         self.closed = False
 
@@ -1173,7 +1176,7 @@ cdef class Stream:
     cdef object _next_item(self):
         # The next item to hand out, or _empty when the ring is empty: decodes, skips payloads
         # that do not decode, and publishes the consumed bytes. The caller holds the lock.
-        cdef object item
+        cdef object item, value
         while True:
             item = self._reader._take()
             if item is None:
@@ -1181,11 +1184,12 @@ cdef class Stream:
                 return _empty
             if self.decode is not None and type(item) is Notification:
                 try:
-                    item = self.decode((<Notification>item).payload)
+                    value = self.decode((<Notification>item).payload)
                 except (ValueError, RecursionError):
                     self._reader._publish()
                     self.on_undecodable(item)
                     continue
+                item = ((<Notification>item).channel, value) if self.with_channel else value
             self._reader._publish()
             return item
 

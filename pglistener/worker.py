@@ -131,8 +131,9 @@ class Worker:
         ring_bytes: int | None = None,
     ) -> JsonSubscription:
         """Like subscribe(), with each payload decoded as JSON: get() and iteration give the
-        decoded values (and Gap items), the callback gets the decoded value. Payloads that are
-        not JSON are logged and skipped."""
+        decoded values (and Gap items), the callback gets the decoded value. Subscribed to
+        several channels, each value comes as a (channel, value) pair. Payloads that are not
+        JSON are logged and skipped."""
         sub = open_stream(JsonSubscription, self._path, channel, timeout, ring_bytes,
                           self._restarted)
         if callback is not None:

@@ -435,3 +435,20 @@ def test_json_async_subscription_decodes_and_skips(worker: Worker,
             return [await sub.get(timeout=30) for _ in range(3)]
 
     assert asyncio.run(main()) == [{"a": 1}, None, [2]]
+
+
+def test_json_over_several_channels_says_which_channel_sent_each(
+    worker: Worker, conn: psycopg.Connection
+) -> None:
+    with worker.subscribe_json(["ja", "jb"], timeout=30) as sub:
+        notify(conn, "jb", [json.dumps({"b": 1})])
+        notify(conn, "ja", ["[1, 2]", "not json", "null"])
+        assert [sub.get(timeout=30) for _ in range(3)] == [
+            ("jb", {"b": 1}), ("ja", [1, 2]), ("ja", None)]
+
+    async def main() -> list[Any]:
+        async with await worker.subscribe_json_async(["ja", "jb"], timeout=30) as sub:
+            notify(conn, "ja", ['"x"'])
+            return [await sub.get(timeout=30)]
+
+    assert asyncio.run(main()) == [("ja", "x")]
