@@ -134,3 +134,39 @@ def test_gunicorn_with_the_master_hook(dsn: str, conn: psycopg.Connection) -> No
         assert got == [(200, {"channel": "gu", "payload": "ping"})] * 2
         assert sessions(conn, app_name) == 1
     wait_for(lambda: sessions(conn, app_name) == 0, "on_exit to stop the supervisor")
+
+
+def test_a_pool_fans_out_to_every_child(dsn: str, conn: psycopg.Connection) -> None:
+    proc = subprocess.Popen([sys.executable, "examples/pool_fanout.py", dsn, "pool_ex", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        header = proc.stdout.readline().split()
+        assert header[:1] == ["children"] and len(header) == 3, header
+        children = set(header[1:])
+        answered: dict[str, str] = {}
+
+        def read() -> None:         # until every child has answered, or the script ended
+            assert proc.stdout is not None
+            while set(answered) != children:
+                line = proc.stdout.readline()
+                if not line:
+                    return
+                pid, _, what = line.strip().partition(": ")
+                answered[pid] = what
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        # A child prints nothing before it has subscribed: send until both have answered.
+        deadline = time.monotonic() + 60
+        while reader.is_alive() and time.monotonic() < deadline:
+            notify(conn, "pool_ex", ["user:42"])
+            reader.join(0.3)
+        assert answered == {pid: "invalidate user:42" for pid in children}, (
+            proc.stderr.read() if proc.poll() is not None and proc.stderr else answered)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
