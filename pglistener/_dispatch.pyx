@@ -1273,12 +1273,14 @@ cdef class Stream:
                 if status == WAIT_PEER_GONE:
                     self.peer_gone = True
                 elif status == WAIT_INTERRUPTED:
-                    # Run signal handlers without the lock: one may close this stream.
+                    # Run signal handlers without the lock: one may close this stream. Take it
+                    # back uninterrupted, so that the `finally` below always holds it.
                     PyThread_release_lock(self.lock)
                     try:
                         PyErr_CheckSignals()
                     finally:
-                        self._acquire(0)
+                        with nogil:
+                            PyThread_acquire_lock(self.lock, 1)
         finally:
             PyThread_release_lock(self.lock)
 
