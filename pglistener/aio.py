@@ -20,11 +20,9 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from ._control import Control
-from ._dispatch import EMPTY, AsyncStream, Gap, Notification
+from ._dispatch import EMPTY, AsyncStream
 from ._stream import open_stream
 from .errors import SubscriptionClosed
-
-Item = Notification | Gap
 
 _A = TypeVar("_A", bound="AsyncSubscription")
 
