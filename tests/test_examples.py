@@ -170,3 +170,23 @@ def test_a_pool_fans_out_to_every_child(dsn: str, conn: psycopg.Connection) -> N
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_django_management_command_under_supervise(dsn: str,
+                                                     conn: psycopg.Connection) -> None:
+    cmd = [sys.executable, "-m", "pglistener", "supervise", "--dsn", dsn, "--",
+           sys.executable, "-m", "django", "listen_orders", "orders_dj",
+           "--settings=examples.django_site.settings"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "listening\n", proc.stderr and proc.stderr.read()
+        notify(conn, "orders_dj", ["42"])
+        assert proc.stdout.readline() == "order 42\n"
+        proc.send_signal(signal.SIGTERM)        # forwarded: the command unsubscribes
+        assert proc.wait(60) == 0
+        assert proc.stdout.read() == "stopped\n"
+    finally:
+        proc.kill()
+        proc.wait()
