@@ -112,6 +112,8 @@ def _supervise(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             while not stop.wait(1.0):
                 pass
             return 0
+        if stop.is_set():
+            return 0            # asked to stop before the command was started
         env = {**os.environ, Worker.ENV: address}
         try:
             # In its own process group, so that a signal meant for the whole group (Ctrl-C)
@@ -123,6 +125,8 @@ def _supervise(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         except OSError as exc:
             print(f"pglistener: cannot run {command[0]!r}: {exc}", file=sys.stderr)
             return 127
+        if stop.is_set():       # a signal came while it was being started
+            child.send_signal(signal.SIGTERM)
         status = child.wait()
     return status if status >= 0 else 128 - status
 
