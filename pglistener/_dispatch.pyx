@@ -1008,7 +1008,7 @@ cdef class RingReader:
 #: How long a blocking reader polls its ring before it sleeps on the eventfd (microseconds):
 #: a notification that comes within this window skips the wake-up syscall pair. Measured side
 #: by side (latency and live scenarios; 0, 20, 50 and 100 us): no longer spin beat 20 us
-#: beyond the machine's noise, and a spin costs CPU at every wait. See set_spin_us().
+#: beyond the machine's noise, and a spin costs CPU at every wait.
 cdef int _spin_us = 20
 
 #: How many items a stream takes off its ring at once, to hand out without the lock.
@@ -1032,27 +1032,11 @@ def _forked() -> None:
 _os.register_at_fork(after_in_child=_forked)
 
 
-def set_spin_us(int microseconds):
-    """How long a blocked reader spins before it sleeps (0: sleep at once)."""
-    global _spin_us
-    if microseconds < 0:
-        raise ValueError("spin time must be >= 0 microseconds")
-    _spin_us = microseconds
-
-
-def spin_us():
-    return _spin_us
-
-
 def request_stop():
     """From now on every stream of this process ends after the item in hand: iteration stops
     and get() raises SubscriptionClosed. Streams blocked in a wait must be woken (wake())."""
     global _stopping
     _stopping = True
-
-
-def stop_requested():
-    return _stopping
 
 
 @cython.no_gc_clear     # __dealloc__ needs `control` to tell the supervisor
@@ -1204,6 +1188,12 @@ cdef class Stream:
             return item
         return _empty
 
+    cdef object _take_locked(self):
+        # With the lock: the next held item (another thread may have refilled while this one
+        # waited for the lock), else the first of a refill; _empty when the ring is empty.
+        cdef object item = self._pop_held()
+        return self._refill() if item is _empty else item
+
     cdef object _refill(self):
         # With the lock, once every held item is out: take up to _BATCH items off the ring in
         # one pass (their bytes go back to the producer as they are taken), keep them, and
@@ -1256,9 +1246,7 @@ cdef class Stream:
             while True:
                 if not self._usable(iterating):
                     return _empty
-                item = self._pop_held()         # another thread may have refilled
-                if item is _empty:
-                    item = self._refill()
+                item = self._take_locked()
                 if item is not _empty:
                     return item
                 self._check_gone()
@@ -1336,9 +1324,7 @@ cdef class Stream:
         if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
             return _empty       # another thread reads: not ready for this one
         try:
-            item = self._pop_held()
-            if item is _empty:
-                item = self._refill()
+            item = self._take_locked()
             if item is _empty:
                 self._check_gone()
             return item
@@ -1437,7 +1423,7 @@ cdef class Stream:
 
 cdef class BlockingStream(Stream):
     """A Stream read by blocking: iteration, get(), get_many() and the callback thread's
-    loop. (Only def methods here: a Python subclass gets Stream's vtable.)"""
+    loop."""
 
     def __iter__(self):
         return self
@@ -1497,8 +1483,8 @@ cdef class AsyncStream(Stream):
 
     def __anext__(self):
         cdef object item
-        if self.closed or _stopping or self.generation != _fork_generation:
-            return self._anext_wait()           # raises what the stream's state calls for
+        if not self._usable(True):
+            return self._anext_wait()           # closed or stopping: StopAsyncIteration
         item = self._take_now()
         if item is _empty:
             return self._anext_wait()
