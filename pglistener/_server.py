@@ -6,8 +6,9 @@ without the GIL. This module is the target of the spawned process (see superviso
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
-import itertools
 import logging
 import logging.handlers
 import math
@@ -19,8 +20,8 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import psycopg
 from psycopg import pq, sql
@@ -29,6 +30,7 @@ from . import _protocol
 from ._backoff import Backoff
 from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus
 from ._libpq_check import check_same_libpq
+from ._registry import Actions, Registry
 from ._sizes import check_ring_bytes
 from .channels import channel_bytes
 from .errors import PGListenerError, TooManySubscriptions
@@ -55,7 +57,13 @@ def is_permanent(cause: str) -> bool:
 
 class _QueryFailed(Exception):
     """A query on the listening connection failed or went unanswered; the connection is
-    treated as lost (a standby refusing LISTEN is retried like a dead server)."""
+    treated as lost (a standby refusing LISTEN is retried like a dead server). `refused`:
+    the server answered with an error, so none of its statements took effect (a query
+    string of several statements runs as one transaction)."""
+
+    def __init__(self, cause: str, refused: bool = False) -> None:
+        super().__init__(cause)
+        self.refused = refused
 
 
 @dataclass
@@ -79,27 +87,10 @@ class Config:
 
 @dataclass(eq=False)
 class _Client:
+    """One worker process's control connection."""
+
     sock: socket.socket
     pid: int
-    subs: set[int] = field(default_factory=set)
-
-
-@dataclass(eq=False)
-class _Sub:
-    id: int
-    channels: tuple[str, ...]
-    client: _Client
-    ring_bytes: int
-
-
-@dataclass(eq=False)
-class _PendingReply:
-    """A subscribe that is answered once its channels' LISTENs are committed."""
-
-    client: _Client
-    req: Any
-    sub: _Sub
-    fds: tuple[int, int]
 
 
 class Server:
@@ -110,13 +101,15 @@ class Server:
         self.dispatcher = Dispatcher()
         self.epoll = select.epoll()
         self.clients: dict[int, _Client] = {}
-        self.subs: dict[int, _Sub] = {}
-        self.routes: dict[str, list[int]] = {}      # channel -> subscription ids, in order
-        self.listening: set[str] = set()            # LISTENs committed on this connection
-        self.pending: list[_PendingReply] = []
+        self.registry = Registry(config.max_subscriptions_per_worker,
+                                 config.max_channels_per_worker)
+        self.ring_fds: dict[int, tuple[int, int]] = {}  # a subscribe's memfd and eventfd,
+                                                        # until they are sent with its answer
+        # The most a worker's message may take: a subscribe of every channel it may hold,
+        # each escaped at worst (a 63-byte name of control characters as \u00XX).
+        self.body_limit = 384 * config.max_channels_per_worker + _protocol.MAX_MESSAGE
         self.conn: psycopg.Connection[Any] | None = None
-        self.up = False          # connected and every LISTEN replayed: streams are whole
-        self.down_since: float | None = time.monotonic()    # not listening since then
+        self.down_since: float | None = None    # a working connection was lost then
         self.outage_total = 0.0
         self.queue_usage: float | None = None   # pg_notification_queue_usage(), last seen
         self.backoff = Backoff(
@@ -132,10 +125,29 @@ class Server:
         self.heard_count = 0            # dispatcher.received at that time
         self.command_done = 0.0         # when the last query or heartbeat was answered
         self.heartbeat_sent: float | None = None
-        self._ids = itertools.count(1)
+        self.refused = 0                # connections refused for want of descriptors
+        self.refused_logged = 0.0
+        self.reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         listen_sock.setblocking(False)
         self.epoll.register(listen_sock.fileno(), select.EPOLLIN)
         self.epoll.register(owner.fileno(), select.EPOLLIN)
+        # A signal writes a byte here (signal.set_wakeup_fd), so that it wakes the loop
+        # wherever it waits: in run(), epoll fires through the control fd.
+        self.wakeup, self._wakeup_w = socket.socketpair()
+        for sock in (self.wakeup, self._wakeup_w):
+            sock.setblocking(False)
+        self.epoll.register(self.wakeup.fileno(), select.EPOLLIN)
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM (systemd, `docker stop`, `timeout`, a whole process group) stops the
+        supervisor the way stop() does: the socket and its directory go with it."""
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if not self.stopping:
+            log.info("%s: stopping", signal.Signals(signum).name)
+        self.stopping = True
 
     # -- the main loop ------------------------------------------------------------------------
 
@@ -187,8 +199,9 @@ class Server:
         self._heard()
         self.command_done = self.last_heard
         self.heartbeat_sent = None
+        wanted = self.registry.connected().listen
         try:
-            self._replay_listens()
+            self._replay_listens(wanted)
         except _QueryFailed as exc:
             self._lost(f"LISTEN replay failed: {exc}")
             return
@@ -201,20 +214,22 @@ class Server:
         self.outage_logged = False
         self.last_error = None
         self.last_error_permanent = False
-        self.up = True
         if self.down_since is not None:
             self.outage_total += time.monotonic() - self.down_since
             self.down_since = None
         self.backoff.succeeded(time.monotonic())
-        self._answer_pending()
+        self._apply(self.registry.replayed(wanted))
 
-    def _replay_listens(self) -> None:
+    def _replay_listens(self, channels: list[str]) -> None:
         """LISTEN every wanted channel in one round trip, then check the server agrees."""
-        wanted = set(self.routes)
-        if wanted:
-            self._query(sql.SQL("; ").join(
-                sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in sorted(wanted)))
-        self.listening = set(wanted)
+        if channels:
+            try:
+                self._query(_listen_sql("LISTEN", channels))
+            except _QueryFailed as exc:
+                if exc.refused:
+                    self.registry.refused(channels)     # nothing can have come through
+                raise
+        wanted = set(channels)
         self.queue_usage = _queue_usage(self._query(sql.SQL(_HEARTBEAT.decode()))[0][0])
         rows = self._query(sql.SQL("SELECT pg_listening_channels()"))
         actual = {bytes(row[0] or b"").decode() for row in rows}
@@ -253,7 +268,7 @@ class Server:
                 rows.extend(tuple(res.get_value(i, j) for j in range(res.nfields))
                             for i in range(res.ntuples))
         if error is not None:
-            raise _QueryFailed(error)
+            raise _QueryFailed(error, refused=True)
         return rows
 
     def _results(self, deadline: float) -> Iterator[pq.abc.PGresult]:
@@ -329,18 +344,13 @@ class Server:
             log.info("%s; retrying in %.1f s", cause, delay)
 
     def _lost(self, cause: str) -> None:
-        """The connection is gone: every live stream gets one Gap, then we reconnect."""
-        if self.up:
-            # Once per outage, at the place the working connection was lost; attempts that
-            # fail before every LISTEN is back in place deliver nothing and add no gap. A
-            # subscribe still waiting for its LISTEN has missed nothing yet: no gap there.
-            waiting = {p.sub.id for p in self.pending}
-            self.dispatcher.mark_gap([i for i in self.subs if i not in waiting], "reconnect")
+        """The connection is gone: the streams it fed get a Gap, then we reconnect."""
+        act = self.registry.lost()
+        if act.lost_stream:
             self.reconnects += 1
-            self.up = False
             self.down_since = time.monotonic()
+        self._apply(act)
         conn, self.conn = self.conn, None
-        self.listening.clear()
         if conn is not None:
             try:
                 conn.close()
@@ -356,6 +366,11 @@ class Server:
                 self._accept()
             elif fd == self.owner.fileno():
                 self._on_owner()
+            elif fd == self.wakeup.fileno():
+                try:
+                    self.wakeup.recv(4096)      # the signal's handler has run
+                except BlockingIOError:
+                    pass
             elif fd in self.clients:
                 self._on_client(self.clients[fd])
 
@@ -364,22 +379,68 @@ class Server:
             sock, _ = self.listen_sock.accept()
         except BlockingIOError:
             return
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", creds)
-        if uid != os.getuid():
-            log.warning("refused a control connection from uid %d (pid %d)", uid, pid)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            self._refuse_one(exc)
+            return
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                log.warning("refused a control connection from uid %d (pid %d)", uid, pid)
+                sock.close()
+                return
+            sock.setblocking(False)
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+        except OSError as exc:
+            log.warning("dropped a control connection: %s", exc)
             sock.close()
             return
-        sock.setblocking(False)
-        client = _Client(sock, pid)
-        self.clients[sock.fileno()] = client
-        self.epoll.register(sock.fileno(), select.EPOLLIN)
+        self.clients[sock.fileno()] = _Client(sock, pid)
+
+    def _refuse_one(self, exc: OSError) -> None:
+        """Out of descriptors: the pending connection would wake us again and again. Take it
+        with the descriptor kept in reserve for this, and close it at once (the way libuv
+        and nginx do): that peer's connect fails, the supervisor serves on."""
+        if self.reserve_fd is not None:
+            os.close(self.reserve_fd)
+            self.reserve_fd = None
+        try:
+            sock, _ = self.listen_sock.accept()
+            sock.close()
+        except OSError:
+            pass
+        try:
+            self.reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass        # taken meanwhile: the next refusal tries again
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.refused_logged >= 10:     # one line per burst, not one per peer
+            log.warning("refused a control connection: %s (%d so far; raise the open-files "
+                        "limit, or close idle connections to the supervisor)",
+                        exc.strerror, self.refused)
+            self.refused_logged = now
 
     def _on_client(self, client: _Client) -> None:
         try:
-            got = _protocol.recv(client.sock)
-        except (OSError, ValueError) as exc:
-            log.warning("dropping worker pid %d: %s", client.pid, exc)
+            got = _protocol.recv(client.sock, self.body_limit)
+        except BlockingIOError:
+            return
+        except _protocol.MessageTooLarge as exc:
+            # Answered, and the connection kept: nothing about it was wrong but the size.
+            head = exc.head
+            if head.get("op") == "subscribe":
+                self._fail(client, head.get("req"), TooManySubscriptions(
+                    f"this subscribe names more channels than max_channels_per_worker "
+                    f"({self.config.max_channels_per_worker}) allows ({exc})"))
+            else:
+                self._fail(client, head.get("req"), ValueError(str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - malformed or hostile: drop that peer only
+            log.warning("dropping worker pid %d: %s", client.pid,
+                        _one_line(exc)[:200] or type(exc).__name__)
             got = None
         if got is None:
             self._detach(client)
@@ -392,26 +453,31 @@ class Server:
             op = message.get("op")
             if op == "subscribe":
                 self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"),
-                                bool(message.get("restart")))
+                                message.get("restart") is True)
             elif op == "unsubscribe":
-                self._unsubscribe(client, message.get("sub"))
+                self._apply(self.registry.unsubscribe(client, message.get("sub")))
                 self._reply(client, {"req": req, "ok": True})
             elif op == "cancel":
                 self._cancel(client, message.get("of"))
             elif op == "state":
-                self._reply(client, {"req": req, "ok": True, "connected": self.up,
+                self._reply(client, {"req": req, "ok": True, "connected": self.registry.up,
                                      "last_error": self.last_error})
             else:
                 raise ValueError(f"unknown operation {op!r}")
         except (PGListenerError, ValueError, KeyError, OSError) as exc:
             # One worker's bad or failed request (a bad name, out of descriptors) fails that
             # request only, never the supervisor.
-            self._reply(client, {"req": req, "ok": False, "error": type(exc).__name__,
-                                 "message": str(exc)})
+            self._fail(client, req, exc)
         except Exception as exc:  # noqa: BLE001 - nor does a request we did not foresee
             log.exception("a request from worker pid %d failed", client.pid)
-            self._reply(client, {"req": req, "ok": False, "error": "PGListenerError",
-                                 "message": f"the supervisor failed this request: {exc!r}"})
+            self._fail(client, req, PGListenerError(
+                f"the supervisor failed this request: {exc!r}"))
+
+    def _fail(self, client: _Client, req: Any, exc: Exception) -> None:
+        name = type(exc).__name__ if isinstance(exc, (PGListenerError, ValueError, KeyError,
+                                                      OSError)) else "PGListenerError"
+        self._reply(client, {"req": req, "ok": False, "error": name,
+                             "message": str(exc.args[0]) if exc.args else str(exc)})
 
     def _reply(self, client: _Client, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
         if message.get("req") is None:
@@ -433,110 +499,71 @@ class Server:
         raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
             ring_bytes, self.config.max_ring_bytes, "Supervisor(max_ring_bytes=...)")
-        if len(client.subs) >= self.config.max_subscriptions_per_worker:
-            raise TooManySubscriptions(
-                f"a worker process may hold at most {self.config.max_subscriptions_per_worker} "
-                f"subscriptions (Supervisor(max_subscriptions_per_worker=...)); unsubscribe "
-                f"some first")
-        held = sum(len(self.subs[i].channels) for i in client.subs)
-        if held + len(raws) > self.config.max_channels_per_worker:
-            raise TooManySubscriptions(
-                f"a worker process may subscribe to at most "
-                f"{self.config.max_channels_per_worker} channels in all "
-                f"(Supervisor(max_channels_per_worker=...)); it holds {held} and asked for "
-                f"{len(raws)} more")
-        sub = _Sub(next(self._ids), tuple(raws), client, capacity)
-        memfd, efd = self._make_ring(sub.id, capacity)
+        sub = self.registry.new(client, client.pid, req, list(raws), capacity)
+        self.ring_fds[sub.id] = self._make_ring(sub.id, capacity)
         if restart:     # a restarted pool worker: its stream starts by saying so
             self.dispatcher.mark_gap([sub.id], "restart")
-        self.subs[sub.id] = sub
-        client.subs.add(sub.id)
-        for channel, raw in raws.items():
-            self.routes.setdefault(channel, []).append(sub.id)
-            self.dispatcher.set_route(raw, self.routes[channel])
-        self.pending.append(_PendingReply(client, req, sub, (memfd, efd)))
-        if self.conn is None:
-            return          # answered once connected and replayed
-        new = [ch for ch in sub.channels if ch not in self.listening]
-        if new:
-            try:
-                self._query(sql.SQL("; ").join(
-                    sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in new))
-            except _QueryFailed as exc:
-                self._lost(f"LISTEN failed: {exc}")
-                return
-            self.listening.update(new)
-        self._answer_pending()
+        self._apply(self.registry.add(sub))
 
     def _make_ring(self, sub_id: int, capacity: int) -> tuple[int, int]:
         """An unnamed, sealed memfd and an eventfd for one subscription."""
-        size = HEADER_BYTES + capacity
-        memfd = os.memfd_create(f"pglistener-ring-{sub_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        owned = os.dup(efd)     # the dispatcher's copy; `efd` goes to the worker
-        try:
-            os.ftruncate(memfd, size)
+        with contextlib.ExitStack() as undo:
+            memfd = os.memfd_create(f"pglistener-ring-{sub_id}",
+                                    os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            undo.callback(os.close, memfd)
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)    # goes to the worker
+            undo.callback(os.close, efd)
+            owned = os.dup(efd)     # the dispatcher's copy
+            undo.callback(os.close, owned)
+            os.ftruncate(memfd, HEADER_BYTES + capacity)
             # The worker cannot shrink the ring under us (a write would then be a SIGBUS).
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self.dispatcher.add_ring(sub_id, memfd, owned, capacity)
-        except BaseException:
-            for fd in (memfd, efd, owned):
-                os.close(fd)
-            raise
+            undo.pop_all()
         return memfd, efd
 
-    def _answer_pending(self) -> None:
-        """Answer every subscribe whose channels are all LISTENed on the server now."""
-        still = []
-        for p in self.pending:
-            if self.listening.issuperset(p.sub.channels):
-                self._reply(p.client, {"req": p.req, "ok": True, "sub": p.sub.id}, p.fds)
-                for fd in p.fds:
+    def _apply(self, act: Actions) -> None:
+        """Carry out what the registry decided, in its order."""
+        for channel, ids in act.routes.items():
+            self.dispatcher.set_route(channel.encode(), ids)
+        for sub in act.free:
+            self.dispatcher.remove_ring(sub.id)
+            for fd in self.ring_fds.pop(sub.id, ()):
+                os.close(fd)
+        if act.gaps:
+            self.dispatcher.mark_gap(act.gaps, "reconnect")
+        for sub in act.answer:
+            fds = self.ring_fds.pop(sub.id)
+            try:
+                self._reply(cast(_Client, sub.worker), {"req": sub.req, "ok": True, "sub": sub.id}, fds)
+            finally:
+                for fd in fds:
                     os.close(fd)
-            else:
-                still.append(p)
-        self.pending = still
+        if self.conn is None:
+            return
+        for verb, channels in (("UNLISTEN", act.unlisten), ("LISTEN", act.listen)):
+            if not channels:
+                continue
+            try:
+                self._query(_listen_sql(verb, channels))
+            except _QueryFailed as exc:
+                if exc.refused and verb == "LISTEN":
+                    self.registry.refused(channels)     # nothing can have come through
+                self._lost(f"{verb} failed: {exc}")
+                return
+            if verb == "LISTEN":
+                self._apply(self.registry.listened(channels))
 
     def _cancel(self, client: _Client, req: Any) -> None:
         """The worker gave up waiting for subscribe `req`: drop it, and close the request."""
-        for p in self.pending:
-            if p.client is client and p.req == req:
-                self._unsubscribe(client, p.sub.id)
-                self._reply(client, {"req": req, "ok": False, "error": "Cancelled"})
-                return
-
-    def _unsubscribe(self, client: _Client, sub_id: Any) -> None:
-        sub = self.subs.get(sub_id) if isinstance(sub_id, int) else None
-        if sub is None or sub.client is not client:
-            raise KeyError(f"no subscription {sub_id!r} for this worker")
-        del self.subs[sub.id]
-        client.subs.discard(sub.id)
-        for p in [p for p in self.pending if p.sub is sub]:
-            self.pending.remove(p)
-            for fd in p.fds:
-                os.close(fd)
-        gone = []
-        for channel in sub.channels:
-            ids = self.routes[channel]
-            ids.remove(sub.id)
-            self.dispatcher.set_route(channel.encode(), ids)
-            if not ids:
-                del self.routes[channel]
-                gone.append(channel)
-        self.dispatcher.remove_ring(sub.id)
-        gone = [ch for ch in gone if ch in self.listening]
-        if gone and self.conn is not None:
-            self.listening.difference_update(gone)
-            try:
-                self._query(sql.SQL("; ").join(
-                    sql.SQL("UNLISTEN {}").format(sql.Identifier(ch)) for ch in gone))
-            except _QueryFailed as exc:
-                self._lost(f"UNLISTEN failed: {exc}")
+        sub, act = self.registry.cancel(client, req)
+        if sub is not None:
+            self._apply(act)
+            self._reply(client, {"req": req, "ok": False, "error": "Cancelled"})
 
     def _detach(self, client: _Client) -> None:
-        for sub_id in sorted(client.subs):
-            self._unsubscribe(client, sub_id)
+        self._apply(self.registry.worker_gone(client))
         self.epoll.unregister(client.sock.fileno())
         del self.clients[client.sock.fileno()]
         client.sock.close()
@@ -552,9 +579,7 @@ class Server:
             return
         message, _fds = got
         op = message.get("op")
-        if op == "status":
-            self._reply_owner(message, self.status())
-        elif op == "stats":
+        if op == "stats":
             self._reply_owner(message, self.stats())
         elif op == "stop":
             self.stopping = True
@@ -566,28 +591,9 @@ class Server:
         except OSError:
             self.stopping = True
 
-    def _counters(self) -> dict[str, Any]:
-        """What status() and stats() both report."""
-        return {
-            "backend_pid": self.conn.info.backend_pid if self.up and self.conn else None,
-            "last_error": self.last_error,
-            "last_error_permanent": self.last_error_permanent,
-            "reconnects": self.reconnects,
-            "workers": len(self.clients),
-            "received": self.dispatcher.received,
-            "unrouted": self.dispatcher.unrouted,
-        }
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "connected": self.up,
-            **self._counters(),
-            "subscriptions": len(self.subs),
-            "channels": sorted(self.routes),
-        }
-
     def stats(self) -> dict[str, Any]:
-        if self.up:
+        up = self.registry.up
+        if up:
             state = "listening"
         else:
             state = "connecting" if self.conn is not None else "disconnected"
@@ -595,14 +601,22 @@ class Server:
         if self.down_since is not None:
             outage += time.monotonic() - self.down_since
         readers = []
-        for sub in self.subs.values():
+        for sub in self.registry.subs.values():
             delivered, missed, lag = self.dispatcher.ring_stats(sub.id)
             readers.append({"subscription": sub.id, "channels": list(sub.channels),
-                            "pid": sub.client.pid, "delivered": delivered, "missed": missed,
+                            "pid": sub.pid, "delivered": delivered, "missed": missed,
                             "ring_bytes": sub.ring_bytes, "lag_bytes": lag})
         return {
             "state": state,
-            **self._counters(),
+            "backend_pid": self.conn.info.backend_pid if up and self.conn else None,
+            "last_error": self.last_error,
+            "last_error_permanent": self.last_error_permanent,
+            "reconnects": self.reconnects,
+            "workers": len(self.clients),
+            "received": self.dispatcher.received,
+            "unrouted": self.dispatcher.unrouted,
+            "subscriptions": len(self.registry.subs),
+            "channels": sorted(self.registry.routes),
             "outage_seconds": outage,
             "queue_usage": self.queue_usage,
             "readers": readers,
@@ -622,11 +636,16 @@ class Server:
         for client in list(self.clients.values()):
             client.sock.close()    # readers see the hang-up and raise SupervisorGone
         self.clients.clear()
-        for p in self.pending:
-            for fd in p.fds:
+        for fds in self.ring_fds.values():
+            for fd in fds:
                 os.close(fd)
         if self.conn is not None:
             self.conn.close()
+        signal.set_wakeup_fd(-1)
+        self.wakeup.close()
+        self._wakeup_w.close()
+        if self.reserve_fd is not None:
+            os.close(self.reserve_fd)
         log.info("stopped")
 
 
@@ -637,6 +656,12 @@ def _pgconn_ptr(conn: psycopg.Connection[Any]) -> int:
 
 def _queue_usage(value: bytes | None) -> float | None:
     return None if value is None else float(value)
+
+
+def _listen_sql(verb: str, channels: list[str]) -> sql.Composable:
+    """LISTEN or UNLISTEN of every channel, in one round trip."""
+    return sql.SQL("; ").join(
+        sql.SQL(verb + " {}").format(sql.Identifier(ch)) for ch in channels)
 
 
 def _one_line(exc: object) -> str:
@@ -658,6 +683,7 @@ def main(config: Config, listen_sock: socket.socket, owner: socket.socket, log_q
                                    "message": str(exc)})
             return
         server = Server(config, listen_sock, owner)
+        server.stop_on_signals()
         _protocol.send(owner, {"ready": True, "pid": os.getpid()})
         server.serve()
     except Exception:

@@ -31,7 +31,8 @@ class Stats:
     state: str                  # "listening", "connecting" or "disconnected"
     backend_pid: int | None     # the listening connection's server process, when listening
     reconnects: int             # outages of a working connection so far
-    outage_seconds: float       # total time not listening since start, the current outage too
+    outage_seconds: float       # total time spent in outages (from the loss of a working
+                                # connection to every LISTEN back), the current one too
     last_error: str | None      # the cause of the current outage, if any
     last_error_permanent: bool  # it is one that retrying alone will not mend (bad
                                 # credentials, an unknown role or database)
@@ -41,10 +42,18 @@ class Stats:
     unrouted: int               # of those, on a channel nobody subscribed to any more
     workers: int                # connected worker processes
     readers: tuple[ReaderStats, ...]
+    subscriptions: int = 0      # subscriptions held, answered or waiting for their LISTEN
+    channels: tuple[str, ...] = ()  # channels somebody subscribes to, sorted
+
+    @property
+    def connected(self) -> bool:
+        """Listening, with every LISTEN in place: streams are whole."""
+        return self.state == "listening"
 
     @classmethod
     def _from_reply(cls, reply: dict[str, Any]) -> Stats:
-        fields = {k: reply[k] for k in cls.__dataclass_fields__ if k != "readers"}
+        fields = {k: reply[k] for k in cls.__dataclass_fields__
+                  if k not in ("readers", "channels")}
         readers = tuple(ReaderStats(**{**r, "channels": tuple(r["channels"])})
                         for r in reply["readers"])
-        return cls(**fields, readers=readers)
+        return cls(**fields, readers=readers, channels=tuple(reply["channels"]))

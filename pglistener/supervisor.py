@@ -11,6 +11,7 @@ import stat
 import sys
 import tempfile
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -286,20 +287,23 @@ class Supervisor:
     @property
     def backend_pid(self) -> int | None:
         """Server pid of the listening connection; None while disconnected."""
-        pid = self.status()["backend_pid"]
-        return int(pid) if pid is not None else None
+        return self.stats().backend_pid
 
     def status(self) -> dict[str, Any]:
-        """The supervisor's state: connected, backend_pid, last_error, reconnects, workers,
-        subscriptions, channels, received, unrouted."""
-        reply = self._request({"op": "status"}, timeout=10.0)
-        reply.pop("req", None)
-        reply.pop("ok", None)
-        return reply
+        """Deprecated: stats() has all of it (connected, channels, subscriptions, ...)."""
+        warnings.warn("Supervisor.status() is deprecated: use stats(), which has the same "
+                      "figures as attributes", DeprecationWarning, stacklevel=2)
+        s = self.stats()
+        return {"connected": s.connected, "backend_pid": s.backend_pid,
+                "last_error": s.last_error, "last_error_permanent": s.last_error_permanent,
+                "reconnects": s.reconnects, "workers": s.workers, "received": s.received,
+                "unrouted": s.unrouted, "subscriptions": s.subscriptions,
+                "channels": list(s.channels)}
 
     def stats(self) -> Stats:
         """Connection state, backend pid, reconnects and total outage time, the server's
-        notification queue fill, and per reader: delivered, missed, ring size and lag."""
+        notification queue fill, the channels and subscriptions, and per reader: delivered,
+        missed, ring size and lag."""
         return Stats._from_reply(self._request({"op": "stats"}, timeout=10.0))
 
     def _request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:

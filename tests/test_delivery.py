@@ -83,7 +83,7 @@ def test_one_server_connection_and_one_listen_per_channel(
         "SELECT pid, application_name FROM pg_stat_activity WHERE application_name = 'pglistener'"
     ).fetchall()
     assert rows == [(supervisor.backend_pid, "pglistener")]
-    assert supervisor.status()["channels"] == ["a", "b", "c"]
+    assert supervisor.stats().channels == ("a", "b", "c")
     # UNLISTEN only when the last subscriber of a channel leaves: while one "a" remains the
     # server still delivers to us, after that it does not even send.
     for sub in subs[:2]:
@@ -92,12 +92,12 @@ def test_one_server_connection_and_one_listen_per_channel(
     assert subs[2].get(timeout=30).payload == "still"
     for sub in subs[2:4]:
         sub.unsubscribe()
-    assert supervisor.status()["channels"] == ["b", "c"]
-    before = supervisor.status()["received"]
+    assert supervisor.stats().channels == ("b", "c")
+    before = supervisor.stats().received
     notify(conn, "a", ["nobody"])
     notify(conn, "b", ["marker"])
     assert subs[4].get(timeout=30).payload == "marker"
-    assert supervisor.status()["received"] == before + 1     # "a" was not sent to us
+    assert supervisor.stats().received == before + 1     # "a" was not sent to us
     for sub in subs[4:]:
         sub.unsubscribe()
 
@@ -240,7 +240,7 @@ def test_overflow_is_a_gap_with_the_exact_count(dsn: str, conn: psycopg.Connecti
         sent = 5000
         notify(conn, "flood", [f"{i:06d}" for i in range(sent)])
         # Read only once the supervisor has taken all 5000 (~120 KB) into a 16 KiB ring.
-        wait_for(lambda: sup.status()["received"] >= sent, "the supervisor to receive the flood",
+        wait_for(lambda: sup.stats().received >= sent, "the supervisor to receive the flood",
                  timeout=60)
         seen: list[int] = []
         stream: list[Any] = []
@@ -314,15 +314,15 @@ def test_a_killed_worker_is_detached_and_others_keep_their_stream(
         p.start()
     for _ in victims:
         ready.get(timeout=60)
-    assert supervisor.status()["subscriptions"] == 3
+    assert supervisor.stats().subscriptions == 3
     notify(conn, "shared", [str(i) for i in range(1000)])
     for p in victims:
         os.kill(p.pid, signal.SIGKILL)     # mid-stream
         p.join(30)
     notify(conn, "shared", [str(i) for i in range(1000, 2000)])
-    wait_for(lambda: supervisor.status()["subscriptions"] == 1,
+    wait_for(lambda: supervisor.stats().subscriptions == 1,
              "the dead worker's subscriptions to be reclaimed")
-    assert supervisor.status()["channels"] == ["shared"]      # "own" was UNLISTENed
+    assert supervisor.stats().channels == ("shared",)      # "own" was UNLISTENed
     assert payloads(survivor, 2000) == [str(i) for i in range(2000)]
     survivor.unsubscribe()
 
@@ -342,9 +342,9 @@ def test_one_subscription_to_several_channels_keeps_the_servers_order(
             (f"m{i % 2 + 1}", str(i)) for i in range(300)]
         assert [alone.get(timeout=30).payload for _ in range(150)] == [
             str(i) for i in range(1, 300, 2)]
-        assert supervisor.status()["channels"] == ["m1", "m2"]
+        assert supervisor.stats().channels == ("m1", "m2")
     # Both gone: both channels UNLISTENed (in one round trip).
-    assert supervisor.status()["channels"] == []
+    assert supervisor.stats().channels == ()
     with pytest.raises(InvalidChannelName):
         w.subscribe([], timeout=30)
     with pytest.raises(InvalidChannelName):

@@ -94,7 +94,7 @@ def test_items_delivered_before_the_supervisor_stops_are_still_read(
     sup = Supervisor(dsn).start()
     sub = sup.worker().subscribe("last", timeout=30)
     notify(conn, "last", ["one", "two"])
-    wait_for(lambda: sup.status()["received"] == 2, "delivery")
+    wait_for(lambda: sup.stats().received == 2, "delivery")
     sup.stop()
     assert [sub.get(timeout=5).payload for _ in range(2)] == ["one", "two"]
     with pytest.raises(SupervisorGone):
@@ -142,7 +142,7 @@ def test_password_never_shows(dsn: str, caplog: pytest.LogCaptureFixture) -> Non
             sup = Supervisor(target, backoff_initial=0.1, backoff_max=0.2).start()
             try:
                 w = sup.worker()
-                shown = [repr(sup), repr(w), str(pickle.dumps(w)), str(sup.status())]
+                shown = [repr(sup), repr(w), str(pickle.dumps(w)), str(sup.stats())]
                 with open(f"/proc/{sup.pid}/cmdline", "rb") as f:
                     shown.append(f.read().decode(errors="replace"))
                 with open(f"/proc/{sup.pid}/environ", "rb") as f:
@@ -195,10 +195,10 @@ def test_database_down_at_start_then_subscribe_times_out_with_the_cause(dsn: str
         assert sup.backend_pid is None
         with pytest.raises(TimeoutError, match="not committed"):
             sup.worker().subscribe("never", timeout=1)
-        assert "cannot connect" in sup.status()["last_error"]
+        assert "cannot connect" in sup.stats().last_error
         # The abandoned subscribe is dropped, not kept waiting for the database.
-        wait_for(lambda: sup.status()["subscriptions"] == 0, "the cancelled subscribe to go")
-        assert sup.status()["channels"] == []
+        wait_for(lambda: sup.stats().subscriptions == 0, "the cancelled subscribe to go")
+        assert sup.stats().channels == ()
 
 
 @pytest.mark.parametrize(
@@ -242,7 +242,7 @@ def test_channel_limit_counts_every_channel_of_every_subscription(dsn: str) -> N
             w.subscribe(["k3", "k4"], timeout=30)
         w.subscribe("k3", timeout=30).unsubscribe()      # one more fits
         two.unsubscribe()
-        assert sup.status()["channels"] == []
+        assert sup.stats().channels == ()
 
 
 def test_subscription_does_not_cross_fork(worker: Worker) -> None:

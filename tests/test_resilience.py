@@ -37,8 +37,8 @@ def texts(items: list[Any]) -> list[str]:
 
 
 def reconnected(sup: Supervisor, old_pid: int | None) -> bool:
-    status = sup.status()
-    return bool(status["connected"]) and status["backend_pid"] not in (None, old_pid)
+    stats = sup.stats()
+    return stats.connected and stats.backend_pid not in (None, old_pid)
 
 
 def test_frozen_stream_is_noticed_within_liveness_timeout(
@@ -64,7 +64,7 @@ def test_frozen_stream_is_noticed_within_liveness_timeout(
         wait_for(lambda: reconnected(sup, old), "the supervisor to reconnect")
         wait_for(lambda: "did not answer within liveness_timeout (2 s)" in caplog.text,
                  "the cause to be logged")
-        assert sup.status()["reconnects"] == 1
+        assert sup.stats().reconnects == 1
         notify(conn, "frozen", ["c"])
         assert texts(read(sub, 1)) == ["c"]
         assert proxy.accepted == 2
@@ -76,9 +76,9 @@ def test_quiet_connection_is_kept_by_heartbeats(dsn: str, proxy: Proxy) -> None:
         sub = sup.worker().subscribe("quiet", timeout=30)
         pid = sup.backend_pid
         time.sleep(4.5)     # three liveness_timeouts without a notification
-        status = sup.status()
-        assert status["reconnects"] == 0
-        assert status["backend_pid"] == pid
+        stats = sup.stats()
+        assert stats.reconnects == 0
+        assert stats.backend_pid == pid
         assert proxy.accepted == 1
         sub.unsubscribe()
 
@@ -94,7 +94,7 @@ def test_heartbeats_go_out_while_notifications_flow(dsn: str, conn: psycopg.Conn
             notify(conn, "busy", [str(i)])
             time.sleep(0.2)
         assert texts(read(sub, 20)) == [str(i) for i in range(20)]
-        assert sup.status()["reconnects"] == 0
+        assert sup.stats().reconnects == 0
         assert sup.backend_pid == pid
 
 
@@ -104,7 +104,7 @@ def test_reset_stream_reconnects_with_one_gap(
     with Supervisor(proxied(dsn, proxy), **FAST_RETRY).start() as sup:
         sub = sup.worker().subscribe("reset", timeout=30)
         notify(conn, "reset", [str(i) for i in range(100)])
-        wait_for(lambda: sup.status()["received"] == 100, "delivery before the reset")
+        wait_for(lambda: sup.stats().received == 100, "delivery before the reset")
         old = sup.backend_pid
         proxy.reset()
         wait_for(lambda: reconnected(sup, old), "the supervisor to reconnect")
@@ -112,7 +112,7 @@ def test_reset_stream_reconnects_with_one_gap(
         items = read(sub, 201)
         assert texts(items) == [str(i) for i in range(100)] + ["GAP:reconnect"] + \
             [str(i) for i in range(100, 200)]
-        assert sup.status()["reconnects"] == 1
+        assert sup.stats().reconnects == 1
 
 
 def test_tcp_liveness_settings_are_defaults_the_dsn_can_override() -> None:
@@ -137,11 +137,11 @@ def test_server_restart_gives_one_gap_then_the_stream_resumes(
         w = sup.worker()
         a, b = w.subscribe("ra", timeout=30), w.subscribe("rb", timeout=30)
         notify(conn, "ra", [f"a{i}" for i in range(500)])
-        wait_for(lambda: sup.status()["received"] == 500, "delivery before the restart")
+        wait_for(lambda: sup.stats().received == 500, "delivery before the restart")
         old = sup.backend_pid
         cluster.restart(mode)
         wait_for(lambda: reconnected(sup, old), "the supervisor to reconnect after restart")
-        assert sup.status()["channels"] == ["ra", "rb"]
+        assert sup.stats().channels == ("ra", "rb")
         with psycopg.connect(cluster.dsn, autocommit=True) as conn2:
             notify(conn2, "ra", [f"a{i}" for i in range(500, 1000)])
             notify(conn2, "rb", ["b0"])
@@ -149,7 +149,7 @@ def test_server_restart_gives_one_gap_then_the_stream_resumes(
             [f"a{i}" for i in range(500, 1000)]
         assert texts(read(b, 2)) == ["GAP:reconnect", "b0"]
         # However many attempts failed while the server was down: one outage, one gap.
-        assert sup.status()["reconnects"] == 1
+        assert sup.stats().reconnects == 1
         with pytest.raises(TimeoutError):
             a.get(timeout=0.2)
 
@@ -166,7 +166,7 @@ class Waiting:
 
     def held_by(self, sup: Supervisor, cause: str) -> None:
         """The supervisor reports `cause` as its last error, and subscribe() still waits."""
-        wait_for(lambda: cause in (sup.status()["last_error"] or ""), f"the error {cause!r}")
+        wait_for(lambda: cause in (sup.stats().last_error or ""), f"the error {cause!r}")
         assert self.thread.is_alive()
 
     def receives_once_ready(self, dsn: str) -> None:
@@ -265,7 +265,7 @@ def test_a_reader_that_never_reads_holds_back_no_one(dsn: str, conn: psycopg.Con
         usage = conn.execute("SELECT pg_notification_queue_usage()").fetchone()[0]  # type: ignore
         assert usage < stalled / 10, (usage, stalled)
 
-        wait_for(lambda: sup.status()["received"] == total, "the supervisor to take all")
+        wait_for(lambda: sup.stats().received == total, "the supervisor to take all")
         seen, missed, expected = 0, 0, 0
         while seen + missed < total:
             item = sleeper.get(timeout=30)

@@ -117,7 +117,7 @@ class Routing(RuleBasedStateMachine):
         self._sync()        # what was sent before the cut has arrived
         old = self.sup.backend_pid
         self.conn.execute("SELECT pg_terminate_backend(%s)", (old,))
-        wait_for(lambda: self.sup.status()["connected"] and
+        wait_for(lambda: self.sup.stats().connected and
                  self.sup.backend_pid not in (None, old), "the supervisor to reconnect")
         for _ch, items in self.expected.values():
             items.append("GAP:reconnect")
@@ -133,21 +133,20 @@ class Routing(RuleBasedStateMachine):
 
     @invariant()
     def streams_match_the_model(self) -> None:
-        wait_for(lambda: self.sup.status()["subscriptions"] == len(self.expected) + 1,
+        wait_for(lambda: self.sup.stats().subscriptions == len(self.expected) + 1,
                  "dead workers' subscriptions to be reclaimed")
-        status = self.sup.status()
         wanted = {ch for ch, _ in self.expected.values()} | {"sentinel"}
-        assert sorted(status["channels"]) == sorted(wanted)
+        assert self.sup.stats().channels == tuple(sorted(wanted))
         self._sync()
         for (a, key), (_ch, items) in self.expected.items():
             assert a.ask("read", key, len(items)) == items
             items.clear()
         # The server no longer sends what nobody wants: UNLISTEN happened.
-        before = self.sup.status()["unrouted"]
+        before = self.sup.stats().unrouted
         for ch in set(CHANNELS) - wanted:
             notify(self.conn, ch, [self._payload()])
         self._sync()
-        assert self.sup.status()["unrouted"] == before
+        assert self.sup.stats().unrouted == before
 
 
 def test_routing_matches_the_model(dsn: str) -> None:

@@ -1,0 +1,200 @@
+"""The supervisor's bookkeeping, without I/O: subscriptions, routes, pending subscribes, the
+channels LISTENed on the connection, and the per-worker limits.
+
+It takes events (a subscribe, a LISTEN committed, an unsubscribe, a worker gone, the
+connection lost or replayed) and returns `Actions`: what the server must do to the dispatcher,
+the connection and the workers. It never touches a socket, a ring or PostgreSQL, so the whole
+routing state machine runs in-process in the tests (tests/test_registry.py); _server.Server is
+the thin shell that carries the actions out.
+
+When a worker's stream begins: a subscription is answered once every one of its channels is
+LISTENed on a working connection. Its ring is routed before that, so that a channel already
+LISTENed for somebody else delivers into it from the subscribe on; such a stream has begun on
+that channel, and a connection lost before the answer must leave it a gap too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import TooManySubscriptions
+
+
+@dataclass(eq=False)
+class Sub:
+    """One subscription: its ring's id, its channels in order, and who asked for it."""
+
+    id: int
+    channels: tuple[str, ...]
+    worker: Hashable
+    pid: int
+    ring_bytes: int
+    req: Any                    # the subscribe request, answered once LISTEN is committed
+    answered: bool = False
+
+
+@dataclass
+class Actions:
+    """What to do, in this order: routes, rings to free, gaps, UNLISTEN, LISTEN, answers."""
+
+    routes: dict[str, list[int]] = field(default_factory=dict)   # channel -> ring ids
+    free: list[Sub] = field(default_factory=list)     # rings to free, after the routes
+    gaps: list[int] = field(default_factory=list)     # rings that get Gap("reconnect")
+    unlisten: list[str] = field(default_factory=list)
+    listen: list[str] = field(default_factory=list)   # then call listened(), or lost()
+    answer: list[Sub] = field(default_factory=list)   # subscribes to answer with their ring
+    lost_stream: bool = False   # lost(): a working connection went (an outage begins)
+
+    def __iadd__(self, other: Actions) -> Actions:
+        self.routes.update(other.routes)
+        self.free += other.free
+        self.gaps += other.gaps
+        self.unlisten += [ch for ch in other.unlisten if ch not in self.unlisten]
+        self.listen += [ch for ch in other.listen if ch not in self.listen]
+        self.answer += other.answer
+        self.lost_stream = self.lost_stream or other.lost_stream
+        return self
+
+
+class Registry:
+    def __init__(self, max_subscriptions_per_worker: int, max_channels_per_worker: int) -> None:
+        self.max_subscriptions = max_subscriptions_per_worker
+        self.max_channels = max_channels_per_worker
+        self.subs: dict[int, Sub] = {}
+        self.routes: dict[str, list[int]] = {}      # channel -> subscription ids, in order
+        self.listening: set[str] = set()            # LISTENs committed on the connection
+        self.requested: set[str] = set()            # LISTENs sent, not known committed yet
+        self.up = False          # connected and every LISTEN replayed: streams are whole
+        self._by_worker: dict[Hashable, dict[int, Sub]] = {}
+        self._ids = itertools.count(1)
+
+    # -- subscribing --------------------------------------------------------------------------
+
+    def new(self, worker: Hashable, pid: int, req: Any, channels: Sequence[str],
+            ring_bytes: int) -> Sub:
+        """A subscription within the worker's limits, not recorded yet: make its ring, then
+        add() it. Raises TooManySubscriptions past a limit, and changes nothing then."""
+        held = self._by_worker.get(worker, {})
+        if len(held) >= self.max_subscriptions:
+            raise TooManySubscriptions(
+                f"a worker process may hold at most {self.max_subscriptions} subscriptions "
+                f"(Supervisor(max_subscriptions_per_worker=...)); unsubscribe some first")
+        in_use = sum(len(sub.channels) for sub in held.values())
+        if in_use + len(channels) > self.max_channels:
+            raise TooManySubscriptions(
+                f"a worker process may subscribe to at most {self.max_channels} channels in "
+                f"all (Supervisor(max_channels_per_worker=...)); it holds {in_use} and asked "
+                f"for {len(channels)} more")
+        return Sub(next(self._ids), tuple(channels), worker, pid, ring_bytes, req)
+
+    def add(self, sub: Sub) -> Actions:
+        """Record a subscription whose ring exists: route it, LISTEN what is new."""
+        self.subs[sub.id] = sub
+        self._by_worker.setdefault(sub.worker, {})[sub.id] = sub
+        act = Actions()
+        for channel in sub.channels:
+            ids = self.routes.setdefault(channel, [])
+            ids.append(sub.id)
+            act.routes[channel] = list(ids)
+        if self.up:
+            act.listen = [ch for ch in sub.channels
+                          if ch not in self.listening and ch not in self.requested]
+            self.requested.update(act.listen)
+            act.answer = self._answerable()
+        return act
+
+    def listened(self, channels: Sequence[str]) -> Actions:
+        """The LISTENs of `channels` are committed: answer what waited for them."""
+        self.requested.difference_update(channels)
+        self.listening.update(ch for ch in channels if ch in self.routes)
+        return Actions(answer=self._answerable())
+
+    def refused(self, channels: Sequence[str]) -> None:
+        """The server refused the LISTENs of `channels` (none took effect)."""
+        self.requested.difference_update(channels)
+
+    def _answerable(self) -> list[Sub]:
+        if not self.up:
+            return []
+        ready = [sub for sub in self.subs.values()
+                 if not sub.answered and self.listening.issuperset(sub.channels)]
+        for sub in ready:
+            sub.answered = True
+        return ready
+
+    # -- unsubscribing ------------------------------------------------------------------------
+
+    def unsubscribe(self, worker: Hashable, sub_id: Any) -> Actions:
+        sub = self._by_worker.get(worker, {}).get(sub_id) if isinstance(sub_id, int) else None
+        if sub is None:
+            raise KeyError(f"no subscription {sub_id!r} for this worker")
+        return self._drop(sub)
+
+    def cancel(self, worker: Hashable, req: Any) -> tuple[Sub | None, Actions]:
+        """The worker gave up waiting for subscribe `req`: the subscription, if still
+        unanswered, and what dropping it takes."""
+        for sub in self._by_worker.get(worker, {}).values():
+            if not sub.answered and sub.req == req:
+                return sub, self._drop(sub)
+        return None, Actions()
+
+    def worker_gone(self, worker: Hashable) -> Actions:
+        act = Actions()
+        for sub in sorted(self._by_worker.get(worker, {}).values(), key=lambda s: s.id):
+            act += self._drop(sub)
+        self._by_worker.pop(worker, None)
+        return act
+
+    def _drop(self, sub: Sub) -> Actions:
+        del self.subs[sub.id]
+        del self._by_worker[sub.worker][sub.id]
+        act = Actions(free=[sub])
+        for channel in sub.channels:
+            ids = self.routes[channel]
+            ids.remove(sub.id)
+            act.routes[channel] = list(ids)
+            if not ids:
+                del self.routes[channel]
+                if channel in self.listening or channel in self.requested:
+                    self.listening.discard(channel)
+                    self.requested.discard(channel)
+                    act.unlisten.append(channel)
+        return act
+
+    # -- the connection -----------------------------------------------------------------------
+
+    def lost(self) -> Actions:
+        """The connection is gone. Every stream that may have received something on it gets a
+        gap at the place it was lost: each one with a channel LISTENed, or whose LISTEN was
+        sent (the server may deliver before its answer arrives). That is every stream when a
+        working connection goes, and during a replay that fails, those it reached (the
+        dispatcher writes no second gap where nothing came after the first)."""
+        act = Actions(lost_stream=self.up)
+        began = self.listening | self.requested
+        act.gaps = [sub.id for sub in self.subs.values() if not began.isdisjoint(sub.channels)]
+        self.up = False
+        self.listening.clear()
+        self.requested.clear()
+        return act
+
+    def connected(self) -> Actions:
+        """A new connection: LISTEN every routed channel, then call replayed()."""
+        act = Actions(listen=sorted(self.routes))
+        self.requested = set(act.listen)
+        return act
+
+    def replayed(self, channels: Sequence[str]) -> Actions:
+        """Every LISTEN of connected() is committed: streams are whole again."""
+        self.up = True
+        return self.listened(channels)
+
+    # -- what stats() shows -------------------------------------------------------------------
+
+    def workers(self) -> int:
+        return len(self._by_worker)
+
+    def held_by(self, worker: Hashable) -> list[Sub]:
+        return list(self._by_worker.get(worker, {}).values())
