@@ -30,8 +30,11 @@ class Control:
     def get(cls, path: str) -> Control:
         with cls._lock:
             ctl = cls._by_path.get(path)
-            if ctl is None:
-                ctl = cls._by_path[path] = cls(path)
+            if ctl is None or ctl.gone:
+                # A connection the supervisor dropped (its streams ended with it) is not kept:
+                # the next request opens a new one, or finds the supervisor gone.
+                ctl = cls(path)
+                cls._by_path[path] = ctl
             return ctl
 
     def __init__(self, path: str) -> None:

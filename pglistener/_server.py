@@ -536,7 +536,8 @@ class Server:
         for sub in act.answer:
             fds = self.ring_fds.pop(sub.id)
             try:
-                self._reply(cast(_Client, sub.worker), {"req": sub.req, "ok": True, "sub": sub.id}, fds)
+                self._reply(cast(_Client, sub.worker),
+                            {"req": sub.req, "ok": True, "sub": sub.id}, fds)
             finally:
                 for fd in fds:
                     os.close(fd)

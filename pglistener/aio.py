@@ -56,7 +56,7 @@ class _HangupWatch:
     def get(cls, loop: asyncio.AbstractEventLoop, ctl: Control) -> _HangupWatch:
         watches = cls._by_loop.setdefault(loop, {})
         watch = watches.get(ctl.path)
-        if watch is None or watch.pid != ctl.pid:       # a fork child watches on its own
+        if watch is None or watch.ctl is not ctl:   # a fork child, or a new connection
             watch = watches[ctl.path] = cls(loop, ctl)
         return watch
 

@@ -1,0 +1,260 @@
+"""The supervisor's control side at its documented limits and against hostile peers: no size
+cliff, no crash, nothing left behind (real server, real sockets, real signals)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from fix_pg import notify
+from fix_supervisor import process_gone, wait_for
+from pglistener import Supervisor, TooManySubscriptions, Worker
+from pglistener._control import Control
+
+#: 63 bytes, the longest a channel may be, and escaped at worst in JSON (\u0001 each).
+LONG = "\x01" * 59
+
+
+def long_channel(i: int) -> str:
+    return f"{LONG}{i:04d}"
+
+
+def connect_raw(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(10)
+    sock.connect(address)
+    return sock
+
+
+def serves(sup: Supervisor, conn: psycopg.Connection, channel: str) -> bool:
+    """The supervisor still subscribes, delivers and answers stats()."""
+    with sup.worker().subscribe(channel, timeout=30) as sub:
+        notify(conn, channel, ["alive"])
+        assert sub.get(timeout=30).payload == "alive"
+    return sup.stats().state == "listening"
+
+
+# -- no size cliff inside the documented limits ----------------------------------------------
+
+
+def test_stats_with_every_limit_at_its_maximum(dsn: str, conn: psycopg.Connection) -> None:
+    """1024 subscriptions (max_subscriptions_per_worker's default) of 4 channels of 63 bytes
+    each (4096, max_channels_per_worker's default) in one worker: stats() is a reply of
+    about 1 MB, past any socket buffer."""
+    with Supervisor(dsn, ring_bytes=16 * 1024).start() as sup:
+        worker = sup.worker()
+        subs = [worker.subscribe([long_channel(4 * i + k) for k in range(4)], timeout=60)
+                for i in range(1024)]
+        with pytest.raises(TooManySubscriptions, match="at most 1024 subscriptions"):
+            worker.subscribe("one-more", timeout=30)
+        stats = sup.stats()
+        assert len(stats.readers) == stats.subscriptions == 1024
+        assert len(stats.channels) == 4096
+        assert len(json.dumps([r.channels for r in stats.readers])) > 1_000_000
+        assert sup.backend_pid == stats.backend_pid is not None
+        notify(conn, long_channel(4095), ["last"])
+        assert subs[-1].get(timeout=30).payload == "last"
+        for sub in subs:
+            sub.unsubscribe()
+        assert sup.stats().channels == ()
+
+
+def test_one_subscribe_of_every_channel_a_worker_may_hold(dsn: str,
+                                                          conn: psycopg.Connection) -> None:
+    """4096 channels of 63 bytes in one subscribe: a request of 1.5 MB. One more channel is
+    refused with an error reply, and the connection serves on."""
+    channels = [long_channel(i) for i in range(4096)]
+    with Supervisor(dsn).start() as sup:
+        worker = sup.worker()
+        ctl = Control.get(worker.address)
+        with worker.subscribe(channels, timeout=60) as sub:
+            notify(conn, channels[4095], ["far"])
+            assert sub.get(timeout=30).payload == "far"
+            with pytest.raises(TooManySubscriptions, match="at most 4096 channels"):
+                worker.subscribe("one-more", timeout=30)
+        with pytest.raises(TooManySubscriptions, match="at most 4096 channels"):
+            worker.subscribe([*channels, "one-more"], timeout=30)
+        assert serves(sup, conn, "after-the-refusal")
+        assert Control.get(worker.address) is ctl       # never dropped
+
+
+def test_a_request_past_every_limit_gets_an_error_reply(dsn: str,
+                                                        conn: psycopg.Connection) -> None:
+    """A subscribe bigger than the supervisor reads at all (its limits allow 4 channels):
+    answered with TooManySubscriptions by its request id, the connection kept."""
+    with Supervisor(dsn, max_channels_per_worker=4).start() as sup:
+        worker = sup.worker()
+        ctl = Control.get(worker.address)
+        with pytest.raises(TooManySubscriptions, match="max_channels_per_worker"):
+            worker.subscribe([long_channel(i) for i in range(3000)], timeout=30)
+        assert Control.get(worker.address) is ctl
+        assert serves(sup, conn, "still-served")
+
+
+def test_a_dropped_control_connection_is_reopened_by_the_next_request(
+        dsn: str, conn: psycopg.Connection) -> None:
+    with Supervisor(dsn).start() as sup:
+        worker = sup.worker()
+        with worker.subscribe("before-drop", timeout=30) as sub:
+            ctl = Control.get(worker.address)
+            ctl.sock.shutdown(socket.SHUT_RDWR)     # as when the supervisor cuts it off
+            with pytest.raises(Exception):          # noqa: B017 - the stream ends with it
+                sub.get(timeout=10)
+        assert serves(sup, conn, "after-drop")
+        assert Control.get(worker.address) is not ctl
+
+
+# -- hostile peers: each is dropped, the supervisor serves on ---------------------------------
+
+
+def _hostile_messages() -> Iterator[tuple[str, bytes, list[int]]]:
+    yield "nested JSON", b"[" * 40_000 + b"]" * 40_000, []
+    yield "not JSON", b"\xff\xfe garbage", []
+    yield "not an object", b"[1, 2, 3]", []
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    yield "a body that is a pipe", json.dumps({"$body": 10, "req": 1}).encode(), [read_end]
+    os.close(read_end)
+    yield "a body without its descriptor", json.dumps({"$body": 10, "req": 1}).encode(), []
+
+
+def test_hostile_messages_drop_that_peer_only(dsn: str, conn: psycopg.Connection,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="pglistener")
+    with Supervisor(dsn).start() as sup:
+        worker = sup.worker()
+        held = worker.subscribe("held", timeout=30)
+        for what, data, fds in _hostile_messages():
+            peer = connect_raw(worker.address)
+            if fds:
+                socket.send_fds(peer, [data], fds)
+            else:
+                peer.send(data)
+            assert peer.recv(100) == b"", f"{what}: the peer was not dropped"
+            peer.close()
+            assert sup.stats().state == "listening", what
+        assert serves(sup, conn, "after-hostile")
+        notify(conn, "held", ["kept"])
+        assert held.get(timeout=30).payload == "kept"       # others' streams are untouched
+        wait_for(lambda: sum("dropping worker" in r.getMessage()
+                             for r in caplog.records) >= 5, "one log line per dropped peer")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_bad_requests_are_answered_not_dropped(dsn: str) -> None:
+    with Supervisor(dsn).start() as sup:
+        peer = connect_raw(sup.worker().address)
+        for message, error in (({"op": "nope"}, "ValueError"),
+                                ({"op": "subscribe", "channels": "x"}, "ValueError"),
+                                ({"op": "subscribe", "channels": [7]}, "InvalidChannelName"),
+                                ({"op": "subscribe", "channels": ["a"], "ring_bytes": 3},
+                                 "ValueError"),
+                                ({"op": "unsubscribe", "sub": 99}, "KeyError")):
+            peer.send(json.dumps({**message, "req": 5}).encode())
+            reply = json.loads(peer.recv(65536))
+            assert (reply["req"], reply["ok"], reply["error"]) == (5, False, error), message
+        peer.close()
+
+
+def test_running_out_of_descriptors_refuses_new_peers_only(
+        dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    """1100 idle connections against a supervisor allowed 256 descriptors: those past the
+    limit are refused (with one log line), and the supervisor serves on."""
+    caplog.set_level(logging.WARNING, logger="pglistener")
+    with Supervisor(dsn).start() as sup:
+        worker = sup.worker()
+        held = worker.subscribe("held-through", timeout=30)
+        hard = resource.prlimit(sup.pid, resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(sup.pid, resource.RLIMIT_NOFILE, (256, hard))
+        peers, refused = [], 0
+        try:
+            for _ in range(1100):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                sock.settimeout(10)
+                try:
+                    sock.connect(worker.address)
+                except OSError:
+                    sock.close()
+                    refused += 1
+                    continue
+                peers.append(sock)
+            # The supervisor closed what it could not keep: those peers see the end.
+            wait_for(lambda: sup.stats().workers < 256, "the supervisor to refuse peers")
+            assert sup.stats().state == "listening"
+        finally:
+            for sock in peers:
+                sock.close()
+        wait_for(lambda: sup.stats().workers <= 2, "the idle peers to be detached")
+        assert serves(sup, conn, "after-emfile")
+        notify(conn, "held-through", ["kept"])
+        assert held.get(timeout=30).payload == "kept"
+        lines = [r for r in caplog.records if "refused a control connection" in r.getMessage()]
+        assert 1 <= len(lines) <= 3          # one per burst, not one per peer
+        assert "Too many open files" in lines[0].getMessage()
+
+
+# -- nothing left behind ---------------------------------------------------------------------
+
+_OWNER = textwrap.dedent("""
+    import sys, time
+    from pglistener import Supervisor
+    if __name__ == "__main__":
+        sup = Supervisor(sys.argv[1]).start()
+        sub = sup.worker().subscribe("term", timeout=30)
+        print(sup.worker().address, sup.pid, flush=True)
+        time.sleep(600)
+""")
+
+
+def test_sigterm_to_the_process_group_removes_the_control_directory(
+        dsn: str, tmp_path: os.PathLike[str]) -> None:
+    """What systemd, `docker stop` and `timeout` do: SIGTERM to every process at once. The
+    owner dies without running stop(); the supervisor cleans up after itself."""
+    script = os.path.join(tmp_path, "owner.py")
+    with open(script, "w") as f:
+        f.write(_OWNER)
+    owner = subprocess.Popen([sys.executable, script, dsn], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        address, pid = owner.stdout.readline().split()      # type: ignore[union-attr]
+        directory = os.path.dirname(address)
+        assert os.path.isdir(directory)
+        os.killpg(owner.pid, signal.SIGTERM)
+        assert owner.wait(30) == -signal.SIGTERM
+        wait_for(lambda: process_gone(int(pid)), "the supervisor process to exit")
+        wait_for(lambda: not os.path.exists(directory), "the control directory to go")
+    finally:
+        if owner.poll() is None:
+            os.killpg(owner.pid, signal.SIGKILL)
+            owner.wait()
+
+
+def _our_dirs() -> set[str]:
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("pglistener-")
+            and os.stat(os.path.join(tempfile.gettempdir(), d)).st_uid == os.getuid()}
+
+
+def test_a_start_that_fails_leaves_nothing_behind(dsn: str) -> None:
+    before = _our_dirs()
+    sup = Supervisor(dsn, start_timeout=0.001)
+    with pytest.raises(RuntimeError, match="did not start"):
+        sup.start()
+    assert sup.pid is None
+    assert _our_dirs() - before == set()
+    # ... and the same Supervisor starts afterwards.
+    sup._start_timeout = 30
+    with sup.start():
+        assert isinstance(sup.worker(), Worker)
+    assert _our_dirs() - before == set()
