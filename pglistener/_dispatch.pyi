@@ -14,6 +14,7 @@ class WaitStatus(IntEnum):
     WAIT_TIMEOUT = 1
     WAIT_PEER_GONE = 2
     WAIT_INTERRUPTED = 3
+    WAIT_FAILED = 4
 
 MIN_CAPACITY: int
 MAX_CAPACITY: int
@@ -65,6 +66,8 @@ class RingReader:
     def prepare_sleep(self) -> bool: ...
     def end_sleep(self) -> None: ...
     def wait(self, timeout_ms: int, spin_us: int = 0) -> int: ...
+    @property
+    def wait_errno(self) -> int: ...
 
 EMPTY: object
 

@@ -16,7 +16,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memcmp, memcpy, strlen
+from libc.string cimport memcmp, memcpy, strerror, strlen
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -188,6 +188,7 @@ cpdef enum WaitStatus:
     WAIT_TIMEOUT = 1
     WAIT_PEER_GONE = 2     # the supervisor's end of the control socket is closed
     WAIT_INTERRUPTED = 3
+    WAIT_FAILED = 4        # poll() itself failed (errno in the reader's wait_errno)
 
 _GAP_REASONS = {PGL_GAP_RECONNECT: "reconnect", PGL_GAP_OVERFLOW: "overflow",
                 PGL_GAP_RESTART: "restart"}
@@ -296,6 +297,7 @@ cdef struct Producer:
     uint64_t head_cache        # last head we loaded; refreshed only when the ring looks full
     uint16_t gap_reason        # a gap waiting for room, 0 if none
     uint64_t gap_missed        # its count (PGL_MISSED_UNKNOWN for reconnects)
+    bint unknown_gap_last      # the last record published is a gap of unknown count
     uint64_t delivered
     uint64_t missed_total
     int efd
@@ -322,9 +324,7 @@ cdef inline unsigned char *_claim(Producer *p, uint32_t n) noexcept nogil:
     cdef uint64_t to_end = p.cap - off
     cdef unsigned char *rec
     if n > to_end:
-        rec = p.data + off
-        (<uint32_t *>rec)[0] = <uint32_t>to_end
-        (<uint16_t *>(rec + 4))[0] = PGL_REC_PAD
+        pgl_rec_head(p.data + off, <uint32_t>to_end, PGL_REC_PAD)
         p.tail += to_end
         off = 0
     rec = p.data + off
@@ -333,11 +333,8 @@ cdef inline unsigned char *_claim(Producer *p, uint32_t n) noexcept nogil:
 
 
 cdef inline void _emit_gap(Producer *p) noexcept nogil:
-    cdef unsigned char *rec = _claim(p, PGL_RECORD_HEADER)
-    (<uint32_t *>rec)[0] = PGL_RECORD_HEADER
-    (<uint16_t *>(rec + 4))[0] = PGL_REC_GAP
-    (<uint16_t *>(rec + 6))[0] = p.gap_reason
-    (<uint64_t *>(rec + 8))[0] = p.gap_missed
+    pgl_rec_write_gap(_claim(p, PGL_RECORD_HEADER), p.gap_reason, p.gap_missed)
+    p.unknown_gap_last = p.gap_missed == PGL_MISSED_UNKNOWN
     p.gap_reason = 0
     p.gap_missed = 0
 
@@ -357,7 +354,6 @@ cdef bint _push_notify(Producer *p, const char *chan, uint32_t clen,
     # Writes and publishes one notification (after a pending gap); False if it was missed.
     cdef uint32_t n = pgl_align8(PGL_RECORD_HEADER + clen + plen)
     cdef uint64_t need
-    cdef unsigned char *rec
     if p.gap_reason != 0:
         # The gap must come first, at the place where the loss happened.
         need = _span(p, p.tail, PGL_RECORD_HEADER)
@@ -369,14 +365,8 @@ cdef bint _push_notify(Producer *p, const char *chan, uint32_t clen,
     elif not _room(p, _span(p, p.tail, n)):
         _count_missed(p)
         return False
-    rec = _claim(p, n)
-    (<uint32_t *>rec)[0] = n
-    (<uint16_t *>(rec + 4))[0] = PGL_REC_NOTIFY
-    (<uint16_t *>(rec + 6))[0] = <uint16_t>clen
-    (<int32_t *>(rec + 8))[0] = pid
-    (<uint32_t *>(rec + 12))[0] = plen
-    memcpy(rec + PGL_RECORD_HEADER, chan, clen)
-    memcpy(rec + PGL_RECORD_HEADER + clen, payload, plen)
+    pgl_rec_write_notify(_claim(p, n), n, chan, <uint16_t>clen, payload, plen, pid)
+    p.unknown_gap_last = False
     p.delivered += 1
     pgl_store_release(&p.hdr.tail, p.tail)
     return True
@@ -393,7 +383,7 @@ cdef bint _flush_gap(Producer *p) noexcept nogil:
 
 cdef struct Route:
     uint64_t hash
-    int state                  # 0 empty, 1 live, 2 deleted
+    int state                  # PGL_ROUTE_EMPTY, _LIVE or _DELETED
     int n
     uint16_t clen
     char name[64]
@@ -490,7 +480,7 @@ cdef class Dispatcher:
         cdef Route *r
         for i in range(self.table_size):
             r = &self.table[i]
-            if r.state == 1:
+            if r.state == PGL_ROUTE_LIVE:
                 j = 0
                 while j < <size_t>r.n:
                     if r.subs[j] == p:
@@ -510,11 +500,14 @@ cdef class Dispatcher:
     def mark_gap(self, ring_ids, str reason):
         """These rings get a Gap(reason), "reconnect" or "restart" (missed unknown), before
         anything received from now on; an overflow gap still waiting for room is folded
-        into it."""
+        into it. A ring whose last record is already a gap of unknown count gets no second
+        one: that gap covers this loss too."""
         cdef uint16_t code = _GAP_CODES[reason]
         cdef Producer *p
         for ring_id in ring_ids:
             p = <Producer *><size_t>self.by_id[ring_id]
+            if p.gap_reason == 0 and p.unknown_gap_last:
+                continue
             p.gap_reason = code
             p.gap_missed = PGL_MISSED_UNKNOWN
         self.gaps_pending = True
@@ -535,6 +528,8 @@ cdef class Dispatcher:
         cdef Route *r = self._find(h, channel, clen)
         cdef Producer **subs = NULL
         cdef Py_ssize_t k
+        if r == NULL and ptrs and (self.table_used + 1) * 2 > self.table_size:
+            self._rehash()      # before anything is allocated: a MemoryError leaks nothing
         if ptrs:
             subs = <Producer **>calloc(len(ptrs), sizeof(Producer *))
             if subs == NULL:
@@ -546,15 +541,13 @@ cdef class Dispatcher:
             r.subs = subs
             r.n = len(ptrs)
             if not ptrs:
-                r.state = 2
+                r.state = PGL_ROUTE_DELETED
             return
         if not ptrs:
             return
-        if (self.table_used + 1) * 2 > self.table_size:
-            self._rehash()
         r = self._slot_for_insert(h)
         r.hash = h
-        r.state = 1
+        r.state = PGL_ROUTE_LIVE
         r.n = len(ptrs)
         r.subs = subs
         r.clen = <uint16_t>clen
@@ -567,18 +560,18 @@ cdef class Dispatcher:
         cdef Route *r
         while True:
             r = &self.table[i]
-            if r.state == 0:
+            if r.state == PGL_ROUTE_EMPTY:
                 return NULL
-            if r.state == 1 and r.hash == h and r.clen == clen and memcmp(r.name, name, clen) == 0:
+            if r.state == PGL_ROUTE_LIVE and r.hash == h and r.clen == clen and memcmp(r.name, name, clen) == 0:
                 return r
             i = (i + 1) & mask
 
     cdef Route *_slot_for_insert(self, uint64_t h) noexcept nogil:
         cdef size_t mask = self.table_size - 1
         cdef size_t i = h & mask
-        while self.table[i].state == 1:
+        while self.table[i].state == PGL_ROUTE_LIVE:
             i = (i + 1) & mask
-        if self.table[i].state == 2:
+        if self.table[i].state == PGL_ROUTE_DELETED:
             self.table_used -= 1       # reusing a deleted slot; the caller counts it again
         return &self.table[i]
 
@@ -587,7 +580,7 @@ cdef class Dispatcher:
         cdef Route *old = self.table
         cdef size_t live = 0, i
         for i in range(old_size):
-            if old[i].state == 1:
+            if old[i].state == PGL_ROUTE_LIVE:
                 live += 1
         cdef size_t size = 64
         while (live + 1) * 4 > size:
@@ -600,11 +593,11 @@ cdef class Dispatcher:
         self.table_used = 0
         cdef Route *r
         for i in range(old_size):
-            if old[i].state == 1:
+            if old[i].state == PGL_ROUTE_LIVE:
                 r = self._slot_for_insert(old[i].hash)
                 r[0] = old[i]
                 self.table_used += 1
-            elif old[i].state == 2:
+            elif old[i].state == PGL_ROUTE_DELETED:
                 free(old[i].subs)
         free(old)
 
@@ -785,6 +778,7 @@ cdef class RingReader:
     cdef str last_channel         # channels repeat: decode each name once
     cdef char last_raw[64]
     cdef uint16_t last_len
+    cdef readonly int wait_errno      # what made poll() fail, with WAIT_FAILED
 
     def __cinit__(self, int memfd, int efd, int ctrl_fd):
         cdef struct_stat st
@@ -799,7 +793,8 @@ cdef class RingReader:
         self.map_bytes = st.st_size
         if (pgl_load_u32(&self.hdr.magic) != PGL_RING_MAGIC
                 or self.hdr.version != PGL_RING_VERSION
-                or self.hdr.capacity + PGL_HEADER_BYTES != <uint64_t>st.st_size):
+                or self.hdr.capacity + PGL_HEADER_BYTES != <uint64_t>st.st_size
+                or self.hdr.capacity & (self.hdr.capacity - 1)):
             munmap(mem, self.map_bytes)
             self.hdr = NULL
             raise ValueError("not a pglistener ring (bad magic, version or size)")
@@ -850,31 +845,35 @@ cdef class RingReader:
         cdef Gap gap
         while self._available():
             rec = self.data + (self.head & self.mask)
-            length = (<uint32_t *>rec)[0]
-            kind = (<uint16_t *>(rec + 4))[0]
-            if length < 8 or length & 7 or length > self.tail_cache - self.head:
-                # Only the supervisor writes here; a length like this would loop or read
-                # past what was published.
+            length = pgl_rec_length(rec)
+            kind = pgl_rec_type(rec)
+            if not self._sound(length):
                 raise PGListenerError(f"corrupt ring record (length {length})")
             if kind == PGL_REC_NOTIFY:
-                clen = (<uint16_t *>(rec + 6))[0]
-                plen = (<uint32_t *>(rec + 12))[0]
+                clen = pgl_rec_channel_len(rec)
+                plen = pgl_rec_payload_len(rec)
+                if PGL_RECORD_HEADER + clen + plen > length:
+                    raise PGListenerError(f"corrupt ring record (length {length})")
                 note = Notification.__new__(Notification)
-                note.channel = self._channel(<const char *>rec + PGL_RECORD_HEADER, clen)
-                note.payload = PyUnicode_DecodeUTF8(
-                    <const char *>rec + PGL_RECORD_HEADER + clen, plen, "surrogateescape")
-                note.pid = (<int32_t *>(rec + 8))[0]
+                note.channel = self._channel(pgl_rec_channel(rec), clen)
+                note.payload = PyUnicode_DecodeUTF8(pgl_rec_payload(rec), plen, "surrogateescape")
+                note.pid = pgl_rec_pid(rec)
                 self.head += length
                 return note
             if kind == PGL_REC_GAP:
-                missed = (<uint64_t *>(rec + 8))[0]
+                missed = pgl_rec_missed(rec)
                 gap = Gap.__new__(Gap)
-                gap.reason = _GAP_REASONS[(<uint16_t *>(rec + 6))[0]]
+                gap.reason = _GAP_REASONS[pgl_rec_gap_reason(rec)]
                 gap.missed = None if missed == PGL_MISSED_UNKNOWN else missed
                 self.head += length
                 return gap
             self.head += length    # padding
         return None
+
+    cdef inline bint _sound(self, uint32_t length) noexcept nogil:
+        # Only the supervisor writes here, but a length like this would loop for ever (0) or
+        # read past what was published: checked before it is trusted, as Agrona does.
+        return length >= 8 and not (length & 7) and length <= self.tail_cache - self.head
 
     cdef str _channel(self, const char *raw, uint16_t clen):
         if clen != self.last_len or memcmp(raw, self.last_raw, clen) != 0:
@@ -915,19 +914,27 @@ cdef class RingReader:
         cdef uint64_t missed = 0, m
         cdef unsigned char *rec
         cdef uint16_t kind
+        cdef uint32_t length
+        cdef bint corrupt = False
         self._check_open()
         with nogil:
             while n < max_items and self._available():
                 rec = self.data + (self.head & self.mask)
-                kind = (<uint16_t *>(rec + 4))[0]
+                length = pgl_rec_length(rec)
+                if not self._sound(length):
+                    corrupt = True
+                    break
+                kind = pgl_rec_type(rec)
                 if kind == PGL_REC_NOTIFY:
                     n += 1
                 elif kind == PGL_REC_GAP:
-                    m = (<uint64_t *>(rec + 8))[0]
+                    m = pgl_rec_missed(rec)
                     if m != PGL_MISSED_UNKNOWN:
                         missed += m
-                self.head += (<uint32_t *>rec)[0]
+                self.head += length
             pgl_store_release(&self.hdr.head, self.head)
+        if corrupt:
+            raise PGListenerError(f"corrupt ring record (length {length})")
         return n, missed
 
     def prepare_sleep(self):
@@ -991,7 +998,11 @@ cdef class RingReader:
         if fds[0].revents & POLLIN:
             read(self.efd, &buf, 8)     # reset the counter; the eventfd is non-blocking
         if rc < 0:
-            return WAIT_INTERRUPTED if errno == EINTR else WAIT_PEER_GONE
+            if errno == EINTR:
+                return WAIT_INTERRUPTED
+            # Not the supervisor's doing (ENOMEM, EINVAL...): say so, do not end the stream.
+            self.wait_errno = errno
+            return WAIT_FAILED
         if fds[1].revents & (PGL_POLLRDHUP | POLLHUP | POLLERR | POLLNVAL):
             return WAIT_PEER_GONE
         if rc == 0:
@@ -1260,6 +1271,10 @@ cdef class Stream:
                     status = self._reader._wait(wait_ms, _spin_us)
                 if status == WAIT_PEER_GONE:
                     self.peer_gone = True
+                elif status == WAIT_FAILED:
+                    err = self._reader.wait_errno
+                    raise OSError(err, f"waiting on {self._name()} failed: "
+                                       f"{(<bytes>strerror(err)).decode()}")
                 elif status == WAIT_INTERRUPTED:
                     # Run signal handlers without the lock: one may close this stream. Take it
                     # back uninterrupted, so that the `finally` below always holds it.

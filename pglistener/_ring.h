@@ -44,6 +44,7 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 
 #define PGL_RING_MAGIC 0x524c4750u
 #define PGL_RING_VERSION 1u
@@ -58,6 +59,11 @@
 #define PGL_GAP_OVERFLOW 2u
 #define PGL_GAP_RESTART 3u
 #define PGL_MISSED_UNKNOWN UINT64_MAX
+
+/* A slot of the dispatcher's open-addressing channel table. */
+#define PGL_ROUTE_EMPTY 0
+#define PGL_ROUTE_LIVE 1
+#define PGL_ROUTE_DELETED 2   /* a tombstone: lookups go past it, inserts may reuse it */
 
 typedef struct {
     uint32_t magic;
@@ -92,6 +98,50 @@ static inline void pgl_cpu_relax(void) {
 }
 
 static inline uint32_t pgl_align8(uint32_t n) { return (n + 7u) & ~7u; }
+
+/* The record descriptor: each field of a record (drawn above) is read and written here and
+ * nowhere else (after Agrona's RecordDescriptor). Records start 8-byte aligned, so every
+ * field is naturally aligned. */
+#define PGL_REC_LENGTH_AT 0u
+#define PGL_REC_TYPE_AT 4u
+#define PGL_REC_CHANNEL_LEN_AT 6u   /* notification */
+#define PGL_REC_GAP_REASON_AT 6u    /* gap */
+#define PGL_REC_PID_AT 8u           /* notification */
+#define PGL_REC_PAYLOAD_LEN_AT 12u  /* notification */
+#define PGL_REC_MISSED_AT 8u        /* gap */
+
+static inline uint32_t pgl_rec_length(const unsigned char *rec) { return *(const uint32_t *)(rec + PGL_REC_LENGTH_AT); }
+static inline uint16_t pgl_rec_type(const unsigned char *rec) { return *(const uint16_t *)(rec + PGL_REC_TYPE_AT); }
+static inline uint16_t pgl_rec_channel_len(const unsigned char *rec) { return *(const uint16_t *)(rec + PGL_REC_CHANNEL_LEN_AT); }
+static inline int32_t pgl_rec_pid(const unsigned char *rec) { return *(const int32_t *)(rec + PGL_REC_PID_AT); }
+static inline uint32_t pgl_rec_payload_len(const unsigned char *rec) { return *(const uint32_t *)(rec + PGL_REC_PAYLOAD_LEN_AT); }
+static inline const char *pgl_rec_channel(const unsigned char *rec) { return (const char *)rec + PGL_RECORD_HEADER; }
+static inline const char *pgl_rec_payload(const unsigned char *rec) { return (const char *)rec + PGL_RECORD_HEADER + pgl_rec_channel_len(rec); }
+static inline uint16_t pgl_rec_gap_reason(const unsigned char *rec) { return *(const uint16_t *)(rec + PGL_REC_GAP_REASON_AT); }
+static inline uint64_t pgl_rec_missed(const unsigned char *rec) { return *(const uint64_t *)(rec + PGL_REC_MISSED_AT); }
+
+static inline void pgl_rec_head(unsigned char *rec, uint32_t length, uint16_t type) {
+    *(uint32_t *)(rec + PGL_REC_LENGTH_AT) = length;
+    *(uint16_t *)(rec + PGL_REC_TYPE_AT) = type;
+}
+
+/* A notification record of `length` bytes (already rounded up). */
+static inline void pgl_rec_write_notify(unsigned char *rec, uint32_t length, const char *chan,
+                                        uint16_t clen, const char *payload, uint32_t plen,
+                                        int32_t pid) {
+    pgl_rec_head(rec, length, PGL_REC_NOTIFY);
+    *(uint16_t *)(rec + PGL_REC_CHANNEL_LEN_AT) = clen;
+    *(int32_t *)(rec + PGL_REC_PID_AT) = pid;
+    *(uint32_t *)(rec + PGL_REC_PAYLOAD_LEN_AT) = plen;
+    memcpy(rec + PGL_RECORD_HEADER, chan, clen);
+    memcpy(rec + PGL_RECORD_HEADER + clen, payload, plen);
+}
+
+static inline void pgl_rec_write_gap(unsigned char *rec, uint16_t reason, uint64_t missed) {
+    pgl_rec_head(rec, PGL_RECORD_HEADER, PGL_REC_GAP);
+    *(uint16_t *)(rec + PGL_REC_GAP_REASON_AT) = reason;
+    *(uint64_t *)(rec + PGL_REC_MISSED_AT) = missed;
+}
 
 /* 64-bit FNV-1a: channel names are at most 63 bytes, so this is cheap and good enough. */
 static inline uint64_t pgl_hash(const char *s, size_t n) {

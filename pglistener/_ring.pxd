@@ -1,5 +1,5 @@
 # The ring's C side: layout, atomics and hash live in _ring.h (the byte layout is drawn there).
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "_ring.h" nogil:
@@ -14,6 +14,9 @@ cdef extern from "_ring.h" nogil:
     const uint16_t PGL_GAP_OVERFLOW
     const uint16_t PGL_GAP_RESTART
     const uint64_t PGL_MISSED_UNKNOWN
+    const int PGL_ROUTE_EMPTY
+    const int PGL_ROUTE_LIVE
+    const int PGL_ROUTE_DELETED
 
     ctypedef struct pgl_ring_header:
         uint32_t magic
@@ -31,4 +34,18 @@ cdef extern from "_ring.h" nogil:
     void pgl_full_fence()
     void pgl_cpu_relax()
     uint32_t pgl_align8(uint32_t n)
+
+    uint32_t pgl_rec_length(const unsigned char *rec)
+    uint16_t pgl_rec_type(const unsigned char *rec)
+    uint16_t pgl_rec_channel_len(const unsigned char *rec)
+    int32_t pgl_rec_pid(const unsigned char *rec)
+    uint32_t pgl_rec_payload_len(const unsigned char *rec)
+    const char *pgl_rec_channel(const unsigned char *rec)
+    const char *pgl_rec_payload(const unsigned char *rec)
+    uint16_t pgl_rec_gap_reason(const unsigned char *rec)
+    uint64_t pgl_rec_missed(const unsigned char *rec)
+    void pgl_rec_head(unsigned char *rec, uint32_t length, uint16_t type)
+    void pgl_rec_write_notify(unsigned char *rec, uint32_t length, const char *chan,
+                              uint16_t clen, const char *payload, uint32_t plen, int32_t pid)
+    void pgl_rec_write_gap(unsigned char *rec, uint16_t reason, uint64_t missed)
     uint64_t pgl_hash(const char *s, size_t n)

@@ -75,13 +75,13 @@ class Model(RuleBasedStateMachine):
                 return
         if act.listen:
             assert self.connected
+            if outcome is not None and outcome.draw(st.booleans(), label="LISTEN refused"):
+                self.reg.refused(act.listen)    # a standby: nothing took effect
+                self.lose()
+                return
             self.server.update(act.listen)      # the server may deliver from now on
             self.traffic(outcome)
             if outcome is not None and outcome.draw(st.booleans(), label="LISTEN lost"):
-                self.lose()
-            elif outcome is not None and outcome.draw(st.booleans(), label="LISTEN refused"):
-                self.server.difference_update(act.listen)
-                self.reg.refused(act.listen)
                 self.lose()
             else:
                 self.apply(self.reg.listened(act.listen), outcome)
@@ -162,6 +162,10 @@ class Model(RuleBasedStateMachine):
     def reconnect(self, data: st.DataObject) -> None:
         self.connected = True
         act = self.reg.connected()
+        if act.listen and data.draw(st.booleans(), label="replay refused"):
+            self.reg.refused(act.listen)
+            self.lose()
+            return
         self.server.update(act.listen)
         self.traffic(data)
         if data.draw(st.booleans(), label="replay lost"):

@@ -7,15 +7,20 @@ a gap record (16 bytes) written before the first notification that fits after a 
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import resource
 import socket
+import struct
 from collections import deque
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pglistener import Gap, Notification
+from pglistener import Gap, Notification, PGListenerError
 from pglistener._dispatch import HEADER_BYTES, MIN_CAPACITY, Dispatcher, RingReader, WaitStatus
 
 
@@ -249,3 +254,76 @@ def test_capacity_must_be_a_power_of_two() -> None:
                 raise AssertionError(f"capacity {bad} accepted")
     finally:
         os.close(memfd)
+
+
+def _forge(capacity: int, record: bytes) -> tuple[int, mmap.mmap]:
+    """A well-formed ring segment holding one record, as a memfd (and its mapping)."""
+    memfd = os.memfd_create("forged")
+    os.ftruncate(memfd, HEADER_BYTES + capacity)
+    mem = mmap.mmap(memfd, HEADER_BYTES + capacity)
+    struct.pack_into("<IIQ", mem, 0, 0x524C4750, 1, capacity)
+    mem[HEADER_BYTES:HEADER_BYTES + len(record)] = record
+    struct.pack_into("<Q", mem, 64, len(record))        # tail: published
+    return memfd, mem
+
+
+@pytest.mark.parametrize("length", [0, 4, 12, 1 << 20])
+@pytest.mark.parametrize("read", ["get_nowait", "discard"])
+def test_a_record_length_is_checked_before_it_is_trusted(length: int, read: str) -> None:
+    """0 would loop for ever (with or without the GIL), others read past what was published
+    or out of alignment: each is an error, in every way of reading."""
+    record = struct.pack("<IHHiI", length, 1, 1, 7, 1) + b"cx" + b"\0" * 6
+    memfd, mem = _forge(MIN_CAPACITY, record)
+    reader = RingReader(memfd, -1, -1)
+    os.close(memfd)
+    with pytest.raises(PGListenerError, match=f"corrupt ring record \\(length {length}\\)"):
+        getattr(reader, read)(10) if read == "discard" else reader.get_nowait()
+    reader.close()
+    mem.close()
+
+
+def test_a_notification_longer_than_its_record_is_refused() -> None:
+    record = struct.pack("<IHHiI", 24, 1, 1, 7, 5000) + b"cx" + b"\0" * 6
+    memfd, mem = _forge(MIN_CAPACITY, record)
+    reader = RingReader(memfd, -1, -1)
+    os.close(memfd)
+    with pytest.raises(PGListenerError, match="corrupt ring record"):
+        reader.get_nowait()
+    reader.close()
+    mem.close()
+
+
+def test_reader_refuses_a_capacity_that_is_not_a_power_of_two() -> None:
+    memfd, mem = _forge(MIN_CAPACITY + 8, b"")
+    with pytest.raises(ValueError, match="not a pglistener ring"):
+        RingReader(memfd, -1, -1)
+    os.close(memfd)
+    mem.close()
+
+
+def test_a_second_reconnect_gap_with_nothing_between_is_not_written() -> None:
+    """A replay that fails marks the streams it reached again; where nothing came after the
+    first gap, that gap already covers it."""
+    ring = Ring(MIN_CAPACITY)
+    ring.route(b"c")
+    ring.dispatcher.mark_gap([1], "reconnect")
+    ring.dispatcher.mark_gap([1], "reconnect")
+    ring.dispatcher.dispatch(b"c", b"x", 1)
+    ring.dispatcher.mark_gap([1], "reconnect")
+    assert ring.reader.get_many(10) == [Gap("reconnect"), Notification("c", "x", 1),
+                                        Gap("reconnect")]
+    ring.close()
+
+
+def test_a_failing_poll_is_an_error_not_a_gone_supervisor() -> None:
+    """poll() refuses more descriptors than RLIMIT_NOFILE allows (EINVAL): that is reported
+    as such, not taken for the supervisor's hang-up (which ends every stream)."""
+    ring = Ring(MIN_CAPACITY)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1, hard))
+    try:
+        status = ring.reader.wait(1000, 0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (status, ring.reader.wait_errno) == (WaitStatus.WAIT_FAILED, errno.EINVAL)
+    ring.close()
