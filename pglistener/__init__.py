@@ -14,6 +14,7 @@ from .channels import MAX_CHANNEL_BYTES
 from .errors import (
     IncompatibleLibpq,
     InvalidChannelName,
+    InvalidChannelType,
     PayloadTooLarge,
     PGListenerError,
     SubscriptionClosed,
@@ -32,6 +33,7 @@ __all__ = [
     "Gap",
     "IncompatibleLibpq",
     "InvalidChannelName",
+    "InvalidChannelType",
     "JsonSubscription",
     "MAX_CHANNEL_BYTES",
     "MAX_PAYLOAD_BYTES",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from . import _dispatch, _protocol
@@ -16,12 +16,18 @@ from ._control import Control
 from ._dispatch import Notification, RingReader
 from ._sizes import check_ring_bytes
 from .channels import channel_bytes
-from .errors import InvalidChannelName, PGListenerError, TooManySubscriptions
+from .errors import (
+    InvalidChannelName,
+    InvalidChannelType,
+    PGListenerError,
+    TooManySubscriptions,
+)
 
 log = logging.getLogger("pglistener.worker")
 
 _ERRORS: dict[str, type[Exception]] = {
     "InvalidChannelName": InvalidChannelName,
+    "InvalidChannelType": InvalidChannelType,
     "TooManySubscriptions": TooManySubscriptions,
     "ValueError": ValueError,
 }
@@ -86,7 +92,18 @@ def request_stop() -> None:
 def channel_list(channel: str | Sequence[str]) -> tuple[str, ...]:
     """One or more valid channel names, in order, without repeats (checked here so that a bad
     one fails without a trip; the supervisor checks again)."""
-    names = (channel,) if isinstance(channel, str) else tuple(channel)
+    if isinstance(channel, str):
+        names: tuple[str, ...] = (channel,)
+    elif isinstance(channel, (bytes, bytearray, memoryview)) or not isinstance(channel, Iterable):
+        raise InvalidChannelType(
+            f"channel is a str or a sequence of str, not {type(channel).__name__}: pass e.g. "
+            f"'orders' or ['orders', 'refunds']")
+    else:
+        names = tuple(channel)
+        for name in names:
+            if not isinstance(name, str):
+                raise InvalidChannelType(f"channel names are str, not {type(name).__name__} "
+                                         f"({name!r}): pass e.g. ['orders', 'refunds']")
     if not names:
         raise InvalidChannelName("subscribe to at least one channel")
     for name in names:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import InvalidChannelName
+from .errors import InvalidChannelName, InvalidChannelType
 
 #: NAMEDATALEN - 1: LISTEN truncates longer names with only a NOTICE, so a subscription with a
 #: longer name would silently never receive anything.
@@ -16,7 +16,7 @@ def channel_bytes(channel: object) -> bytes:
     sent quoted as identifiers, so case, spaces, quotes, '*' and keywords round-trip exactly.
     """
     if not isinstance(channel, str):
-        raise InvalidChannelName(
+        raise InvalidChannelType(
             f"a channel name is a str, not {type(channel).__name__}: pass e.g. 'orders'"
         )
     if not channel:

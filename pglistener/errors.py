@@ -11,6 +11,11 @@ class InvalidChannelName(PGListenerError, ValueError):
     """A channel name PostgreSQL would reject or silently change."""
 
 
+class InvalidChannelType(InvalidChannelName, TypeError):
+    """A channel that is not a str (or channels that are not a sequence of str): a TypeError,
+    and an InvalidChannelName for code that catches those."""
+
+
 class PayloadTooLarge(PGListenerError, ValueError):
     """A notification payload longer than the server accepts (7999 bytes by default)."""
 

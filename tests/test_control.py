@@ -158,7 +158,7 @@ def test_bad_requests_are_answered_not_dropped(dsn: str) -> None:
         peer = connect_raw(sup.worker().address)
         for message, error in (({"op": "nope"}, "ValueError"),
                                 ({"op": "subscribe", "channels": "x"}, "ValueError"),
-                                ({"op": "subscribe", "channels": [7]}, "InvalidChannelName"),
+                                ({"op": "subscribe", "channels": [7]}, "InvalidChannelType"),
                                 ({"op": "subscribe", "channels": ["a"], "ring_bytes": 3},
                                  "ValueError"),
                                 ({"op": "unsubscribe", "sub": 99}, "KeyError")):
