@@ -14,6 +14,7 @@ import logging.handlers
 import math
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -650,6 +651,20 @@ class Server:
         log.info("stopped")
 
 
+def _raise_open_files_limit() -> None:
+    """The supervisor holds a descriptor per subscription (its eventfd) and per worker
+    connection: a soft limit of 1024, common under systemd and shells, would cap every
+    worker together below one worker's max_subscriptions_per_worker. Raise it to the hard
+    limit, as Go's runtime does for its processes; nothing here uses select()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError):
+            log.debug("could not raise the open-files limit from %d", soft)
+
+
 def _pgconn_ptr(conn: psycopg.Connection[Any]) -> int:
     """The PGconn* of psycopg's C implementation (checked at start), for our libpq calls."""
     return int(conn.pgconn.pgconn_ptr)  # type: ignore[attr-defined]  # C implementation only
@@ -683,6 +698,7 @@ def main(config: Config, listen_sock: socket.socket, owner: socket.socket, log_q
             _protocol.send(owner, {"ready": False, "error": type(exc).__name__,
                                    "message": str(exc)})
             return
+        _raise_open_files_limit()
         server = Server(config, listen_sock, owner)
         server.stop_on_signals()
         _protocol.send(owner, {"ready": True, "pid": os.getpid()})

@@ -258,3 +258,21 @@ def test_a_start_that_fails_leaves_nothing_behind(dsn: str) -> None:
     with sup.start():
         assert isinstance(sup.worker(), Worker)
     assert _our_dirs() - before == set()
+
+
+def test_the_supervisor_raises_its_open_files_limit(dsn: str) -> None:
+    """One descriptor per subscription: a soft limit of 256 in the starting process does not
+    cap the supervisor below its documented limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        sup = Supervisor(dsn).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with sup:
+        assert resource.prlimit(sup.pid, resource.RLIMIT_NOFILE)[0] == hard
+        subs = [sup.worker().subscribe("many", ring_bytes=16 * 1024, timeout=30)
+                for _ in range(400)]
+        assert len(sup.stats().readers) == 400
+        for sub in subs:
+            sub.unsubscribe()
