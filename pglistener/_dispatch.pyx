@@ -42,6 +42,12 @@ cdef extern from *:
     const short PGL_POLLRDHUP
 
 
+cdef extern from "<sys/eventfd.h>" nogil:
+    const int EFD_NONBLOCK
+    const int EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     const int MSG_DONTWAIT
@@ -406,7 +412,9 @@ cdef class Dispatcher:
     cdef Producer **dirty
     cdef size_t n_dirty
     cdef bint gaps_pending         # some ring holds a gap that did not fit yet
-    cdef int gap_retry_ms          # how soon run() looks again: grows while readers lag
+    # The eventfd readers write when they free room we wait for (a duplicate goes to each
+    # reader with its ring: RingReader's wake_fd).
+    cdef readonly int wake_fd
     cdef dict by_id                # ring id -> address of its Producer
     cdef readonly uint64_t received
     cdef readonly uint64_t unrouted
@@ -417,8 +425,12 @@ cdef class Dispatcher:
         self.rings = NULL
         self.dirty = NULL
         self.by_id = {}
+        self.wake_fd = -1
         if self.table == NULL:
             raise MemoryError()
+        self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.wake_fd < 0:
+            raise OSError(errno, "eventfd for the readers' wake-ups failed")
 
     def __dealloc__(self):
         cdef size_t i
@@ -429,6 +441,8 @@ cdef class Dispatcher:
             _free_producer(self.rings[i])
         free(self.rings)
         free(self.dirty)
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
 
     # -- rings ------------------------------------------------------------------------------
 
@@ -659,14 +673,18 @@ cdef class Dispatcher:
             return
         for i in range(self.n_rings):
             p = self.rings[i]
-            if _flush_gap(p):
-                self._mark(p)
-            elif p.gap_reason != 0:
-                pending = True
-        if not pending:
-            self.gap_retry_ms = 0
-        elif self.gap_retry_ms < 64:
-            self.gap_retry_ms = self.gap_retry_ms * 2 if self.gap_retry_ms else 1
+            if p.gap_reason == 0:
+                continue
+            if not _flush_gap(p):
+                # Ask its reader to wake us when it frees room; then look once more, so that
+                # room made before the flag went up is not missed (see _ring.h).
+                pgl_store_u32(&p.hdr.producer_waiting, 1)
+                pgl_full_fence()
+                if not _flush_gap(p):
+                    pending = True
+                    continue
+            pgl_store_u32(&p.hdr.producer_waiting, 0)
+            self._mark(p)
         self.gaps_pending = pending
 
     def dispatch(self, bytes channel, bytes payload, int pid):
@@ -695,9 +713,10 @@ cdef class Dispatcher:
 
     cdef int _run(self, PGconn *conn, int control_fd, int timeout_ms,
                   bint want_result) noexcept nogil:
-        cdef pollfd fds[2]
+        cdef pollfd fds[3]
         cdef int sock = PQsocket(conn)
         cdef int rc, wait_ms, unsent = 0
+        cdef uint64_t counter
         cdef uint64_t deadline = _now_ns() + <uint64_t>timeout_ms * 1000000ULL
         cdef uint64_t now
         if sock < 0:
@@ -716,17 +735,16 @@ cdef class Dispatcher:
             if now >= deadline:
                 return RUN_TIMEOUT
             wait_ms = <int>((deadline - now + 999999) // 1000000)
-            if self.gaps_pending and wait_ms > self.gap_retry_ms:
-                # A full ring holds back a gap until its reader makes room; readers do not
-                # signal us, so look again soon, less often the longer it stays full.
-                wait_ms = self.gap_retry_ms
             fds[0].fd = sock
             fds[0].events = POLLIN | POLLOUT if unsent else POLLIN
             fds[0].revents = 0
             fds[1].fd = control_fd
             fds[1].events = POLLIN
             fds[1].revents = 0
-            rc = poll(fds, 2, wait_ms)
+            fds[2].fd = self.wake_fd if self.gaps_pending else -1     # else not watched
+            fds[2].events = POLLIN
+            fds[2].revents = 0
+            rc = poll(fds, 3, wait_ms)
             if rc < 0:
                 if errno == EINTR:
                     return RUN_INTERRUPTED
@@ -736,6 +754,8 @@ cdef class Dispatcher:
                     self._drain(conn)
                     self._wake()
                     return RUN_CONN_BAD
+            if fds[2].revents:
+                read(self.wake_fd, &counter, 8)     # a reader made room: the loop looks
             if fds[1].revents:
                 self._drain(conn)
                 self._wake()
@@ -775,13 +795,19 @@ cdef class RingReader:
     cdef size_t map_bytes
     cdef int efd
     cdef int ctrl_fd
+    cdef int wake_fd              # the supervisor's wake eventfd, ours to close (-1: none)
     cdef str last_channel         # channels repeat: decode each name once
     cdef char last_raw[64]
     cdef uint16_t last_len
     cdef readonly int wait_errno      # what made poll() fail, with WAIT_FAILED
 
-    def __cinit__(self, int memfd, int efd, int ctrl_fd):
+    def __cinit__(self, int memfd, int efd, int ctrl_fd, int wake_fd=-1):
+        """Map the ring in memfd (the descriptor stays the caller's). efd: the eventfd the
+        producer wakes us with; ctrl_fd: the control socket, watched for the supervisor's
+        hang-up; wake_fd: the eventfd we wake the producer with, which this reader takes
+        and closes once it is made."""
         cdef struct_stat st
+        self.wake_fd = -1
         if fstat(memfd, &st) != 0:
             raise OSError(errno, "fstat of a ring failed")
         if st.st_size < PGL_HEADER_BYTES + MIN_CAPACITY:
@@ -805,11 +831,11 @@ cdef class RingReader:
         self.tail_cache = self.head
         self.efd = efd
         self.ctrl_fd = ctrl_fd
+        self.wake_fd = wake_fd
         self.last_len = 0xffff
 
     def __dealloc__(self):
-        if self.hdr != NULL:
-            munmap(self.hdr, self.map_bytes)
+        self._unmap()
 
     def close(self):
         """Unmap the ring. The caller guarantees no other thread is inside this reader."""
@@ -819,10 +845,19 @@ cdef class RingReader:
         if self.hdr != NULL:
             munmap(self.hdr, self.map_bytes)
             self.hdr = NULL
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+            self.wake_fd = -1
 
-    cdef inline void _publish(self) noexcept:
-        # Hand the bytes consumed so far back to the producer.
+    cdef inline void _publish(self) noexcept nogil:
+        # Hand the bytes consumed so far back to the producer, and wake it if it waits for
+        # room (see _ring.h; the fence orders our head store before the flag's load).
+        cdef uint64_t one = 1
         pgl_store_release(&self.hdr.head, self.head)
+        pgl_full_fence()
+        if (pgl_load_u32(&self.hdr.producer_waiting)
+                and pgl_exchange_u32(&self.hdr.producer_waiting, 0) and self.wake_fd >= 0):
+            write(self.wake_fd, &one, 8)
 
     @property
     def capacity(self):
@@ -891,7 +926,7 @@ cdef class RingReader:
         """The next Notification or Gap, or None when the ring is empty."""
         self._check_open()
         item = self._take()
-        pgl_store_release(&self.hdr.head, self.head)
+        self._publish()
         return item
 
     def get_many(self, Py_ssize_t max_items):
@@ -904,7 +939,7 @@ cdef class RingReader:
             if item is None:
                 break
             out.append(item)
-        pgl_store_release(&self.hdr.head, self.head)
+        self._publish()
         return out
 
     def discard(self, Py_ssize_t max_items):
@@ -932,7 +967,7 @@ cdef class RingReader:
                     if m != PGL_MISSED_UNKNOWN:
                         missed += m
                 self.head += length
-            pgl_store_release(&self.hdr.head, self.head)
+            self._publish()
         if corrupt:
             raise PGListenerError(f"corrupt ring record (length {length})")
         return n, missed

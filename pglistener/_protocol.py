@@ -9,8 +9,9 @@ supervisor reads a worker's body only up to a size derived from its limits, and 
 larger one with an error, by the envelope's request id.
 
 worker -> supervisor                          supervisor -> worker
-{"op": "subscribe", "req": n, "channel": c,   {"req": n, "ok": true, "sub": id} + [memfd, eventfd]
- "ring_bytes": b, "restart": true (optional)} (once the channel's LISTEN is committed;
+{"op": "subscribe", "req": n, "channels": cs, {"req": n, "ok": true, "sub": id}
+ "ring_bytes": b, "restart": true (optional)}  + [memfd, eventfd, wake eventfd]
+                                              (once the channels' LISTENs are committed;
                                               restart: the ring starts with Gap("restart"))
 {"op": "unsubscribe", "req": n, "sub": id}    {"req": n, "ok": true}
 {"op": "unsubscribe", "sub": id}              (no reply: a subscription dropped without
@@ -27,7 +28,6 @@ any failure:                                  {"req": n, "ok": false, "error": n
                                               nobody reads would fill the worker's socket)
 
 owner (the Supervisor object) -> supervisor, over a socketpair made at start:
-{"op": "status", "req": n}                    {"req": n, "ok": true, "backend_pid": ..., ...}
 {"op": "stats", "req": n}                     {"req": n, "ok": true, "state": ..., "readers": [..]}
 {"op": "stop", "req": n}                      {"req": n, "ok": true}, then the process exits
 """

@@ -8,11 +8,12 @@
  *
  *   offset  size  field
  *   0       4     magic "PGLR" (0x524c4750 little endian)
- *   4       4     layout version (1)
+ *   4       4     layout version (2)
  *   8       8     capacity: bytes in the data area, a power of two >= 16 KiB
  *   64      8     tail: total bytes ever published by the producer   (own cache line)
  *   128     8     head: total bytes ever consumed by the reader      (own cache line)
  *   192     4     sleeping: 1 while the reader is (about to be) blocked in poll()
+ *   196     4     producer_waiting: 1 while the producer waits for room (a gap to write)
  *   256     ...   data area, `capacity` bytes
  *
  * head and tail only grow; a position maps to data[pos & (capacity - 1)]. The producer
@@ -38,6 +39,12 @@
  *   producer: store tail;   full fence; if sleeping: exchange(sleeping, 0) and write(eventfd)
  * The two full fences forbid the store->load reordering that would let both sides miss each
  * other's store, so a wake-up is never lost. A spurious one costs one extra loop.
+ *
+ * Waking the producer is the mirror image, so that a ring holding back a gap costs the
+ * supervisor no timer: a reader that never reads costs it nothing at all.
+ *   producer: producer_waiting = 1; full fence; if room now: write the gap   else: wait
+ *   reader:   store head;             full fence; if producer_waiting: exchange(it, 0) and
+ *             write(the supervisor's wake eventfd, one for all rings)
  */
 #ifndef PGL_RING_H
 #define PGL_RING_H
@@ -47,7 +54,7 @@
 #include <string.h>
 
 #define PGL_RING_MAGIC 0x524c4750u
-#define PGL_RING_VERSION 1u
+#define PGL_RING_VERSION 2u
 #define PGL_HEADER_BYTES 256u
 #define PGL_RECORD_HEADER 16u
 
@@ -75,13 +82,15 @@ typedef struct {
     uint64_t head;
     char _pad2[56];
     uint32_t sleeping;
-    char _pad3[60];
+    uint32_t producer_waiting;
+    char _pad3[56];
 } pgl_ring_header;
 
 _Static_assert(sizeof(pgl_ring_header) == PGL_HEADER_BYTES, "ring header is 256 bytes");
 _Static_assert(offsetof(pgl_ring_header, tail) == 64, "tail on its own cache line");
 _Static_assert(offsetof(pgl_ring_header, head) == 128, "head on its own cache line");
 _Static_assert(offsetof(pgl_ring_header, sleeping) == 192, "sleeping on its own cache line");
+_Static_assert(offsetof(pgl_ring_header, producer_waiting) == 196, "beside sleeping");
 
 static inline uint64_t pgl_load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void pgl_store_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }

@@ -25,6 +25,7 @@ cdef extern from "_ring.h" nogil:
         uint64_t tail
         uint64_t head
         uint32_t sleeping
+        uint32_t producer_waiting
 
     uint64_t pgl_load_acquire(const uint64_t *p)
     void pgl_store_release(uint64_t *p, uint64_t v)

@@ -104,8 +104,8 @@ class Server:
         self.clients: dict[int, _Client] = {}
         self.registry = Registry(config.max_subscriptions_per_worker,
                                  config.max_channels_per_worker)
-        self.ring_fds: dict[int, tuple[int, int]] = {}  # a subscribe's memfd and eventfd,
-                                                        # until they are sent with its answer
+        # A subscribe's memfd, eventfd and wake eventfd, until they go with its answer.
+        self.ring_fds: dict[int, tuple[int, ...]] = {}
         # The most a worker's message may take: a subscribe of every channel it may hold,
         # each escaped at worst (a 63-byte name of control characters as \u00XX).
         self.body_limit = 384 * config.max_channels_per_worker + _protocol.MAX_MESSAGE
@@ -506,8 +506,9 @@ class Server:
             self.dispatcher.mark_gap([sub.id], "restart")
         self._apply(self.registry.add(sub))
 
-    def _make_ring(self, sub_id: int, capacity: int) -> tuple[int, int]:
-        """An unnamed, sealed memfd and an eventfd for one subscription."""
+    def _make_ring(self, sub_id: int, capacity: int) -> tuple[int, int, int]:
+        """An unnamed, sealed memfd and an eventfd for one subscription, and a duplicate of
+        the dispatcher's wake eventfd for its reader."""
         with contextlib.ExitStack() as undo:
             memfd = os.memfd_create(f"pglistener-ring-{sub_id}",
                                     os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -520,9 +521,11 @@ class Server:
             # The worker cannot shrink the ring under us (a write would then be a SIGBUS).
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            wake = os.dup(self.dispatcher.wake_fd)
+            undo.callback(os.close, wake)
             self.dispatcher.add_ring(sub_id, memfd, owned, capacity)
             undo.pop_all()
-        return memfd, efd
+        return memfd, efd, wake
 
     def _apply(self, act: Actions) -> None:
         """Carry out what the registry decided, in its order."""

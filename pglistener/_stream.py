@@ -58,17 +58,18 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
     if not reply.get("ok"):
         error = _ERRORS.get(str(reply.get("error")), PGListenerError)
         raise error(reply.get("message", "subscribe failed"))
-    if len(fds) != 2:
+    if len(fds) != 3:
         for fd in fds:
             os.close(fd)
         raise PGListenerError("the supervisor sent a malformed subscription")
-    memfd, efd = fds
+    memfd, efd, wake = fds
     sub_id = int(reply["sub"])
     release = _protocol.encode({"op": "unsubscribe", "sub": sub_id})
     try:
-        reader = RingReader(memfd, efd, ctl.sock.fileno())
+        reader = RingReader(memfd, efd, ctl.sock.fileno(), wake)
     except BaseException:
         os.close(efd)
+        os.close(wake)
         ctl.post(release)
         raise
     finally:

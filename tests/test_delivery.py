@@ -270,6 +270,33 @@ def test_overflow_is_a_gap_with_the_exact_count(dsn: str, conn: psycopg.Connecti
     assert expected == sent
 
 
+def _wakeups(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f
+                    if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_a_reader_that_never_reads_costs_the_supervisor_no_wakeups(
+        dsn: str, conn: psycopg.Connection) -> None:
+    """Its ring is full and a gap waits for room: the supervisor sleeps until the reader
+    makes room (it used to look again every 1-64 ms, about 16 wake-ups a second). Then the
+    reader's first read wakes it, and the gap follows what fitted."""
+    with Supervisor(dsn, ring_bytes=16 * 1024).start() as sup:
+        sub = sup.worker().subscribe("never-read", timeout=30)
+        notify(conn, "never-read", [f"{i:06d}" for i in range(2000)])
+        wait_for(lambda: sup.stats().readers[0].missed > 0, "the ring to overflow")
+        assert sup.pid is not None
+        before = _wakeups(sup.pid)
+        time.sleep(3)
+        # The liveness tick (1 s) and a heartbeat may wake it; a retry timer would be ~50.
+        assert _wakeups(sup.pid) - before <= 10
+        items = [sub.get(timeout=30)]
+        while not isinstance(items[-1], Gap):
+            items.append(sub.get(timeout=30))
+        assert items[-1] == Gap("overflow", 2000 - (len(items) - 1))
+        sub.unsubscribe()
+
+
 def test_reconnect_puts_a_gap_in_every_stream(
     supervisor: Supervisor, conn: psycopg.Connection
 ) -> None:

@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import resource
+import select
 import socket
 import struct
 from collections import deque
@@ -38,7 +39,7 @@ class Ring:
         efd = os.eventfd(0, os.EFD_NONBLOCK)
         self.ctl, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.dispatcher.add_ring(1, memfd, os.dup(efd), capacity)
-        self.reader = RingReader(memfd, efd, self.ctl.fileno())
+        self.reader = RingReader(memfd, efd, self.ctl.fileno(), os.dup(self.dispatcher.wake_fd))
         os.close(memfd)
         self.efd = efd
 
@@ -261,7 +262,7 @@ def _forge(capacity: int, record: bytes) -> tuple[int, mmap.mmap]:
     memfd = os.memfd_create("forged")
     os.ftruncate(memfd, HEADER_BYTES + capacity)
     mem = mmap.mmap(memfd, HEADER_BYTES + capacity)
-    struct.pack_into("<IIQ", mem, 0, 0x524C4750, 1, capacity)
+    struct.pack_into("<IIQ", mem, 0, 0x524C4750, 2, capacity)  # magic, layout 2
     mem[HEADER_BYTES:HEADER_BYTES + len(record)] = record
     struct.pack_into("<Q", mem, 64, len(record))        # tail: published
     return memfd, mem
@@ -326,4 +327,33 @@ def test_a_failing_poll_is_an_error_not_a_gone_supervisor() -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert (status, ring.reader.wait_errno) == (WaitStatus.WAIT_FAILED, errno.EINVAL)
+    ring.close()
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_reader_that_frees_room_wakes_the_producer_only_then() -> None:
+    """A gap that does not fit waits for room without a timer: the producer raises the ring's
+    flag, and the reader's next release of room writes the supervisor's wake eventfd."""
+    ring = Ring(MIN_CAPACITY)
+    ring.route(b"c")
+    sent = 0
+    while ring.dispatcher.ring_stats(1)[1] == 0:      # until one is missed
+        sent += 1
+        ring.dispatcher.dispatch(b"c", b"x" * 1000, sent)
+    ring.dispatcher.flush()
+    wake = ring.dispatcher.wake_fd
+    assert not _readable(wake)              # nobody read: nobody woke us
+    first = ring.reader.get_nowait()
+    assert isinstance(first, Notification) and first.pid == 1
+    assert _readable(wake)
+    os.read(wake, 8)
+    assert not _readable(wake)              # the flag is down: one wake-up per wait
+    ring.reader.get_nowait()
+    assert not _readable(wake)
+    ring.dispatcher.flush()                 # what run() does when woken: the gap goes in
+    items = ring.reader.get_many(sent)
+    assert items[-1] == Gap("overflow", 1) and len(items) == sent - 2
     ring.close()
