@@ -478,7 +478,9 @@ class Server:
         name = type(exc).__name__ if isinstance(exc, (PGListenerError, ValueError, KeyError,
                                                       OSError)) else "PGListenerError"
         self._reply(client, {"req": req, "ok": False, "error": name,
-                             "message": str(exc.args[0]) if exc.args else str(exc)})
+                             # (a KeyError's str() is its repr)
+                             "message": str(exc.args[0]) if isinstance(exc, KeyError)
+                             and exc.args else str(exc)})
 
     def _reply(self, client: _Client, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
         if message.get("req") is None:

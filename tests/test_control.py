@@ -20,7 +20,7 @@ import pytest
 
 from fix_pg import notify
 from fix_supervisor import process_gone, wait_for
-from pglistener import Supervisor, TooManySubscriptions, Worker
+from pglistener import PGListenerError, Supervisor, TooManySubscriptions, Worker
 from pglistener._control import Control
 
 #: 63 bytes, the longest a channel may be, and escaped at worst in JSON (\u0001 each).
@@ -276,3 +276,39 @@ def test_the_supervisor_raises_its_open_files_limit(dsn: str) -> None:
         assert len(sup.stats().readers) == 400
         for sub in subs:
             sub.unsubscribe()
+
+
+def _limit_leaving(fd_dir: str, free: int) -> int:
+    """The open-files limit under which exactly `free` more descriptors fit (new ones take
+    the lowest free numbers, and must be below the limit)."""
+    used = {int(fd) for fd in os.listdir(fd_dir)}
+    limit = 0
+    while limit - len({fd for fd in used if fd < limit}) < free or limit in used:
+        limit += 1
+    return limit
+
+
+def test_a_subscribe_that_runs_out_of_descriptors_leaks_none(dsn: str) -> None:
+    """Making a ring takes four descriptors (memfd, eventfd, its duplicate, the reader's
+    wake eventfd); whichever fails, the ones made are closed, and the worker gets an error
+    reply. With enough room, the same subscribe works."""
+    with Supervisor(dsn).start() as sup:
+        worker = sup.worker()
+        worker.subscribe("warm-up", timeout=30).unsubscribe()
+        assert sup.pid is not None
+        fd_dir = f"/proc/{sup.pid}/fd"
+        at_rest = sorted(os.listdir(fd_dir))
+        hard = resource.prlimit(sup.pid, resource.RLIMIT_NOFILE)[1]
+        for free in range(5):
+            resource.prlimit(sup.pid, resource.RLIMIT_NOFILE, (_limit_leaving(fd_dir, free),
+                                                                hard))
+            try:
+                if free < 4:
+                    with pytest.raises(PGListenerError, match="Too many open files"):
+                        worker.subscribe("no-room", timeout=30)
+                else:
+                    worker.subscribe("no-room", timeout=30).unsubscribe()
+            finally:
+                resource.prlimit(sup.pid, resource.RLIMIT_NOFILE, (hard, hard))
+            assert sorted(os.listdir(fd_dir)) == at_rest, f"leaked with {free} free"
+        assert sup.stats().subscriptions == 0
