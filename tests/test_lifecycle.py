@@ -48,7 +48,7 @@ def test_stop_frees_everything_and_blocked_readers_get_supervisor_gone(dsn: str)
     assert not os.path.exists(sock_dir)
     assert process_gone(pid)
     gc.collect()     # the log queue's semaphores are unlinked when it is collected
-    assert set(os.listdir("/dev/shm")) == shm_before
+    assert set(os.listdir("/dev/shm")) - shm_before == set()    # others may come and go
 
 
 def test_subscribe_after_stop_raises_supervisor_gone(dsn: str) -> None:
