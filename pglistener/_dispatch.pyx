@@ -304,6 +304,11 @@ cdef struct Producer:
     uint16_t gap_reason        # a gap waiting for room, 0 if none
     uint64_t gap_missed        # its count (PGL_MISSED_UNKNOWN for reconnects)
     bint unknown_gap_last      # the last record published is a gap of unknown count
+    bint block                 # overflow="block": wait for room rather than miss
+    bint block_expired         # held past block_timeout: misses (as "gap") until its gap
+                               # is written
+    uint64_t held_ns           # time this ring held the connection, in all
+    bint holding               # the held notification waits for room here
     uint64_t delivered
     uint64_t missed_total
     int efd
@@ -359,18 +364,12 @@ cdef bint _push_notify(Producer *p, const char *chan, uint32_t clen,
                        const char *payload, uint32_t plen, int32_t pid) noexcept nogil:
     # Writes and publishes one notification (after a pending gap); False if it was missed.
     cdef uint32_t n = pgl_align8(PGL_RECORD_HEADER + clen + plen)
-    cdef uint64_t need
-    if p.gap_reason != 0:
-        # The gap must come first, at the place where the loss happened.
-        need = _span(p, p.tail, PGL_RECORD_HEADER)
-        need += _span(p, p.tail + need, n)
-        if not _room(p, need):
-            _count_missed(p)
-            return False
-        _emit_gap(p)
-    elif not _room(p, _span(p, p.tail, n)):
+    if not _room(p, _need(p, n)):
         _count_missed(p)
         return False
+    if p.gap_reason != 0:
+        _emit_gap(p)        # the gap first, at the place where the loss happened
+        p.block_expired = False
     pgl_rec_write_notify(_claim(p, n), n, chan, <uint16_t>clen, payload, plen, pid)
     p.unknown_gap_last = False
     p.delivered += 1
@@ -378,11 +377,20 @@ cdef bint _push_notify(Producer *p, const char *chan, uint32_t clen,
     return True
 
 
+cdef inline uint64_t _need(Producer *p, uint32_t n) noexcept nogil:
+    # Bytes a record of n bytes takes now, with a pending gap before it.
+    cdef uint64_t need = 0
+    if p.gap_reason != 0:
+        need = _span(p, p.tail, PGL_RECORD_HEADER)
+    return need + _span(p, p.tail + need, n)
+
+
 cdef bint _flush_gap(Producer *p) noexcept nogil:
     # Writes and publishes a pending gap if there is room now; True if it did.
     if p.gap_reason == 0 or not _room(p, _span(p, p.tail, PGL_RECORD_HEADER)):
         return False
     _emit_gap(p)
+    p.block_expired = False     # a blocking ring blocks again from here
     pgl_store_release(&p.hdr.tail, p.tail)
     return True
 
@@ -418,6 +426,13 @@ cdef class Dispatcher:
     cdef dict by_id                # ring id -> address of its Producer
     cdef readonly uint64_t received
     cdef readonly uint64_t unrouted
+    # overflow="block": the notification waiting for room in a blocking ring, taken off the
+    # connection but given to nobody yet; while it waits, run() reads no more.
+    cdef PGnotify *held
+    cdef uint64_t held_since           # when the current hold began (ns), 0 if none
+    cdef uint64_t held_total_ns        # finished holds, in all
+    cdef public double block_timeout   # seconds a blocking ring may hold the connection
+    cdef readonly uint64_t block_expiries
 
     def __cinit__(self):
         self.table_size = 64
@@ -426,6 +441,7 @@ cdef class Dispatcher:
         self.dirty = NULL
         self.by_id = {}
         self.wake_fd = -1
+        self.block_timeout = 60.0
         if self.table == NULL:
             raise MemoryError()
         self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -443,12 +459,15 @@ cdef class Dispatcher:
         free(self.dirty)
         if self.wake_fd >= 0:
             close(self.wake_fd)
+        if self.held != NULL:
+            PQfreemem(self.held)
 
     # -- rings ------------------------------------------------------------------------------
 
-    def add_ring(self, ring_id, int memfd, int efd, uint64_t capacity):
+    def add_ring(self, ring_id, int memfd, int efd, uint64_t capacity, bint block=False):
         """Map memfd (already sized to HEADER_BYTES + capacity), initialise its header and keep
-        it under ring_id. The dispatcher takes ownership of efd; memfd stays the caller's."""
+        it under ring_id. The dispatcher takes ownership of efd; memfd stays the caller's.
+        block: overflow="block", wait for room rather than miss (up to block_timeout)."""
         if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
             raise ValueError(
                 f"ring capacity must be a power of two between {MIN_CAPACITY} and "
@@ -476,6 +495,7 @@ cdef class Dispatcher:
         p.cap = capacity
         p.mask = capacity - 1
         p.efd = efd
+        p.block = block
         p.map_bytes = size
         p.hdr.capacity = capacity
         p.hdr.version = PGL_RING_VERSION
@@ -507,9 +527,12 @@ cdef class Dispatcher:
         _free_producer(p)
 
     def ring_stats(self, ring_id):
-        """(delivered, missed, bytes in use) for one ring."""
+        """(delivered, missed, bytes in use, seconds it held the connection) for one ring."""
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
-        return (p.delivered, p.missed_total, p.tail - pgl_load_acquire(&p.hdr.head))
+        cdef uint64_t held = p.held_ns
+        if p.holding and self.held != NULL:
+            held += _now_ns() - self.held_since
+        return (p.delivered, p.missed_total, p.tail - pgl_load_acquire(&p.hdr.head), held / 1e9)
 
     def mark_gap(self, ring_ids, str reason):
         """These rings get a Gap(reason), "reconnect" or "restart" (missed unknown), before
@@ -623,32 +646,98 @@ cdef class Dispatcher:
             self.dirty[self.n_dirty] = p
             self.n_dirty += 1
 
-    cdef void _route(self, const char *chan, const char *payload, int32_t pid) noexcept nogil:
+    cdef bint _route(self, const char *chan, const char *payload, int32_t pid,
+                     bint expired) noexcept nogil:
+        # Writes one notification into every ring of its channel. False, having written it
+        # nowhere, when a blocking ring has no room for it yet, unless the hold has `expired`:
+        # then those rings miss it (an overflow gap counts it) and the others get it.
         cdef size_t clen = strlen(chan)
         cdef size_t plen = strlen(payload)
         cdef Route *r = self._find(pgl_hash(chan, clen), chan, clen)
+        cdef uint32_t n
         cdef int i
         cdef Producer *p
-        self.received += 1
         if r == NULL:
             self.unrouted += 1
-            return
+            return True
+        n = pgl_align8(PGL_RECORD_HEADER + <uint32_t>clen + <uint32_t>plen)
+        if not self._fits(r, n):
+            if not expired:
+                return False
+            for i in range(r.n):
+                p = r.subs[i]
+                if p.holding:
+                    p.block_expired = True
+            self.block_expiries += 1
         for i in range(r.n):
             p = r.subs[i]
             if _push_notify(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid):
                 self._mark(p)
             elif p.gap_reason != 0:
                 self.gaps_pending = True
+        return True
+
+    cdef bint _fits(self, Route *r, uint32_t n) noexcept nogil:
+        # Whether every blocking ring of the route has room for a record of n bytes. Those
+        # that have not are marked `holding` and asked to wake us when they make room; then
+        # looked at once more, so that room made meanwhile is not missed (see _ring.h).
+        cdef bint fits = True
+        cdef int i
+        cdef Producer *p
+        for i in range(r.n):
+            p = r.subs[i]
+            if not p.block or p.block_expired or _room(p, _need(p, n)):
+                continue
+            pgl_store_u32(&p.hdr.producer_waiting, 1)
+            pgl_full_fence()
+            if _room(p, _need(p, n)):
+                pgl_store_u32(&p.hdr.producer_waiting, 0)
+                continue
+            p.holding = True
+            fits = False
+        return fits
+
+    cdef inline bint _hold_expired(self, uint64_t now) noexcept nogil:
+        return now - self.held_since >= <uint64_t>(self.block_timeout * 1e9)
+
+    cdef void _end_hold(self, uint64_t now) noexcept nogil:
+        # The held notification went out (or was dropped): count the time it held the
+        # connection, to the supervisor and to each ring that held it.
+        cdef uint64_t took = now - self.held_since
+        cdef size_t i
+        cdef Producer *p
+        self.held_total_ns += took
+        for i in range(self.n_rings):
+            p = self.rings[i]
+            if p.holding:
+                p.held_ns += took
+                p.holding = False
+        PQfreemem(self.held)
+        self.held = NULL
+        self.held_since = 0
 
     cdef size_t _drain(self, PGconn *conn) noexcept nogil:
         cdef PGnotify *note
         cdef size_t n = 0
+        cdef uint64_t now
         while True:
-            note = PQnotifies(conn)
+            note = self.held
             if note == NULL:
+                note = PQnotifies(conn)
+                if note == NULL:
+                    return n
+                self.received += 1
+            now = _now_ns() if note == self.held else 0
+            if not self._route(note.relname, note.extra, note.be_pid,
+                               note == self.held and self._hold_expired(now)):
+                if self.held == NULL:           # nothing more off the connection until then
+                    self.held = note
+                    self.held_since = _now_ns()
                 return n
-            self._route(note.relname, note.extra, note.be_pid)
-            PQfreemem(note)
+            if note == self.held:
+                self._end_hold(now)
+            else:
+                PQfreemem(note)
             n += 1
 
     cdef void _wake(self) noexcept nogil:
@@ -688,10 +777,32 @@ cdef class Dispatcher:
         self.gaps_pending = pending
 
     def dispatch(self, bytes channel, bytes payload, int pid):
-        """Route one notification given from Python (tests; run() does this for the socket)."""
-        self._route(channel, payload, pid)
+        """Route one notification given from Python (tests; run() does this for the socket).
+        False, having written it nowhere, when a blocking ring has no room for it."""
+        self.received += 1
+        cdef bint done = self._route(channel, payload, pid, False)
         with nogil:
             self._wake()
+        return done
+
+    def drop_held(self):
+        """The connection is gone: the notification held for room goes with it (the
+        reconnect gap covers it, as everything else the outage took)."""
+        if self.held != NULL:
+            self._end_hold(_now_ns())
+
+    @property
+    def held_seconds(self):
+        """Time blocking rings held the connection, in all, the current hold included."""
+        cdef uint64_t ns = self.held_total_ns
+        if self.held != NULL:
+            ns += _now_ns() - self.held_since
+        return ns / 1e9
+
+    @property
+    def holding(self):
+        """A notification waits for room in a blocking ring: run() reads no more."""
+        return self.held != NULL
 
     def flush(self):
         """Write the pending gaps that fit now and wake sleeping readers (run() does this on
@@ -718,7 +829,7 @@ cdef class Dispatcher:
         cdef int rc, wait_ms, unsent = 0
         cdef uint64_t counter
         cdef uint64_t deadline = _now_ns() + <uint64_t>timeout_ms * 1000000ULL
-        cdef uint64_t now
+        cdef uint64_t now, wake_at
         if sock < 0:
             return RUN_CONN_BAD
         while True:
@@ -734,14 +845,21 @@ cdef class Dispatcher:
             now = _now_ns()
             if now >= deadline:
                 return RUN_TIMEOUT
-            wait_ms = <int>((deadline - now + 999999) // 1000000)
+            wake_at = deadline
+            if self.held != NULL:
+                if self._hold_expired(now):
+                    continue            # _drain lets the held notification go
+                wake_at = min(deadline, self.held_since + <uint64_t>(self.block_timeout * 1e9))
+            wait_ms = <int>((wake_at - now + 999999) // 1000000)
             fds[0].fd = sock
-            fds[0].events = POLLIN | POLLOUT if unsent else POLLIN
+            # While a notification is held, nothing more is read: the kernel's buffer fills,
+            # then the server's queue holds the rest. A hang-up or error is still reported.
+            fds[0].events = (POLLOUT if unsent else 0) | (0 if self.held != NULL else POLLIN)
             fds[0].revents = 0
             fds[1].fd = control_fd
             fds[1].events = POLLIN
             fds[1].revents = 0
-            fds[2].fd = self.wake_fd if self.gaps_pending else -1     # else not watched
+            fds[2].fd = self.wake_fd if self.gaps_pending or self.held != NULL else -1
             fds[2].events = POLLIN
             fds[2].revents = 0
             rc = poll(fds, 3, wait_ms)

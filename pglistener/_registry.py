@@ -33,6 +33,7 @@ class Sub:
     pid: int
     ring_bytes: int
     req: Any                    # the subscribe request, answered once LISTEN is committed
+    overflow: str = "gap"       # "gap" or "block"
     answered: bool = False
 
 
@@ -74,7 +75,7 @@ class Registry:
     # -- subscribing --------------------------------------------------------------------------
 
     def new(self, worker: Hashable, pid: int, req: Any, channels: Sequence[str],
-            ring_bytes: int) -> Sub:
+            ring_bytes: int, overflow: str = "gap") -> Sub:
         """A subscription within the worker's limits, not recorded yet: make its ring, then
         add() it. Raises TooManySubscriptions past a limit, and changes nothing then."""
         held = self._by_worker.get(worker, {})
@@ -88,7 +89,7 @@ class Registry:
                 f"a worker process may subscribe to at most {self.max_channels} channels in "
                 f"all (Supervisor(max_channels_per_worker=...)); it holds {in_use} and asked "
                 f"for {len(channels)} more")
-        return Sub(next(self._ids), tuple(channels), worker, pid, ring_bytes, req)
+        return Sub(next(self._ids), tuple(channels), worker, pid, ring_bytes, req, overflow)
 
     def add(self, sub: Sub) -> Actions:
         """Record a subscription whose ring exists: route it, LISTEN what is new."""

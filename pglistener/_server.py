@@ -33,6 +33,7 @@ from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus
 from ._libpq_check import check_same_libpq
 from ._registry import Actions, Registry
 from ._sizes import check_ring_bytes
+from ._stream import check_overflow
 from .channels import channel_bytes
 from .errors import PGListenerError, TooManySubscriptions
 
@@ -83,6 +84,7 @@ class Config:
     max_subscriptions_per_worker: int
     max_channels_per_worker: int
     log_level: int
+    block_timeout: float = 60.0
     private_dir: bool = True    # the control socket's directory is ours to remove
 
 
@@ -100,6 +102,8 @@ class Server:
         self.listen_sock = listen_sock
         self.owner = owner
         self.dispatcher = Dispatcher()
+        self.dispatcher.block_timeout = config.block_timeout
+        self.expiries_logged = 0
         self.epoll = select.epoll()
         self.clients: dict[int, _Client] = {}
         self.registry = Registry(config.max_subscriptions_per_worker,
@@ -123,6 +127,7 @@ class Server:
         self.stopping = False
         self.reconnects = 0
         self.last_heard = 0.0           # when the server last sent us anything
+        self.heard_held = 0.0           # dispatcher.held_seconds at that time
         self.heard_count = 0            # dispatcher.received at that time
         self.command_done = 0.0         # when the last query or heartbeat was answered
         self.heartbeat_sent: float | None = None
@@ -172,6 +177,13 @@ class Server:
                 continue
             status = self.dispatcher.run(_pgconn_ptr(self.conn), self.epoll.fileno(), wait_ms,
                                          want_result=self.heartbeat_sent is not None)
+            if self.dispatcher.block_expiries != self.expiries_logged:
+                if not self.expiries_logged:
+                    log.warning("a subscription with overflow='block' held the connection for "
+                                "block_timeout (%g s): it misses what does not fit (an overflow "
+                                "Gap counts it) until it makes room; said once",
+                                self.config.block_timeout)
+                self.expiries_logged = self.dispatcher.block_expiries
             if status == RunStatus.RUN_CONN_BAD:
                 self._lost(self._conn_error() or "the server closed the connection")
             elif status == RunStatus.RUN_RESULT:
@@ -276,8 +288,12 @@ class Server:
         """Each result of the command in flight as it becomes ready, until the last."""
         assert self.conn is not None
         pgconn = self.conn.pgconn
+        held_at_start = self.dispatcher.held_seconds
         while True:
-            remaining = deadline - time.monotonic()
+            # Time a blocking reader holds the connection does not count: the answer waits
+            # behind the notifications held back.
+            remaining = (deadline + self.dispatcher.held_seconds - held_at_start
+                         - time.monotonic())
             if remaining <= 0:
                 raise _QueryFailed(
                     f"no answer within liveness_timeout ({self.config.liveness_timeout:g} s)")
@@ -296,6 +312,12 @@ class Server:
     def _heard(self) -> None:
         self.last_heard = time.monotonic()
         self.heard_count = self.dispatcher.received
+        self.heard_held = self.dispatcher.held_seconds
+
+    def _silence(self, now: float) -> float:
+        """How long the server has said nothing, not counting time a blocking reader held
+        the connection (nothing is read then, so nothing can be heard)."""
+        return now - self.last_heard - (self.dispatcher.held_seconds - self.heard_held)
 
     def _liveness(self) -> int | None:
         """Send the heartbeat when it is due; how long run() may wait (ms) before the next
@@ -305,7 +327,7 @@ class Server:
         if self.dispatcher.received != self.heard_count:     # notifications count as life
             self._heard()
         limit = self.config.liveness_timeout
-        if now - self.last_heard >= limit:
+        if self._silence(now) >= limit:
             return None
         # A heartbeat every third of the limit, busy or not: one cheap query that also
         # samples the server's notification queue for stats(), and keeps the session from
@@ -313,7 +335,7 @@ class Server:
         if self.heartbeat_sent is None and now - self.command_done >= limit / 3:
             self.conn.pgconn.send_query(_HEARTBEAT)
             self.heartbeat_sent = now
-        due = self.last_heard + limit
+        due = now + limit - self._silence(now)
         if self.heartbeat_sent is None:
             due = min(due, self.command_done + limit / 3)
         return max(1, min(TICK_MS, math.ceil((due - now) * 1000)))
@@ -346,6 +368,7 @@ class Server:
 
     def _lost(self, cause: str) -> None:
         """The connection is gone: the streams it fed get a Gap, then we reconnect."""
+        self.dispatcher.drop_held()     # taken off the dead connection: the gap covers it
         act = self.registry.lost()
         if act.lost_stream:
             self.reconnects += 1
@@ -454,7 +477,7 @@ class Server:
             op = message.get("op")
             if op == "subscribe":
                 self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"),
-                                message.get("restart") is True)
+                                message.get("restart") is True, message.get("overflow", "gap"))
             elif op == "unsubscribe":
                 self._apply(self.registry.unsubscribe(client, message.get("sub")))
                 self._reply(client, {"req": req, "ok": True})
@@ -496,19 +519,20 @@ class Server:
             pass        # the worker is gone; its EOF will detach it
 
     def _subscribe(self, client: _Client, req: Any, channels: Any, ring_bytes: Any,
-                   restart: bool = False) -> None:
+                   restart: bool = False, overflow: Any = "gap") -> None:
         if not isinstance(channels, list) or not channels:
             raise ValueError("a subscription needs a list of one or more channels")
         raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
             ring_bytes, self.config.max_ring_bytes, "Supervisor(max_ring_bytes=...)")
-        sub = self.registry.new(client, client.pid, req, list(raws), capacity)
-        self.ring_fds[sub.id] = self._make_ring(sub.id, capacity)
+        sub = self.registry.new(client, client.pid, req, list(raws), capacity,
+                                check_overflow(overflow))
+        self.ring_fds[sub.id] = self._make_ring(sub.id, capacity, sub.overflow == "block")
         if restart:     # a restarted pool worker: its stream starts by saying so
             self.dispatcher.mark_gap([sub.id], "restart")
         self._apply(self.registry.add(sub))
 
-    def _make_ring(self, sub_id: int, capacity: int) -> tuple[int, int, int]:
+    def _make_ring(self, sub_id: int, capacity: int, block: bool) -> tuple[int, int, int]:
         """An unnamed, sealed memfd and an eventfd for one subscription, and a duplicate of
         the dispatcher's wake eventfd for its reader."""
         with contextlib.ExitStack() as undo:
@@ -525,7 +549,7 @@ class Server:
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             wake = os.dup(self.dispatcher.wake_fd)
             undo.callback(os.close, wake)
-            self.dispatcher.add_ring(sub_id, memfd, owned, capacity)
+            self.dispatcher.add_ring(sub_id, memfd, owned, capacity, block)
             undo.pop_all()
         return memfd, efd, wake
 
@@ -609,10 +633,11 @@ class Server:
             outage += time.monotonic() - self.down_since
         readers = []
         for sub in self.registry.subs.values():
-            delivered, missed, lag = self.dispatcher.ring_stats(sub.id)
+            delivered, missed, lag, held = self.dispatcher.ring_stats(sub.id)
             readers.append({"subscription": sub.id, "channels": list(sub.channels),
                             "pid": sub.pid, "delivered": delivered, "missed": missed,
-                            "ring_bytes": sub.ring_bytes, "lag_bytes": lag})
+                            "ring_bytes": sub.ring_bytes, "lag_bytes": lag,
+                            "overflow": sub.overflow, "held_seconds": held})
         return {
             "state": state,
             "backend_pid": self.conn.info.backend_pid if up and self.conn else None,
@@ -626,6 +651,7 @@ class Server:
             "channels": sorted(self.registry.routes),
             "outage_seconds": outage,
             "queue_usage": self.queue_usage,
+            "held_seconds": self.dispatcher.held_seconds,
             "readers": readers,
         }
 

@@ -39,7 +39,7 @@ _open: weakref.WeakSet[_dispatch.Stream] = weakref.WeakSet()
 
 
 def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
-                ring_bytes: int | None, restarted: bool = False) -> _S:
+                ring_bytes: int | None, restarted: bool = False, overflow: str = "gap") -> _S:
     """Subscribe over this process's control connection and wrap the ring in a `cls` (a
     Stream subclass; its `decoder` attribute, if any, decodes payloads). Returns once LISTEN
     is committed: a blocking call, which asyncio runs in an executor."""
@@ -49,6 +49,8 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
         message["restart"] = True
     if ring_bytes is not None:
         message["ring_bytes"] = check_ring_bytes(ring_bytes)
+    if check_overflow(overflow) != "gap":
+        message["overflow"] = overflow
     ctl = Control.get(path)
     try:
         reply, fds = ctl.request(message, timeout)
@@ -79,6 +81,19 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
                  _undecodable if decoder is not None else None)
     _open.add(stream)
     return stream
+
+
+OVERFLOW_POLICIES = ("gap", "block")
+
+
+def check_overflow(overflow: object) -> str:
+    """A valid overflow policy, or an error that names them."""
+    if not isinstance(overflow, str):
+        raise TypeError(f"overflow is 'gap' or 'block' (a str), not {type(overflow).__name__}")
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow is 'gap' (miss what does not fit, and say so with a Gap) "
+                         f"or 'block' (wait for room, up to block_timeout), not {overflow!r}")
+    return overflow
 
 
 def request_stop() -> None:

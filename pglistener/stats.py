@@ -17,6 +17,8 @@ class ReaderStats:
     missed: int             # notifications counted into overflow gaps
     ring_bytes: int         # the ring's capacity
     lag_bytes: int          # written and not read yet
+    overflow: str = "gap"   # its policy: "gap" or "block"
+    held_seconds: float = 0.0   # time it held the connection waiting for room ("block")
 
     @property
     def fill(self) -> float:
@@ -44,6 +46,7 @@ class Stats:
     readers: tuple[ReaderStats, ...]
     subscriptions: int = 0      # subscriptions held, answered or waiting for their LISTEN
     channels: tuple[str, ...] = ()  # channels somebody subscribes to, sorted
+    held_seconds: float = 0.0   # time overflow="block" readers held the connection, in all
 
     @property
     def connected(self) -> bool:

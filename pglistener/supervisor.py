@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -83,6 +84,9 @@ class Supervisor:
       user find it by (Worker.from_address(), or PGLISTENER_ADDRESS and Worker.from_env()).
       Default: a fresh private directory. A stale socket there is replaced; one where a
       supervisor answers is refused. The directory is not created or removed.
+    - block_timeout: seconds a subscription with overflow="block" may hold the connection
+      at a time while its ring is full; past it, that subscription misses what does not fit
+      (an overflow Gap counts it) until it makes room, and a warning is logged once.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class Supervisor:
         max_channels_per_worker: int = 4096,
         start_timeout: float = 30.0,
         address: str | None = None,
+        block_timeout: float = 60.0,
     ) -> None:
         params = parse_dsn(dsn)
         if not ("application_name" in params or os.environ.get("PGAPPNAME")):
@@ -114,8 +119,9 @@ class Supervisor:
         for name, value in (("backoff_initial", backoff_initial), ("backoff_max", backoff_max),
                             ("connect_timeout", connect_timeout),
                             ("liveness_timeout", liveness_timeout),
-                            ("start_timeout", start_timeout)):
-            if not value > 0:
+                            ("start_timeout", start_timeout),
+                            ("block_timeout", block_timeout)):
+            if not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
         for key, setting in _tcp_liveness(liveness_timeout).items():
             params.setdefault(key, setting)
@@ -137,6 +143,7 @@ class Supervisor:
             max_subscriptions_per_worker=max_subscriptions_per_worker,
             max_channels_per_worker=max_channels_per_worker,
             log_level=logging.NOTSET,       # start() takes the level in force then
+            block_timeout=block_timeout,
         )
         self._start_timeout = start_timeout
         if address is not None and not isinstance(address, str):

@@ -80,6 +80,7 @@ class Worker:
         timeout: float | None = None,
         on_gap: Callable[[Gap], Any] | None = None,
         ring_bytes: int | None = None,
+        overflow: str = "gap",
     ) -> Subscription:
         """Subscribe to `channel` (or to several channels, read as one stream in the server's
         order); returns once the supervisor's LISTEN is committed.
@@ -90,9 +91,17 @@ class Worker:
         as warnings. Raises TimeoutError when the LISTEN is not committed within `timeout`.
         ring_bytes sizes this subscription's ring (default: the Supervisor's ring_bytes; at
         most its max_ring_bytes).
+
+        overflow: what happens when the ring is full. "gap" (the default): what does not fit
+        is missed, and the stream says so with Gap("overflow", missed=N); the connection never
+        waits for this reader. "block": nothing is missed for lack of room; the supervisor
+        stops taking notifications off the connection until this reader makes room (the
+        server's queue holds the rest; other subscriptions are delayed, never dropped), for
+        at most Supervisor(block_timeout=...) at a time, past which it gets an overflow Gap
+        with the exact count, as with "gap".
         """
         sub = open_stream(Subscription, self._path, channel, timeout, ring_bytes,
-                          self._restarted)
+                          self._restarted, overflow)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -103,11 +112,12 @@ class Worker:
         *,
         timeout: float | None = None,
         ring_bytes: int | None = None,
+        overflow: str = "gap",
     ) -> AsyncSubscription:
         """subscribe() for asyncio: the returned AsyncSubscription is read with
         `await sub.get()` and `async for`; the event loop watches its eventfd."""
         return await open_async(AsyncSubscription, self._path, channel, timeout, ring_bytes,
-                                self._restarted)
+                                self._restarted, overflow)
 
     async def subscribe_json_async(
         self,
@@ -115,11 +125,12 @@ class Worker:
         *,
         timeout: float | None = None,
         ring_bytes: int | None = None,
+        overflow: str = "gap",
     ) -> AsyncJsonSubscription:
         """subscribe_json() for asyncio: `await sub.get()` and `async for` give each payload
         decoded as JSON (and Gap items); payloads that are not JSON are logged and skipped."""
         return await open_async(AsyncJsonSubscription, self._path, channel, timeout,
-                                ring_bytes, self._restarted)
+                                ring_bytes, self._restarted, overflow)
 
     def subscribe_json(
         self,
@@ -129,13 +140,14 @@ class Worker:
         timeout: float | None = None,
         on_gap: Callable[[Gap], Any] | None = None,
         ring_bytes: int | None = None,
+        overflow: str = "gap",
     ) -> JsonSubscription:
         """Like subscribe(), with each payload decoded as JSON: get() and iteration give the
         decoded values (and Gap items), the callback gets the decoded value. Subscribed to
         several channels, each value comes as a (channel, value) pair. Payloads that are not
         JSON are logged and skipped."""
         sub = open_stream(JsonSubscription, self._path, channel, timeout, ring_bytes,
-                          self._restarted)
+                          self._restarted, overflow)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub

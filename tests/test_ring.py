@@ -32,13 +32,13 @@ def align8(n: int) -> int:
 class Ring:
     """A dispatcher with one ring routed from channel 'c', and its reader."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, block: bool = False) -> None:
         self.dispatcher = Dispatcher()
         memfd = os.memfd_create("test-ring")
         os.ftruncate(memfd, HEADER_BYTES + capacity)
         efd = os.eventfd(0, os.EFD_NONBLOCK)
         self.ctl, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.dispatcher.add_ring(1, memfd, os.dup(efd), capacity)
+        self.dispatcher.add_ring(1, memfd, os.dup(efd), capacity, block)
         self.reader = RingReader(memfd, efd, self.ctl.fileno(), os.dup(self.dispatcher.wake_fd))
         os.close(memfd)
         self.efd = efd
@@ -160,7 +160,7 @@ class RingMachine(RuleBasedStateMachine):
     def nothing_is_lost(self) -> None:
         if self.ring is None:
             return
-        delivered, missed, used = self.ring.dispatcher.ring_stats(1)
+        delivered, missed, used, _held = self.ring.dispatcher.ring_stats(1)
         assert used == self.model.tail - self.model.head
 
     def teardown(self) -> None:
@@ -356,4 +356,20 @@ def test_a_reader_that_frees_room_wakes_the_producer_only_then() -> None:
     ring.dispatcher.flush()                 # what run() does when woken: the gap goes in
     items = ring.reader.get_many(sent)
     assert items[-1] == Gap("overflow", 1) and len(items) == sent - 2
+    ring.close()
+
+
+def test_a_blocking_ring_refuses_rather_than_misses_and_its_reader_wakes_the_producer() -> None:
+    ring = Ring(MIN_CAPACITY, block=True)
+    ring.route(b"c")
+    sent = 0
+    while ring.dispatcher.dispatch(b"c", b"x" * 1000, sent + 1):
+        sent += 1
+    assert ring.dispatcher.ring_stats(1)[1] == 0        # nothing missed: refused instead
+    wake = ring.dispatcher.wake_fd
+    assert not _readable(wake)
+    assert ring.reader.get_nowait() == Notification("c", "x" * 1000, 1)
+    assert _readable(wake)                              # room: the producer is told
+    assert ring.dispatcher.dispatch(b"c", b"x" * 1000, sent + 1)
+    assert [n.pid for n in ring.reader.get_many(sent + 1)] == list(range(2, sent + 2))
     ring.close()
