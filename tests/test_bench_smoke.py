@@ -13,11 +13,12 @@ def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pglistener.bench", "--quick", "--workers", "2", "--dsn", dsn,
          "--scenario", "drain", "--scenario", "fanout", "--scenario", "latency",
+         "--scenario", "burst",
          "--notifications", "2000", "--json", str(out), "--plot", str(png)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert set(data["results"]) == {"drain", "fanout", "latency"}
+    assert set(data["results"]) == {"drain", "fanout", "latency", "burst"}
     assert set(data["results"]["drain"]) == {
         "raw", "pglistener", "pglistener-for", "pglistener-callback", "pglistener-async",
         "pglistener-dispatch", "psycopg", "asyncpg"}
@@ -30,5 +31,10 @@ def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
     (lat,) = data["results"]["latency"]["raw"]
     assert lat["samples"] == 2000 and 0 < lat["p50_us"] <= lat["p99_us"]
     assert {t["target"].split(":")[0] for t in data["targets"]} >= {"drain", "fanout", "latency"}
+    burst = {system: rounds[0] for system, rounds in data["results"]["burst"].items()}
+    assert burst["pglistener-block"]["missed"] == 0 == burst["psycopg"]["missed"]
+    assert burst["pglistener-block"]["received"] == 2000 == burst["psycopg"]["received"]
+    gap = burst["pglistener-gap"]
+    assert gap["received"] + gap["missed"] == 2000
     assert png.stat().st_size > 10_000
     assert "== drain" in proc.stdout and "== targets" in proc.stdout

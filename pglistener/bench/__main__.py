@@ -1,6 +1,6 @@
 """python -m pglistener.bench: pglistener side by side with the other ways to listen.
 
-Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, idle.
+Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, burst, idle.
 Systems, all on the same server with the same workload:
 
   raw                  a C loop on one connection (PQconsumeInput + PQnotifies): the ceiling
@@ -131,6 +131,9 @@ WORKER_READERS: dict[str, Callable[..., None]] = {
     "pglistener-callback": systems.pglistener_callback_reader,
     "pglistener-async": systems.pglistener_async_reader,
     "pglistener-dispatch": systems.pglistener_dispatch_reader,
+    # overflow="gap" (the default) and "block", in the burst scenario
+    "pglistener-gap": systems.pglistener_reader,
+    "pglistener-block": systems.pglistener_reader,
 }
 
 
@@ -159,7 +162,9 @@ class Bench:
         def job(chans: list[str], fan: int = 1, route: dict[str, int] | None = None) -> Job:
             n = (expected(scenario, scenario.notifications, chans) if mode == "count"
                  else int(scenario.rate * scenario.seconds))
-            return Job(chans, n, mode, deadline, fan, route or {})
+            return Job(chans, n, mode, deadline, fan, route or {}, scenario.pause_s,
+                       scenario.ring_bytes or None,
+                       "block" if system == "pglistener-block" else "gap")
 
         targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         in_process = system in ONE_PROCESS and readers > 1

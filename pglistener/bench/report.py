@@ -21,7 +21,9 @@ def figures(scenario: Scenario, reports: list[dict[str, Any]],
     if scenario.kind == "count":
         # From the first notification to the last: the drain rate, whatever the start-up.
         seconds = max(r["end"] for r in reports) - min(r["first"] for r in reports)
+        sent = scenario.notifications * (readers if scenario.channels == 1 else 1)
         return {**base, "seconds": seconds,
+                "accounted": (base["received"] + base["missed"]) / sent,
                 "per_reader_per_s": statistics.median(
                     r["received"] / max(r["end"] - r["first"], 1e-9) for r in reports),
                 "deliveries_per_s": sum(r["deliveries"] for r in reports) / seconds}
@@ -49,7 +51,7 @@ def _percentile(values: list[int], q: float) -> float:
 
 # -- summaries and targets --------------------------------------------------------------------
 
-KEYS = {"count": ("per_reader_per_s", "deliveries_per_s"),
+KEYS = {"count": ("per_reader_per_s", "deliveries_per_s", "missed", "accounted"),
         "latency": ("p50_us", "p99_us", "p999_us"),
         "live": ("produced_per_s", "delivered_per_s", "keep_up", "max_lag_ms"),
         "idle": ("supervisor_cpu_percent", "reader_cpu_percent")}
@@ -114,6 +116,12 @@ TARGETS = [
      "p50_us", "difference", "<=", 30.0),
     ("live: pglistener keeps up (delivered/produced)", "live", "pglistener", None,
      "keep_up", "", ">=", 0.98),
+    ("burst: overflow='block' misses nothing", "burst", "pglistener-block", None,
+     "missed", "", "<=", 0.0),
+    ("burst: overflow='gap' accounts for each (seen+missed)/sent", "burst", "pglistener-gap",
+     None, "accounted", "", ">=", 1.0),
+    ("burst: 'block' keeps the pace of psycopg notifies()", "burst", "pglistener-block",
+     "psycopg", "per_reader_per_s", "ratio", ">=", 0.9),
     ("idle: supervisor CPU % (about 0)", "idle", "pglistener", None,
      "supervisor_cpu_percent", "", "<=", 1.0),
     ("idle: blocked reader CPU % (about 0)", "idle", "pglistener", None,

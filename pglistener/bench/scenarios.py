@@ -37,6 +37,8 @@ class Scenario:
     quick_notifications: int = 0
     seconds: float = 0.0        # latency and live: how long the producer runs
     rate: int = 0               # latency: notifications per second
+    ring_bytes: int = 0         # pglistener's ring for this scenario (0: the bench's)
+    pause_s: float = 0.0        # readers sleep this long after each 1000: a bounded rate
 
 
 SCENARIOS = {s.name: s for s in [
@@ -58,6 +60,11 @@ SCENARIOS = {s.name: s for s in [
     Scenario("live", "a producer at full speed while every reader consumes",
              "live", ("pglistener", "conn-per-worker", "mp-queue", "psycopg"),
              many_readers=True, seconds=3.0),
+    Scenario("burst", "a burst in one transaction to one reader with a 64 KiB ring that reads "
+             "at a bounded rate (4 ms per 1000): missed, and the rate",
+             "count", ("pglistener-gap", "pglistener-block", "psycopg"),
+             notifications=1_000_000, quick_notifications=20_000, ring_bytes=64 * 1024,
+             pause_s=0.004),
     Scenario("idle", "CPU of the supervisor and of a reader blocked in get(), nothing sent",
              "idle", ("pglistener",), seconds=2.0),
 ]}

@@ -32,6 +32,9 @@ class Job:
     deadline: float = 0.0           # CLOCK_MONOTONIC; give up then (a slow system in "live")
     fan: int = 1                    # in-process handlers each notification goes to
     route: dict[str, int] = field(default_factory=dict)   # spread: channel -> its handler
+    pause: float = 0.0              # sleep this long after each 1000 taken (burst)
+    ring_bytes: int | None = None   # pglistener: this subscription's ring
+    overflow: str = "gap"           # pglistener: its policy
 
 
 class Tally:
@@ -46,7 +49,7 @@ class Tally:
         self.lat_ns: list[int] = []
         self.timed = job.mode in ("latency", "live")
         # One reader, no in-process handlers: the reader loops count and nothing else.
-        self.plain = job.mode == "count" and job.fan == 1 and not job.route
+        self.plain = job.mode == "count" and job.fan == 1 and not job.route and not job.pause
         self.handled = [0] * max(job.fan, *(k + 1 for k in job.route.values()), 1)
 
     def take(self, channel: str, payload: str) -> bool:
@@ -60,6 +63,8 @@ class Tally:
         self.received += 1
         if self.received == 1:
             self.first = time.monotonic()
+        if self.job.pause and self.received % 1000 == 0:
+            time.sleep(self.job.pause)
         if self.job.route:                      # spread, fanned out in one process
             self.handled[self.job.route[channel]] += 1
             self.deliveries += 1
@@ -100,7 +105,8 @@ def pglistener_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
     """One process, one subscription covering its channels, read in batches."""
     from pglistener import Gap
 
-    sub = worker.subscribe(job.channels, timeout=60)
+    sub = worker.subscribe(job.channels, timeout=60, ring_bytes=job.ring_bytes,
+                           overflow=job.overflow)
     tally = Tally(job)
     ready.put(True)
     if tally.plain:
