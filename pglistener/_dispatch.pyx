@@ -395,13 +395,47 @@ cdef bint _flush_gap(Producer *p) noexcept nogil:
     return True
 
 
+cdef struct Entry:
+    # One receiver of a channel's notifications: a subscription (size 1), or a consumer
+    # group, whose members share the stream: each notification goes to one of them.
+    Producer **members
+    int size
+    unsigned turn              # a group's next member in turn, for ties
+
+
+cdef Producer *_choose(Entry *e, uint32_t n, bint take_turn) noexcept nogil:
+    # The member of an entry a record of n bytes goes to: among those with room, the one
+    # with the least unread data, ties in turn; if none has room, one that may miss (policy
+    # "gap", or blocking past block_timeout), least unread first; NULL when every one must
+    # wait for room. take_turn: the choice is used, so the next tie starts after it.
+    cdef Producer *best = NULL
+    cdef Producer *p
+    cdef uint64_t lag, best_lag = 0
+    cdef bint room, best_room = False
+    cdef int k, i, best_i = 0
+    for k in range(e.size):
+        i = <int>((e.turn + <unsigned>k) % <unsigned>e.size)
+        p = e.members[i]
+        if e.size > 1:
+            p.head_cache = pgl_load_acquire(&p.hdr.head)    # its unread data, now
+        room = _room(p, _need(p, n))
+        if not room and p.block and not p.block_expired:
+            continue
+        lag = p.tail - p.head_cache
+        if best == NULL or (room and not best_room) or (room == best_room and lag < best_lag):
+            best, best_lag, best_room, best_i = p, lag, room, i
+    if best != NULL and take_turn:
+        e.turn = <unsigned>(best_i + 1)
+    return best
+
+
 cdef struct Route:
     uint64_t hash
     int state                  # PGL_ROUTE_EMPTY, _LIVE or _DELETED
-    int n
+    int n                      # entries
     uint16_t clen
     char name[64]
-    Producer **subs
+    Entry *entries             # one allocation: the entries, then their members
 
 
 cdef class Dispatcher:
@@ -451,7 +485,7 @@ cdef class Dispatcher:
     def __dealloc__(self):
         cdef size_t i
         for i in range(self.table_size):
-            free(self.table[i].subs)
+            free(self.table[i].entries)
         free(self.table)
         for i in range(self.n_rings):
             _free_producer(self.rings[i])
@@ -510,18 +544,29 @@ cdef class Dispatcher:
     def remove_ring(self, ring_id):
         """Drop a ring from every route, unmap it and close its eventfd."""
         cdef Producer *p = <Producer *><size_t>self.by_id.pop(ring_id)
-        cdef size_t i, j
+        cdef size_t i
+        cdef int j, k
         cdef Route *r
+        cdef Entry *e
         for i in range(self.table_size):
             r = &self.table[i]
-            if r.state == PGL_ROUTE_LIVE:
+            if r.state != PGL_ROUTE_LIVE:
+                continue
+            k = 0
+            while k < r.n:
+                e = &r.entries[k]
                 j = 0
-                while j < <size_t>r.n:
-                    if r.subs[j] == p:
-                        r.subs[j] = r.subs[r.n - 1]
-                        r.n -= 1
+                while j < e.size:
+                    if e.members[j] == p:
+                        e.members[j] = e.members[e.size - 1]
+                        e.size -= 1
                     else:
                         j += 1
+                if e.size == 0:
+                    r.entries[k] = r.entries[r.n - 1]
+                    r.n -= 1
+                else:
+                    k += 1
         _remove_ptr(self.rings, &self.n_rings, p)
         _remove_ptr(self.dirty, &self.n_dirty, p)
         _free_producer(p)
@@ -533,6 +578,24 @@ cdef class Dispatcher:
         if p.holding and self.held != NULL:
             held += _now_ns() - self.held_since
         return (p.delivered, p.missed_total, p.tail - pgl_load_acquire(&p.hdr.head), held / 1e9)
+
+    def unread(self, ring_id):
+        """Notifications written into a ring and not taken by its reader yet (what a reader
+        holds in its batch is taken)."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        cdef uint64_t pos = pgl_load_acquire(&p.hdr.head)
+        cdef unsigned char *rec
+        cdef uint32_t length
+        cdef uint64_t count = 0
+        while pos < p.tail:
+            rec = p.data + (pos & p.mask)
+            length = pgl_rec_length(rec)
+            if length == 0:
+                break           # we wrote them; never, but never loop either
+            if pgl_rec_type(rec) == PGL_REC_NOTIFY:
+                count += 1
+            pos += length
+        return count
 
     def mark_gap(self, ring_ids, str reason):
         """These rings get a Gap(reason), "reconnect" or "restart" (missed unknown), before
@@ -554,39 +617,49 @@ cdef class Dispatcher:
 
     # -- routes -----------------------------------------------------------------------------
 
-    def set_route(self, bytes channel, ring_ids):
-        """Notifications on `channel` (UTF-8 bytes, 1..63 of them) go to these rings, in this
-        order. An empty list removes the route."""
+    def set_route(self, bytes channel, entries):
+        """Notifications on `channel` (UTF-8 bytes, 1..63 of them) go to these entries, in
+        this order: each a ring id (every notification), or a list of ring ids (a consumer
+        group: each notification to one of them). An empty list removes the route."""
         cdef Py_ssize_t clen = len(channel)
         if clen < 1 or clen > 63:
             raise ValueError("a channel is 1 to 63 bytes")
-        cdef list ptrs = [self.by_id[i] for i in ring_ids]
+        cdef list groups = [[self.by_id[i] for i in (e if isinstance(e, (list, tuple)) else (e,))]
+                            for e in entries]
+        if any(not g for g in groups):
+            raise ValueError("a consumer group has at least one member")
+        cdef Py_ssize_t total = sum(len(g) for g in groups), k, j
         cdef uint64_t h = pgl_hash(channel, clen)
         cdef Route *r = self._find(h, channel, clen)
-        cdef Producer **subs = NULL
-        cdef Py_ssize_t k
-        if r == NULL and ptrs and (self.table_used + 1) * 2 > self.table_size:
+        cdef Entry *block = NULL
+        cdef Producer **members
+        if r == NULL and groups and (self.table_used + 1) * 2 > self.table_size:
             self._rehash()      # before anything is allocated: a MemoryError leaks nothing
-        if ptrs:
-            subs = <Producer **>calloc(len(ptrs), sizeof(Producer *))
-            if subs == NULL:
+        if groups:
+            block = <Entry *>calloc(1, len(groups) * sizeof(Entry) + total * sizeof(Producer *))
+            if block == NULL:
                 raise MemoryError()
-            for k in range(len(ptrs)):
-                subs[k] = <Producer *><size_t>ptrs[k]
+            members = <Producer **>(<char *>block + len(groups) * sizeof(Entry))
+            for k in range(len(groups)):
+                block[k].members = members
+                block[k].size = len(groups[k])
+                for j in range(len(groups[k])):
+                    members[j] = <Producer *><size_t>groups[k][j]
+                members += len(groups[k])
         if r != NULL:
-            free(r.subs)
-            r.subs = subs
-            r.n = len(ptrs)
-            if not ptrs:
+            free(r.entries)
+            r.entries = block
+            r.n = len(groups)
+            if not groups:
                 r.state = PGL_ROUTE_DELETED
             return
-        if not ptrs:
+        if not groups:
             return
         r = self._slot_for_insert(h)
         r.hash = h
         r.state = PGL_ROUTE_LIVE
-        r.n = len(ptrs)
-        r.subs = subs
+        r.n = len(groups)
+        r.entries = block
         r.clen = <uint16_t>clen
         memcpy(r.name, <const char *>channel, clen)
         self.table_used += 1
@@ -635,7 +708,7 @@ cdef class Dispatcher:
                 r[0] = old[i]
                 self.table_used += 1
             elif old[i].state == PGL_ROUTE_DELETED:
-                free(old[i].subs)
+                free(old[i].entries)
         free(old)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -648,14 +721,16 @@ cdef class Dispatcher:
 
     cdef bint _route(self, const char *chan, const char *payload, int32_t pid,
                      bint expired) noexcept nogil:
-        # Writes one notification into every ring of its channel. False, having written it
-        # nowhere, when a blocking ring has no room for it yet, unless the hold has `expired`:
-        # then those rings miss it (an overflow gap counts it) and the others get it.
+        # Writes one notification into every entry of its channel (one member of a group).
+        # False, having written it nowhere, when a blocking ring (or every member of a
+        # blocking group) has no room for it yet, unless the hold has `expired`: then those
+        # rings may miss it (an overflow gap counts it) and the others get it.
         cdef size_t clen = strlen(chan)
         cdef size_t plen = strlen(payload)
         cdef Route *r = self._find(pgl_hash(chan, clen), chan, clen)
         cdef uint32_t n
-        cdef int i
+        cdef int i, j
+        cdef Entry *e
         cdef Producer *p
         if r == NULL:
             self.unrouted += 1
@@ -665,12 +740,14 @@ cdef class Dispatcher:
             if not expired:
                 return False
             for i in range(r.n):
-                p = r.subs[i]
-                if p.holding:
-                    p.block_expired = True
+                for j in range(r.entries[i].size):
+                    p = r.entries[i].members[j]
+                    if p.holding:
+                        p.block_expired = True
             self.block_expiries += 1
         for i in range(r.n):
-            p = r.subs[i]
+            e = &r.entries[i]
+            p = e.members[0] if e.size == 1 else _choose(e, n, True)
             if _push_notify(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid):
                 self._mark(p)
             elif p.gap_reason != 0:
@@ -678,22 +755,28 @@ cdef class Dispatcher:
         return True
 
     cdef bint _fits(self, Route *r, uint32_t n) noexcept nogil:
-        # Whether every blocking ring of the route has room for a record of n bytes. Those
-        # that have not are marked `holding` and asked to wake us when they make room; then
-        # looked at once more, so that room made meanwhile is not missed (see _ring.h).
+        # Whether every entry can take a record of n bytes now: a blocking ring with room, a
+        # group with a member that has room or may miss. Rings that cannot are marked
+        # `holding` and asked to wake us when they make room; then looked at once more, so
+        # that room made meanwhile is not missed (see _ring.h).
         cdef bint fits = True
-        cdef int i
-        cdef Producer *p
+        cdef int i, j
+        cdef Entry *e
         for i in range(r.n):
-            p = r.subs[i]
-            if not p.block or p.block_expired or _room(p, _need(p, n)):
+            e = &r.entries[i]
+            if e.size == 1 and (not e.members[0].block or e.members[0].block_expired):
+                continue        # a ring that never waits (the usual case): nothing to ask
+            if _choose(e, n, False) != NULL:
                 continue
-            pgl_store_u32(&p.hdr.producer_waiting, 1)
+            for j in range(e.size):
+                pgl_store_u32(&e.members[j].hdr.producer_waiting, 1)
             pgl_full_fence()
-            if _room(p, _need(p, n)):
-                pgl_store_u32(&p.hdr.producer_waiting, 0)
+            if _choose(e, n, False) != NULL:
+                for j in range(e.size):
+                    pgl_store_u32(&e.members[j].hdr.producer_waiting, 0)
                 continue
-            p.holding = True
+            for j in range(e.size):
+                e.members[j].holding = True
             fits = False
         return fits
 

@@ -34,6 +34,7 @@ class Sub:
     ring_bytes: int
     req: Any                    # the subscribe request, answered once LISTEN is committed
     overflow: str = "gap"       # "gap" or "block"
+    group: str | None = None    # a consumer group: shares the stream with its members
     answered: bool = False
 
 
@@ -41,7 +42,8 @@ class Sub:
 class Actions:
     """What to do, in this order: routes, rings to free, gaps, UNLISTEN, LISTEN, answers."""
 
-    routes: dict[str, list[int]] = field(default_factory=dict)   # channel -> ring ids
+    # channel -> what it goes to: ring ids, and lists of ring ids for consumer groups
+    routes: dict[str, list[int | list[int]]] = field(default_factory=dict)
     free: list[Sub] = field(default_factory=list)     # rings to free, after the routes
     gaps: list[int] = field(default_factory=list)     # rings that get Gap("reconnect")
     unlisten: list[str] = field(default_factory=list)
@@ -75,7 +77,7 @@ class Registry:
     # -- subscribing --------------------------------------------------------------------------
 
     def new(self, worker: Hashable, pid: int, req: Any, channels: Sequence[str],
-            ring_bytes: int, overflow: str = "gap") -> Sub:
+            ring_bytes: int, overflow: str = "gap", group: str | None = None) -> Sub:
         """A subscription within the worker's limits, not recorded yet: make its ring, then
         add() it. Raises TooManySubscriptions past a limit, and changes nothing then."""
         held = self._by_worker.get(worker, {})
@@ -89,7 +91,8 @@ class Registry:
                 f"a worker process may subscribe to at most {self.max_channels} channels in "
                 f"all (Supervisor(max_channels_per_worker=...)); it holds {in_use} and asked "
                 f"for {len(channels)} more")
-        return Sub(next(self._ids), tuple(channels), worker, pid, ring_bytes, req, overflow)
+        return Sub(next(self._ids), tuple(channels), worker, pid, ring_bytes, req, overflow,
+                   group)
 
     def add(self, sub: Sub) -> Actions:
         """Record a subscription whose ring exists: route it, LISTEN what is new."""
@@ -97,9 +100,8 @@ class Registry:
         self._by_worker.setdefault(sub.worker, {})[sub.id] = sub
         act = Actions()
         for channel in sub.channels:
-            ids = self.routes.setdefault(channel, [])
-            ids.append(sub.id)
-            act.routes[channel] = list(ids)
+            self.routes.setdefault(channel, []).append(sub.id)
+            act.routes[channel] = self.entries(channel)
         if self.up:
             act.listen = [ch for ch in sub.channels
                           if ch not in self.listening and ch not in self.requested]
@@ -125,6 +127,25 @@ class Registry:
         for sub in ready:
             sub.answered = True
         return ready
+
+    def entries(self, channel: str) -> list[int | list[int]]:
+        """What the dispatcher routes `channel` to, in subscription order: each ring id, and
+        for a consumer group (the same group name on the same channels) the list of its
+        members' ring ids, at the place of its first member."""
+        out: list[int | list[int]] = []
+        groups: dict[tuple[tuple[str, ...], str], list[int]] = {}
+        for sub_id in self.routes.get(channel, []):
+            sub = self.subs[sub_id]
+            if sub.group is None:
+                out.append(sub_id)
+                continue
+            key = (tuple(sorted(sub.channels)), sub.group)
+            if key in groups:
+                groups[key].append(sub_id)
+            else:
+                groups[key] = [sub_id]
+                out.append(groups[key])
+        return out
 
     # -- unsubscribing ------------------------------------------------------------------------
 
@@ -156,7 +177,7 @@ class Registry:
         for channel in sub.channels:
             ids = self.routes[channel]
             ids.remove(sub.id)
-            act.routes[channel] = list(ids)
+            act.routes[channel] = self.entries(channel)
             if not ids:
                 del self.routes[channel]
                 if channel in self.listening or channel in self.requested:

@@ -33,7 +33,7 @@ from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus
 from ._libpq_check import check_same_libpq
 from ._registry import Actions, Registry
 from ._sizes import check_ring_bytes
-from ._stream import check_overflow
+from ._stream import check_group, check_overflow
 from .channels import channel_bytes
 from .errors import PGListenerError, TooManySubscriptions
 
@@ -104,6 +104,7 @@ class Server:
         self.dispatcher = Dispatcher()
         self.dispatcher.block_timeout = config.block_timeout
         self.expiries_logged = 0
+        self.orphaned = 0               # left unread by consumer-group members that left
         self.epoll = select.epoll()
         self.clients: dict[int, _Client] = {}
         self.registry = Registry(config.max_subscriptions_per_worker,
@@ -477,7 +478,8 @@ class Server:
             op = message.get("op")
             if op == "subscribe":
                 self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"),
-                                message.get("restart") is True, message.get("overflow", "gap"))
+                                message.get("restart") is True, message.get("overflow", "gap"),
+                                message.get("group"))
             elif op == "unsubscribe":
                 self._apply(self.registry.unsubscribe(client, message.get("sub")))
                 self._reply(client, {"req": req, "ok": True})
@@ -519,14 +521,14 @@ class Server:
             pass        # the worker is gone; its EOF will detach it
 
     def _subscribe(self, client: _Client, req: Any, channels: Any, ring_bytes: Any,
-                   restart: bool = False, overflow: Any = "gap") -> None:
+                   restart: bool = False, overflow: Any = "gap", group: Any = None) -> None:
         if not isinstance(channels, list) or not channels:
             raise ValueError("a subscription needs a list of one or more channels")
         raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
             ring_bytes, self.config.max_ring_bytes, "Supervisor(max_ring_bytes=...)")
         sub = self.registry.new(client, client.pid, req, list(raws), capacity,
-                                check_overflow(overflow))
+                                check_overflow(overflow), check_group(group))
         self.ring_fds[sub.id] = self._make_ring(sub.id, capacity, sub.overflow == "block")
         if restart:     # a restarted pool worker: its stream starts by saying so
             self.dispatcher.mark_gap([sub.id], "restart")
@@ -558,6 +560,9 @@ class Server:
         for channel, ids in act.routes.items():
             self.dispatcher.set_route(channel.encode(), ids)
         for sub in act.free:
+            if sub.group is not None:
+                # What a member that left had not read: its group could have handled it.
+                self.orphaned += self.dispatcher.unread(sub.id)
             self.dispatcher.remove_ring(sub.id)
             for fd in self.ring_fds.pop(sub.id, ()):
                 os.close(fd)
@@ -637,7 +642,8 @@ class Server:
             readers.append({"subscription": sub.id, "channels": list(sub.channels),
                             "pid": sub.pid, "delivered": delivered, "missed": missed,
                             "ring_bytes": sub.ring_bytes, "lag_bytes": lag,
-                            "overflow": sub.overflow, "held_seconds": held})
+                            "overflow": sub.overflow, "held_seconds": held,
+                            "group": sub.group})
         return {
             "state": state,
             "backend_pid": self.conn.info.backend_pid if up and self.conn else None,
@@ -652,6 +658,7 @@ class Server:
             "outage_seconds": outage,
             "queue_usage": self.queue_usage,
             "held_seconds": self.dispatcher.held_seconds,
+            "orphaned": self.orphaned,
             "readers": readers,
         }
 

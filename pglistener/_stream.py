@@ -39,7 +39,8 @@ _open: weakref.WeakSet[_dispatch.Stream] = weakref.WeakSet()
 
 
 def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
-                ring_bytes: int | None, restarted: bool = False, overflow: str = "gap") -> _S:
+                ring_bytes: int | None, restarted: bool = False, overflow: str = "gap",
+                group: str | None = None) -> _S:
     """Subscribe over this process's control connection and wrap the ring in a `cls` (a
     Stream subclass; its `decoder` attribute, if any, decodes payloads). Returns once LISTEN
     is committed: a blocking call, which asyncio runs in an executor."""
@@ -51,6 +52,8 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
         message["ring_bytes"] = check_ring_bytes(ring_bytes)
     if check_overflow(overflow) != "gap":
         message["overflow"] = overflow
+    if check_group(group) is not None:
+        message["group"] = group
     ctl = Control.get(path)
     try:
         reply, fds = ctl.request(message, timeout)
@@ -94,6 +97,17 @@ def check_overflow(overflow: object) -> str:
         raise ValueError(f"overflow is 'gap' (miss what does not fit, and say so with a Gap) "
                          f"or 'block' (wait for room, up to block_timeout), not {overflow!r}")
     return overflow
+
+
+def check_group(group: object) -> str | None:
+    """A valid consumer group name (or None), or an error saying what one is."""
+    if group is None:
+        return None
+    if not isinstance(group, str):
+        raise TypeError(f"group is a name (a str) or None, not {type(group).__name__}")
+    if not group or len(group) > 200:
+        raise ValueError(f"a group name is 1 to 200 characters, not {len(group)}")
+    return group
 
 
 def request_stop() -> None:

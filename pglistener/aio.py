@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from ._control import Control
 from ._dispatch import EMPTY, AsyncStream
-from ._stream import check_overflow, open_stream
+from ._stream import check_group, check_overflow, open_stream
 from .errors import SubscriptionClosed
 
 _A = TypeVar("_A", bound="AsyncSubscription")
@@ -29,12 +29,13 @@ _A = TypeVar("_A", bound="AsyncSubscription")
 
 async def open_async(cls: type[_A], path: str, channel: str | Sequence[str],
                      timeout: float | None, ring_bytes: int | None, restarted: bool,
-                     overflow: str = "gap") -> _A:
+                     overflow: str = "gap", group: str | None = None) -> _A:
     """cls._open() in the loop's executor (the subscribe waits for LISTEN to be committed)."""
     loop = asyncio.get_running_loop()
     check_overflow(overflow)        # here, not in the executor: a bad one costs no trip
+    check_group(group)
     opening = loop.run_in_executor(None, open_stream, cls, path, channel, timeout, ring_bytes,
-                                   restarted, overflow)
+                                   restarted, overflow, group)
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:

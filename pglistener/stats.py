@@ -19,6 +19,7 @@ class ReaderStats:
     lag_bytes: int          # written and not read yet
     overflow: str = "gap"   # its policy: "gap" or "block"
     held_seconds: float = 0.0   # time it held the connection waiting for room ("block")
+    group: str | None = None    # its consumer group, if any
 
     @property
     def fill(self) -> float:
@@ -47,6 +48,8 @@ class Stats:
     subscriptions: int = 0      # subscriptions held, answered or waiting for their LISTEN
     channels: tuple[str, ...] = ()  # channels somebody subscribes to, sorted
     held_seconds: float = 0.0   # time overflow="block" readers held the connection, in all
+    orphaned: int = 0           # notifications left unread in the rings of consumer-group
+                                # members that left (a reader's batch in hand not counted)
 
     @property
     def connected(self) -> bool:

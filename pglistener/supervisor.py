@@ -272,17 +272,20 @@ class Supervisor:
         return Worker(self._path)
 
     def spawn(self, target: Callable[..., Any], *args: Any, processes: int = 1,
-              start_method: str | None = None, stop_timeout: float = 10.0) -> Pool:
+              start_method: str | None = None, stop_timeout: float = 10.0,
+              group: str | None = None) -> Pool:
         """Start `processes` children, each running target(worker, *args) with its own
         Worker, and restart any that crashes (with the connection's backoff). target must be
         importable (a module-level function). start_method: "forkserver" by default (else
-        "spawn"), both safe from a threaded parent. stop() stops the pool first."""
+        "spawn"), both safe from a threaded parent. stop() stops the pool first. group: the
+        children's subscriptions join this consumer group (each notification to one child)
+        unless they name another."""
         if self._owner is None:
             raise RuntimeError("start() the Supervisor before spawning workers")
         c = self._config
         pool = Pool(self._path, target, args, processes, start_method,
                     (c.backoff_initial, c.backoff_max, c.backoff_reset_after),
-                    name=getattr(target, "__name__", "pool"))
+                    name=getattr(target, "__name__", "pool"), group=group)
         self._pools.append((pool, stop_timeout))
         return pool
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._control import Control
 from ._dispatch import BlockingStream, Gap, Notification
-from ._stream import open_stream, request_stop
+from ._stream import check_group, open_stream, request_stop
 from .aio import AsyncJsonSubscription, AsyncSubscription, open_async
 from .errors import SupervisorGone
 
@@ -27,8 +27,10 @@ class Worker:
     """A handle on a running supervisor, for subscribing. Picklable: give it to child
     processes, started by fork or spawn; each process opens its own control connection."""
 
-    def __init__(self, path: str, restarted: bool = False) -> None:
+    def __init__(self, path: str, restarted: bool = False, group: str | None = None) -> None:
         self._path = path
+        # The consumer group its subscriptions join unless they name one (sup.spawn(group=)).
+        self._group = check_group(group)
         # A pool worker started again after a crash: every stream it opens begins with
         # Gap("restart"), since what was sent while no one read for it is gone.
         self._restarted = restarted
@@ -67,10 +69,11 @@ class Worker:
         return self._path
 
     def __repr__(self) -> str:
-        return f"<Worker {self._path}{' restarted' if self._restarted else ''}>"
+        return (f"<Worker {self._path}{' restarted' if self._restarted else ''}"
+                f"{f' group {self._group!r}' if self._group else ''}>")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Worker, (self._path, self._restarted))
+        return (Worker, (self._path, self._restarted, self._group))
 
     def subscribe(
         self,
@@ -81,6 +84,7 @@ class Worker:
         on_gap: Callable[[Gap], Any] | None = None,
         ring_bytes: int | None = None,
         overflow: str = "gap",
+        group: str | None = None,
     ) -> Subscription:
         """Subscribe to `channel` (or to several channels, read as one stream in the server's
         order); returns once the supervisor's LISTEN is committed.
@@ -99,9 +103,16 @@ class Worker:
         server's queue holds the rest; other subscriptions are delayed, never dropped), for
         at most Supervisor(block_timeout=...) at a time, past which it gets an overflow Gap
         with the exact count, as with "gap".
+
+        group: a consumer group. Subscriptions on the same channels with the same group name
+        share the stream: each notification goes to one member (the one with the least
+        unread data; ties in turn), in any process; subscriptions outside the group still get
+        every notification. Order holds per member, not across members. With
+        overflow="block" on every member, a group is a lossless work queue.
         """
         sub = open_stream(Subscription, self._path, channel, timeout, ring_bytes,
-                          self._restarted, overflow)
+                          self._restarted, overflow,
+                          self._group if group is None else group)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -113,11 +124,13 @@ class Worker:
         timeout: float | None = None,
         ring_bytes: int | None = None,
         overflow: str = "gap",
+        group: str | None = None,
     ) -> AsyncSubscription:
         """subscribe() for asyncio: the returned AsyncSubscription is read with
         `await sub.get()` and `async for`; the event loop watches its eventfd."""
         return await open_async(AsyncSubscription, self._path, channel, timeout, ring_bytes,
-                                self._restarted, overflow)
+                                self._restarted, overflow,
+                                self._group if group is None else group)
 
     async def subscribe_json_async(
         self,
@@ -126,11 +139,13 @@ class Worker:
         timeout: float | None = None,
         ring_bytes: int | None = None,
         overflow: str = "gap",
+        group: str | None = None,
     ) -> AsyncJsonSubscription:
         """subscribe_json() for asyncio: `await sub.get()` and `async for` give each payload
         decoded as JSON (and Gap items); payloads that are not JSON are logged and skipped."""
         return await open_async(AsyncJsonSubscription, self._path, channel, timeout,
-                                ring_bytes, self._restarted, overflow)
+                                ring_bytes, self._restarted, overflow,
+                                self._group if group is None else group)
 
     def subscribe_json(
         self,
@@ -141,13 +156,15 @@ class Worker:
         on_gap: Callable[[Gap], Any] | None = None,
         ring_bytes: int | None = None,
         overflow: str = "gap",
+        group: str | None = None,
     ) -> JsonSubscription:
         """Like subscribe(), with each payload decoded as JSON: get() and iteration give the
         decoded values (and Gap items), the callback gets the decoded value. Subscribed to
         several channels, each value comes as a (channel, value) pair. Payloads that are not
         JSON are logged and skipped."""
         sub = open_stream(JsonSubscription, self._path, channel, timeout, ring_bytes,
-                          self._restarted, overflow)
+                          self._restarted, overflow,
+                          self._group if group is None else group)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub

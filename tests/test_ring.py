@@ -373,3 +373,43 @@ def test_a_blocking_ring_refuses_rather_than_misses_and_its_reader_wakes_the_pro
     assert ring.dispatcher.dispatch(b"c", b"x" * 1000, sent + 1)
     assert [n.pid for n in ring.reader.get_many(sent + 1)] == list(range(2, sent + 2))
     ring.close()
+
+
+def test_a_group_gives_each_notification_to_one_member_the_least_behind_in_turn() -> None:
+    """Two rings as one consumer group beside a plain one: the plain ring gets every
+    notification; the group's members share them, evenly while both keep up, and the one
+    that reads gets them while the other falls behind."""
+    d = Dispatcher()
+    ctl, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    readers, efds = [], []
+    for ring_id in (1, 2, 3):
+        memfd = os.memfd_create("group-ring")
+        os.ftruncate(memfd, HEADER_BYTES + MIN_CAPACITY)
+        efd = os.eventfd(0, os.EFD_NONBLOCK)
+        d.add_ring(ring_id, memfd, os.dup(efd), MIN_CAPACITY)
+        readers.append(RingReader(memfd, efd, ctl.fileno()))
+        os.close(memfd)
+        efds.append(efd)
+    d.set_route(b"jobs", [[1, 2], 3])
+    for i in range(10):
+        d.dispatch(b"jobs", b"j", i)
+    a, b, plain = ([n.pid for n in r.get_many(100)] for r in readers)
+    assert plain == list(range(10))
+    assert sorted(a + b) == list(range(10)) and a == sorted(a) and b == sorted(b)
+    assert len(a) == len(b) == 5                # in turn while equally behind
+    for i in range(10, 20):                     # only the first member reads
+        d.dispatch(b"jobs", b"j", i)
+        a += [n.pid for n in readers[0].get_many(100)]
+    assert len(a) >= 5 + 9                      # the one behind got at most one more
+    d.set_route(b"jobs", [[2], 3])              # a member leaves: the rest take it all
+    d.remove_ring(1)
+    d.dispatch(b"jobs", b"j", 20)
+    assert readers[1].get_many(100)[-1].pid == 20
+    for r in readers:
+        r.close()
+    for ring_id in (2, 3):
+        d.remove_ring(ring_id)
+    for efd in efds:
+        os.close(efd)
+    ctl.close()
+    peer.close()

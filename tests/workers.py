@@ -91,3 +91,20 @@ def crash_on_start(worker: Worker, out: Any) -> None:
 
     out.put((time.monotonic(), os.getpid()))
     raise RuntimeError("this handler fails on start")
+
+
+def group_member(worker: Worker, channel: str, ready: Any, out: Any) -> None:
+    """A consumer-group member (the group comes from sup.spawn(group=...)): reports what it
+    takes, batch by batch, as (pid, [numbers]); a Gap is reported as an error."""
+    import os
+
+    with worker.subscribe(channel, overflow="block", timeout=30) as sub:
+        ready.put(os.getpid())
+        while True:
+            try:
+                items = sub.get_many(500, timeout=0.5)
+            except TimeoutError:
+                continue
+            if any(isinstance(i, Gap) for i in items):
+                out.put((os.getpid(), "gap"))
+            out.put((os.getpid(), [int(i.payload) for i in items if not isinstance(i, Gap)]))
