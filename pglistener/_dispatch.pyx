@@ -936,8 +936,11 @@ cdef class Dispatcher:
             wait_ms = <int>((wake_at - now + 999999) // 1000000)
             fds[0].fd = sock
             # While a notification is held, nothing more is read: the kernel's buffer fills,
-            # then the server's queue holds the rest. A hang-up or error is still reported.
-            fds[0].events = (POLLOUT if unsent else 0) | (0 if self.held != NULL else POLLIN)
+            # then the server's queue holds the rest. The server closing its end is still
+            # seen at once (POLLRDHUP), and one that vanished by our unanswered heartbeat
+            # (tcp_user_timeout, or a reset from its host: POLLERR).
+            fds[0].events = ((POLLOUT if unsent else 0)
+                             | (PGL_POLLRDHUP if self.held != NULL else POLLIN))
             fds[0].revents = 0
             fds[1].fd = control_fd
             fds[1].events = POLLIN

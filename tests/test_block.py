@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from fix_proxy import Proxy, proxied
 
 from fix_supervisor import wait_for
 from pglistener import Gap, Notification, Supervisor, Worker
@@ -170,3 +171,25 @@ def test_a_bad_policy_is_refused_saying_the_choices(worker: Worker) -> None:
         worker.subscribe("x", overflow="wait", timeout=30)
     with pytest.raises(TypeError, match="'gap' or 'block'"):
         worker.subscribe("x", overflow=None, timeout=30)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("over", ["unix", "tcp"])
+def test_a_server_lost_while_held_is_noticed_and_said(dsn: str, conn: psycopg.Connection,
+                                                      proxy: Proxy, over: str) -> None:
+    """The connection is held, nothing is read: the backend killed then is still noticed
+    (within liveness_timeout, not block_timeout), and the blocking stream says so. Over TCP
+    the end shows as the peer's FIN (POLLRDHUP) on a socket not polled for reading."""
+    target = proxied(dsn, proxy) if over == "tcp" else dsn
+    with Supervisor(target, liveness_timeout=3, block_timeout=600).start() as sup:
+        sub = sup.worker().subscribe("lost-held", ring_bytes=16 * 1024, overflow="block",
+                                     timeout=30)
+        flood(conn, "lost-held", 5000)
+        wait_for(lambda: sup.stats().held_seconds > 0, "the hold")
+        old = sup.backend_pid
+        conn.execute("SELECT pg_terminate_backend(%s)", (old,))
+        wait_for(lambda: sup.stats().reconnects == 1, "the outage to be noticed", timeout=10)
+        items = read_all(sub, 1)
+        while not isinstance(items[-1], Gap):
+            items += sub.get_many(1000, timeout=30)
+        assert items[-1] == Gap("reconnect")
+        assert numbers(items[:-1]) == list(range(len(items) - 1))      # in order until then
