@@ -13,12 +13,12 @@ def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pglistener.bench", "--quick", "--workers", "2", "--dsn", dsn,
          "--scenario", "drain", "--scenario", "fanout", "--scenario", "latency",
-         "--scenario", "burst",
+         "--scenario", "burst", "--scenario", "group",
          "--notifications", "2000", "--json", str(out), "--plot", str(png)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert set(data["results"]) == {"drain", "fanout", "latency", "burst"}
+    assert set(data["results"]) == {"drain", "fanout", "latency", "burst", "group"}
     assert set(data["results"]["drain"]) == {
         "raw", "pglistener", "pglistener-for", "pglistener-callback", "pglistener-async",
         "pglistener-dispatch", "psycopg", "asyncpg"}
@@ -36,5 +36,7 @@ def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
     assert burst["pglistener-block"]["received"] == 2000 == burst["psycopg"]["received"]
     gap = burst["pglistener-gap"]
     assert gap["received"] + gap["missed"] == 2000
+    for system, rounds in data["results"]["group"].items():    # 2 readers share 2000 jobs
+        assert (rounds[0]["received"], rounds[0]["exact"]) == (2000, 1.0), system
     assert png.stat().st_size > 10_000
     assert "== drain" in proc.stdout and "== targets" in proc.stdout

@@ -1,6 +1,7 @@
 """python -m pglistener.bench: pglistener side by side with the other ways to listen.
 
-Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, burst, idle.
+Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, burst,
+group, idle.
 Systems, all on the same server with the same workload:
 
   raw                  a C loop on one connection (PQconsumeInput + PQnotifies): the ceiling
@@ -13,6 +14,10 @@ Systems, all on the same server with the same workload:
   asyncpg              asyncpg add_listener callbacks in one process
   conn-per-worker      one process per reader, each with its own connection (psycopg)
   mp-queue             one psycopg listener fanning out through multiprocessing.Queue
+  pglistener-gap/-block  burst: a 64 KiB ring, overflow="gap" (the default) or "block"
+  pglistener-group     group: one process per reader, all in one consumer group ("block")
+  skip-locked          group: one psycopg listener per reader, each woken by every
+                       notification, claiming a job with FOR UPDATE SKIP LOCKED
 
 Rounds interleave the systems so that drift on a noisy machine hits all of them alike; each
 figure is the median over rounds with min and max, and ratios are taken round by round.
@@ -51,6 +56,7 @@ from .scenarios import (
     expected,
     produce_backlog,
     produce_flat_out,
+    produce_jobs,
     produce_paced,
     shares,
 )
@@ -168,10 +174,16 @@ class Bench:
 
         targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         in_process = system in ONE_PROCESS and readers > 1
-        if system in WORKER_READERS:
+        if system == "pglistener-group":
+            total = self.ctx.Value("q", 0)      # what the group handled, in all
+            targets = [(systems.pglistener_group_reader, (self.worker, job(c), total))
+                       for c in share]
+        elif system in WORKER_READERS:
             targets = [(WORKER_READERS[system], (self.worker, job(c))) for c in share]
         elif system == "conn-per-worker":
             targets = [(systems.psycopg_reader, (self.dsn, job(c))) for c in share]
+        elif system == "skip-locked":
+            targets = [(systems.skip_locked_reader, (self.dsn, job(c))) for c in share]
         elif system in ONE_PROCESS:
             fn = {"raw": systems.raw_reader, "psycopg": systems.psycopg_reader,
                   "asyncpg": systems.asyncpg_reader}[system]
@@ -206,7 +218,9 @@ class Bench:
                 _get(ready, procs, 120)
             produced = None
             channel = channel_names(scenario)[0]
-            if scenario.kind == "count":
+            if scenario.shared:
+                produce_jobs(self.conn, scenario, scenario.notifications, len(procs))
+            elif scenario.kind == "count":
                 produce_backlog(self.conn, scenario, scenario.notifications)
             elif scenario.kind == "latency":
                 produce_paced(self.conn, channel, scenario.rate, scenario.seconds)

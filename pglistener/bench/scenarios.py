@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from .systems import END
+from .systems import END, JOBS
 
 #: Systems, in the order the tables list them; the first is the reference of the ratios.
 ONE_PROCESS = ("raw", "psycopg", "asyncpg")
@@ -39,6 +39,7 @@ class Scenario:
     rate: int = 0               # latency: notifications per second
     ring_bytes: int = 0         # pglistener's ring for this scenario (0: the bench's)
     pause_s: float = 0.0        # readers sleep this long after each 1000: a bounded rate
+    shared: bool = False        # the readers share the backlog (a work queue), not each all
 
 
 SCENARIOS = {s.name: s for s in [
@@ -65,6 +66,10 @@ SCENARIOS = {s.name: s for s in [
              "count", ("pglistener-gap", "pglistener-block", "psycopg"),
              notifications=1_000_000, quick_notifications=20_000, ring_bytes=64 * 1024,
              pause_s=0.004),
+    Scenario("group", "a backlog of jobs, one notification each, for 4 processes to handle "
+             "each once: a consumer group against listeners racing on SKIP LOCKED",
+             "count", ("pglistener-group", "skip-locked"), many_readers=True, shared=True,
+             notifications=20_000, quick_notifications=2_000),
     Scenario("idle", "CPU of the supervisor and of a reader blocked in get(), nothing sent",
              "idle", ("pglistener",), seconds=2.0),
 ]}
@@ -92,6 +97,25 @@ def expected(scenario: Scenario, n: int, share: list[str]) -> int:
         return n
     per, extra = divmod(n, len(names))
     return sum(per + (names.index(c) < extra) for c in share)
+
+
+def produce_jobs(conn: psycopg.Connection[Any], scenario: Scenario, n: int,
+                 readers: int) -> None:
+    """n jobs in a fresh table and a notification for each, then an end marker per reader,
+    in one transaction."""
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {JOBS} (id int PRIMARY KEY, "  # noqa: S608
+                 f"claimed bool NOT NULL DEFAULT false)")
+    # What a well-kept queue table has: the next unclaimed job found by index, not by a scan.
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {JOBS}_unclaimed ON {JOBS} (id) "  # noqa: S608
+                 f"WHERE NOT claimed")
+    channel = channel_names(scenario)[0]
+    with conn.transaction():
+        conn.execute(f"TRUNCATE {JOBS}")
+        conn.execute(f"INSERT INTO {JOBS} (id) SELECT generate_series(1, %s)", [n])
+        conn.execute("SELECT count(pg_notify(%s, i::text)) FROM generate_series(1, %s) i",
+                     [channel, n])
+        conn.execute("SELECT count(pg_notify(%s, %s)) FROM generate_series(1, %s)",
+                     [channel, END, readers])
 
 
 def produce_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: int) -> None:

@@ -413,3 +413,74 @@ def mp_queue_reader(queue: Any, job: Job, ready: Any, out: Any) -> None:
         else:
             going = tally.take(channel, payload)
     out.put(tally.report())
+
+
+# -- work queues: a consumer group against SKIP LOCKED claims ---------------------------------
+
+#: The table the group scenario's jobs live in (made and emptied by the producer).
+JOBS = "bench_jobs"
+
+
+def pglistener_group_reader(worker: Any, job: Job, total: Any, ready: Any, out: Any) -> None:
+    """One member of a consumer group (overflow="block"): each notification it receives is
+    a job it alone handles. The members add up what they handled in `total` (a shared
+    counter, once per batch) and stop when the group has handled them all."""
+    from pglistener import Gap
+
+    tally = Tally(job)
+    sub = worker.subscribe(job.channels, group="bench", overflow="block", timeout=60)
+    ready.put(True)
+    claimed = 0
+    while not tally.timed_out():
+        try:
+            items = sub.get_many(4096, timeout=0.05)
+        except TimeoutError:
+            items = []
+        mine = 0
+        for item in items:
+            if type(item) is Gap:
+                tally.missed += item.missed or 0
+            elif item.payload != END:
+                mine += 1
+        if mine:
+            if not claimed:
+                tally.first = time.monotonic()
+            claimed += mine
+            tally.end = time.monotonic()
+        with total.get_lock():
+            total.value += mine
+            if total.value >= job.expect:
+                break
+    sub.unsubscribe()
+    tally.received = tally.deliveries = claimed
+    out.put(tally.report())
+
+
+def skip_locked_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """The usual way: every listener wakes on every notification and races the others for
+    one job with `FOR UPDATE SKIP LOCKED`; after the end marker it claims until none is
+    left. Counts the jobs it claimed."""
+    import psycopg
+
+    claim = (f"UPDATE {JOBS} SET claimed = true WHERE id = (SELECT id FROM {JOBS} "  # noqa: S608
+             f"WHERE NOT claimed ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id")
+    tally = Tally(job)
+    with psycopg.connect(dsn, autocommit=True) as conn, \
+            psycopg.connect(dsn, autocommit=True) as work:
+        _listen(conn, job.channels)
+        ready.put(True)
+        claimed = 0
+        ended = False
+        while not ended and not tally.timed_out():
+            for note in conn.notifies(timeout=1.0):
+                if note.payload == END:
+                    ended = True
+                    break
+                if work.execute(claim).fetchone() is not None:
+                    if not claimed:
+                        tally.first = time.monotonic()
+                    claimed += 1
+        while not tally.timed_out() and work.execute(claim).fetchone() is not None:
+            claimed += 1
+    tally.finish(claimed)
+    out.put(tally.report())
