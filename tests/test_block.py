@@ -70,7 +70,7 @@ def test_a_slow_blocking_reader_misses_nothing_and_neither_does_its_neighbour(
 
 
 def test_the_same_with_asyncio(dsn: str, conn: psycopg.Connection) -> None:
-    n = 100_000
+    n = 300_000
 
     async def main(worker: Worker) -> list[int]:
         got: list[int] = []
@@ -88,7 +88,9 @@ def test_the_same_with_asyncio(dsn: str, conn: psycopg.Connection) -> None:
 
     with Supervisor(dsn).start() as sup:
         assert asyncio.run(main(sup.worker())) == list(range(n))
-        assert sup.stats().reconnects == 0
+        stats = sup.stats()
+        assert stats.reconnects == 0 and stats.held_seconds > 0
+        wait_for(lambda: queue_usage(conn) < 0.0001, "the server's queue to drain")
 
 
 def test_block_timeout_gives_one_gap_with_the_exact_count(
