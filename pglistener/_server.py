@@ -405,9 +405,10 @@ class Server:
         except BlockingIOError:
             return
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                raise
-            self._refuse_one(exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._refuse_one(exc)
+            else:       # that peer's trouble (it went away meanwhile), never ours
+                log.warning("could not accept a control connection: %s", exc)
             return
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
