@@ -348,6 +348,7 @@ cdef inline void _emit_gap(Producer *p) noexcept nogil:
     p.unknown_gap_last = p.gap_missed == PGL_MISSED_UNKNOWN
     p.gap_reason = 0
     p.gap_missed = 0
+    p.block_expired = False     # its loss is said: a blocking ring blocks again from here
 
 
 cdef inline void _count_missed(Producer *p) noexcept nogil:
@@ -369,7 +370,6 @@ cdef bint _push_notify(Producer *p, const char *chan, uint32_t clen,
         return False
     if p.gap_reason != 0:
         _emit_gap(p)        # the gap first, at the place where the loss happened
-        p.block_expired = False
     pgl_rec_write_notify(_claim(p, n), n, chan, <uint16_t>clen, payload, plen, pid)
     p.unknown_gap_last = False
     p.delivered += 1
@@ -390,7 +390,6 @@ cdef bint _flush_gap(Producer *p) noexcept nogil:
     if p.gap_reason == 0 or not _room(p, _span(p, p.tail, PGL_RECORD_HEADER)):
         return False
     _emit_gap(p)
-    p.block_expired = False     # a blocking ring blocks again from here
     pgl_store_release(&p.hdr.tail, p.tail)
     return True
 
@@ -780,8 +779,9 @@ cdef class Dispatcher:
             fits = False
         return fits
 
-    cdef inline bint _hold_expired(self, uint64_t now) noexcept nogil:
-        return now - self.held_since >= <uint64_t>(self.block_timeout * 1e9)
+    cdef inline uint64_t _hold_end(self) noexcept nogil:
+        # When the current hold passes block_timeout (ns).
+        return self.held_since + <uint64_t>(self.block_timeout * 1e9)
 
     cdef void _end_hold(self, uint64_t now) noexcept nogil:
         # The held notification went out (or was dropped): count the time it held the
@@ -812,7 +812,7 @@ cdef class Dispatcher:
                 self.received += 1
             now = _now_ns() if note == self.held else 0
             if not self._route(note.relname, note.extra, note.be_pid,
-                               note == self.held and self._hold_expired(now)):
+                               note == self.held and now >= self._hold_end()):
                 if self.held == NULL:           # nothing more off the connection until then
                     self.held = note
                     self.held_since = _now_ns()
@@ -930,9 +930,9 @@ cdef class Dispatcher:
                 return RUN_TIMEOUT
             wake_at = deadline
             if self.held != NULL:
-                if self._hold_expired(now):
+                if now >= self._hold_end():
                     continue            # _drain lets the held notification go
-                wake_at = min(deadline, self.held_since + <uint64_t>(self.block_timeout * 1e9))
+                wake_at = min(deadline, self._hold_end())
             wait_ms = <int>((wake_at - now + 999999) // 1000000)
             fds[0].fd = sock
             # While a notification is held, nothing more is read: the kernel's buffer fills,
