@@ -458,11 +458,11 @@ class Server:
             # Answered, and the connection kept: nothing about it was wrong but the size.
             head = exc.head
             if head.get("op") == "subscribe":
-                self._fail(client, head.get("req"), TooManySubscriptions(
+                self._reply_error(client, head.get("req"), TooManySubscriptions(
                     f"this subscribe names more channels than max_channels_per_worker "
                     f"({self.config.max_channels_per_worker}) allows ({exc})"))
             else:
-                self._fail(client, head.get("req"), ValueError(str(exc)))
+                self._reply_error(client, head.get("req"), ValueError(str(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - malformed or hostile: drop that peer only
             log.warning("dropping worker pid %d: %s", client.pid,
@@ -494,16 +494,15 @@ class Server:
         except (PGListenerError, ValueError, KeyError, OSError) as exc:
             # One worker's bad or failed request (a bad name, out of descriptors) fails that
             # request only, never the supervisor.
-            self._fail(client, req, exc)
+            self._reply_error(client, req, exc)
         except Exception as exc:  # noqa: BLE001 - nor does a request we did not foresee
             log.exception("a request from worker pid %d failed", client.pid)
-            self._fail(client, req, PGListenerError(
+            self._reply_error(client, req, PGListenerError(
                 f"the supervisor failed this request: {exc!r}"))
 
-    def _fail(self, client: _Client, req: Any, exc: Exception) -> None:
-        name = type(exc).__name__ if isinstance(exc, (PGListenerError, ValueError, KeyError,
-                                                      OSError)) else "PGListenerError"
-        self._reply(client, {"req": req, "ok": False, "error": name,
+    def _reply_error(self, client: _Client, req: Any, exc: Exception) -> None:
+        """Fail request `req` with exc, whose class name the worker maps back (_stream)."""
+        self._reply(client, {"req": req, "ok": False, "error": type(exc).__name__,
                              # (a KeyError's str() is its repr)
                              "message": str(exc.args[0]) if isinstance(exc, KeyError)
                              and exc.args else str(exc)})
