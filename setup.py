@@ -35,7 +35,11 @@ def libpq_extension(name: str, source: str) -> Extension:
 
 
 extensions = [
-    libpq_extension("pglistener._dispatch", "pglistener/_dispatch.pyx"),
+    # The supervisor's side: the dispatch loop, its connections and the rings' writing end.
+    libpq_extension("pglistener._producer", "pglistener/_producer.pyx"),
+    # The readers' side: no libpq, imported by every worker process.
+    Extension("pglistener._reader", ["pglistener/_reader.pyx"],
+              extra_compile_args=["-O2", "-Wall"]),
     # The benchmark's `raw` system: the C ceiling of one connection.
     libpq_extension("pglistener.bench._raw", "pglistener/bench/_raw.pyx"),
 ]

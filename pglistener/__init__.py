@@ -8,7 +8,7 @@ stream, at the place where notifications may be missing.
 
 __version__ = "0.1.0"
 
-from ._dispatch import Gap, Notification
+from ._reader import Gap, Notification
 from .aio import AsyncJsonSubscription, AsyncSubscription
 from .channels import MAX_CHANNEL_BYTES
 from .errors import (
@@ -17,6 +17,7 @@ from .errors import (
     InvalidChannelType,
     PayloadTooLarge,
     PGListenerError,
+    ProtocolMismatch,
     SubscriptionClosed,
     SupervisorGone,
     TooManySubscriptions,
@@ -41,6 +42,7 @@ __all__ = [
     "PayloadTooLarge",
     "Pool",
     "PGListenerError",
+    "ProtocolMismatch",
     "ReaderStats",
     "SlotStats",
     "Stats",

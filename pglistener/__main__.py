@@ -30,7 +30,7 @@ import threading
 from typing import Any
 
 from . import Gap, Supervisor, SupervisorGone, Worker
-from ._server import is_permanent
+from ._listen import is_permanent
 from .channels import channel_bytes
 from .errors import InvalidChannelName
 

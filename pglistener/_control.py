@@ -15,7 +15,24 @@ import time
 from typing import Any
 
 from . import _protocol
-from .errors import SupervisorGone
+from .errors import ProtocolMismatch, SupervisorGone
+
+#: How long a new control connection waits for the supervisor's hello (its loop never waits
+#: on anything, so it answers in milliseconds).
+HELLO_TIMEOUT = 30.0
+
+
+def check_hello(reply: dict[str, Any]) -> None:
+    """Raise ProtocolMismatch unless the supervisor's answer to our hello agrees."""
+    if reply.get("ok") and reply.get("protocol") == _protocol.PROTOCOL:
+        return
+    if reply.get("error") == "ProtocolMismatch":
+        raise ProtocolMismatch(str(reply.get("message")))
+    if reply.get("ok"):
+        raise ProtocolMismatch(_protocol.mismatch(reply.get("protocol"), reply.get("version"),
+                                                  "supervisor"))
+    # A supervisor from before hellos answers "unknown operation 'hello'".
+    raise ProtocolMismatch(_protocol.mismatch(None, None, "supervisor"))
 
 
 class Control:
@@ -55,6 +72,12 @@ class Control:
         self._ids = itertools.count(1)
         self.gone = False
         self.stopped_by_owner = False
+        try:
+            reply, _ = self.request(_protocol.hello(), HELLO_TIMEOUT)
+        except BaseException:
+            self.sock.close()
+            raise
+        check_hello(reply)
 
     @classmethod
     def stopping(cls, path: str) -> None:

@@ -1,4 +1,7 @@
-# poll(2), for the loops that wait on a libpq socket or an eventfd without the GIL.
+# poll(2) and the monotonic clock, for the loops that wait on a libpq socket or an eventfd
+# without the GIL.
+from libc.stdint cimport uint64_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -11,3 +14,18 @@ cdef extern from "<poll.h>" nogil:
     const short POLLHUP
     const short POLLERR
     const short POLLNVAL
+
+
+cdef extern from *:
+    # POLLRDHUP needs _GNU_SOURCE in <poll.h>; its value is fixed by the Linux ABI.
+    """
+    #define PGL_POLLRDHUP 0x2000
+    """
+    const short PGL_POLLRDHUP
+
+
+# Monotonic nanoseconds.
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec

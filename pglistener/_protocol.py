@@ -8,7 +8,17 @@ of thousands of readers, a subscribe naming thousands of channels) meets a datag
 supervisor reads a worker's body only up to a size derived from its limits, and answers a
 larger one with an error, by the envelope's request id.
 
+Every control connection begins with a hello, so that a worker and a supervisor of different
+pglistener versions (a `supervise` sidecar outlives app deploys) say so in one clear error
+instead of misreading each other:
+
 worker -> supervisor                          supervisor -> worker
+{"op": "hello", "req": n, "protocol": p,      {"req": n, "ok": true, "protocol": p,
+ "version": v}                                 "version": v}; or, when p is not PROTOCOL,
+                                              {"req": n, "ok": false, "error":
+                                               "ProtocolMismatch", "message": ...} naming
+                                              both, and the same answer to every request
+                                              after it (also to a request with no hello)
 {"op": "subscribe", "req": n, "channels": cs, {"req": n, "ok": true, "sub": id}
  "ring_bytes": b, "restart": true (optional)}  + [memfd, eventfd, wake eventfd]
                                               (once the channels' LISTENs are committed;
@@ -41,6 +51,10 @@ import socket
 import stat
 from typing import Any
 
+#: The control protocol's version, sent in the hello of every control connection. Bumped
+#: whenever a message changes shape; the first protocol (pglistener 0.1.0) had no hello.
+PROTOCOL = 2
+
 #: A message up to this size travels inline, in one datagram; a larger one in a memfd whose
 #: descriptor rides along. Well under the default socket buffer (about 208 KiB), so a
 #: datagram always fits: no message size is refused for lack of buffer.
@@ -51,6 +65,22 @@ MAX_FDS = 4
 #: The marker of a message whose body is in the first descriptor; the envelope keeps the
 #: request id and operation, so a body that is refused can still be answered.
 BODY = "$body"
+
+
+def hello() -> dict[str, Any]:
+    from . import __version__
+    return {"op": "hello", "protocol": PROTOCOL, "version": __version__}
+
+
+def mismatch(theirs: Any, their_version: Any, side: str) -> str:
+    """The error text for a peer speaking protocol `theirs`; `side` is what the peer is."""
+    from . import __version__
+    said = (f"protocol {theirs} (pglistener {their_version})" if theirs is not None
+            else "the first protocol (pglistener 0.1.0, before hellos)")
+    here = "supervisor" if side == "worker" else "worker"
+    return (f"this {here} speaks control protocol {PROTOCOL} (pglistener {__version__}), "
+            f"the {side} speaks {said}: run the same pglistener version on both sides "
+            f"(restart the supervisor, or `python -m pglistener supervise`, after upgrading)")
 
 
 class MessageTooLarge(ValueError):

@@ -48,6 +48,7 @@ class Actions:
     gaps: list[int] = field(default_factory=list)     # rings that get Gap("reconnect")
     unlisten: list[str] = field(default_factory=list)
     listen: list[str] = field(default_factory=list)   # then call listened(), or lost()
+    listen_token: int = 0       # what to give listened() (or replayed()) for that LISTEN
     answer: list[Sub] = field(default_factory=list)   # subscribes to answer with their ring
     lost_stream: bool = False   # lost(): a working connection went (an outage begins)
 
@@ -56,7 +57,9 @@ class Actions:
         self.free += other.free
         self.gaps += other.gaps
         self.unlisten += [ch for ch in other.unlisten if ch not in self.unlisten]
-        self.listen += [ch for ch in other.listen if ch not in self.listen]
+        assert not (self.listen and other.listen), "one LISTEN per Actions"
+        if other.listen:
+            self.listen, self.listen_token = list(other.listen), other.listen_token
         self.answer += other.answer
         self.lost_stream = self.lost_stream or other.lost_stream
         return self
@@ -69,8 +72,13 @@ class Registry:
         self.subs: dict[int, Sub] = {}
         self.routes: dict[str, list[int]] = {}      # channel -> subscription ids, in order
         self.listening: set[str] = set()            # LISTENs committed on the connection
-        self.requested: set[str] = set()            # LISTENs sent, not known committed yet
+        # LISTENs sent, not known committed yet: channel -> the token of the LISTEN that
+        # counts (commands run in order, and an UNLISTEN or a later LISTEN of the channel
+        # may follow one in flight: only the last one's answer says where it stands).
+        self.requested: dict[str, int] = {}
+        self._tokens = itertools.count(1)
         self.up = False          # connected and every LISTEN replayed: streams are whole
+        self.was_up = False      # ... at least once: while not up now, this is an outage
         self._by_worker: dict[Hashable, dict[int, Sub]] = {}
         self._ids = itertools.count(1)
 
@@ -95,29 +103,53 @@ class Registry:
                    group)
 
     def add(self, sub: Sub) -> Actions:
-        """Record a subscription whose ring exists: route it, LISTEN what is new."""
+        """Record a subscription whose ring exists: route it, LISTEN what is new.
+
+        During an outage, a subscription whose channels are all wanted already (they will be
+        replayed) is answered at once, so that a worker does not wait on an unreachable
+        server: its stream begins with the reconnect gap that its neighbours on those channels
+        got when the connection went. Any other waits for its LISTEN, as always."""
+        act = Actions()
+        if self.was_up and not self.up and all(ch in self.routes for ch in sub.channels):
+            sub.answered = True
+            act.gaps = [sub.id]
+            act.answer = [sub]
         self.subs[sub.id] = sub
         self._by_worker.setdefault(sub.worker, {})[sub.id] = sub
-        act = Actions()
         for channel in sub.channels:
             self.routes.setdefault(channel, []).append(sub.id)
             act.routes[channel] = self.entries(channel)
         if self.up:
-            act.listen = [ch for ch in sub.channels
-                          if ch not in self.listening and ch not in self.requested]
-            self.requested.update(act.listen)
+            self._request(act, [ch for ch in sub.channels
+                                if ch not in self.listening and ch not in self.requested])
             act.answer = self._answerable()
         return act
 
-    def listened(self, channels: Sequence[str]) -> Actions:
-        """The LISTENs of `channels` are committed: answer what waited for them."""
-        self.requested.difference_update(channels)
-        self.listening.update(ch for ch in channels if ch in self.routes)
+    def _request(self, act: Actions, channels: list[str]) -> None:
+        """LISTEN `channels` (if any), under a new token."""
+        if channels:
+            act.listen = channels
+            act.listen_token = next(self._tokens)
+            for ch in channels:
+                self.requested[ch] = act.listen_token
+
+    def _answered(self, channels: Sequence[str], token: int) -> list[str]:
+        """The channels whose standing the LISTEN `token` decides: its last command."""
+        mine = [ch for ch in channels if self.requested.get(ch) == token]
+        for ch in mine:
+            del self.requested[ch]
+        return mine
+
+    def listened(self, channels: Sequence[str], token: int) -> Actions:
+        """The LISTENs of `channels` (Actions.listen_token `token`) are committed: answer
+        what waited for them."""
+        self.listening.update(ch for ch in self._answered(channels, token)
+                              if ch in self.routes)
         return Actions(answer=self._answerable())
 
-    def refused(self, channels: Sequence[str]) -> None:
+    def refused(self, channels: Sequence[str], token: int) -> None:
         """The server refused the LISTENs of `channels` (none took effect)."""
-        self.requested.difference_update(channels)
+        self._answered(channels, token)
 
     def _answerable(self) -> list[Sub]:
         if not self.up:
@@ -182,7 +214,7 @@ class Registry:
                 del self.routes[channel]
                 if channel in self.listening or channel in self.requested:
                     self.listening.discard(channel)
-                    self.requested.discard(channel)
+                    self.requested.pop(channel, None)
                     act.unlisten.append(channel)
         return act
 
@@ -195,7 +227,7 @@ class Registry:
         working connection goes, and during a replay that fails, those it reached (the
         dispatcher writes no second gap where nothing came after the first)."""
         act = Actions(lost_stream=self.up)
-        began = self.listening | self.requested
+        began = self.listening | set(self.requested)
         act.gaps = [sub.id for sub in self.subs.values() if not began.isdisjoint(sub.channels)]
         self.up = False
         self.listening.clear()
@@ -204,14 +236,18 @@ class Registry:
 
     def connected(self) -> Actions:
         """A new connection: LISTEN every routed channel, then call replayed()."""
-        act = Actions(listen=sorted(self.routes))
-        self.requested = set(act.listen)
+        act = Actions()
+        self._request(act, sorted(self.routes))
         return act
 
-    def replayed(self, channels: Sequence[str]) -> Actions:
-        """Every LISTEN of connected() is committed: streams are whole again."""
-        self.up = True
-        return self.listened(channels)
+    def replayed(self, channels: Sequence[str], token: int) -> Actions:
+        """Every LISTEN of connected() is committed: streams are whole again. Channels that
+        subscriptions made during the replay want are LISTENed now."""
+        self.up = self.was_up = True
+        act = self.listened(channels, token)
+        self._request(act, [ch for ch in self.routes
+                            if ch not in self.listening and ch not in self.requested])
+        return act
 
     # -- what stats() shows -------------------------------------------------------------------
 

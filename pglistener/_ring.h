@@ -56,6 +56,9 @@
 #define PGL_RING_MAGIC 0x524c4750u
 #define PGL_RING_VERSION 2u
 #define PGL_HEADER_BYTES 256u
+/* A ring's capacity: a power of two that fits a 63-byte channel and a 7999-byte payload. */
+#define PGL_MIN_CAPACITY (16u * 1024u)
+#define PGL_MAX_CAPACITY (1024u * 1024u * 1024u)
 #define PGL_RECORD_HEADER 16u
 
 #define PGL_REC_NOTIFY 1u

@@ -6,6 +6,8 @@ cdef extern from "_ring.h" nogil:
     const uint32_t PGL_RING_MAGIC
     const uint32_t PGL_RING_VERSION
     const uint32_t PGL_HEADER_BYTES
+    const uint32_t PGL_MIN_CAPACITY
+    const uint32_t PGL_MAX_CAPACITY
     const uint32_t PGL_RECORD_HEADER
     const uint16_t PGL_REC_NOTIFY
     const uint16_t PGL_REC_GAP

@@ -1,7 +1,8 @@
 """The supervisor process: owns the connection, answers workers, runs the dispatch loop.
 
-Everything here is policy; the per-notification work happens in _dispatch.Dispatcher.run()
-without the GIL. This module is the target of the spawned process (see supervisor.py).
+Everything here is policy; the per-notification work happens in _producer.Dispatcher.run()
+without the GIL, and the connection's life is _listen.ListenConnection's. This module is the
+target of the spawned process (see supervisor.py).
 """
 
 from __future__ import annotations
@@ -13,59 +14,30 @@ import logging
 import logging.handlers
 import math
 import os
-import re
 import resource
 import select
 import signal
 import socket
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-import psycopg
-from psycopg import pq, sql
-
-from . import _protocol
-from ._backoff import Backoff
-from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus
-from ._libpq_check import check_same_libpq
+from . import __version__, _protocol
+from ._connection import Phase, Timing
+from ._listen import HEARTBEAT, ListenConnection
+from ._producer import HEADER_BYTES, Dispatcher, RunStatus
 from ._registry import Actions, Registry
 from ._sizes import check_ring_bytes
 from ._stream import check_group, check_overflow
 from .channels import channel_bytes
-from .errors import PGListenerError, TooManySubscriptions
+from .errors import PGListenerError, ProtocolMismatch, TooManySubscriptions
+from .stats import ReaderStats, Stats
 
 log = logging.getLogger("pglistener.supervisor")
 
 #: How long run() may keep the GIL-free loop before Python gets a turn when nothing happens.
 TICK_MS = 1000
-
-#: The heartbeat: cheap, and what stats() reports as the server's queue fill.
-_HEARTBEAT = b"SELECT pg_notification_queue_usage()"
-
-
-#: What libpq says when retrying alone will not mend a connection: the credentials, the role
-#: or the database are wrong (libpq gives no SQLSTATE for a refused connection).
-_PERMANENT = re.compile(r"authentication failed|no pg_hba\.conf entry|"
-                        r"(role|database) \"[^\"]*\" does not exist|password is required")
-
-
-def is_permanent(cause: str) -> bool:
-    """Whether a connection failure is one that retrying alone will not mend."""
-    return bool(_PERMANENT.search(cause))
-
-
-class _QueryFailed(Exception):
-    """A query on the listening connection failed or went unanswered; the connection is
-    treated as lost (a standby refusing LISTEN is retried like a dead server). `refused`:
-    the server answered with an error, so none of its statements took effect (a query
-    string of several statements runs as one transaction)."""
-
-    def __init__(self, cause: str, refused: bool = False) -> None:
-        super().__init__(cause)
-        self.refused = refused
 
 
 @dataclass
@@ -94,9 +66,16 @@ class _Client:
 
     sock: socket.socket
     pid: int
+    hello: bool = False             # it said hello in our protocol
+    mismatch: str | None = None     # ... or this is what is wrong with it
 
 
 class Server:
+    """The supervisor's one loop: the LISTEN connection (_listen.ListenConnection), the
+    workers' control connections, the owner's channel and the dispatcher, all waited on
+    together. Nothing in it blocks: connecting, resolving and every query go on while
+    workers are served."""
+
     def __init__(self, config: Config, listen_sock: socket.socket, owner: socket.socket) -> None:
         self.config = config
         self.listen_sock = listen_sock
@@ -114,24 +93,12 @@ class Server:
         # The most a worker's message may take: a subscribe of every channel it may hold,
         # each escaped at worst (a 63-byte name of control characters as \u00XX).
         self.body_limit = 384 * config.max_channels_per_worker + _protocol.MAX_MESSAGE
-        self.conn: psycopg.Connection[Any] | None = None
-        self.down_since: float | None = None    # a working connection was lost then
-        self.outage_total = 0.0
-        self.queue_usage: float | None = None   # pg_notification_queue_usage(), last seen
-        self.backoff = Backoff(
-            config.backoff_initial, config.backoff_max, config.backoff_reset_after
-        )
-        self.next_attempt = 0.0
-        self.last_error: str | None = None
-        self.last_error_permanent = False   # retrying alone will not mend it (credentials)
-        self.outage_logged = False
+        self.link = ListenConnection(
+            config.conninfo, config.safe_target,
+            Timing(config.connect_timeout, config.liveness_timeout, config.backoff_initial,
+                   config.backoff_max, config.backoff_reset_after),
+            self.dispatcher, time.monotonic(), self._on_connected, self._on_down)
         self.stopping = False
-        self.reconnects = 0
-        self.last_heard = 0.0           # when the server last sent us anything
-        self.heard_held = 0.0           # dispatcher.held_seconds at that time
-        self.heard_count = 0            # dispatcher.received at that time
-        self.command_done = 0.0         # when the last query or heartbeat was answered
-        self.heartbeat_sent: float | None = None
         self.refused = 0                # connections refused for want of descriptors
         self.refused_logged = 0.0
         self.reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -160,24 +127,14 @@ class Server:
 
     def serve(self) -> None:
         while not self.stopping:
-            if self.conn is None:
-                now = time.monotonic()
-                if now >= self.next_attempt:
-                    self._connect()
-                    continue
-                self._handle_control(timeout=self.next_attempt - now)
+            wait = self.link.step(time.monotonic())
+            conn = self.link.conn
+            if conn is None:
+                self._wait_connecting(wait)
                 continue
-            try:
-                wait_ms = self._liveness()
-            except psycopg.Error as exc:
-                self._lost(f"heartbeat failed: {_one_line(exc)}")
-                continue
-            if wait_ms is None:
-                self._lost("the server did not answer within liveness_timeout "
-                           f"({self.config.liveness_timeout:g} s)")
-                continue
-            status = self.dispatcher.run(_pgconn_ptr(self.conn), self.epoll.fileno(), wait_ms,
-                                         want_result=self.heartbeat_sent is not None)
+            wait_ms = max(1, min(TICK_MS, math.ceil(wait * 1000)))
+            status = self.dispatcher.run(conn, self.epoll.fileno(), wait_ms,
+                                         want_result=self.link.busy)
             if self.dispatcher.block_expiries != self.expiries_logged:
                 if not self.expiries_logged:
                     log.warning("a subscription with overflow='block' held the connection for "
@@ -186,202 +143,73 @@ class Server:
                                 self.config.block_timeout)
                 self.expiries_logged = self.dispatcher.block_expiries
             if status == RunStatus.RUN_CONN_BAD:
-                self._lost(self._conn_error() or "the server closed the connection")
+                self.link.lose_now(conn.error_message or "the server closed the connection")
             elif status == RunStatus.RUN_RESULT:
-                self._on_heartbeat_result()
+                self.link.on_result(time.monotonic())
             elif status == RunStatus.RUN_CONTROL:
                 self._handle_control(timeout=0)
         self._shutdown()
 
+    def _wait_connecting(self, wait: float) -> None:
+        """No connection to drain: wait on the control fds and whatever connecting waits
+        for (the resolver, the socket being connected), up to `wait` seconds."""
+        poller = select.poll()
+        poller.register(self.epoll.fileno(), select.POLLIN)
+        mine = dict(self.link.fds())
+        for fd, writable in mine.items():
+            if fd >= 0:
+                poller.register(fd, select.POLLOUT if writable else select.POLLIN)
+        timeout_ms = max(0, min(TICK_MS, math.ceil(wait * 1000)))
+        advanced = False
+        for fd, _events in poller.poll(timeout_ms):
+            if fd == self.epoll.fileno():
+                self._handle_control(timeout=0)
+            elif fd in mine and not advanced:
+                advanced = True     # one step per wait: the descriptor may change with it
+                self.link.advance(time.monotonic())
+
     # -- the connection -----------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        try:
-            conn = psycopg.connect(
-                self.config.conninfo,
-                autocommit=True,
-                connect_timeout=max(2, round(self.config.connect_timeout)),
-                client_encoding="UTF8",
-            )
-        except psycopg.Error as exc:
-            self._failed(f"cannot connect to {self.config.safe_target}: {_one_line(exc)}")
-            return
-        # From here on psycopg only holds the connection: every query goes through _query(),
-        # so that notifications arriving meanwhile take the usual path into the rings.
-        conn.pgconn.notify_handler = None
-        self.conn = conn
-        self._heard()
-        self.command_done = self.last_heard
-        self.heartbeat_sent = None
-        wanted = self.registry.connected().listen
-        try:
-            self._replay_listens(wanted)
-        except _QueryFailed as exc:
-            self._lost(f"LISTEN replay failed: {exc}")
-            return
-        if self.outage_logged:
-            log.warning("reconnected to %s (backend pid %d)", self.config.safe_target,
-                        conn.info.backend_pid)
-        else:
-            log.info("listening on %s (backend pid %d)", self.config.safe_target,
-                     conn.info.backend_pid)
-        self.outage_logged = False
-        self.last_error = None
-        self.last_error_permanent = False
-        if self.down_since is not None:
-            self.outage_total += time.monotonic() - self.down_since
-            self.down_since = None
-        self.backoff.succeeded(time.monotonic())
-        self._apply(self.registry.replayed(wanted))
+    def _on_connected(self) -> None:
+        """A new connection: LISTEN every wanted channel and sample the queue, then check
+        that the server listens on exactly those (a query of its own: a LISTEN takes effect
+        at commit, after the statements of its query string); then streams are whole."""
+        act = self.registry.connected()
+        wanted, token = act.listen, act.listen_token
+        replay = ([_listen_sql("LISTEN", wanted)] if wanted else []) + [HEARTBEAT]
+        self.link.query(b"; ".join(replay), lambda results, error:
+                        self._on_replay_listened(wanted, token, results, error))
+        self.link.query(b"SELECT pg_listening_channels()", lambda results, error:
+                        self._on_replayed(wanted, token, results, error))
 
-    def _replay_listens(self, channels: list[str]) -> None:
-        """LISTEN every wanted channel in one round trip, then check the server agrees."""
-        if channels:
-            try:
-                self._query(_listen_sql("LISTEN", channels))
-            except _QueryFailed as exc:
-                if exc.refused:
-                    self.registry.refused(channels)     # nothing can have come through
-                raise
-        wanted = set(channels)
-        self.queue_usage = _queue_usage(self._query(sql.SQL(_HEARTBEAT.decode()))[0][0])
-        rows = self._query(sql.SQL("SELECT pg_listening_channels()"))
-        actual = {bytes(row[0] or b"").decode() for row in rows}
-        if actual != wanted:
-            raise _QueryFailed(
-                f"server listens on {len(actual)} channels, expected {len(wanted)}: "
-                f"missing {sorted(wanted - actual)[:5]}, unexpected {sorted(actual - wanted)[:5]}")
-
-    # -- queries and liveness -----------------------------------------------------------------
-    #
-    # A blocked read never notices a peer that vanished without FIN or RST (a frozen NAT, a
-    # dead host), and TCP keepalives cannot see a stalled proxy that still ACKs. So nothing
-    # waits on the server without a deadline: each query must be answered, and a quiet
-    # connection must answer a heartbeat, within liveness_timeout, or it is declared dead.
-
-    def _query(self, query: sql.Composable) -> list[tuple[bytes | None, ...]]:
-        """Run query (one or more statements) within liveness_timeout; the rows of every
-        result, as text. Notifications that arrive meanwhile go to the rings as usual."""
-        assert self.conn is not None
-        pgconn = self.conn.pgconn
-        deadline = time.monotonic() + self.config.liveness_timeout
-        if self.heartbeat_sent is not None:      # one command at a time on a connection
-            for _ in self._results(deadline):
-                pass
-            self.heartbeat_sent = None
-        try:
-            pgconn.send_query(query.as_bytes(self.conn))
-        except psycopg.Error as exc:
-            raise _QueryFailed(_one_line(exc)) from None
-        rows: list[tuple[bytes | None, ...]] = []
-        error = None
-        for res in self._results(deadline):
-            if res.status == pq.ExecStatus.FATAL_ERROR:
-                error = error or _one_line(res.error_message.decode("utf-8", "replace"))
-            elif res.status == pq.ExecStatus.TUPLES_OK:
-                rows.extend(tuple(res.get_value(i, j) for j in range(res.nfields))
-                            for i in range(res.ntuples))
+    def _on_replay_listened(self, wanted: list[str], token: int,
+                            results: list[list[tuple[bytes | None, ...]]],
+                            error: str | None) -> None:
         if error is not None:
-            raise _QueryFailed(error, refused=True)
-        return rows
+            self.registry.refused(wanted, token)    # nothing took effect (one transaction)
+            self.link.lose_now(f"LISTEN replay failed: {error}")
+            return
+        usage = results[-1][0][0] if results and results[-1] else None
+        self.link.queue_usage = None if usage is None else float(usage)
 
-    def _results(self, deadline: float) -> Iterator[pq.abc.PGresult]:
-        """Each result of the command in flight as it becomes ready, until the last."""
-        assert self.conn is not None
-        pgconn = self.conn.pgconn
-        held_at_start = self.dispatcher.held_seconds
-        while True:
-            # Time a blocking reader holds the connection does not count: the answer waits
-            # behind the notifications held back.
-            remaining = (deadline + self.dispatcher.held_seconds - held_at_start
-                         - time.monotonic())
-            if remaining <= 0:
-                raise _QueryFailed(
-                    f"no answer within liveness_timeout ({self.config.liveness_timeout:g} s)")
-            status = self.dispatcher.run(_pgconn_ptr(self.conn), -1,
-                                         math.ceil(remaining * 1000), want_result=True)
-            if status == RunStatus.RUN_CONN_BAD:
-                raise _QueryFailed(self._conn_error() or "the server closed the connection")
-            if status == RunStatus.RUN_RESULT:
-                self._heard()
-                res = pgconn.get_result()      # ready: does not block
-                if res is None:
-                    self.command_done = self.last_heard
-                    return
-                yield res
+    def _on_replayed(self, wanted: list[str], token: int,
+                     results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:
+        if error is not None:
+            self.link.lose_now(f"LISTEN replay failed: {error}")
+            return
+        actual = {bytes(row[0] or b"").decode() for rows in results for row in rows}
+        if actual != set(wanted):
+            self.link.lose_now(
+                f"LISTEN replay failed: server listens on {len(actual)} channels, expected "
+                f"{len(wanted)}: missing {sorted(set(wanted) - actual)[:5]}, unexpected "
+                f"{sorted(actual - set(wanted))[:5]}")
+            return
+        self.link.ready(time.monotonic())
+        self._apply(self.registry.replayed(wanted, token))
 
-    def _heard(self) -> None:
-        self.last_heard = time.monotonic()
-        self.heard_count = self.dispatcher.received
-        self.heard_held = self.dispatcher.held_seconds
-
-    def _silence(self, now: float) -> float:
-        """How long the server has said nothing, not counting time a blocking reader held
-        the connection (nothing is read then, so nothing can be heard)."""
-        return now - self.last_heard - (self.dispatcher.held_seconds - self.heard_held)
-
-    def _liveness(self) -> int | None:
-        """Send the heartbeat when it is due; how long run() may wait (ms) before the next
-        look, or None when the server has been silent past liveness_timeout."""
-        assert self.conn is not None
-        now = time.monotonic()
-        if self.dispatcher.received != self.heard_count:     # notifications count as life
-            self._heard()
-        limit = self.config.liveness_timeout
-        if self._silence(now) >= limit:
-            return None
-        # A heartbeat every third of the limit, busy or not: one cheap query that also
-        # samples the server's notification queue for stats(), and keeps the session from
-        # looking idle to idle_session_timeout or a pooler.
-        if self.heartbeat_sent is None and now - self.command_done >= limit / 3:
-            self.conn.pgconn.send_query(_HEARTBEAT)
-            self.heartbeat_sent = now
-        due = now + limit - self._silence(now)
-        if self.heartbeat_sent is None:
-            due = min(due, self.command_done + limit / 3)
-        return max(1, min(TICK_MS, math.ceil((due - now) * 1000)))
-
-    def _on_heartbeat_result(self) -> None:
-        assert self.conn is not None
-        self._heard()
-        res = self.conn.pgconn.get_result()     # ready: does not block
-        if res is None:
-            self.heartbeat_sent = None
-            self.command_done = self.last_heard
-        elif res.status == pq.ExecStatus.TUPLES_OK:
-            self.queue_usage = _queue_usage(res.get_value(0, 0))
-
-    def _conn_error(self) -> str:
-        if self.conn is None:
-            return ""
-        return _one_line(self.conn.pgconn.error_message.decode("utf-8", "replace"))
-
-    def _failed(self, cause: str) -> None:
-        delay = self.backoff.failed(time.monotonic())
-        self.next_attempt = time.monotonic() + delay
-        self.last_error = cause
-        self.last_error_permanent = is_permanent(cause)
-        if not self.outage_logged:
-            log.error("%s; retrying %s", cause, "now" if delay == 0 else f"in {delay:.1f} s")
-            self.outage_logged = True
-        else:
-            log.info("%s; retrying in %.1f s", cause, delay)
-
-    def _lost(self, cause: str) -> None:
+    def _on_down(self, cause: str, was_up: bool) -> None:
         """The connection is gone: the streams it fed get a Gap, then we reconnect."""
-        self.dispatcher.drop_held()     # taken off the dead connection: the gap covers it
-        act = self.registry.lost()
-        if act.lost_stream:
-            self.reconnects += 1
-            self.down_since = time.monotonic()
-        self._apply(act)
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - the socket is already broken
-                pass
-        self._failed(f"lost the connection to {self.config.safe_target}: {cause}")
+        self._apply(self.registry.lost())
 
     # -- control ------------------------------------------------------------------------------
 
@@ -475,8 +303,10 @@ class Server:
         for fd in fds:        # workers never send descriptors
             os.close(fd)
         req = message.get("req")
+        op = message.get("op")
+        if not client.hello and self._greet(client, message):
+            return
         try:
-            op = message.get("op")
             if op == "subscribe":
                 self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"),
                                 message.get("restart") is True, message.get("overflow", "gap"),
@@ -488,7 +318,7 @@ class Server:
                 self._cancel(client, message.get("of"))
             elif op == "state":
                 self._reply(client, {"req": req, "ok": True, "connected": self.registry.up,
-                                     "last_error": self.last_error})
+                                     "last_error": self.link.machine.last_error})
             else:
                 raise ValueError(f"unknown operation {op!r}")
         except (PGListenerError, ValueError, KeyError, OSError) as exc:
@@ -499,6 +329,27 @@ class Server:
             log.exception("a request from worker pid %d failed", client.pid)
             self._reply_error(client, req, PGListenerError(
                 f"the supervisor failed this request: {exc!r}"))
+
+    def _greet(self, client: _Client, message: dict[str, Any]) -> bool:
+        """Until a worker has said hello in our protocol, answer its hello, and every other
+        request with the mismatch (a worker from before hellos sends none). True when the
+        message was handled here."""
+        op = message.get("op")
+        if op == "hello" and message.get("protocol") == _protocol.PROTOCOL:
+            client.hello = True
+            self._reply(client, {"req": message.get("req"), "ok": True,
+                                 "protocol": _protocol.PROTOCOL, "version": __version__})
+            return True
+        if client.mismatch is None:
+            if op == "hello":
+                client.mismatch = _protocol.mismatch(message.get("protocol"),
+                                                     message.get("version"), "worker")
+            else:
+                client.mismatch = _protocol.mismatch(None, None, "worker")
+            log.warning("worker pid %d: %s", client.pid, client.mismatch)
+        if op != "cancel":
+            self._reply_error(client, message.get("req"), ProtocolMismatch(client.mismatch))
+        return True
 
     def _reply_error(self, client: _Client, req: Any, exc: Exception) -> None:
         """Fail request `req` with exc, whose class name the worker maps back (_stream)."""
@@ -576,20 +427,26 @@ class Server:
             finally:
                 for fd in fds:
                     os.close(fd)
-        if self.conn is None:
+        if self.link.conn is None:
             return
-        for verb, channels in (("UNLISTEN", act.unlisten), ("LISTEN", act.listen)):
-            if not channels:
-                continue
-            try:
-                self._query(_listen_sql(verb, channels))
-            except _QueryFailed as exc:
-                if exc.refused and verb == "LISTEN":
-                    self.registry.refused(channels)     # nothing can have come through
-                self._lost(f"{verb} failed: {exc}")
-                return
-            if verb == "LISTEN":
-                self._apply(self.registry.listened(channels))
+        if act.unlisten:
+            self.link.query(_listen_sql("UNLISTEN", act.unlisten),
+                            lambda _results, error: self._on_unlistened(error))
+        if act.listen:
+            channels, token = act.listen, act.listen_token
+            self.link.query(_listen_sql("LISTEN", channels),
+                            lambda _results, error: self._on_listened(channels, token, error))
+
+    def _on_listened(self, channels: list[str], token: int, error: str | None) -> None:
+        if error is not None:
+            self.registry.refused(channels, token)  # nothing can have come through
+            self.link.lose_now(f"LISTEN failed: {error}")
+            return
+        self._apply(self.registry.listened(channels, token))
+
+    def _on_unlistened(self, error: str | None) -> None:
+        if error is not None:
+            self.link.lose_now(f"UNLISTEN failed: {error}")
 
     def _cancel(self, client: _Client, req: Any) -> None:
         """The worker gave up waiting for subscribe `req`: drop it, and close the request."""
@@ -628,39 +485,38 @@ class Server:
             self.stopping = True
 
     def stats(self) -> dict[str, Any]:
+        """Stats (the schema, stats.py) as the control reply carries it."""
         up = self.registry.up
+        machine = self.link.machine
         if up:
             state = "listening"
         else:
-            state = "connecting" if self.conn is not None else "disconnected"
-        outage = self.outage_total
-        if self.down_since is not None:
-            outage += time.monotonic() - self.down_since
+            state = "disconnected" if machine.phase is Phase.BACKOFF else "connecting"
         readers = []
         for sub in self.registry.subs.values():
             delivered, missed, lag, held = self.dispatcher.ring_stats(sub.id)
-            readers.append({"subscription": sub.id, "channels": list(sub.channels),
-                            "pid": sub.pid, "delivered": delivered, "missed": missed,
-                            "ring_bytes": sub.ring_bytes, "lag_bytes": lag,
-                            "overflow": sub.overflow, "held_seconds": held,
-                            "group": sub.group})
-        return {
-            "state": state,
-            "backend_pid": self.conn.info.backend_pid if up and self.conn else None,
-            "last_error": self.last_error,
-            "last_error_permanent": self.last_error_permanent,
-            "reconnects": self.reconnects,
-            "workers": len(self.clients),
-            "received": self.dispatcher.received,
-            "unrouted": self.dispatcher.unrouted,
-            "subscriptions": len(self.registry.subs),
-            "channels": sorted(self.registry.routes),
-            "outage_seconds": outage,
-            "queue_usage": self.queue_usage,
-            "held_seconds": self.dispatcher.held_seconds,
-            "orphaned": self.orphaned,
-            "readers": readers,
-        }
+            readers.append(ReaderStats(
+                subscription=sub.id, channels=sub.channels, pid=sub.pid, delivered=delivered,
+                missed=missed, ring_bytes=sub.ring_bytes, lag_bytes=lag,
+                overflow=sub.overflow, held_seconds=held, group=sub.group))
+        return Stats(
+            state=state,
+            backend_pid=self.link.conn.backend_pid if up and self.link.conn else None,
+            last_error=machine.last_error,
+            last_error_permanent=self.link.last_error_permanent,
+            reconnects=machine.reconnects,
+            workers=len({client.pid for client in self.clients.values()}),
+            connections=len(self.clients),
+            received=self.dispatcher.received,
+            unrouted=self.dispatcher.unrouted,
+            subscriptions=len(self.registry.subs),
+            channels=tuple(sorted(self.registry.routes)),
+            outage_seconds=machine.outage_seconds(time.monotonic()),
+            queue_usage=self.link.queue_usage,
+            held_seconds=self.dispatcher.held_seconds,
+            orphaned=self.orphaned,
+            readers=tuple(readers),
+        ).to_dict()
 
     def _shutdown(self) -> None:
         # Remove the control socket and its private directory here too, so that an owner
@@ -679,8 +535,7 @@ class Server:
         for fds in self.ring_fds.values():
             for fd in fds:
                 os.close(fd)
-        if self.conn is not None:
-            self.conn.close()
+        self.link.close()
         signal.set_wakeup_fd(-1)
         self.wakeup.close()
         self._wakeup_w.close()
@@ -703,19 +558,11 @@ def _raise_open_files_limit() -> None:
             log.debug("could not raise the open-files limit from %d", soft)
 
 
-def _pgconn_ptr(conn: psycopg.Connection[Any]) -> int:
-    """The PGconn* of psycopg's C implementation (checked at start), for our libpq calls."""
-    return int(conn.pgconn.pgconn_ptr)  # type: ignore[attr-defined]  # C implementation only
-
-
-def _queue_usage(value: bytes | None) -> float | None:
-    return None if value is None else float(value)
-
-
-def _listen_sql(verb: str, channels: list[str]) -> sql.Composable:
-    """LISTEN or UNLISTEN of every channel, in one round trip."""
-    return sql.SQL("; ").join(
-        sql.SQL(verb + " {}").format(sql.Identifier(ch)) for ch in channels)
+def _listen_sql(verb: str, channels: list[str]) -> bytes:
+    """LISTEN or UNLISTEN of every channel, in one round trip. Names are quoted as
+    identifiers, as PQescapeIdentifier does for UTF-8 (the connection's encoding): between
+    double quotes, a double quote doubled. channel_bytes() has refused NUL and bad UTF-8."""
+    return "; ".join(f'{verb} "{ch.replace(chr(34), chr(34) * 2)}"' for ch in channels).encode()
 
 
 def _one_line(exc: object) -> str:
@@ -730,12 +577,6 @@ def main(config: Config, listen_sock: socket.socket, owner: socket.socket, log_q
     root.setLevel(config.log_level)
     root.propagate = False
     try:
-        try:
-            check_same_libpq()
-        except PGListenerError as exc:
-            _protocol.send(owner, {"ready": False, "error": type(exc).__name__,
-                                   "message": str(exc)})
-            return
         _raise_open_files_limit()
         server = Server(config, listen_sock, owner)
         server.stop_on_signals()

@@ -1,5 +1,5 @@
 """Opening a subscription, and stopping them all: what every kind of subscription shares
-beside the compiled stream core (`_dispatch.Stream`), on which `Subscription` (worker.py) and
+beside the compiled stream core (`_reader.Stream`), on which `Subscription` (worker.py) and
 `AsyncSubscription` (aio.py) add only their way of waiting.
 """
 
@@ -11,15 +11,16 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from . import _dispatch, _protocol
+from . import _protocol, _reader
 from ._control import Control
-from ._dispatch import Notification, RingReader
+from ._reader import Notification, RingReader
 from ._sizes import check_ring_bytes
 from .channels import channel_bytes
 from .errors import (
     InvalidChannelName,
     InvalidChannelType,
     PGListenerError,
+    ProtocolMismatch,
     TooManySubscriptions,
 )
 
@@ -28,14 +29,15 @@ log = logging.getLogger("pglistener.worker")
 _ERRORS: dict[str, type[Exception]] = {
     "InvalidChannelName": InvalidChannelName,
     "InvalidChannelType": InvalidChannelType,
+    "ProtocolMismatch": ProtocolMismatch,
     "TooManySubscriptions": TooManySubscriptions,
     "ValueError": ValueError,
 }
 
-_S = TypeVar("_S", bound=_dispatch.Stream)
+_S = TypeVar("_S", bound=_reader.Stream)
 
 #: Every open stream of this process, for request_stop().
-_open: weakref.WeakSet[_dispatch.Stream] = weakref.WeakSet()
+_open: weakref.WeakSet[_reader.Stream] = weakref.WeakSet()
 
 
 def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
@@ -43,7 +45,22 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
                 group: str | None = None) -> _S:
     """Subscribe over this process's control connection and wrap the ring in a `cls` (a
     Stream subclass; its `decoder` attribute, if any, decodes payloads). Returns once LISTEN
-    is committed: a blocking call, which asyncio runs in an executor."""
+    is committed: a blocking call (asyncio's way is aio.open_async)."""
+    channels, message = subscribe_message(channel, ring_bytes, restarted, overflow, group)
+    ctl = Control.get(path)
+    try:
+        reply, fds = ctl.request(message, timeout)
+    except TimeoutError:
+        raise TimeoutError(f"LISTEN {', '.join(channels)!r} was not committed within "
+                           f"{timeout} s: {_why_not(ctl)}") from None
+    return wrap_stream(cls, ctl, channels, reply, fds)
+
+
+def subscribe_message(channel: str | Sequence[str], ring_bytes: int | None, restarted: bool,
+                      overflow: str, group: str | None
+                      ) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The checked channels and the subscribe request for them (every argument checked here,
+    so that a bad one costs no trip)."""
     channels = channel_list(channel)
     message: dict[str, Any] = {"op": "subscribe", "channels": list(channels)}
     if restarted:
@@ -54,13 +71,16 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
         message["overflow"] = overflow
     if check_group(group) is not None:
         message["group"] = group
-    ctl = Control.get(path)
-    try:
-        reply, fds = ctl.request(message, timeout)
-    except TimeoutError:
-        raise TimeoutError(f"LISTEN {', '.join(channels)!r} was not committed within "
-                           f"{timeout} s: {_why_not(ctl)}") from None
+    return channels, message
+
+
+def wrap_stream(cls: type[_S], ctl: Any, channels: tuple[str, ...], reply: dict[str, Any],
+                fds: list[int]) -> _S:
+    """The stream of a subscribe's reply, which came over `ctl` (a Control, or aio's
+    AsyncControl): the subscription belongs to that connection."""
     if not reply.get("ok"):
+        for fd in fds:
+            os.close(fd)
         error = _ERRORS.get(str(reply.get("error")), PGListenerError)
         raise error(reply.get("message", "subscribe failed"))
     if len(fds) != 3:
@@ -114,7 +134,7 @@ def request_stop() -> None:
     """End every subscription's reading in this process after the current item: the next
     get() (or iteration step) raises SubscriptionClosed; blocked ones wake up for it. Safe to
     call from a signal handler."""
-    _dispatch.request_stop()
+    _reader.request_stop()
     for stream in list(_open):
         stream._wake()
 
@@ -147,6 +167,11 @@ def _why_not(ctl: Control) -> str:
         state, _ = ctl.request({"op": "state"}, timeout=2.0)
     except (TimeoutError, PGListenerError):
         return "the supervisor does not answer"
+    return why_not(state)
+
+
+def why_not(state: dict[str, Any]) -> str:
+    """The answer to a "state" request, said for a subscribe that timed out."""
     if state.get("last_error"):
         return f"the supervisor cannot listen: {state['last_error']}"
     if not state.get("connected"):

@@ -5,93 +5,246 @@ completes at once and `async for` takes the next item without a future or a task
 empty ring goes through the loop. A get() takes an item off the ring only when it returns it,
 so cancelling a pending get() (or a timeout) loses nothing. Closing never awaits: `async with`
 and `unsubscribe()` release the subscription even when the surrounding task is being cancelled
-(anyio cancels every await in a cancelled scope, cleanup included). A supervisor that dies is
-seen through one extra control connection per event loop that never carries a request: it
-becomes readable only at EOF.
+(anyio cancels every await in a cancelled scope, cleanup included).
+
+Subscribing needs no thread either: each event loop has its own control connection
+(AsyncControl), whose replies the loop reads; a subscribe is a future waiting for its reply.
+Its hang-up is also how the loop learns that the supervisor is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import collections.abc
+import itertools
 import json
+import os
 import socket
+import threading
 import weakref
-from collections.abc import Sequence
-from typing import Any, TypeVar
+from collections.abc import Generator, Sequence
+from typing import Any, Generic, TypeVar
 
-from ._control import Control
-from ._dispatch import EMPTY, AsyncStream
-from ._stream import check_group, check_overflow, open_stream
-from .errors import SubscriptionClosed
+from . import _protocol
+from ._control import check_hello
+from ._reader import EMPTY, AsyncStream
+from ._stream import subscribe_message, why_not, wrap_stream
+from .errors import SubscriptionClosed, SupervisorGone
 
 _A = TypeVar("_A", bound="AsyncSubscription")
+
+
+class AsyncControl:
+    """A process's control connection for one event loop: requests go out and replies come
+    in on the loop (add_reader), each request a future. Cancelled or timed-out requests are
+    cancelled in the supervisor too, and a reply that crossed the cancel in flight is undone.
+    Posts (a dropped subscription's release, from a finalizer in any thread) are sent when the
+    socket takes them."""
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncControl]] = (
+        weakref.WeakKeyDictionary())
+
+    @classmethod
+    def get(cls, loop: asyncio.AbstractEventLoop, path: str) -> AsyncControl:
+        controls = cls._by_loop.setdefault(loop, {})
+        ctl = controls.get(path)
+        if ctl is None or ctl.gone or ctl.pid != os.getpid():
+            ctl = controls[path] = cls(loop, path)
+        return ctl
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        self.loop = loop
+        self.path = path
+        self.pid = os.getpid()
+        self.gone = False
+        self.stopped_by_owner = False
+        self._thread = threading.get_ident()
+        self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
+        self._abandoned: set[int] = set()
+        self._ids = itertools.count(1)
+        self._out: collections.deque[dict[str, Any] | bytes] = collections.deque()
+        self._writing = False
+        # Every get() of this loop waiting on an empty ring: woken when the supervisor goes.
+        self.waiters: set[asyncio.Future[None]] = set()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)      # a local socket: connects or fails at once
+        except OSError:
+            self.sock.close()
+            self.gone = True
+            raise SupervisorGone(f"no supervisor listens at {path}") from None
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock.fileno(), self._on_readable)
+        hello = next(self._ids)
+        self._hello = self._futures[hello] = loop.create_future()
+        self._send({**_protocol.hello(), "req": hello})
+
+    async def request(self, message: dict[str, Any], timeout: float | None
+                      ) -> tuple[dict[str, Any], list[int]]:
+        """The reply to `message` and the descriptors that came with it. TimeoutError after
+        `timeout` s; either that or a cancel withdraws the request from the supervisor."""
+        if not self._hello.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError from None
+        check_hello(self._hello.result()[0])
+        if self.gone:
+            raise SupervisorGone("the supervisor process is gone")
+        req = next(self._ids)
+        future = self.loop.create_future()
+        self._futures[req] = future
+        self._send({**message, "req": req})
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if self._futures.pop(req, None) is not None and not self.gone:
+                # Tell the supervisor to drop it; a reply already on its way is undone when
+                # it arrives (_on_reply).
+                self._abandoned.add(req)
+                self._send({"op": "cancel", "of": req})
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise TimeoutError from None
+
+    def post(self, data: bytes) -> None:
+        """Send an encoded message that gets no reply, from any thread."""
+        self._out.append(data)
+        if threading.get_ident() == self._thread:
+            self._flush()
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:
+            pass        # the loop is closed, and with it this connection's use
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._out.append(message)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out and not self.gone:
+            item = self._out[0]
+            try:
+                if isinstance(item, bytes):
+                    self.sock.send(item)
+                else:
+                    _protocol.send(self.sock, item)
+            except BlockingIOError:
+                if not self._writing:       # the supervisor is busy: when it takes more
+                    self._writing = True
+                    self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                return
+            except OSError:
+                self._hang_up()
+                return
+            self._out.popleft()
+
+    def _on_writable(self) -> None:
+        self._writing = False
+        self.loop.remove_writer(self.sock.fileno())
+        self._flush()
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                got = _protocol.recv(self.sock)
+            except BlockingIOError:
+                return
+            except (OSError, ValueError):
+                got = None
+            if got is None:
+                self._hang_up()
+                return
+            self._on_reply(*got)
+
+    def _on_reply(self, message: dict[str, Any], fds: list[int]) -> None:
+        req = message.get("req")
+        future = self._futures.pop(req, None) if isinstance(req, int) else None
+        if future is not None and not future.done():
+            future.set_result((message, fds))
+            return
+        for fd in fds:      # nobody waits for it
+            os.close(fd)
+        if isinstance(req, int) and req in self._abandoned:
+            self._abandoned.discard(req)
+            if message.get("ok") and "sub" in message:
+                self.post(_protocol.encode({"op": "unsubscribe", "sub": message["sub"]}))
+
+    def _hang_up(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        fd = self.sock.fileno()
+        if fd >= 0:
+            self.loop.remove_reader(fd)
+            if self._writing:
+                self.loop.remove_writer(fd)
+        # The socket stays open while streams hold its fd (RingReader's ctrl_fd); it goes
+        # with this object.
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(SupervisorGone("the supervisor process is gone"))
+        self._futures.clear()
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 async def open_async(cls: type[_A], path: str, channel: str | Sequence[str],
                      timeout: float | None, ring_bytes: int | None, restarted: bool,
                      overflow: str = "gap", group: str | None = None) -> _A:
-    """cls._open() in the loop's executor (the subscribe waits for LISTEN to be committed)."""
+    """Subscribe on the loop's control connection; returns once LISTEN is committed."""
+    channels, message = subscribe_message(channel, ring_bytes, restarted, overflow, group)
     loop = asyncio.get_running_loop()
-    check_overflow(overflow)        # here, not in the executor: a bad one costs no trip
-    check_group(group)
-    opening = loop.run_in_executor(None, open_stream, cls, path, channel, timeout, ring_bytes,
-                                   restarted, overflow, group)
+    ctl = AsyncControl.get(loop, path)
     try:
-        return await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        # The request goes on in its thread: release what it brings back.
-        opening.add_done_callback(_release_late)
-        raise
+        reply, fds = await ctl.request(message, timeout)
+    except TimeoutError:
+        raise TimeoutError(f"LISTEN {', '.join(channels)!r} was not committed within "
+                           f"{timeout} s: {await _why_not(ctl)}") from None
+    return wrap_stream(cls, ctl, channels, reply, fds)
 
 
-def _release_late(opening: asyncio.Future[Any]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result()._release(False)
+async def _why_not(ctl: AsyncControl) -> str:
+    try:
+        state, _ = await ctl.request({"op": "state"}, timeout=2.0)
+    except (TimeoutError, SupervisorGone):
+        return "the supervisor does not answer"
+    return why_not(state)
 
 
-class _HangupWatch:
-    """Wakes every waiting get() of one event loop when the supervisor hangs up."""
+class Opening(collections.abc.Coroutine[Any, Any, _A], Generic[_A]):
+    """What subscribe_async() returns: a coroutine (await it, or give it to create_task or
+    asyncio.run) that is also an async context manager, so that both
+    `async with worker.subscribe_async(...) as sub` and `async with await ...` work."""
 
-    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _HangupWatch]] = (
-        weakref.WeakKeyDictionary())
+    __slots__ = ("_coro", "_sub")
 
-    @classmethod
-    def get(cls, loop: asyncio.AbstractEventLoop, ctl: Control) -> _HangupWatch:
-        watches = cls._by_loop.setdefault(loop, {})
-        watch = watches.get(ctl.path)
-        if watch is None or watch.ctl is not ctl:   # a fork child, or a new connection
-            watch = watches[ctl.path] = cls(loop, ctl)
-        return watch
+    def __init__(self, coro: collections.abc.Coroutine[Any, Any, _A]) -> None:
+        self._coro = coro
+        self._sub: _A | None = None
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, ctl: Control) -> None:
-        self.ctl = ctl
-        self.pid = ctl.pid
-        self.waiters: set[asyncio.Future[None]] = set()
-        self.loop = loop
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.connect(ctl.path)
-        except OSError:
-            self.sock.close()
-            ctl.gone = True
-            return
-        self.sock.setblocking(False)
-        loop.add_reader(self.sock.fileno(), self._on_readable)
+    def send(self, value: Any) -> Any:
+        return self._coro.send(value)
 
-    def _on_readable(self) -> None:
-        try:
-            if self.sock.recv(1):
-                return              # the supervisor never sends here; ignore
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-        self.ctl.gone = True
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    def throw(self, *args: Any) -> Any:
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, _A]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> _A:
+        self._sub = await self._coro
+        return self._sub
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._sub is not None:
+            self._sub._close_now()
 
 
 class AsyncSubscription(AsyncStream):
@@ -107,7 +260,7 @@ class AsyncSubscription(AsyncStream):
     _waiter: asyncio.Future[None] | None = None
     _waiting = 0
     _watched_fd = -1
-    _watch: _HangupWatch | None = None
+    _watch: AsyncControl | None = None
 
     async def get(self, timeout: float | None = None) -> Any:
         """The next Notification or Gap, in order. Raises TimeoutError after `timeout`
@@ -159,9 +312,10 @@ class AsyncSubscription(AsyncStream):
             waiter = self._waiter = loop.create_future()
             self._watched_fd = self.fileno()
             loop.add_reader(self._watched_fd, self._on_readable)
-            watch = self._watch = _HangupWatch.get(loop, self._control)
-            watch.waiters.add(waiter)
-            if watch.ctl.gone:
+            watch = self._watch = self._hangup_watch(loop)
+            if watch is not None:
+                watch.waiters.add(waiter)
+            if watch is None or watch.gone:
                 self._stop_waiting(loop)
                 return
         self._waiting += 1
@@ -174,6 +328,18 @@ class AsyncSubscription(AsyncStream):
             self._waiting -= 1
             if self._waiting == 0 and self._waiter is waiter:
                 self._stop_waiting(loop)     # nobody waits: nothing stays registered
+
+    def _hangup_watch(self, loop: asyncio.AbstractEventLoop) -> AsyncControl | None:
+        """This loop's control connection: its hang-up wakes the waiters (the stream's own
+        connection, unless the stream moved to another loop). None: the supervisor is gone."""
+        ctl = self._control
+        if isinstance(ctl, AsyncControl) and ctl.loop is loop and ctl.pid == os.getpid():
+            return ctl
+        try:
+            return AsyncControl.get(loop, ctl.path)
+        except SupervisorGone:
+            ctl.gone = True
+            return None
 
     def _on_readable(self) -> None:
         self._stop_waiting(asyncio.get_running_loop())

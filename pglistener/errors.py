@@ -32,5 +32,11 @@ class TooManySubscriptions(PGListenerError):
     """A worker process asked for more subscriptions than the supervisor allows."""
 
 
+class ProtocolMismatch(PGListenerError):
+    """The worker and the supervisor are of pglistener versions that speak different control
+    protocols; the message names both."""
+
+
 class IncompatibleLibpq(PGListenerError, RuntimeError):
-    """psycopg and pglistener's extension do not share one libpq."""
+    """No longer raised: the extension owns its connections, so psycopg in any implementation
+    (c, binary, python) works beside it. Kept so that code catching it still imports."""

@@ -3,18 +3,39 @@
     from prometheus_client import REGISTRY
     REGISTRY.register(SupervisorCollector(sup))
 
-Every scrape asks the supervisor for stats() once; the figures are those of stats().
+Every scrape asks the supervisor for stats() once. Every field of Stats and ReaderStats is
+exported, as its declaration in stats.py says: counters (`_total`), gauges, strings as a gauge
+of 1 labelled with the value (`pglistener_state{state="listening"} 1`), the channel list as its
+length; per reader, labelled by subscription, pid, channels, group and overflow policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .errors import SupervisorGone
+from .stats import COUNTER, INFO, LABEL, SIZE, ReaderStats, Stats
 from .supervisor import Supervisor
+
+
+def _family(name: str, kind: str, help: str, labels: list[str]
+            ) -> CounterMetricFamily | GaugeMetricFamily:
+    if kind == COUNTER:
+        return CounterMetricFamily(name, help, labels=labels)
+    return GaugeMetricFamily(name, help, labels=labels)
+
+
+def _value(kind: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if kind == SIZE:
+        return float(len(value))
+    return float(value)
 
 
 class SupervisorCollector(Collector):
@@ -30,36 +51,48 @@ class SupervisorCollector(Collector):
             yield GaugeMetricFamily(f"{p}_up", "1 while the supervisor listens", value=0)
             return
         yield GaugeMetricFamily(f"{p}_up", "1 while the supervisor listens",
-                                value=1 if s.state == "listening" else 0)
-        yield CounterMetricFamily(f"{p}_reconnects", "Outages of a working connection",
-                                  value=s.reconnects)
-        yield CounterMetricFamily(f"{p}_outage_seconds", "Time spent not listening",
-                                  value=s.outage_seconds)
-        yield CounterMetricFamily(f"{p}_received", "Notifications taken off the connection",
-                                  value=s.received)
-        yield CounterMetricFamily(f"{p}_unrouted",
-                                  "Notifications on channels nobody subscribes to",
-                                  value=s.unrouted)
-        yield GaugeMetricFamily(f"{p}_workers", "Connected worker processes", value=s.workers)
-        if s.queue_usage is not None:
-            yield GaugeMetricFamily(f"{p}_server_queue_usage",
-                                    "pg_notification_queue_usage() of the server, 0 to 1",
-                                    value=s.queue_usage)
-        labels = ["channels", "pid", "subscription"]
-        delivered = CounterMetricFamily(f"{p}_reader_delivered",
-                                        "Notifications written into a reader's ring",
-                                        labels=labels)
-        missed = CounterMetricFamily(f"{p}_reader_missed",
-                                     "Notifications a reader missed (overflow gaps)",
-                                     labels=labels)
-        lag = GaugeMetricFamily(f"{p}_reader_lag_bytes", "Bytes written and not read yet",
-                                labels=labels)
+                                value=1 if s.connected else 0)
+        for f in dataclasses.fields(Stats):
+            kind = f.metadata.get("kind")
+            if kind is None:
+                continue        # readers: below
+            value = getattr(s, f.name)
+            name = f"{p}_{f.metadata['name'] or f.name}"
+            if kind == INFO:
+                info = GaugeMetricFamily(name, f.metadata["help"], labels=[f.name])
+                if value is not None:
+                    info.add_metric([str(value)], 1)
+                yield info
+                continue
+            family = _family(name, kind, f.metadata["help"], [])
+            number = _value(kind, value)
+            if number is not None:
+                family.add_metric([], number)
+                yield family
+        yield from self._readers(s.readers)
+
+    def _readers(self, readers: tuple[ReaderStats, ...]) -> Iterator[Metric]:
+        p = self.prefix
+        fields = dataclasses.fields(ReaderStats)
+        labels = [f for f in fields if f.metadata["kind"] == LABEL]
+        names = [f.metadata["label"] for f in labels]
+        families = {f.name: _family(f"{p}_reader_{f.name}", f.metadata["kind"],
+                                    f.metadata["help"], names)
+                    for f in fields if f.metadata["kind"] != LABEL}
         fill = GaugeMetricFamily(f"{p}_reader_ring_fill", "How full a reader's ring is, 0 to 1",
-                                 labels=labels)
-        for r in s.readers:
-            values = [",".join(r.channels), str(r.pid), str(r.subscription)]
-            delivered.add_metric(values, r.delivered)
-            missed.add_metric(values, r.missed)
-            lag.add_metric(values, r.lag_bytes)
+                                 labels=names)
+        for r in readers:
+            values = [_label(getattr(r, f.name)) for f in labels]
+            for name, family in families.items():
+                family.add_metric(values, float(getattr(r, name)))
             fill.add_metric(values, r.fill)
-        yield from (delivered, missed, lag, fill)
+        yield from families.values()
+        yield fill
+
+
+def _label(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)

@@ -1,25 +1,50 @@
-"""What Supervisor.stats() reports: the connection, the server's queue, and every reader."""
+"""What Supervisor.stats() reports: the connection, the server's queue, and every reader.
+
+These dataclasses are the schema, declared once: the supervisor fills them (its control reply
+is `dataclasses.asdict` of a Stats; no field has a default, so it cannot leave one out),
+Supervisor.stats() rebuilds them from that reply, and pglistener.prometheus exports every
+field from the metadata given here (`metric`, `label`). A figure added here reaches every view
+of it; tests/test_stats.py fails for one that does not.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+COUNTER = "counter"     # only grows: Prometheus adds _total
+GAUGE = "gauge"
+INFO = "info"           # a string: a gauge of 1 labelled with its value
+LABEL = "label"         # a reader's identity: a label on every per-reader metric
+SIZE = "size"           # a tuple: exported as its length
+
+
+def metric(kind: str, help: str, name: str | None = None) -> Any:
+    """A field with how Prometheus shows it (as `name`, when not the field's own)."""
+    return dataclasses.field(metadata={"kind": kind, "help": help, "name": name})
+
+
+def label(name: str) -> Any:
+    """A reader's field that labels its metrics, as `name`."""
+    return dataclasses.field(metadata={"kind": LABEL, "label": name})
 
 
 @dataclass(frozen=True)
 class ReaderStats:
     """One subscription's ring, as the supervisor sees it."""
 
-    subscription: int       # its id in the supervisor
-    channels: tuple[str, ...]
-    pid: int                # the worker process that reads it
-    delivered: int          # notifications written into the ring
-    missed: int             # notifications counted into overflow gaps
-    ring_bytes: int         # the ring's capacity
-    lag_bytes: int          # written and not read yet
-    overflow: str = "gap"   # its policy: "gap" or "block"
-    held_seconds: float = 0.0   # time it held the connection waiting for room ("block")
-    group: str | None = None    # its consumer group, if any
+    subscription: int = label("subscription")         # its id in the supervisor
+    channels: tuple[str, ...] = label("channels")
+    pid: int = label("pid")                           # the worker process that reads it
+    delivered: int = metric(COUNTER, "Notifications written into a reader's ring")
+    missed: int = metric(COUNTER, "Notifications a reader missed (counted in overflow gaps)")
+    ring_bytes: int = metric(GAUGE, "The capacity of a reader's ring")
+    lag_bytes: int = metric(GAUGE, "Bytes written into a reader's ring and not read yet")
+    overflow: str = label("policy")                   # "gap" or "block"
+    held_seconds: float = metric(
+        COUNTER, "Time a reader held the connection waiting for room (overflow='block')")
+    group: str | None = label("group")                # its consumer group, if any
 
     @property
     def fill(self) -> float:
@@ -31,35 +56,52 @@ class ReaderStats:
 class Stats:
     """A snapshot of the supervisor."""
 
-    state: str                  # "listening", "connecting" or "disconnected"
-    backend_pid: int | None     # the listening connection's server process, when listening
-    reconnects: int             # outages of a working connection so far
-    outage_seconds: float       # total time spent in outages (from the loss of a working
-                                # connection to every LISTEN back), the current one too
-    last_error: str | None      # the cause of the current outage, if any
-    last_error_permanent: bool  # it is one that retrying alone will not mend (bad
-                                # credentials, an unknown role or database)
-    queue_usage: float | None   # the server's pg_notification_queue_usage(), 0.0 to 1.0,
-                                # sampled at each heartbeat (liveness_timeout / 3)
-    received: int               # notifications taken off the connection
-    unrouted: int               # of those, on a channel nobody subscribed to any more
-    workers: int                # connected worker processes
-    readers: tuple[ReaderStats, ...]
-    subscriptions: int = 0      # subscriptions held, answered or waiting for their LISTEN
-    channels: tuple[str, ...] = ()  # channels somebody subscribes to, sorted
-    held_seconds: float = 0.0   # time overflow="block" readers held the connection, in all
-    orphaned: int = 0           # notifications left unread in the rings of consumer-group
-                                # members that left (a reader's batch in hand not counted)
+    # "listening", "connecting" or "disconnected"
+    state: str = metric(INFO, "The listening connection's state")
+    # the listening connection's server process, when listening
+    backend_pid: int | None = metric(GAUGE, "The listening connection's server pid")
+    reconnects: int = metric(COUNTER, "Outages of a working connection")
+    # total time spent in outages (from the loss of a working connection to every LISTEN
+    # back), the current one too
+    outage_seconds: float = metric(COUNTER, "Time spent in outages")
+    last_error: str | None = metric(INFO, "The cause of the current outage")
+    # it is one that retrying alone will not mend (bad credentials, an unknown role or
+    # database)
+    last_error_permanent: bool = metric(GAUGE, "1 when retrying alone will not mend the error")
+    # the server's pg_notification_queue_usage(), 0.0 to 1.0, sampled at each heartbeat
+    # (liveness_timeout / 3)
+    queue_usage: float | None = metric(GAUGE, "pg_notification_queue_usage() of the server",
+                                       name="server_queue_usage")
+    received: int = metric(COUNTER, "Notifications taken off the connection")
+    # of those, on a channel nobody subscribed to any more
+    unrouted: int = metric(COUNTER, "Notifications on channels nobody subscribes to")
+    workers: int = metric(GAUGE, "Worker processes connected")
+    readers: tuple[ReaderStats, ...] = dataclasses.field()
+    # subscriptions held, answered or waiting for their LISTEN
+    subscriptions: int = metric(GAUGE, "Subscriptions held")
+    # channels somebody subscribes to, sorted
+    channels: tuple[str, ...] = metric(SIZE, "Channels somebody subscribes to")
+    # time overflow="block" readers held the connection, in all
+    held_seconds: float = metric(COUNTER, "Time blocking readers held the connection")
+    # notifications left unread in the rings of consumer-group members that left (a
+    # reader's batch in hand not counted)
+    orphaned: int = metric(COUNTER, "Notifications left unread by group members that left")
+    # control connections: a process has one, and one more per asyncio event loop
+    connections: int = metric(GAUGE, "Control connections of worker processes")
 
     @property
     def connected(self) -> bool:
         """Listening, with every LISTEN in place: streams are whole."""
         return self.state == "listening"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The control reply's form (JSON): every field, readers as dicts."""
+        return dataclasses.asdict(self)
+
     @classmethod
     def _from_reply(cls, reply: dict[str, Any]) -> Stats:
-        fields = {k: reply[k] for k in cls.__dataclass_fields__
-                  if k not in ("readers", "channels")}
-        readers = tuple(ReaderStats(**{**r, "channels": tuple(r["channels"])})
-                        for r in reply["readers"])
-        return cls(**fields, readers=readers, channels=tuple(reply["channels"]))
+        fields = {f.name: reply[f.name] for f in dataclasses.fields(cls)}
+        fields["readers"] = tuple(ReaderStats(**{**r, "channels": tuple(r["channels"])})
+                                  for r in reply["readers"])
+        fields["channels"] = tuple(reply["channels"])
+        return cls(**fields)

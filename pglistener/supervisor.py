@@ -12,6 +12,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -24,11 +25,10 @@ from ._control import Control
 from ._dsn import parse as parse_dsn
 from ._dsn import safe_target
 from ._forksafe import started
-from ._libpq_check import check_same_libpq
 from ._logs import SupervisorLogs
 from ._server import Config, main
 from ._sizes import DEFAULT_MAX_RING_BYTES, DEFAULT_RING_BYTES, check_ring_bytes
-from .errors import IncompatibleLibpq, SupervisorGone
+from .errors import SupervisorGone
 from .pool import Pool
 from .stats import Stats
 from .worker import Worker
@@ -171,7 +171,6 @@ class Supervisor:
         the server goes on in the background (subscribe() waits for it)."""
         if self._process is not None:
             raise RuntimeError("this Supervisor is already started")
-        check_same_libpq()
         _check_main_module()
         if self._address is None:
             self._dir = tempfile.mkdtemp(prefix="pglistener-")     # mode 0700: our user only
@@ -179,10 +178,11 @@ class Supervisor:
         else:
             path = self._address
             _clear_stale_socket(path)
-        listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        owner, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listen_sock = owner = theirs = None
         bound = False
         try:
+            listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            owner, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             listen_sock.bind(path)
             bound = True
             os.chmod(path, 0o600)
@@ -200,11 +200,13 @@ class Supervisor:
             _release(self._owner_pid, self._process, self._dir, self._logs,
                      self._address if bound else None)
             self._process = None
-            owner.close()
+            if owner is not None:
+                owner.close()
             raise
         finally:
-            listen_sock.close()
-            theirs.close()
+            for sock in (listen_sock, theirs):
+                if sock is not None:
+                    sock.close()
         self._owner = owner
         self._path = path
         # Also when the Supervisor is dropped without stop(), or at interpreter exit.
@@ -221,8 +223,6 @@ class Supervisor:
         if got is None or not got[0].get("ready"):
             message = got[0] if got else {}
             self.stop()
-            if message.get("error") == "IncompatibleLibpq":
-                raise IncompatibleLibpq(message.get("message", ""))
             raise RuntimeError(
                 "the supervisor process did not start: " + message.get("message", _EXITED))
         return self
@@ -315,6 +315,21 @@ class Supervisor:
         notification queue fill, the channels and subscriptions, and per reader: delivered,
         missed, ring size and lag."""
         return Stats._from_reply(self._request({"op": "stats"}, timeout=10.0))
+
+    def wait_connected(self, timeout: float = 30.0) -> Stats:
+        """Wait until the listening connection is up (start() returns before it is: the
+        supervisor connects in the background and answers meanwhile); its stats(). Raises
+        TimeoutError saying why it is not, after `timeout` seconds. For a readiness probe, or
+        before reading backend_pid."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if stats.connected:
+                return stats
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"not connected within {timeout} s: "
+                                   f"{stats.last_error or 'still connecting'}")
+            time.sleep(0.01)
 
     def _request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
         with self._owner_lock:

@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._control import Control
-from ._dispatch import BlockingStream, Gap, Notification
+from ._reader import BlockingStream, Gap, Notification
 from ._stream import check_group, open_stream, request_stop
-from .aio import AsyncJsonSubscription, AsyncSubscription, open_async
+from .aio import AsyncJsonSubscription, AsyncSubscription, Opening, open_async
 from .errors import SupervisorGone
 
 log = logging.getLogger("pglistener.worker")
@@ -117,7 +117,7 @@ class Worker:
             sub._start_thread(callback, on_gap)
         return sub
 
-    async def subscribe_async(
+    def subscribe_async(
         self,
         channel: str | Sequence[str],
         *,
@@ -125,14 +125,17 @@ class Worker:
         ring_bytes: int | None = None,
         overflow: str = "gap",
         group: str | None = None,
-    ) -> AsyncSubscription:
-        """subscribe() for asyncio: the returned AsyncSubscription is read with
-        `await sub.get()` and `async for`; the event loop watches its eventfd."""
-        return await open_async(AsyncSubscription, self._path, channel, timeout, ring_bytes,
-                                self._restarted, overflow,
-                                self._group if group is None else group)
+    ) -> Opening[AsyncSubscription]:
+        """subscribe() for asyncio: `await` it for an AsyncSubscription, read with
+        `await sub.get()` and `async for`; the event loop watches its eventfd. Or enter it:
+        `async with worker.subscribe_async(...) as sub` (`async with await` works too).
+        No thread: the request and its reply go through the event loop, and cancelling the
+        await (or its timeout) withdraws the subscribe from the supervisor."""
+        return Opening(open_async(AsyncSubscription, self._path, channel, timeout, ring_bytes,
+                                  self._restarted, overflow,
+                                  self._group if group is None else group))
 
-    async def subscribe_json_async(
+    def subscribe_json_async(
         self,
         channel: str | Sequence[str],
         *,
@@ -140,12 +143,13 @@ class Worker:
         ring_bytes: int | None = None,
         overflow: str = "gap",
         group: str | None = None,
-    ) -> AsyncJsonSubscription:
+    ) -> Opening[AsyncJsonSubscription]:
         """subscribe_json() for asyncio: `await sub.get()` and `async for` give each payload
-        decoded as JSON (and Gap items); payloads that are not JSON are logged and skipped."""
-        return await open_async(AsyncJsonSubscription, self._path, channel, timeout,
-                                ring_bytes, self._restarted, overflow,
-                                self._group if group is None else group)
+        decoded as JSON (and Gap items); payloads that are not JSON are logged and skipped.
+        Awaited or entered like subscribe_async()."""
+        return Opening(open_async(AsyncJsonSubscription, self._path, channel, timeout,
+                                  ring_bytes, self._restarted, overflow,
+                                  self._group if group is None else group))
 
     def subscribe_json(
         self,
@@ -172,7 +176,7 @@ class Worker:
 
 class Subscription(BlockingStream):
     """One subscription's ordered stream of Notification and Gap items: `for item in sub`,
-    `sub.get(timeout)`, `sub.get_many(n)` (compiled, see _dispatch.Stream).
+    `sub.get(timeout)`, `sub.get_many(n)` (compiled, see _reader.Stream).
 
     Belongs to the process that made it, and is thread-safe within it: threads reading one
     subscription get distinct items, each with its own timeout. Released when dropped: a

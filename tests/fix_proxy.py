@@ -2,7 +2,9 @@
 
 freeze() stops forwarding on every open connection and sends nothing, no FIN and no RST: to
 the client the server looks alive and silent, as behind a dead NAT or a stalled host.
-reset() aborts every open connection with an RST. New connections are forwarded normally.
+reset() aborts every open connection with an RST. New connections are forwarded normally,
+unless mute(): from then on a new connection is accepted and never answered (a server that
+takes TCP and says nothing, as a hung postmaster or a black-holed address behind a proxy).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Proxy:
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         self.pending: list[str] = []
         self.closed = False
+        self.muted = False
+        self.silent: list[socket.socket] = []   # accepted while muted: held, never read
         self.thread = threading.Thread(target=self._loop, name="test-proxy", daemon=True)
         self.thread.start()
 
@@ -44,6 +48,10 @@ class Proxy:
     def reset(self) -> None:
         """Abort every open connection with an RST."""
         self._ask("reset")
+
+    def mute(self) -> None:
+        """Accept new connections and never answer them."""
+        self._ask("mute")
 
     def close(self) -> None:
         self._ask("close")
@@ -80,6 +88,8 @@ class Proxy:
                     if sock not in self.frozen:
                         self.selector.unregister(sock)
                         self.frozen.add(sock)
+            elif what == "mute":
+                self.muted = True
             elif what in ("reset", "close"):
                 for sock in list(self.peer):
                     if sock in self.peer:       # its other end may have gone with a pair
@@ -87,10 +97,16 @@ class Proxy:
                 if what == "close":
                     self.closed = True
                     self.listener.close()
+                    for silent in self.silent:
+                        silent.close()
         done.set()
 
     def _accept(self) -> None:
         client, _ = self.listener.accept()
+        if self.muted:
+            self.accepted += 1
+            self.silent.append(client)
+            return
         upstream = socket.socket(self.upstream_family, socket.SOCK_STREAM)
         try:
             upstream.connect(self.upstream_address)

@@ -179,3 +179,59 @@ def test_gaps_come_through_in_place(run: Callable[..., Any], dsn: str,
         pid = conn.info.backend_pid
         assert run(main()) == [Notification("aio-gap", "before", pid), Gap("reconnect"),
                                Notification("aio-gap", "after", pid)]
+
+
+def test_pending_subscribes_take_no_thread_and_cancelling_them_leaves_nothing(
+        run: Callable[..., Any]) -> None:
+    """An outage (nothing listens on the port): 1000 subscribes wait at once, on the event
+    loop alone. Cancelled, none of them stays registered in the supervisor."""
+    with Supervisor("host=127.0.0.1 port=9 dbname=x", backoff_initial=0.05,
+                    backoff_max=0.2).start() as sup:
+        worker = sup.worker()
+        threads = threading.active_count()
+
+        async def main() -> None:
+            tasks = [asyncio.ensure_future(worker.subscribe_async(f"pend{i}", timeout=60))
+                     for i in range(1000)]
+            while sup.stats().subscriptions < 1000:
+                await asyncio.sleep(0.05)
+            assert threading.active_count() == threads, "a pending subscribe took a thread"
+            assert not any(t.done() for t in tasks)
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, asyncio.CancelledError) for r in results)
+            for _ in range(200):
+                if sup.stats().subscriptions == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert sup.stats().subscriptions == 0, "cancelled subscribes stayed registered"
+
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(TimeoutError, match="was not committed within 0.3 s: the "
+                                                   "supervisor cannot listen"):
+                await worker.subscribe_async("pend-timeout", timeout=0.3)
+            assert asyncio.get_running_loop().time() - t0 < 5
+            assert threading.active_count() == threads
+
+        run(main())
+        assert sup.stats().subscriptions == 0
+
+
+def test_async_with_without_await_and_with_it(run: Callable[..., Any], worker: Worker,
+                                              conn: psycopg.Connection) -> None:
+    async def main() -> None:
+        async with worker.subscribe_async("aw-plain", timeout=30) as sub:
+            assert isinstance(sub, AsyncSubscription)
+            notify(conn, "aw-plain", ["1"])
+            assert (await sub.get(timeout=10)).payload == "1"
+        assert sub.closed
+        async with await worker.subscribe_async("aw-await", timeout=30) as sub2:
+            notify(conn, "aw-await", ["2"])
+            assert (await sub2.get(timeout=10)).payload == "2"
+        assert sub2.closed
+        # Still a coroutine for the APIs that take only coroutines.
+        sub3 = await asyncio.create_task(worker.subscribe_json_async("aw-task", timeout=30))
+        await sub3.unsubscribe()
+
+    run(main())

@@ -21,7 +21,7 @@ import pytest
 
 from fix_pg import notify
 from fix_supervisor import process_gone, wait_for
-from pglistener import PGListenerError, Supervisor, TooManySubscriptions, Worker
+from pglistener import PGListenerError, Supervisor, TooManySubscriptions, Worker, _protocol
 from pglistener._control import Control
 
 #: 63 bytes, the longest a channel may be, and escaped at worst in JSON (\u0001 each).
@@ -32,10 +32,14 @@ def long_channel(i: int) -> str:
     return f"{LONG}{i:04d}"
 
 
-def connect_raw(address: str) -> socket.socket:
+def connect_raw(address: str, hello: bool = False) -> socket.socket:
+    """A control connection by hand; with hello, past the hello as a worker of ours."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(10)
     sock.connect(address)
+    if hello:
+        sock.send(json.dumps({**_protocol.hello(), "req": 0}).encode())
+        assert json.loads(sock.recv(65536))["ok"]
     return sock
 
 
@@ -156,7 +160,7 @@ def test_hostile_messages_drop_that_peer_only(dsn: str, conn: psycopg.Connection
 
 def test_bad_requests_are_answered_not_dropped(dsn: str) -> None:
     with Supervisor(dsn).start() as sup:
-        peer = connect_raw(sup.worker().address)
+        peer = connect_raw(sup.worker().address, hello=True)
         for message, error in (({"op": "nope"}, "ValueError"),
                                 ({"op": "subscribe", "channels": "x"}, "ValueError"),
                                 ({"op": "subscribe", "channels": [7]}, "InvalidChannelType"),

@@ -121,11 +121,13 @@ def test_idle_supervisor_and_reader_use_no_cpu(dsn: str) -> None:
 
 def test_application_name_defaults_and_the_dsn_wins(dsn: str, conn: psycopg.Connection) -> None:
     with Supervisor(dsn).start() as sup:
+        sup.wait_connected()
         name = conn.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
                             (sup.backend_pid,)).fetchone()
         assert name == ("pglistener",)
     custom = make_conninfo(dsn, application_name="my-service")
     with Supervisor(custom).start() as sup:
+        sup.wait_connected()
         name = conn.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
                             (sup.backend_pid,)).fetchone()
         assert name == ("my-service",)
@@ -160,7 +162,7 @@ def test_password_never_shows(dsn: str, caplog: pytest.LogCaptureFixture) -> Non
 def test_supervisor_logs_reach_this_process(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="pglistener"):
         sup = Supervisor(dsn).start()
-        pid, supervisor_pid = sup.backend_pid, sup.pid
+        pid, supervisor_pid = sup.wait_connected().backend_pid, sup.pid
         sup.stop()
     records = [r for r in caplog.records if r.name == "pglistener.supervisor"]
     assert any(f"backend pid {pid}" in r.getMessage() for r in records)

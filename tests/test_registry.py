@@ -42,6 +42,7 @@ class Model(RuleBasedStateMachine):
         super().__init__()
         self.reg = Registry(MAX_SUBS, MAX_CHANNELS)
         self.connected = False               # a connection exists (replayed or not)
+        self.replaying: tuple[list[str], int] | None = None  # the replay in flight on it
         self.server: set[str] = set()        # what the server LISTENs on
         self.rings: dict[int, list[Any]] = {}   # ring id -> items and "GAP"
         self.begun: dict[int, set[str]] = {}    # channels each stream has begun on
@@ -64,7 +65,10 @@ class Model(RuleBasedStateMachine):
             self.owed[ring].clear()
         for sub in act.answer:
             assert sub.id not in self.answered, "answered twice"
-            assert self.reg.up and self.server.issuperset(sub.channels)
+            # Answered once listened on a working connection; or during an outage, when its
+            # channels were wanted already, with a gap first.
+            assert ((self.reg.up and self.server.issuperset(sub.channels))
+                    or (not self.reg.up and self.rings[sub.id] == ["GAP"]))
             self.answered.add(sub.id)
             self.begun[sub.id].update(sub.channels)
         if act.unlisten:
@@ -76,7 +80,7 @@ class Model(RuleBasedStateMachine):
         if act.listen:
             assert self.connected
             if outcome is not None and outcome.draw(st.booleans(), label="LISTEN refused"):
-                self.reg.refused(act.listen)    # a standby: nothing took effect
+                self.reg.refused(act.listen, act.listen_token)  # a standby: nothing took effect
                 self.lose()
                 return
             self.server.update(act.listen)      # the server may deliver from now on
@@ -84,7 +88,7 @@ class Model(RuleBasedStateMachine):
             if outcome is not None and outcome.draw(st.booleans(), label="LISTEN lost"):
                 self.lose()
             else:
-                self.apply(self.reg.listened(act.listen), outcome)
+                self.apply(self.reg.listened(act.listen, act.listen_token), outcome)
 
     def traffic(self, data: st.DataObject | None) -> None:
         """Notifications while a LISTEN is in flight."""
@@ -96,6 +100,7 @@ class Model(RuleBasedStateMachine):
 
     def lose(self) -> None:
         self.connected = False
+        self.replaying = None
         self.server.clear()
         self.apply(self.reg.lost())
 
@@ -163,15 +168,24 @@ class Model(RuleBasedStateMachine):
         self.connected = True
         act = self.reg.connected()
         if act.listen and data.draw(st.booleans(), label="replay refused"):
-            self.reg.refused(act.listen)
+            self.reg.refused(act.listen, act.listen_token)
             self.lose()
             return
         self.server.update(act.listen)
+        self.replaying = (act.listen, act.listen_token)
         self.traffic(data)
+
+    @precondition(lambda self: self.replaying is not None)
+    @rule(data=st.data())
+    def replay_answered(self, data: st.DataObject) -> None:
+        """Subscribes and unsubscribes may come between the replay's LISTEN and its answer
+        (the supervisor's loop serves workers meanwhile)."""
         if data.draw(st.booleans(), label="replay lost"):
             self.lose()
             return
-        self.apply(self.reg.replayed(act.listen), data)
+        assert self.replaying is not None
+        replayed, self.replaying = self.replaying, None
+        self.apply(self.reg.replayed(*replayed), data)
 
     # -- what must always hold ---------------------------------------------------------------
 
@@ -216,19 +230,20 @@ def test_a_subscribe_lost_during_its_listen_gets_a_gap() -> None:
     the new subscription of ["b", "c"] receives on "b" while its LISTEN of "c" is in flight;
     the connection goes then. Its stream must say so before what comes after the replay."""
     reg = Registry(10, 10)
-    reg.connected()
-    reg.replayed([])
+    reg.replayed([], reg.connected().listen_token)
     first = reg.new("w1", 0, 1, ["b"], 16384)
-    assert reg.add(first).listen == ["b"]
-    reg.listened(["b"])
+    act = reg.add(first)
+    assert act.listen == ["b"]
+    reg.listened(["b"], act.listen_token)
     second = reg.new("w2", 0, 2, ["b", "c"], 16384)
     act = reg.add(second)
     assert (act.listen, act.answer) == (["c"], [])      # waits for "c"; routed on "b" now
     assert act.routes["b"] == [first.id, second.id]
     lost = reg.lost()
     assert lost.lost_stream and sorted(lost.gaps) == [first.id, second.id]
-    assert reg.connected().listen == ["b", "c"]
-    assert reg.replayed(["b", "c"]).answer == [second]
+    replay = reg.connected()
+    assert replay.listen == ["b", "c"]
+    assert reg.replayed(["b", "c"], replay.listen_token).answer == [second]
 
 
 @pytest.mark.parametrize("refused", [True, False])
@@ -236,10 +251,39 @@ def test_a_listen_that_never_reached_the_server_gives_no_gap(refused: bool) -> N
     """A subscription whose only channel's LISTEN was refused (a standby) has received
     nothing and begins whole; one whose LISTEN was sent when the connection went may have."""
     reg = Registry(10, 10)
-    reg.connected()
-    reg.replayed([])
+    reg.replayed([], reg.connected().listen_token)
     sub = reg.new("w1", 0, 1, ["x"], 16384)
-    assert reg.add(sub).listen == ["x"]
+    act = reg.add(sub)
+    assert act.listen == ["x"]
     if refused:
-        reg.refused(["x"])
+        reg.refused(["x"], act.listen_token)
     assert reg.lost().gaps == ([] if refused else [sub.id])
+
+
+def test_only_the_last_command_of_a_channel_decides_it() -> None:
+    """Commands run one after another while the loop serves workers: a LISTEN in flight,
+    then its channel dropped (UNLISTEN queued) and subscribed again (a second LISTEN). The
+    first LISTEN's answer must not count as the second's: between them the UNLISTEN runs."""
+    reg = Registry(10, 10)
+    reg.replayed([], reg.connected().listen_token)
+    first = reg.new("w1", 0, 1, ["x"], 16384)
+    one = reg.add(first)
+    assert reg.unsubscribe("w1", first.id).unlisten == ["x"]
+    second = reg.new("w1", 0, 2, ["x"], 16384)
+    two = reg.add(second)
+    assert two.listen == ["x"] and two.listen_token != one.listen_token
+    assert reg.listened(["x"], one.listen_token).answer == []       # not yet
+    assert reg.listened(["x"], two.listen_token).answer == [second]
+
+
+def test_a_subscribe_during_an_outage_on_a_listened_channel_is_answered_at_once() -> None:
+    reg = Registry(10, 10)
+    reg.replayed([], reg.connected().listen_token)
+    first = reg.new("w1", 0, 1, ["x"], 16384)
+    reg.listened(["x"], reg.add(first).listen_token)
+    reg.lost()
+    second = reg.new("w2", 0, 2, ["x"], 16384)
+    act = reg.add(second)
+    assert act.answer == [second] and act.gaps == [second.id] and act.listen == []
+    other = reg.new("w2", 0, 3, ["x", "y"], 16384)
+    assert reg.add(other).answer == []          # "y" needs the server

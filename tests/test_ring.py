@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pglistener import Gap, Notification, PGListenerError
-from pglistener._dispatch import HEADER_BYTES, MIN_CAPACITY, Dispatcher, RingReader, WaitStatus
+from pglistener._producer import HEADER_BYTES, Dispatcher
+from pglistener._reader import MIN_CAPACITY, RingReader, WaitStatus
 
 
 def align8(n: int) -> int:

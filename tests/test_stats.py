@@ -17,7 +17,7 @@ from pglistener.prometheus import SupervisorCollector
 def test_stats_follow_delivery_lag_overflow_and_outages(dsn: str,
                                                          conn: psycopg.Connection) -> None:
     with Supervisor(dsn, ring_bytes=16 * 1024).start() as sup:
-        s = sup.stats()
+        s = sup.wait_connected()
         assert s.state == "listening"
         assert s.backend_pid == sup.backend_pid
         assert (s.reconnects, s.readers) == (0, ())
@@ -75,3 +75,54 @@ def test_prometheus_collector_exposes_the_same_figures(dsn: str,
         sub.unsubscribe()
     # A stopped supervisor scrapes as down, not as an error.
     assert b"pglistener_up 0.0" in generate_latest(registry)
+
+
+def test_every_figure_reaches_stats_and_prometheus(dsn: str, conn: psycopg.Connection) -> None:
+    """The schema is the dataclasses: the supervisor's reply has every field, and the
+    collector exports every one (per reader, labelled by channels, group and policy)."""
+    import dataclasses
+
+    from pglistener.stats import COUNTER, INFO, LABEL, ReaderStats, Stats
+
+    with Supervisor(dsn).start() as sup:
+        sup.wait_connected()
+        worker = sup.worker()
+        plain = worker.subscribe("schema", timeout=30)
+        member = worker.subscribe("schema", group="g", overflow="block", timeout=30)
+        notify(conn, "schema", ["a", "b"])
+        wait_for(lambda: sup.stats().received == 2, "delivery")
+        s = sup.stats()
+        assert (s.workers, s.connections, s.subscriptions) == (1, 1, 2)
+        registry = CollectorRegistry()
+        registry.register(SupervisorCollector(sup))
+        families = {f.name: f for f in text_string_to_metric_families(
+            generate_latest(registry).decode())}
+        for f in dataclasses.fields(Stats):
+            if f.name == "readers":
+                continue
+            name = f"pglistener_{f.metadata['name'] or f.name}"
+            assert name in families, f"Stats.{f.name} is not exported"
+            family = families[name]
+            assert family.type == ("counter" if f.metadata["kind"] == COUNTER else "gauge")
+            if f.metadata["kind"] == INFO and getattr(s, f.name) is not None:
+                assert family.samples[0].labels == {f.name: getattr(s, f.name)}
+        assert families["pglistener_state"].samples[0].labels == {"state": "listening"}
+        assert families["pglistener_channels"].samples[0].value == 1
+        assert families["pglistener_connections"].samples[0].value == 1
+        labels = {f.metadata["label"] for f in dataclasses.fields(ReaderStats)
+                  if f.metadata["kind"] == LABEL}
+        assert labels == {"subscription", "channels", "pid", "policy", "group"}
+        for f in dataclasses.fields(ReaderStats):
+            if f.metadata["kind"] == LABEL:
+                continue
+            family = families[f"pglistener_reader_{f.name}"]
+            by_policy = {sample.labels["policy"]: sample for sample in family.samples}
+            assert set(by_policy) == {"gap", "block"}, f"ReaderStats.{f.name} is not exported"
+            assert by_policy["block"].labels["group"] == "g"
+            assert by_policy["gap"].labels["group"] == ""
+            assert by_policy["gap"].labels["channels"] == "schema"
+        delivered = {x.labels["policy"]: x.value
+                     for x in families["pglistener_reader_delivered"].samples}
+        assert delivered == {"gap": 2, "block": 2}
+        plain.unsubscribe()
+        member.unsubscribe()
