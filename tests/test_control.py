@@ -3,6 +3,7 @@ cliff, no crash, nothing left behind (real server, real sockets, real signals)."
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -261,6 +262,26 @@ def test_a_start_that_fails_leaves_nothing_behind(
         assert isinstance(sup.worker(), Worker)
         assert len(os.listdir(tmp_path)) == 1
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fails", ["socket", "socketpair"])
+def test_a_start_out_of_descriptors_for_its_sockets_leaves_nothing_behind(
+        dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str) -> None:
+    """The sockets are made after the directory: a failure there removes it too."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def out_of_descriptors(*args: object, **kwargs: object) -> object:
+        # socket: the control socket cannot be made; socketpair: it was, the pair cannot.
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(socket, fails, out_of_descriptors)
+    sup = Supervisor(dsn)
+    with pytest.raises(OSError, match="Too many open files"):
+        sup.start()
+    monkeypatch.undo()
+    assert sup.pid is None and os.listdir(tmp_path) == []
+    assert set(os.listdir("/proc/self/fd")) <= before, "a descriptor leaked"
 
 
 def test_the_supervisor_raises_its_open_files_limit(dsn: str) -> None:
