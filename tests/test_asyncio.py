@@ -22,6 +22,9 @@ from pglistener import (
     Worker,
 )
 
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
+
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 

@@ -17,6 +17,9 @@ from psycopg.conninfo import make_conninfo
 from fix_pg import notify, sessions
 from fix_supervisor import wait_for
 
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
+
 
 def start_listen(dsn: str, *args: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen([sys.executable, "-m", "pglistener", "listen", "--dsn", dsn, *args],

@@ -224,6 +224,7 @@ _OWNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.every_python
 def test_sigterm_to_the_process_group_removes_the_control_directory(
         dsn: str, tmp_path: os.PathLike[str]) -> None:
     """What systemd, `docker stop` and `timeout` do: SIGTERM to every process at once. The

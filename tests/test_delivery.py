@@ -42,6 +42,7 @@ def test_notifications_arrive_in_order_with_sender_pid(
     assert {n.pid for n in items} == {conn.info.backend_pid}
 
 
+@pytest.mark.every_python
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_many_workers_overlapping_channels_order_and_no_loss(
     worker: Worker, conn: psycopg.Connection, method: str

@@ -23,6 +23,9 @@ from fix_supervisor import process_gone, wait_for
 from pglistener import Supervisor, SupervisorGone, Worker
 from workers import block_in_get
 
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
+
 
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:

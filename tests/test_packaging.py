@@ -8,7 +8,12 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 import pglistener
+
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
 
 ROOT = Path(__file__).resolve().parent.parent
 

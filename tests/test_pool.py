@@ -16,6 +16,9 @@ from fix_supervisor import process_gone, wait_for
 from pglistener import Supervisor
 from workers import crash_on_start, pool_reader
 
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
+
 _ctx = multiprocessing.get_context("forkserver")
 
 

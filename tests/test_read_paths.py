@@ -24,6 +24,9 @@ from fix_pg import notify
 from fix_supervisor import wait_for
 from pglistener import Gap, SubscriptionClosed, Supervisor, Worker
 
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
+
 RING = 16 * 1024          # the smallest ring: a few hundred short notifications overflow it
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 

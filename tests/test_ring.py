@@ -25,6 +25,9 @@ from pglistener import Gap, Notification, PGListenerError
 from pglistener._producer import HEADER_BYTES, Dispatcher
 from pglistener._reader import MIN_CAPACITY, RingReader, WaitStatus
 
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
+
 
 def align8(n: int) -> int:
     return (n + 7) & ~7

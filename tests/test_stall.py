@@ -140,6 +140,7 @@ def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
+@pytest.mark.every_python
 def test_the_readme_example_under_psycopg_binary(dsn: str, tmp_path: Any) -> None:
     """The extension owns its connections: with psycopg's binary implementation (its own
     bundled libpq, a different version from ours) the README's example works as it is."""

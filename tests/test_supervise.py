@@ -17,6 +17,9 @@ from fix_pg import notify
 from fix_supervisor import wait_for
 from pglistener import Supervisor, SupervisorGone, Worker
 
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
+
 READER = textwrap.dedent("""
     import sys
     from pglistener import Worker
