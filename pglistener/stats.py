@@ -30,6 +30,11 @@ def label(name: str) -> Any:
     return dataclasses.field(metadata={"kind": LABEL, "label": name})
 
 
+def nested() -> Any:
+    """A field of other dataclasses (Stats.readers): exported by their own fields."""
+    return dataclasses.field()
+
+
 @dataclass(frozen=True)
 class ReaderStats:
     """One subscription's ring, as the supervisor sees it."""
@@ -76,7 +81,7 @@ class Stats:
     # of those, on a channel nobody subscribed to any more
     unrouted: int = metric(COUNTER, "Notifications on channels nobody subscribes to")
     workers: int = metric(GAUGE, "Worker processes connected")
-    readers: tuple[ReaderStats, ...] = dataclasses.field()
+    readers: tuple[ReaderStats, ...] = nested()
     # subscriptions held, answered or waiting for their LISTEN
     subscriptions: int = metric(GAUGE, "Subscriptions held")
     # channels somebody subscribes to, sorted

@@ -26,6 +26,17 @@ def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
         (r,) = rounds
         assert r["received"] + r["missed"] == 2000, system
         assert r["per_reader_per_s"] > 0
+        # 2000 notifications drain in milliseconds: too short to time, and said so.
+        assert r["valid"] is False, system
+        assert r["cpu_reader_ns"] > 0, system       # every process on the path is timed
+        if system.startswith("pglistener") or system == "raw":
+            assert r["cpu_backend_ns"] > 0, system
+        if system.startswith("pglistener"):
+            assert r["cpu_supervisor_ns"] > 0, system
+    drain_targets = [t for t in data["targets"] if t["target"].startswith("drain")]
+    assert drain_targets and all(t["met"] is None and "too short" in t["why"]
+                                 for t in drain_targets)
+    assert any("CPU/notification" in t["target"] for t in drain_targets)
     (fan,) = data["results"]["fanout"]["pglistener"]
     assert fan["readers"] == 2 and fan["received"] == 4000
     (lat,) = data["results"]["latency"]["raw"]
@@ -40,3 +51,4 @@ def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
         assert (rounds[0]["received"], rounds[0]["exact"]) == (2000, 1.0), system
     assert png.stat().st_size > 10_000
     assert "== drain" in proc.stdout and "== targets" in proc.stdout
+    assert "invalid drain" in proc.stdout and "MISSED drain" not in proc.stdout

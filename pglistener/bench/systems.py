@@ -9,6 +9,12 @@ and how to treat payloads. It says "ready" once it listens, reads, and reports a
   missed       notifications reported missing by a Gap (pglistener only; never hidden)
   deliveries   handler calls (differs from received only for in-process fan-out)
   lat_ns       in "latency" and "live" modes: arrival minus the send time in the payload
+  cpu_ns       its own CPU (user+sys, all threads) from saying "ready" to its report, added
+               by the Out queue; backend_cpu_ns, for a reader with its own connection (raw),
+               its server backend's over the same span
+
+The queues a reader gets are Ready and Out, which time its CPU; cpu_ns() reads another
+process's from /proc (the supervisor's, a server backend's on this machine).
 
 Modes: "count" reads until `expect` are accounted for; "latency" too, keeping each latency;
 "live" reads until the payload "end" (or the deadline), keeping each latency.
@@ -17,11 +23,65 @@ Modes: "count" reads until `expect` are accounted for; "latency" too, keeping ea
 from __future__ import annotations
 
 import asyncio
+import glob
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 END = "end"
+
+
+def cpu_ns(pid: int) -> int | None:
+    """CPU time (user+sys) of a process so far, in ns: the sum of its threads' run time in
+    /proc (schedstat, ns resolution), else its clock ticks; None where /proc cannot tell (a
+    server on another machine)."""
+    total = 0
+    try:
+        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            with open(path) as f:
+                total += int(f.read().split()[0])
+        if total:
+            return total
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+#: This reader process's CPU when it said ready (see Ready).
+_cpu_at_ready = 0
+
+
+class Ready:
+    """The queue a reader says "ready" on: its CPU count starts then."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def put(self, value: Any) -> None:
+        global _cpu_at_ready
+        _cpu_at_ready = time.process_time_ns()
+        self.queue.put(value)
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self.queue.get(timeout=timeout)
+
+
+class Out:
+    """The queue a reader reports on: the report gains its CPU since it said ready."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def put(self, report: Any) -> None:
+        if isinstance(report, dict):
+            report = {**report, "cpu_ns": time.process_time_ns() - _cpu_at_ready}
+        self.queue.put(report)
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self.queue.get(timeout=timeout)
 
 
 @dataclass
@@ -282,13 +342,18 @@ def raw_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         _listen(conn, job.channels)
+        backend = conn.info.backend_pid
+        backend_cpu = cpu_ns(backend)
         ready.put(True)
         timeout_ms = int(max(0.0, job.deadline - time.monotonic()) * 1000)
         n, first_ns, end_ns, lat = drain(
             int(conn.pgconn.pgconn_ptr),  # type: ignore[attr-defined]
             job.expect, timeout_ms, job.mode == "latency")
+        backend_end = cpu_ns(backend)
     out.put({"first": first_ns / 1e9, "end": end_ns / 1e9, "received": n, "missed": 0,
-             "deliveries": n, "lat_ns": lat or []})
+             "deliveries": n, "lat_ns": lat or [],
+             "backend_cpu_ns": None if backend_cpu is None or backend_end is None
+             else backend_end - backend_cpu})
 
 
 def psycopg_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
