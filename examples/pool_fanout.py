@@ -5,8 +5,10 @@ channel (cache invalidation, say), over the one connection of the supervisor.
 
 The children run `invalidate` (module level: they import it); one that crashes is started
 again and its stream begins with Gap("restart"). SIGINT or SIGTERM stops the pool (each child
-finishes the item in hand), then the supervisor. To share work instead, have each child
-claim it in the database (SELECT ... FOR UPDATE SKIP LOCKED) after a notification.
+finishes the item in hand), then the supervisor. To share work instead, give the pool a
+consumer group, sup.spawn(invalidate, channel, processes=4, group="workers"): each
+notification then goes to one child (with overflow="block" in the children's subscribe, a
+lossless work queue).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ target of the spawned process (see supervisor.py).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import logging.handlers
@@ -18,20 +17,19 @@ import resource
 import select
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from . import __version__, _protocol
+from . import _protocol
 from ._connection import Phase, Timing
+from ._control_server import Client, ControlServer, OwnerChannel
 from ._listen import HEARTBEAT, ListenConnection
 from ._producer import HEADER_BYTES, Dispatcher, RunStatus
 from ._registry import Actions, Registry
 from ._sizes import check_ring_bytes
 from ._stream import check_group, check_overflow
 from .channels import channel_bytes
-from .errors import PGListenerError, ProtocolMismatch, TooManySubscriptions
 from .stats import ReaderStats, Stats
 
 log = logging.getLogger("pglistener.supervisor")
@@ -60,16 +58,6 @@ class Config:
     private_dir: bool = True    # the control socket's directory is ours to remove
 
 
-@dataclass(eq=False)
-class _Client:
-    """One worker process's control connection."""
-
-    sock: socket.socket
-    pid: int
-    hello: bool = False             # it said hello in our protocol
-    mismatch: str | None = None     # ... or this is what is wrong with it
-
-
 class Server:
     """The supervisor's one loop: the LISTEN connection (_listen.ListenConnection), the
     workers' control connections, the owner's channel and the dispatcher, all waited on
@@ -78,33 +66,27 @@ class Server:
 
     def __init__(self, config: Config, listen_sock: socket.socket, owner: socket.socket) -> None:
         self.config = config
-        self.listen_sock = listen_sock
-        self.owner = owner
         self.dispatcher = Dispatcher()
         self.dispatcher.block_timeout = config.block_timeout
         self.expiries_logged = 0
         self.orphaned = 0               # left unread by consumer-group members that left
         self.epoll = select.epoll()
-        self.clients: dict[int, _Client] = {}
         self.registry = Registry(config.max_subscriptions_per_worker,
                                  config.max_channels_per_worker)
         # A subscribe's memfd, eventfd and wake eventfd, until they go with its answer.
         self.ring_fds: dict[int, tuple[int, ...]] = {}
         # The most a worker's message may take: a subscribe of every channel it may hold,
         # each escaped at worst (a 63-byte name of control characters as \u00XX).
-        self.body_limit = 384 * config.max_channels_per_worker + _protocol.MAX_MESSAGE
+        self.control = ControlServer(
+            listen_sock, self.epoll, 384 * config.max_channels_per_worker + _protocol.MAX_MESSAGE,
+            config.max_channels_per_worker, self._handle, self._detached)
+        self.owner = OwnerChannel(owner, self.epoll, self.stats, self._stop)
         self.link = ListenConnection(
             config.conninfo, config.safe_target,
             Timing(config.connect_timeout, config.liveness_timeout, config.backoff_initial,
                    config.backoff_max, config.backoff_reset_after),
             self.dispatcher, time.monotonic(), self._on_connected, self._on_down)
         self.stopping = False
-        self.refused = 0                # connections refused for want of descriptors
-        self.refused_logged = 0.0
-        self.reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        listen_sock.setblocking(False)
-        self.epoll.register(listen_sock.fileno(), select.EPOLLIN)
-        self.epoll.register(owner.fileno(), select.EPOLLIN)
         # A signal writes a byte here (signal.set_wakeup_fd), so that it wakes the loop
         # wherever it waits: in run(), epoll fires through the control fd.
         self.wakeup, self._wakeup_w = socket.socketpair()
@@ -119,8 +101,11 @@ class Server:
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if not self.stopping:
-            log.info("%s: stopping", signal.Signals(signum).name)
+        self._stop(f"{signal.Signals(signum).name}: stopping")
+
+    def _stop(self, why: str | None) -> None:
+        if why and not self.stopping:
+            log.info("%s", why)
         self.stopping = True
 
     # -- the main loop ------------------------------------------------------------------------
@@ -215,163 +200,36 @@ class Server:
 
     def _handle_control(self, timeout: float) -> None:
         for fd, _events in self.epoll.poll(timeout):
-            if fd == self.listen_sock.fileno():
-                self._accept()
-            elif fd == self.owner.fileno():
-                self._on_owner()
+            if fd == self.owner.sock.fileno():
+                self.owner.on_ready()
             elif fd == self.wakeup.fileno():
                 try:
                     self.wakeup.recv(4096)      # the signal's handler has run
                 except BlockingIOError:
                     pass
-            elif fd in self.clients:
-                self._on_client(self.clients[fd])
-
-    def _accept(self) -> None:
-        try:
-            sock, _ = self.listen_sock.accept()
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self._refuse_one(exc)
-            else:       # that peer's trouble (it went away meanwhile), never ours
-                log.warning("could not accept a control connection: %s", exc)
-            return
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
-            if uid != os.getuid():
-                log.warning("refused a control connection from uid %d (pid %d)", uid, pid)
-                sock.close()
-                return
-            sock.setblocking(False)
-            self.epoll.register(sock.fileno(), select.EPOLLIN)
-        except OSError as exc:
-            log.warning("dropped a control connection: %s", exc)
-            sock.close()
-            return
-        self.clients[sock.fileno()] = _Client(sock, pid)
-
-    def _refuse_one(self, exc: OSError) -> None:
-        """Out of descriptors: the pending connection would wake us again and again. Take it
-        with the descriptor kept in reserve for this, and close it at once (the way libuv
-        and nginx do): that peer's connect fails, the supervisor serves on."""
-        if self.reserve_fd is not None:
-            os.close(self.reserve_fd)
-            self.reserve_fd = None
-        try:
-            sock, _ = self.listen_sock.accept()
-            sock.close()
-        except OSError:
-            pass
-        try:
-            self.reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            pass        # taken meanwhile: the next refusal tries again
-        self.refused += 1
-        now = time.monotonic()
-        if now - self.refused_logged >= 10:     # one line per burst, not one per peer
-            log.warning("refused a control connection: %s (%d so far; raise the open-files "
-                        "limit, or close idle connections to the supervisor)",
-                        exc.strerror, self.refused)
-            self.refused_logged = now
-
-    def _on_client(self, client: _Client) -> None:
-        try:
-            got = _protocol.recv(client.sock, self.body_limit)
-        except BlockingIOError:
-            return
-        except _protocol.MessageTooLarge as exc:
-            # Answered, and the connection kept: nothing about it was wrong but the size.
-            head = exc.head
-            if head.get("op") == "subscribe":
-                self._reply_error(client, head.get("req"), TooManySubscriptions(
-                    f"this subscribe names more channels than max_channels_per_worker "
-                    f"({self.config.max_channels_per_worker}) allows ({exc})"))
             else:
-                self._reply_error(client, head.get("req"), ValueError(str(exc)))
-            return
-        except Exception as exc:  # noqa: BLE001 - malformed or hostile: drop that peer only
-            log.warning("dropping worker pid %d: %s", client.pid,
-                        _one_line(exc)[:200] or type(exc).__name__)
-            got = None
-        if got is None:
-            self._detach(client)
-            return
-        message, fds = got
-        for fd in fds:        # workers never send descriptors
-            os.close(fd)
+                self.control.on_ready(fd)
+
+    def _handle(self, client: Client, message: dict[str, Any]) -> None:
+        """One worker's request (past its hello)."""
         req = message.get("req")
         op = message.get("op")
-        if not client.hello and self._greet(client, message):
-            return
-        try:
-            if op == "subscribe":
-                self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"),
-                                message.get("restart") is True, message.get("overflow", "gap"),
-                                message.get("group"))
-            elif op == "unsubscribe":
-                self._apply(self.registry.unsubscribe(client, message.get("sub")))
-                self._reply(client, {"req": req, "ok": True})
-            elif op == "cancel":
-                self._cancel(client, message.get("of"))
-            elif op == "state":
-                self._reply(client, {"req": req, "ok": True, "connected": self.registry.up,
-                                     "last_error": self.link.machine.last_error})
-            else:
-                raise ValueError(f"unknown operation {op!r}")
-        except (PGListenerError, ValueError, KeyError, OSError) as exc:
-            # One worker's bad or failed request (a bad name, out of descriptors) fails that
-            # request only, never the supervisor.
-            self._reply_error(client, req, exc)
-        except Exception as exc:  # noqa: BLE001 - nor does a request we did not foresee
-            log.exception("a request from worker pid %d failed", client.pid)
-            self._reply_error(client, req, PGListenerError(
-                f"the supervisor failed this request: {exc!r}"))
+        if op == "subscribe":
+            self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"),
+                            message.get("restart") is True, message.get("overflow", "gap"),
+                            message.get("group"))
+        elif op == "unsubscribe":
+            self._apply(self.registry.unsubscribe(client, message.get("sub")))
+            self.control.reply(client, {"req": req, "ok": True})
+        elif op == "cancel":
+            self._cancel(client, message.get("of"))
+        elif op == "state":
+            self.control.reply(client, {"req": req, "ok": True, "connected": self.registry.up,
+                                        "last_error": self.link.machine.last_error})
+        else:
+            raise ValueError(f"unknown operation {op!r}")
 
-    def _greet(self, client: _Client, message: dict[str, Any]) -> bool:
-        """Until a worker has said hello in our protocol, answer its hello, and every other
-        request with the mismatch (a worker from before hellos sends none). True when the
-        message was handled here."""
-        op = message.get("op")
-        if op == "hello" and message.get("protocol") == _protocol.PROTOCOL:
-            client.hello = True
-            self._reply(client, {"req": message.get("req"), "ok": True,
-                                 "protocol": _protocol.PROTOCOL, "version": __version__})
-            return True
-        if client.mismatch is None:
-            if op == "hello":
-                client.mismatch = _protocol.mismatch(message.get("protocol"),
-                                                     message.get("version"), "worker")
-            else:
-                client.mismatch = _protocol.mismatch(None, None, "worker")
-            log.warning("worker pid %d: %s", client.pid, client.mismatch)
-        if op != "cancel":
-            self._reply_error(client, message.get("req"), ProtocolMismatch(client.mismatch))
-        return True
-
-    def _reply_error(self, client: _Client, req: Any, exc: Exception) -> None:
-        """Fail request `req` with exc, whose class name the worker maps back (_stream)."""
-        self._reply(client, {"req": req, "ok": False, "error": type(exc).__name__,
-                             # (a KeyError's str() is its repr)
-                             "message": str(exc.args[0]) if isinstance(exc, KeyError)
-                             and exc.args else str(exc)})
-
-    def _reply(self, client: _Client, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-        if message.get("req") is None:
-            return      # a post: its sender reads no reply (see _protocol)
-        try:
-            _protocol.send(client.sock, message, fds)
-        except BlockingIOError:
-            # Never block the loop on one worker: one that does not read its replies is cut
-            # off, and the hang-up detaches it on the next turn.
-            log.warning("worker pid %d does not read its replies: disconnecting it", client.pid)
-            client.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass        # the worker is gone; its EOF will detach it
-
-    def _subscribe(self, client: _Client, req: Any, channels: Any, ring_bytes: Any,
+    def _subscribe(self, client: Client, req: Any, channels: Any, ring_bytes: Any,
                    restart: bool = False, overflow: Any = "gap", group: Any = None) -> None:
         if not isinstance(channels, list) or not channels:
             raise ValueError("a subscription needs a list of one or more channels")
@@ -422,8 +280,8 @@ class Server:
         for sub in act.answer:
             fds = self.ring_fds.pop(sub.id)
             try:
-                self._reply(cast(_Client, sub.worker),
-                            {"req": sub.req, "ok": True, "sub": sub.id}, fds)
+                self.control.reply(cast(Client, sub.worker),
+                                   {"req": sub.req, "ok": True, "sub": sub.id}, fds)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -448,41 +306,16 @@ class Server:
         if error is not None:
             self.link.lose_now(f"UNLISTEN failed: {error}")
 
-    def _cancel(self, client: _Client, req: Any) -> None:
+    def _cancel(self, client: Client, req: Any) -> None:
         """The worker gave up waiting for subscribe `req`: drop it, and close the request."""
         sub, act = self.registry.cancel(client, req)
         if sub is not None:
             self._apply(act)
-            self._reply(client, {"req": req, "ok": False, "error": "Cancelled"})
+            self.control.reply(client, {"req": req, "ok": False, "error": "Cancelled"})
 
-    def _detach(self, client: _Client) -> None:
+    def _detached(self, client: Client) -> None:
+        """A worker's connection went: every subscription of it goes too."""
         self._apply(self.registry.worker_gone(client))
-        self.epoll.unregister(client.sock.fileno())
-        del self.clients[client.sock.fileno()]
-        client.sock.close()
-
-    def _on_owner(self) -> None:
-        try:
-            got = _protocol.recv(self.owner)
-        except (OSError, ValueError):
-            got = None
-        if got is None:
-            log.info("the owning process is gone: stopping")
-            self.stopping = True
-            return
-        message, _fds = got
-        op = message.get("op")
-        if op == "stats":
-            self._reply_owner(message, self.stats())
-        elif op == "stop":
-            self.stopping = True
-            self._reply_owner(message, {})
-
-    def _reply_owner(self, message: dict[str, Any], body: dict[str, Any]) -> None:
-        try:
-            _protocol.send(self.owner, {"req": message.get("req"), "ok": True, **body})
-        except OSError:
-            self.stopping = True
 
     def stats(self) -> dict[str, Any]:
         """Stats (the schema, stats.py) as the control reply carries it."""
@@ -505,8 +338,8 @@ class Server:
             last_error=machine.last_error,
             last_error_permanent=self.link.last_error_permanent,
             reconnects=machine.reconnects,
-            workers=len({client.pid for client in self.clients.values()}),
-            connections=len(self.clients),
+            workers=self.control.processes(),
+            connections=len(self.control.clients),
             received=self.dispatcher.received,
             unrouted=self.dispatcher.unrouted,
             subscriptions=len(self.registry.subs),
@@ -519,19 +352,9 @@ class Server:
         ).to_dict()
 
     def _shutdown(self) -> None:
-        # Remove the control socket and its private directory here too, so that an owner
-        # that died without stop() leaves nothing behind (rmdir only takes an empty one).
-        path = self.listen_sock.getsockname()
-        for remove in (os.unlink, os.rmdir) if self.config.private_dir else (os.unlink,):
-            try:
-                remove(path)
-            except OSError:
-                pass
-            path = os.path.dirname(path)
-        self.listen_sock.close()
-        for client in list(self.clients.values()):
-            client.sock.close()    # readers see the hang-up and raise SupervisorGone
-        self.clients.clear()
+        # The control socket and its private directory go here too, so that an owner that
+        # died without stop() leaves nothing behind (rmdir only takes an empty one).
+        self.control.close(self.config.private_dir)
         for fds in self.ring_fds.values():
             for fd in fds:
                 os.close(fd)
@@ -539,8 +362,6 @@ class Server:
         signal.set_wakeup_fd(-1)
         self.wakeup.close()
         self._wakeup_w.close()
-        if self.reserve_fd is not None:
-            os.close(self.reserve_fd)
         log.info("stopped")
 
 
@@ -563,10 +384,6 @@ def _listen_sql(verb: str, channels: list[str]) -> bytes:
     identifiers, as PQescapeIdentifier does for UTF-8 (the connection's encoding): between
     double quotes, a double quote doubled. channel_bytes() has refused NUL and bad UTF-8."""
     return "; ".join(f'{verb} "{ch.replace(chr(34), chr(34) * 2)}"' for ch in channels).encode()
-
-
-def _one_line(exc: object) -> str:
-    return " ".join(str(exc).split())
 
 
 def main(config: Config, listen_sock: socket.socket, owner: socket.socket, log_queue: Any) -> None:
