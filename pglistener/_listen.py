@@ -55,11 +55,12 @@ class _Command:
 
 class ListenConnection:
     """on_connected() is called once a connection is made (send its setup with query(), then
-    call ready()); on_down(cause, delay, was_up) when it goes, however it goes."""
+    call ready()); on_down(cause) when it goes, however it goes (an attempt that failed
+    included), after what was queued is dropped."""
 
     def __init__(self, conninfo: str, safe_target: str, timing: Timing, dispatcher: Dispatcher,
                  now: float, on_connected: Callable[[], None],
-                 on_down: Callable[[str, bool], None]) -> None:
+                 on_down: Callable[[str], None]) -> None:
         # Notifications are decoded as UTF-8 on the readers' side.
         self.conninfo = make_conninfo(conninfo, client_encoding="UTF8")
         self.safe_target = safe_target
@@ -98,8 +99,9 @@ class ListenConnection:
         while True:
             step, wait, cause = self.machine.due(now, held)
             if step is Step.CONNECT:
-                self._start(now)
-                continue        # the attempt may have failed at once
+                self._resolving = True      # names first, beside the loop (_resolve)
+                self.resolver.start(self.conninfo)
+                continue
             if step is Step.HEARTBEAT:
                 self._send(_Command(HEARTBEAT, self._on_heartbeat))
                 if self.conn is None:       # sending it failed
@@ -119,10 +121,6 @@ class ListenConnection:
         return []
 
     # -- connecting ---------------------------------------------------------------------------
-
-    def _start(self, now: float) -> None:
-        self._resolving = True
-        self.resolver.start(self.conninfo)
 
     def advance(self, now: float) -> None:
         """A descriptor of fds() is ready: take the next step of connecting."""
@@ -222,7 +220,6 @@ class ListenConnection:
             self._failed(now, f"cannot connect to {self.safe_target}: {cause}")
 
     def _failed(self, now: float, cause: str) -> None:
-        was_up = self.machine.phase is Phase.UP
         for conn in (self.conn, self._connecting):
             if conn is not None:
                 conn.close()
@@ -237,7 +234,7 @@ class ListenConnection:
             self._outage_logged = True
         else:
             log.info("%s; retrying in %.1f s", cause, delay)
-        self.on_down(cause, was_up)
+        self.on_down(cause)
 
     def close(self) -> None:
         for conn in (self.conn, self._connecting):

@@ -192,7 +192,7 @@ class Server:
         self.link.ready(time.monotonic())
         self._apply(self.registry.replayed(wanted, token))
 
-    def _on_down(self, cause: str, was_up: bool) -> None:
+    def _on_down(self, cause: str) -> None:
         """The connection is gone: the streams it fed get a Gap, then we reconnect."""
         self._apply(self.registry.lost())
 
