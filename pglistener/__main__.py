@@ -161,8 +161,7 @@ async def _listen(sup: Supervisor, channels: list[str], as_json: bool, retry: bo
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # A subscribe still waiting for its LISTEN holds an executor thread: the
-        # supervisor's end lets it go (asyncio.run waits for that thread).
+        # stop() waits for the supervisor process to end: not on the event loop.
         await loop.run_in_executor(None, sup.stop)
 
 

@@ -20,9 +20,12 @@ worker -> supervisor                          supervisor -> worker
                                               both, and the same answer to every request
                                               after it (also to a request with no hello)
 {"op": "subscribe", "req": n, "channels": cs, {"req": n, "ok": true, "sub": id}
- "ring_bytes": b, "restart": true (optional)}  + [memfd, eventfd, wake eventfd]
-                                              (once the channels' LISTENs are committed;
-                                              restart: the ring starts with Gap("restart"))
+ "ring_bytes": b, "restart": true,             + [memfd, eventfd, wake eventfd]
+ "overflow": "block", "group": g (optional)}  (once the channels' LISTENs are committed, or
+                                              during an outage at once when all of them are
+                                              wanted already, the ring starting with
+                                              Gap("reconnect"); restart: the ring starts
+                                              with Gap("restart"))
 {"op": "unsubscribe", "req": n, "sub": id}    {"req": n, "ok": true}
 {"op": "unsubscribe", "sub": id}              (no reply: a subscription dropped without
                                               unsubscribe(), or closed by a cancelled task)
@@ -32,7 +35,6 @@ worker -> supervisor                          supervisor -> worker
                                               (m was abandoned on timeout; no reply if m
                                               was answered already)
 (close the socket)                            detach: every subscription of the worker is dropped
-(connect, never send: asyncio's hang-up watch) EOF when the supervisor goes
 any failure:                                  {"req": n, "ok": false, "error": name, "message": m}
                                               (nothing for a message without "req": replies
                                               nobody reads would fill the worker's socket)

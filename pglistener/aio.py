@@ -54,7 +54,8 @@ class AsyncControl:
         return ctl
 
     def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
-        self.loop = loop
+        # Weakly: _by_loop's entry, this object and its socket go with the loop.
+        self._loop = weakref.ref(loop)
         self.path = path
         self.pid = os.getpid()
         self.gone = False
@@ -77,23 +78,34 @@ class AsyncControl:
         self.sock.setblocking(False)
         loop.add_reader(self.sock.fileno(), self._on_readable)
         hello = next(self._ids)
-        self._hello = self._futures[hello] = loop.create_future()
+        # The hello's answer; the future is dropped once it came (it holds the loop).
+        self._hello: asyncio.Future[Any] | None = loop.create_future()
+        self._futures[hello] = self._hello
+        self._greeting: dict[str, Any] | None = None
         self._send({**_protocol.hello(), "req": hello})
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop()
 
     async def request(self, message: dict[str, Any], timeout: float | None
                       ) -> tuple[dict[str, Any], list[int]]:
         """The reply to `message` and the descriptors that came with it. TimeoutError after
         `timeout` s; either that or a cancel withdraws the request from the supervisor."""
-        if not self._hello.done():
+        if self._greeting is None:
+            hello = self._hello
+            assert hello is not None
             try:
-                await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+                await asyncio.wait_for(asyncio.shield(hello), timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError from None
-        check_hello(self._hello.result()[0])
+            self._greeting = hello.result()[0]
+            self._hello = None
+        check_hello(self._greeting)
         if self.gone:
             raise SupervisorGone("the supervisor process is gone")
         req = next(self._ids)
-        future = self.loop.create_future()
+        future = asyncio.get_running_loop().create_future()
         self._futures[req] = future
         self._send({**message, "req": req})
         try:
@@ -114,8 +126,10 @@ class AsyncControl:
         if threading.get_ident() == self._thread:
             self._flush()
             return
+        loop = self.loop
         try:
-            self.loop.call_soon_threadsafe(self._flush)
+            if loop is not None:
+                loop.call_soon_threadsafe(self._flush)
         except RuntimeError:
             pass        # the loop is closed, and with it this connection's use
 
@@ -132,9 +146,10 @@ class AsyncControl:
                 else:
                     _protocol.send(self.sock, item)
             except BlockingIOError:
-                if not self._writing:       # the supervisor is busy: when it takes more
-                    self._writing = True
-                    self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                loop = self.loop
+                if not self._writing and loop is not None:  # the supervisor is busy: when
+                    self._writing = True                    # it takes more
+                    loop.add_writer(self.sock.fileno(), self._on_writable)
                 return
             except OSError:
                 self._hang_up()
@@ -143,7 +158,9 @@ class AsyncControl:
 
     def _on_writable(self) -> None:
         self._writing = False
-        self.loop.remove_writer(self.sock.fileno())
+        loop = self.loop
+        if loop is not None:
+            loop.remove_writer(self.sock.fileno())
         self._flush()
 
     def _on_readable(self) -> None:
@@ -177,15 +194,18 @@ class AsyncControl:
             return
         self.gone = True
         fd = self.sock.fileno()
-        if fd >= 0:
-            self.loop.remove_reader(fd)
+        loop = self.loop
+        if fd >= 0 and loop is not None and not loop.is_closed():
+            loop.remove_reader(fd)
             if self._writing:
-                self.loop.remove_writer(fd)
+                loop.remove_writer(fd)
         # The socket stays open while streams hold its fd (RingReader's ctrl_fd); it goes
         # with this object.
         for future in self._futures.values():
             if not future.done():
                 future.set_exception(SupervisorGone("the supervisor process is gone"))
+                if future is self._hello:
+                    future.exception()      # said to whoever asks next, never logged
         self._futures.clear()
         for waiter in self.waiters:
             if not waiter.done():

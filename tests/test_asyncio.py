@@ -238,3 +238,26 @@ def test_async_with_without_await_and_with_it(run: Callable[..., Any], worker: W
         await sub3.unsubscribe()
 
     run(main())
+
+
+def test_an_event_loops_control_connection_goes_with_the_loop(
+        run: Callable[..., Any], dsn: str) -> None:
+    """One control connection per event loop, for its subscribes and its hang-up watch:
+    once the loop is closed and dropped, the connection is closed too (web test suites and
+    asyncio.run() make many loops)."""
+    import gc
+
+    from fix_supervisor import wait_for
+
+    with Supervisor(dsn).start() as sup:
+        worker = sup.worker()
+
+        async def main() -> None:
+            async with worker.subscribe_async("aloop", timeout=30) as sub:
+                assert not sub.closed
+            assert sup.stats().connections == 1
+
+        for _ in range(3):
+            run(main())
+            gc.collect()    # a closed loop sits in reference cycles until a collection
+            wait_for(lambda: sup.stats().connections == 0, "the loop's connection to close")
