@@ -64,7 +64,7 @@ SCENARIOS = {s.name: s for s in [
     Scenario("burst", "a burst in one transaction to one reader with a 64 KiB ring that reads "
              "at a bounded rate (4 ms per 1000): missed, and the rate",
              "count", ("pglistener-gap", "pglistener-block", "psycopg"),
-             notifications=1_000_000, quick_notifications=20_000, ring_bytes=64 * 1024,
+             notifications=1_000_000, quick_notifications=100_000, ring_bytes=64 * 1024,
              pause_s=0.004),
     Scenario("group", "a backlog of jobs, one notification each, for 4 processes to handle "
              "each once: a consumer group against listeners racing on SKIP LOCKED",
