@@ -82,10 +82,6 @@ class ListenConnection:
     # -- what the loop asks -------------------------------------------------------------------
 
     @property
-    def phase(self) -> Phase:
-        return self.machine.phase
-
-    @property
     def busy(self) -> bool:
         """A command is in flight: Dispatcher.run(want_result=True)."""
         return self.machine.busy
@@ -103,7 +99,8 @@ class ListenConnection:
                 self.resolver.start(self.conninfo)
                 continue
             if step is Step.HEARTBEAT:
-                self._send(_Command(HEARTBEAT, self._on_heartbeat))
+                self._send(_Command(HEARTBEAT, lambda results, _error:
+                                    self.sample_queue(results)))
                 if self.conn is None:       # sending it failed
                     continue
             elif step is Step.TIMEOUT:
@@ -200,8 +197,8 @@ class ListenConnection:
         command.done(command.results, command.error)     # may queue more, or lose it all
         self._send_next()
 
-    def _on_heartbeat(self, results: list[list[tuple[bytes | None, ...]]],
-                      error: str | None) -> None:
+    def sample_queue(self, results: list[list[tuple[bytes | None, ...]]]) -> None:
+        """Keep the queue fill from the results of a query that ended with HEARTBEAT."""
         if results and results[-1]:
             value = results[-1][0][0]
             self.queue_usage = None if value is None else float(value)
@@ -220,10 +217,7 @@ class ListenConnection:
             self._failed(now, f"cannot connect to {self.safe_target}: {cause}")
 
     def _failed(self, now: float, cause: str) -> None:
-        for conn in (self.conn, self._connecting):
-            if conn is not None:
-                conn.close()
-        self.conn = self._connecting = None
+        self._close_connections()
         self._resolving = False
         self._commands.clear()
         self.dispatcher.drop_held()     # taken off the dead connection: the gap covers it
@@ -236,9 +230,12 @@ class ListenConnection:
             log.info("%s; retrying in %.1f s", cause, delay)
         self.on_down(cause)
 
-    def close(self) -> None:
+    def _close_connections(self) -> None:
         for conn in (self.conn, self._connecting):
             if conn is not None:
                 conn.close()
         self.conn = self._connecting = None
+
+    def close(self) -> None:
+        self._close_connections()
         self.resolver.close()

@@ -174,8 +174,7 @@ class Server:
             self.registry.refused(wanted, token)    # nothing took effect (one transaction)
             self.link.lose_now(f"LISTEN replay failed: {error}")
             return
-        usage = results[-1][0][0] if results and results[-1] else None
-        self.link.queue_usage = None if usage is None else float(usage)
+        self.link.sample_queue(results)     # the replay ends with the heartbeat's query
 
     def _on_replayed(self, wanted: list[str], token: int,
                      results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:

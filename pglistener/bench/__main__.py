@@ -259,13 +259,14 @@ class Bench:
         ready.get(timeout=120)
         time.sleep(0.2)
         assert self.sup.pid is not None and p.pid is not None
-        before = [_cpu_seconds(self.sup.pid), _cpu_seconds(p.pid)]
+        before = [_cpu(self.sup.pid), _cpu(p.pid)]
         time.sleep(scenario.seconds)
-        after = [_cpu_seconds(self.sup.pid), _cpu_seconds(p.pid)]
+        after = [_cpu(self.sup.pid), _cpu(p.pid)]
         out.get(timeout=60)
         p.join(10)
-        supervisor, reader = ((b - a) / scenario.seconds * 100 for a, b in
-                              zip(before, after, strict=True))
+        supervisor, reader = ((b - a) / 1e9 / scenario.seconds * 100
+                              if a is not None and b is not None else None
+                              for a, b in zip(before, after, strict=True))
         return {"supervisor_cpu_percent": supervisor, "reader_cpu_percent": reader}
 
 
@@ -288,12 +289,6 @@ def _get(queue: Any, procs: list[Any], timeout: float) -> Any:
 
 def _cpu(pid: int | None) -> int | None:
     return None if pid is None else systems.cpu_ns(pid)
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(stack: ExitStack) -> str:
