@@ -66,6 +66,10 @@ cdef extern from "libpq-fe.h" nogil:
     int PQsetnonblocking(PGconn *conn, int arg)
     int PQflush(PGconn *conn)
 
+    # 34.10 COPY (the replication stream is COPY BOTH)
+    int PQputCopyData(PGconn *conn, const char *buffer, int nbytes)
+    int PQgetCopyData(PGconn *conn, char **buffer, int async)
+
     # 34.9 Asynchronous notification
     PGnotify *PQnotifies(PGconn *conn)
     void PQfreemem(void *ptr)

@@ -11,15 +11,22 @@ _ring.h.
 
 cimport cython
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memcmp, memcpy, strlen
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memchr, memcmp, memcpy, strlen
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.unistd cimport close, getpid, read, write
 
 from pglistener._libpq cimport *
 from pglistener._poll cimport PGL_POLLRDHUP, POLLIN, POLLOUT, now_ns as _now_ns, poll, pollfd
 from pglistener._ring cimport *
+
+
+cdef extern from "_wire.h" nogil:
+    uint64_t pgl_be64(const char *p)
+    uint32_t pgl_be32(const char *p)
+    void pgl_put_be64(char *p, uint64_t v)
+    int64_t pgl_pg_now_us()
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -34,9 +41,13 @@ cpdef enum RunStatus:
     RUN_CONN_BAD = 2       # PQconsumeInput failed or the socket is gone: reconnect
     RUN_INTERRUPTED = 3    # a signal arrived: let Python run its handlers
     RUN_RESULT = 4         # want_result: the query's next result is ready (PQgetResult won't block)
+    RUN_WAL_BAD = 5        # the replication connection failed or its stream ended: reconnect it
+    RUN_WAL_RESULT = 6     # wal_want_result: the replication connection's next result is ready
+    RUN_WATCH = 7          # one of the watched descriptors (a connection being made) is ready
 
 
-_GAP_CODES = {"reconnect": PGL_GAP_RECONNECT, "restart": PGL_GAP_RESTART}  # mark_gap's
+_GAP_CODES = {"reconnect": PGL_GAP_RECONNECT, "restart": PGL_GAP_RESTART,
+              "slot": PGL_GAP_SLOT}  # mark_gap's
 
 HEADER_BYTES = PGL_HEADER_BYTES
 
@@ -76,6 +87,7 @@ cdef class PGConnection:
 
     cdef PGconn *conn
     cdef int owner_pid
+    cdef readonly bint copy_both   # a result said COPY BOTH: the replication stream runs
 
     def __cinit__(self):
         self.conn = NULL
@@ -153,6 +165,9 @@ cdef class PGConnection:
             return None
         try:
             status = PQresultStatus(res)
+            if status == PGRES_COPY_BOTH:
+                self.copy_both = True       # no more results: the stream is read by run()
+                return (True, rows, None)
             if status == PGRES_FATAL_ERROR or status == PGRES_BAD_RESPONSE:
                 return (False, rows, " ".join(
                     PQresultErrorMessage(res).decode("utf-8", "replace").split()))
@@ -205,6 +220,18 @@ cdef struct Producer:
     int efd
     bint dirty                 # published since the last wake pass: in Dispatcher.dirty
     size_t map_bytes
+    # The WAL source only. Where this ring stands in the stream: the position (commit LSN,
+    # LSN) of the last message it was given (a group's members share it); one at or before
+    # it again (a replay from the slot after a reconnect) is not written twice.
+    uint64_t at_commit
+    uint64_t at_lsn
+    uint64_t seek_lsn          # after= an LSN: nothing until the message at this LSN has gone
+    # The transactions written here and not consumed yet, oldest first, as pairs (ring
+    # position after their last record here, commit LSN): what the slot may not pass.
+    uint64_t *pend
+    size_t pend_first
+    size_t pend_n
+    size_t pend_cap            # pairs, a power of two
 
 
 cdef inline uint64_t _span(Producer *p, uint64_t pos, uint32_t n) noexcept nogil:
@@ -265,22 +292,82 @@ cdef inline void _count_missed(Producer *p) noexcept nogil:
     # a pending reconnect gap already says "unknown": it absorbs the count
 
 
-cdef bint _push_notify(Producer *p, const char *chan, uint32_t clen,
-                       const char *payload, uint32_t plen, int32_t pid) noexcept nogil:
-    # Writes and publishes one notification (after a pending gap); False if it was missed.
-    cdef uint32_t n = pgl_align8(PGL_RECORD_HEADER + clen + plen)
+cdef struct Wal:
+    # A WAL message being routed: where it stands in the stream.
+    uint64_t lsn
+    uint64_t commit            # its transaction's commit LSN; its own LSN if not transactional
+    uint32_t flags             # PGL_WAL_TRANSACTIONAL
+
+
+cdef bint _push(Producer *p, const char *chan, uint32_t clen, const char *payload,
+               uint32_t plen, int32_t pid, Wal *w) noexcept nogil:
+    # Writes one notification, or a WAL message when w is not NULL (after a pending gap);
+    # False if it was missed.
+    cdef uint32_t n = _record_bytes(clen, plen, w)
     if not _room(p, _need(p, n)):
         _count_missed(p)
         return False
     if p.gap_reason != 0:
         _emit_gap(p)        # the gap first, at the place where the loss happened
-    pgl_rec_write_notify(_claim(p, n), n, chan, <uint16_t>clen, payload, plen, pid)
+    if w == NULL:
+        pgl_rec_write_notify(_claim(p, n), n, chan, <uint16_t>clen, payload, plen, pid)
+    else:
+        pgl_rec_write_wal(_claim(p, n), n, chan, <uint16_t>clen, payload, plen, w.flags,
+                          w.lsn, w.commit)
+        _pend(p, w.commit)
     p.unknown_gap_last = False
     p.delivered += 1
     if p.tail - p.published >= PUBLISH_BYTES:
         _publish(p)
     return True
 
+
+cdef inline uint32_t _record_bytes(uint32_t clen, uint32_t plen, Wal *w) noexcept nogil:
+    return pgl_align8((PGL_RECORD_HEADER if w == NULL else PGL_WAL_HEADER) + clen + plen)
+
+
+cdef inline bint _after(uint64_t commit, uint64_t lsn, uint64_t at_commit,
+                        uint64_t at_lsn) noexcept nogil:
+    # Whether position (commit, lsn) comes after (at_commit, at_lsn) in the stream: commit
+    # order, and within a transaction the order of writing.
+    return commit > at_commit or (commit == at_commit and lsn > at_lsn)
+
+
+cdef void _pend(Producer *p, uint64_t commit) noexcept nogil:
+    # The record just written ends where p.tail is: its transaction is not consumed until
+    # the reader is done with it.
+    cdef size_t last, cap
+    cdef uint64_t *grown
+    if p.pend_n:
+        last = (p.pend_first + p.pend_n - 1) & (p.pend_cap - 1)
+        if p.pend[2 * last + 1] == commit:
+            p.pend[2 * last] = p.tail
+            return
+    if p.pend_n == p.pend_cap:
+        cap = 64 if p.pend_cap == 0 else p.pend_cap * 2
+        grown = <uint64_t *>malloc(cap * 2 * sizeof(uint64_t))
+        if grown == NULL:
+            return      # not remembered: at worst the slot is confirmed early (logged by stats)
+        for last in range(p.pend_n):
+            grown[2 * last] = p.pend[2 * ((p.pend_first + last) & (p.pend_cap - 1))]
+            grown[2 * last + 1] = p.pend[2 * ((p.pend_first + last) & (p.pend_cap - 1)) + 1]
+        free(p.pend)
+        p.pend = grown
+        p.pend_cap = cap
+        p.pend_first = 0
+    last = (p.pend_first + p.pend_n) & (p.pend_cap - 1)
+    p.pend[2 * last] = p.tail
+    p.pend[2 * last + 1] = commit
+    p.pend_n += 1
+
+
+cdef uint64_t _oldest_pending(Producer *p) noexcept nogil:
+    # The commit LSN of the oldest transaction this ring's reader is not done with; 0: none.
+    cdef uint64_t consumed = pgl_load_acquire(&p.hdr.consumed)
+    while p.pend_n and p.pend[2 * p.pend_first] <= consumed:
+        p.pend_first = (p.pend_first + 1) & (p.pend_cap - 1)
+        p.pend_n -= 1
+    return p.pend[2 * p.pend_first + 1] if p.pend_n else 0
 
 
 cdef inline uint64_t _need(Producer *p, uint32_t n) noexcept nogil:
@@ -334,6 +421,30 @@ cdef Producer *_choose(Entry *e, uint32_t n, bint take_turn) noexcept nogil:
     return best
 
 
+cdef inline bint _wants(Entry *e, Wal *w) noexcept nogil:
+    # Whether an entry is to get this WAL message: one it has not had (positions only grow
+    # along the stream; a replay from the slot sends again what came before), past the
+    # message an after= LSN resumes from.
+    cdef Producer *first = e.members[0]
+    return first.seek_lsn == 0 and _after(w.commit, w.lsn, first.at_commit, first.at_lsn)
+
+
+cdef bint _advance(Entry *e, Wal *w) noexcept nogil:
+    # The entry's position moves to this WAL message; True when it is to write it (as
+    # _wants says, and the seek of an after= LSN ends at its message, which is not written).
+    cdef Producer *first = e.members[0]
+    cdef bint seeking = first.seek_lsn != 0
+    cdef int j
+    if not _after(w.commit, w.lsn, first.at_commit, first.at_lsn):
+        return False
+    for j in range(e.size):
+        e.members[j].at_commit = w.commit
+        e.members[j].at_lsn = w.lsn
+        if seeking and w.lsn == first.seek_lsn:
+            e.members[j].seek_lsn = 0
+    return not seeking
+
+
 cdef struct Route:
     uint64_t hash
     int state                  # PGL_ROUTE_EMPTY, _LIVE or _DELETED
@@ -367,13 +478,30 @@ cdef class Dispatcher:
     cdef readonly uint64_t unrouted
     # overflow="block": the notification waiting for room in a blocking ring, taken off the
     # connection but given to nobody yet; while it waits, run() reads no more.
-    cdef PGnotify *held
+    cdef void *held                    # the PGnotify, or for the WAL source the copy buffer
     cdef uint64_t held_since           # when the current hold began (ns), 0 if none
     cdef uint64_t held_total_ns        # finished holds, in all
     cdef public double block_timeout   # seconds a blocking ring may hold the connection
     cdef readonly uint64_t block_expiries
+    # -- the WAL source (a dispatcher made with wal=True reads a replication stream) --------
+    cdef readonly bint wal
+    cdef readonly uint64_t at_commit   # the stream's position: the last message it brought
+    cdef readonly uint64_t at_lsn
+    cdef bint in_txn                   # between a transaction's Begin and its Commit
+    cdef uint64_t txn_commit           # ... whose commit LSN (Begin says it first)
+    cdef readonly uint64_t last_end    # end LSN of the last commit (or message) seen
+    cdef readonly uint64_t server_end  # how far the server has decoded (its keepalives)
+    cdef readonly uint64_t copy_messages   # what came on the stream: its signs of life
+    cdef public uint64_t confirmed     # what feedback reports as flushed (Python decides)
+    cdef bint unsent                   # feedback not flushed to the socket yet
+    cdef Wal held_wal                  # the held message's position, channel and content
+    cdef const char *held_chan
+    cdef size_t held_clen
+    cdef const char *held_payload
+    cdef size_t held_plen
 
-    def __cinit__(self):
+    def __cinit__(self, bint wal=False):
+        self.wal = wal
         self.table_size = 64
         self.table = <Route *>calloc(self.table_size, sizeof(Route))
         self.rings = NULL
@@ -441,7 +569,10 @@ cdef class Dispatcher:
         p.hdr.version = PGL_RING_VERSION
         p.hdr.tail = 0
         p.hdr.head = 0
+        p.hdr.consumed = 0
         p.hdr.sleeping = 0
+        p.at_commit = self.at_commit       # WAL: what is new from here on
+        p.at_lsn = self.at_lsn
         pgl_store_u32(&p.hdr.magic, PGL_RING_MAGIC)
         self.rings[self.n_rings] = p
         self.n_rings += 1
@@ -625,24 +756,26 @@ cdef class Dispatcher:
             self.dirty[self.n_dirty] = p
             self.n_dirty += 1
 
-    cdef bint _route(self, const char *chan, const char *payload, int32_t pid,
-                     bint expired) noexcept nogil:
-        # Writes one notification into every entry of its channel (one member of a group).
-        # False, having written it nowhere, when a blocking ring (or every member of a
-        # blocking group) has no room for it yet, unless the hold has `expired`: then those
-        # rings may miss it (an overflow gap counts it) and the others get it.
-        cdef size_t clen = strlen(chan)
-        cdef size_t plen = strlen(payload)
-        cdef Route *r = self._find(pgl_hash(chan, clen), chan, clen)
+    cdef bint _route(self, const char *chan, size_t clen, const char *payload, size_t plen,
+                     int32_t pid, Wal *w, bint expired) noexcept nogil:
+        # Writes one notification (a WAL message when w is not NULL) into every entry of its
+        # channel (one member of a group). False, having written it nowhere, when a blocking
+        # ring (or every member of a blocking group) has no room for it yet, unless the hold
+        # has `expired`: then those rings may miss it (an overflow gap counts it) and the
+        # others get it. An entry that has had a WAL message already (a replay) is skipped.
+        cdef Route *r = self._find(pgl_hash(chan, clen), chan, clen) if clen < 64 else NULL
         cdef uint32_t n
         cdef int i, j
         cdef Entry *e
         cdef Producer *p
+        if w != NULL and _after(w.commit, w.lsn, self.at_commit, self.at_lsn):
+            self.at_commit = w.commit
+            self.at_lsn = w.lsn
         if r == NULL:
             self.unrouted += 1
             return True
-        n = pgl_align8(PGL_RECORD_HEADER + <uint32_t>clen + <uint32_t>plen)
-        if not self._fits(r, n):
+        n = _record_bytes(<uint32_t>clen, <uint32_t>plen, w)
+        if not self._fits(r, n, w):
             if not expired:
                 return False
             for i in range(r.n):
@@ -653,14 +786,16 @@ cdef class Dispatcher:
             self.block_expiries += 1
         for i in range(r.n):
             e = &r.entries[i]
+            if w != NULL and not _advance(e, w):
+                continue
             p = e.members[0] if e.size == 1 else _choose(e, n, True)
-            if _push_notify(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid):
+            if _push(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid, w):
                 self._mark(p)
             elif p.gap_reason != 0:
                 self.gaps_pending = True
         return True
 
-    cdef bint _fits(self, Route *r, uint32_t n) noexcept nogil:
+    cdef bint _fits(self, Route *r, uint32_t n, Wal *w) noexcept nogil:
         # Whether every entry can take a record of n bytes now: a blocking ring with room, a
         # group with a member that has room or may miss. Rings that cannot are marked
         # `holding` and asked to wake us when they make room; then looked at once more, so
@@ -672,6 +807,8 @@ cdef class Dispatcher:
             e = &r.entries[i]
             if e.size == 1 and (not e.members[0].block or e.members[0].block_expired):
                 continue        # a ring that never waits (the usual case): nothing to ask
+            if w != NULL and not _wants(e, w):
+                continue        # it has this one already
             if _choose(e, n, False) != NULL:
                 continue
             for j in range(e.size):
@@ -687,7 +824,10 @@ cdef class Dispatcher:
         return fits
 
     cdef inline uint64_t _hold_end(self) noexcept nogil:
-        # When the current hold passes block_timeout (ns).
+        # When the current hold passes block_timeout (ns). A WAL hold never does: the slot
+        # keeps what waits, so a blocking reader loses nothing however long it takes.
+        if self.wal:
+            return UINT64_MAX
         return self.held_since + <uint64_t>(self.block_timeout * 1e9)
 
     cdef void _end_hold(self, uint64_t now) noexcept nogil:
@@ -711,24 +851,211 @@ cdef class Dispatcher:
         cdef size_t n = 0
         cdef uint64_t now
         while True:
-            note = self.held
+            note = <PGnotify *>self.held
             if note == NULL:
                 note = PQnotifies(conn)
                 if note == NULL:
                     return n
                 self.received += 1
-            now = _now_ns() if note == self.held else 0
-            if not self._route(note.relname, note.extra, note.be_pid,
-                               note == self.held and now >= self._hold_end()):
+            now = _now_ns() if note == <PGnotify *>self.held else 0
+            if not self._route(note.relname, strlen(note.relname), note.extra,
+                               strlen(note.extra), note.be_pid, NULL,
+                               note == <PGnotify *>self.held and now >= self._hold_end()):
                 if self.held == NULL:           # nothing more off the connection until then
                     self.held = note
                     self.held_since = _now_ns()
                 return n
-            if note == self.held:
+            if note == <PGnotify *>self.held:
                 self._end_hold(now)
             else:
                 PQfreemem(note)
             n += 1
+
+    # -- the WAL source ---------------------------------------------------------------------
+    #
+    # The replication stream is COPY BOTH data (docs: "Streaming Replication Protocol";
+    # pg_recvlogical.c reads it the same way). From the server, big-endian:
+    #   'w' XLogData:  [1] start LSN  [9] end LSN  [17] send time  [25] one pgoutput message
+    #   'k' keepalive: [1] end LSN  [9] send time  [17] reply requested (1 byte)
+    # pgoutput messages (proto.c, protocol version 1), of which we read three:
+    #   'B' begin:   [1] commit LSN  [9] commit time  [17] xid
+    #   'C' commit:  [1] flags  [2] commit LSN  [10] end LSN  [18] commit time
+    #   'M' message: [1] flags (1: transactional)  [2] LSN  [10] prefix, NUL-terminated,
+    #                then a 4-byte length and the content
+    # A transactional message is sent with its transaction, at commit, in commit order; one
+    # that is not is sent alone, as soon as it is decoded.
+
+    cdef int _drain_wal(self, PGconn *conn) noexcept nogil:
+        # Route what the stream holds now; -1 when it failed or ended (then reconnect).
+        cdef char *buf
+        cdef int n, rc
+        cdef uint64_t now
+        while True:
+            if self.held != NULL:
+                now = _now_ns()
+                if not self._route(self.held_chan, self.held_clen, self.held_payload,
+                                   self.held_plen, 0, &self.held_wal, False):
+                    return 0
+                self._end_hold(now)
+                self._after_message(&self.held_wal)
+            n = PQgetCopyData(conn, &buf, 1)
+            if n == 0:
+                return 0
+            if n < 0:
+                return -1           # -1: the server ended the stream; -2: an error
+            self.copy_messages += 1
+            rc = self._wal_message(conn, buf, n)
+            if rc == 1:
+                self.held = buf     # nothing more off the stream until it fits
+                self.held_since = _now_ns()
+                return 0
+            PQfreemem(buf)
+            if rc < 0:
+                return -1
+
+    cdef int _wal_message(self, PGconn *conn, char *buf, int n) noexcept nogil:
+        # One message of the stream: 0 done, 1 held (a blocking ring has no room), -1 not
+        # one we can read (the stream is broken: reconnect).
+        cdef const char *body
+        cdef const char *nul
+        cdef size_t blen, clen
+        cdef uint32_t plen
+        cdef uint64_t end
+        if buf[0] == b'k':
+            if n < 18:
+                return -1
+            end = pgl_be64(buf + 1)
+            if not self.in_txn and end > self.server_end:
+                self.server_end = end
+            if buf[17]:
+                if self._feedback(conn, False) < 0:
+                    return -1
+            return 0
+        if buf[0] != b'w' or n < 26:
+            return -1
+        body = buf + 25
+        blen = <size_t>(n - 25)
+        if body[0] == b'B':
+            if blen < 21:
+                return -1
+            self.in_txn = True
+            self.txn_commit = pgl_be64(body + 1)
+        elif body[0] == b'C':
+            if blen < 26:
+                return -1
+            self.in_txn = False
+            end = pgl_be64(body + 10)
+            if end > self.last_end:
+                self.last_end = end
+            if end > self.server_end:
+                self.server_end = end
+        elif body[0] == b'M':
+            if blen < 15:
+                return -1
+            self.held_wal.flags = PGL_WAL_TRANSACTIONAL if body[1] & 1 else 0
+            self.held_wal.lsn = pgl_be64(body + 2)
+            self.held_wal.commit = (self.txn_commit if self.held_wal.flags and self.in_txn
+                                    else self.held_wal.lsn)
+            nul = <const char *>memchr(body + 10, 0, blen - 10)
+            if nul == NULL or <size_t>(nul - body) + 5 > blen:
+                return -1
+            clen = <size_t>(nul - (body + 10))
+            plen = pgl_be32(nul + 1)
+            if <size_t>(nul - body) + 5 + plen > blen:
+                return -1
+            self.held_chan = body + 10
+            self.held_clen = clen
+            self.held_payload = nul + 5
+            self.held_plen = plen
+            self.received += 1
+            if not self._route(self.held_chan, clen, self.held_payload, plen, 0,
+                               &self.held_wal, False):
+                return 1
+            self._after_message(&self.held_wal)
+        return 0
+
+    cdef inline void _after_message(self, Wal *w) noexcept nogil:
+        if not w.flags:
+            # Sent alone: a slot confirmed past its LSN will not send it again.
+            if w.lsn + 1 > self.last_end:
+                self.last_end = w.lsn + 1
+
+    cdef int _feedback(self, PGconn *conn, bint reply) noexcept nogil:
+        # Standby status update 'r': written, flushed and applied LSNs, the time, and
+        # whether we ask for a keepalive back. Flushed is what the slot may confirm.
+        cdef char msg[34]
+        cdef int rc
+        cdef uint64_t written = self.server_end if self.server_end > self.confirmed else self.confirmed
+        msg[0] = b'r'
+        pgl_put_be64(msg + 1, written)
+        pgl_put_be64(msg + 9, self.confirmed)
+        pgl_put_be64(msg + 17, self.confirmed)
+        pgl_put_be64(msg + 25, <uint64_t>pgl_pg_now_us())
+        msg[33] = 1 if reply else 0
+        if PQputCopyData(conn, msg, 34) != 1:
+            return -1
+        rc = PQflush(conn)
+        if rc < 0:
+            return -1
+        self.unsent = rc == 1
+        return 0
+
+    def send_feedback(self, PGConnection conn not None, bint reply=False):
+        """Tell the server how far the slot may be confirmed (`confirmed`); with `reply`, ask
+        for a keepalive back (a heartbeat). False when the connection failed."""
+        if conn.conn == NULL:
+            return False
+        return self._feedback(conn.conn, reply) == 0
+
+    def confirmable(self):
+        """How far the slot may be confirmed now: the commit LSN of the oldest transaction
+        some reader is not done with (the slot then sends it again after a reconnect), else
+        of the transaction being read or held, else as far as the stream has gone."""
+        cdef uint64_t bound, oldest
+        cdef size_t i
+        if self.in_txn or self.held != NULL:
+            bound = self.txn_commit if self.in_txn else self.held_wal.commit
+        else:
+            bound = self.server_end if self.server_end > self.last_end else self.last_end
+        for i in range(self.n_rings):
+            oldest = _oldest_pending(self.rings[i])
+            if oldest and oldest < bound:
+                bound = oldest
+        return bound
+
+    def stream_reset(self):
+        """The replication connection is gone: what was being read goes with it (the slot
+        sends it again, from where it was confirmed)."""
+        self.in_txn = False
+        if self.held != NULL:
+            self._end_hold(_now_ns())
+
+    def set_position(self, ring_id, uint64_t commit, uint64_t lsn, uint64_t seek_lsn=0):
+        """Where a WAL ring stands: it gets what comes after (commit, lsn) in the stream; with
+        seek_lsn, nothing until the message at that LSN has gone by."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        p.at_commit = commit
+        p.at_lsn = lsn
+        p.seek_lsn = seek_lsn
+
+    def position(self, ring_id):
+        """(commit LSN, LSN) of the last WAL message a ring was given (or passed by)."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        return (p.at_commit, p.at_lsn)
+
+    def dispatch_wal(self, bytes channel, bytes payload, uint64_t lsn, uint64_t commit,
+                     bint transactional=True):
+        """Route one WAL message given from Python (tests; run() does this for the stream).
+        False, having written it nowhere, when a blocking ring has no room for it."""
+        cdef Wal w
+        w.lsn = lsn
+        w.commit = commit
+        w.flags = PGL_WAL_TRANSACTIONAL if transactional else 0
+        self.received += 1
+        cdef bint done = self._route(channel, len(channel), payload, len(payload), 0, &w, False)
+        with nogil:
+            self._wake()
+        return done
 
     cdef void _wake(self) noexcept nogil:
         cdef size_t i
@@ -774,7 +1101,8 @@ cdef class Dispatcher:
         """Route one notification given from Python (tests; run() does this for the socket).
         False, having written it nowhere, when a blocking ring has no room for it."""
         self.received += 1
-        cdef bint done = self._route(channel, payload, pid, False)
+        cdef bint done = self._route(channel, len(channel), payload, len(payload), pid, NULL,
+                                     False)
         with nogil:
             self._wake()
         return done
@@ -805,32 +1133,72 @@ cdef class Dispatcher:
             self._flush_gaps()
             self._wake()
 
-    def run(self, PGConnection conn not None, int control_fd, int timeout_ms,
-            bint want_result=False):
-        """Drain the connection into the rings until something needs Python; see RUN_*.
+    def run(self, PGConnection conn, int control_fd, int timeout_ms,
+            bint want_result=False, Dispatcher wal=None, PGConnection wal_conn=None,
+            bint wal_want_result=False, tuple watch=()):
+        """Drain the connections into the rings until something needs Python; see RUN_*.
 
-        With want_result (a query was sent), also flush it out and return RUN_RESULT once its
-        next result is ready; notifications that arrive meanwhile are routed as usual. A
+        conn: the LISTEN connection, or None while there is none. With want_result (a query
+        was sent), also flush it out and return RUN_RESULT once its next result is ready;
+        notifications that arrive meanwhile are routed as usual. wal and wal_conn: the WAL
+        source's dispatcher and its replication connection (None while there is none): its
+        stream is routed once the connection is in COPY BOTH, and before that
+        wal_want_result works as want_result does (RUN_WAL_RESULT). watch: up to four
+        (fd, writable) pairs to wait on as well (connections being made): RUN_WATCH. A
         negative control_fd is not watched."""
-        cdef int status
+        cdef pollfd fds[9]
+        cdef int status, i
+        cdef int nwatch = len(watch)
+        if nwatch > 4:
+            raise ValueError("at most four descriptors to watch")
+        for i in range(nwatch):
+            fds[5 + i].fd = watch[i][0]
+            fds[5 + i].events = POLLOUT if watch[i][1] else POLLIN
+        if wal is not None and not wal.wal:
+            raise ValueError("wal= takes a Dispatcher made with wal=True")
+        cdef PGconn *c = NULL if conn is None else conn.conn
+        cdef PGconn *wc = NULL if wal is None or wal_conn is None else wal_conn.conn
+        cdef bint streaming = wc != NULL and wal_conn.copy_both
         with nogil:
-            status = self._run(conn.conn, control_fd, timeout_ms, want_result)
+            status = self._run(c, control_fd, timeout_ms, want_result, wal, wc, streaming,
+                               wal_want_result, fds, nwatch)
         return status
 
-    cdef int _run(self, PGconn *conn, int control_fd, int timeout_ms,
-                  bint want_result) noexcept nogil:
-        cdef pollfd fds[3]
-        cdef int sock = PQsocket(conn)
-        cdef int rc, wait_ms, unsent = 0
+    cdef int _run(self, PGconn *conn, int control_fd, int timeout_ms, bint want_result,
+                  Dispatcher wal, PGconn *wconn, bint streaming, bint wal_want_result,
+                  pollfd *fds, int nwatch) noexcept nogil:
+        cdef int sock = PQsocket(conn) if conn != NULL else -1
+        cdef int wsock = PQsocket(wconn) if wconn != NULL else -1
+        cdef int rc, wait_ms, unsent = 0, wunsent = 0, i
         cdef uint64_t counter
         cdef uint64_t deadline = _now_ns() + <uint64_t>timeout_ms * 1000000ULL
         cdef uint64_t now, wake_at
-        if sock < 0:
+        if conn != NULL and sock < 0:
             return RUN_CONN_BAD
+        if wconn != NULL and wsock < 0:
+            return RUN_WAL_BAD
         while True:
-            self._drain(conn)
+            if conn != NULL:
+                self._drain(conn)
             self._flush_gaps()
             self._wake()
+            if streaming:
+                if wal._drain_wal(wconn) < 0:
+                    wal._wake()
+                    return RUN_WAL_BAD
+                wal._flush_gaps()
+                wal._wake()
+                if wal.unsent:
+                    wunsent = PQflush(wconn)
+                    if wunsent < 0:
+                        return RUN_WAL_BAD
+                    wal.unsent = wunsent == 1
+            elif wconn != NULL and wal_want_result:
+                wunsent = PQflush(wconn)
+                if wunsent < 0:
+                    return RUN_WAL_BAD
+                if not PQisBusy(wconn):
+                    return RUN_WAL_RESULT
             if want_result:
                 unsent = PQflush(conn)
                 if unsent < 0:
@@ -860,7 +1228,22 @@ cdef class Dispatcher:
             fds[2].fd = self.wake_fd if self.gaps_pending or self.held != NULL else -1
             fds[2].events = POLLIN
             fds[2].revents = 0
-            rc = poll(fds, 3, wait_ms)
+            # The replication stream, the same way; its readers' room, with its own eventfd.
+            fds[3].fd = wsock
+            fds[3].events = POLLIN
+            if wconn != NULL:
+                if (streaming and wal.unsent) or (not streaming and wunsent != 0):
+                    fds[3].events |= POLLOUT
+                if streaming and wal.held != NULL:
+                    fds[3].events = (fds[3].events & ~POLLIN) | PGL_POLLRDHUP
+            fds[3].revents = 0
+            fds[4].fd = (wal.wake_fd if wconn != NULL and (wal.gaps_pending or wal.held != NULL)
+                         else -1)
+            fds[4].events = POLLIN
+            fds[4].revents = 0
+            for i in range(nwatch):
+                fds[5 + i].revents = 0
+            rc = poll(fds, 5 + nwatch, wait_ms)
             if rc < 0:
                 if errno == EINTR:
                     return RUN_INTERRUPTED
@@ -870,10 +1253,25 @@ cdef class Dispatcher:
                     self._drain(conn)
                     self._wake()
                     return RUN_CONN_BAD
+            if fds[3].revents & ~POLLOUT:
+                if PQconsumeInput(wconn) == 0:
+                    if streaming:
+                        wal._drain_wal(wconn)
+                        wal._wake()
+                    return RUN_WAL_BAD
             if fds[2].revents:
                 read(self.wake_fd, &counter, 8)     # a reader made room: the loop looks
+            if fds[4].revents:
+                read(wal.wake_fd, &counter, 8)
+            for i in range(nwatch):
+                if fds[5 + i].revents:
+                    if conn != NULL:
+                        self._drain(conn)
+                    self._wake()
+                    return RUN_WATCH
             if fds[1].revents:
-                self._drain(conn)
+                if conn != NULL:
+                    self._drain(conn)
                 self._wake()
                 return RUN_CONTROL
 
@@ -888,6 +1286,7 @@ cdef void _remove_ptr(Producer **arr, size_t *n, Producer *p) noexcept nogil:
 
 
 cdef void _free_producer(Producer *p) noexcept nogil:
+    free(p.pend)
     munmap(p.hdr, p.map_bytes)
     close(p.efd)
     free(p)

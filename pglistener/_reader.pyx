@@ -63,7 +63,7 @@ cpdef enum WaitStatus:
 
 
 _GAP_REASONS = {PGL_GAP_RECONNECT: "reconnect", PGL_GAP_OVERFLOW: "overflow",
-                PGL_GAP_RESTART: "restart"}
+                PGL_GAP_RESTART: "restart", PGL_GAP_SLOT: "slot"}
 
 MIN_CAPACITY = PGL_MIN_CAPACITY
 MAX_CAPACITY = PGL_MAX_CAPACITY
@@ -77,31 +77,75 @@ HEADER_BYTES = PGL_HEADER_BYTES
 @cython.freelist(256)
 @cython.final
 cdef class Notification:
-    """One notification: `channel`, `payload` (both str) and the sender's backend `pid`."""
+    """One notification: `channel`, `payload` (both str) and the sender's backend `pid`.
+
+    From the WAL source (a logical decoding message read from the slot), `lsn` is the
+    message's own LSN and `commit_lsn` its transaction's commit LSN (its own LSN when it was
+    not transactional); `pid` is 0, the sender being unknown. Both are None for NOTIFY. The
+    content is bytes: `payload` decodes it as UTF-8 with "surrogateescape", so `data` gives
+    back exactly the bytes that were written, whatever they are. `position` is the pair
+    (commit_lsn, lsn): it grows along the stream (`lsn` alone does not, with transactions
+    that overlap), and `subscribe(..., after=)` takes it to resume exactly after this message.
+    """
 
     cdef readonly str channel
     cdef readonly str payload
     cdef readonly int pid
+    cdef readonly object lsn
+    cdef readonly object commit_lsn
 
-    def __init__(self, str channel, str payload, int pid):
+    def __init__(self, str channel, str payload, int pid, lsn=None, commit_lsn=None):
         self.channel = channel
         self.payload = payload
         self.pid = pid
+        if (lsn is None) != (commit_lsn is None):
+            raise ValueError("a WAL message has both lsn and commit_lsn; a notification neither")
+        self.lsn = lsn
+        self.commit_lsn = commit_lsn
+
+    @property
+    def data(self):
+        """The payload as bytes, exactly as they were sent."""
+        return self.payload.encode("utf-8", "surrogateescape")
+
+    @property
+    def position(self):
+        """(commit_lsn, lsn) of a WAL message, where it stands in the stream; None for
+        NOTIFY."""
+        return None if self.lsn is None else (self.commit_lsn, self.lsn)
 
     def __repr__(self):
-        return f"Notification(channel={self.channel!r}, payload={self.payload!r}, pid={self.pid})"
+        if self.lsn is None:
+            return (f"Notification(channel={self.channel!r}, payload={self.payload!r}, "
+                    f"pid={self.pid})")
+        return (f"Notification(channel={self.channel!r}, payload={self.payload!r}, "
+                f"lsn={format_lsn(self.lsn)}, commit_lsn={format_lsn(self.commit_lsn)})")
 
     def __eq__(self, other):
         if not isinstance(other, Notification):
             return NotImplemented
         cdef Notification o = <Notification>other
-        return self.channel == o.channel and self.payload == o.payload and self.pid == o.pid
+        return (self.channel == o.channel and self.payload == o.payload and self.pid == o.pid
+                and self.lsn == o.lsn and self.commit_lsn == o.commit_lsn)
 
     def __hash__(self):
-        return hash((self.channel, self.payload, self.pid))
+        return hash((self.channel, self.payload, self.pid, self.lsn))
 
     def __reduce__(self):
-        return (Notification, (self.channel, self.payload, self.pid))
+        return (Notification, (self.channel, self.payload, self.pid, self.lsn, self.commit_lsn))
+
+
+def format_lsn(lsn):
+    """An LSN as PostgreSQL writes it: "16/B374D848"."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(str text):
+    """An LSN from PostgreSQL's text form ("16/B374D848")."""
+    hi, sep, lo = text.partition("/")
+    if not sep:
+        raise ValueError(f"an LSN looks like '16/B374D848', not {text!r}")
+    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 @cython.final
@@ -111,7 +155,9 @@ cdef class Gap:
     `reason` is "reconnect" (the connection was lost: what was sent meanwhile is gone, `missed`
     is None), "overflow" (this reader's ring was full: `missed` is the exact count) or
     "restart" (the first item of a pool worker that was restarted: what was sent while no one
-    read for it is gone, `missed` is None).
+    read for it is gone, `missed` is None) or "slot" (WAL source: the server dropped WAL the
+    replication slot still needed, so the slot was made again: what was sent before is gone,
+    `missed` is None).
     """
 
     cdef readonly str reason
@@ -120,7 +166,8 @@ cdef class Gap:
     def __init__(self, str reason, missed=None):
         if reason not in _GAP_REASONS.values():
             raise ValueError(
-                f"Gap reason must be 'reconnect', 'overflow' or 'restart', not {reason!r}")
+                f"Gap reason must be 'reconnect', 'overflow', 'restart' or 'slot', not "
+                f"{reason!r}")
         self.reason = reason
         self.missed = missed
 
@@ -226,6 +273,17 @@ cdef class RingReader:
     def capacity(self):
         return self.cap
 
+    cdef inline void _mark_consumed(self) noexcept nogil:
+        # Every item taken so far was handed out and the next is asked for: the producer may
+        # count them consumed (see _ring.h).
+        pgl_store_release(&self.hdr.consumed, self.head)
+
+    def mark_consumed(self):
+        """Say that every item taken so far is done with (the streams do this when asked
+        for the next item with none held)."""
+        self._check_open()
+        self._mark_consumed()
+
     cdef inline bint _available(self) noexcept nogil:
         if self.head != self.tail_cache:
             return True
@@ -256,6 +314,19 @@ cdef class RingReader:
                 note.channel = self._channel(pgl_rec_channel(rec), clen)
                 note.payload = PyUnicode_DecodeUTF8(pgl_rec_payload(rec), plen, "surrogateescape")
                 note.pid = pgl_rec_pid(rec)
+                self.head += length
+                return note
+            if kind == PGL_REC_WAL:
+                clen = pgl_rec_channel_len(rec)
+                plen = pgl_rec_payload_len(rec)
+                if PGL_WAL_HEADER + clen + plen > length:
+                    raise PGListenerError(f"corrupt ring record (length {length})")
+                note = Notification.__new__(Notification)
+                note.channel = self._channel(pgl_wal_channel(rec), clen)
+                note.payload = PyUnicode_DecodeUTF8(pgl_wal_payload(rec), plen, "surrogateescape")
+                note.pid = 0
+                note.lsn = pgl_rec_lsn(rec)
+                note.commit_lsn = pgl_rec_commit(rec)
                 self.head += length
                 return note
             if kind == PGL_REC_GAP:
@@ -323,7 +394,7 @@ cdef class RingReader:
                     corrupt = True
                     break
                 kind = pgl_rec_type(rec)
-                if kind == PGL_REC_NOTIFY:
+                if kind == PGL_REC_NOTIFY or kind == PGL_REC_WAL:
                     n += 1
                 elif kind == PGL_REC_GAP:
                     m = pgl_rec_missed(rec)
@@ -608,6 +679,7 @@ cdef class Stream:
         # one pass (their bytes go back to the producer as they are taken), keep them, and
         # hand out the first; _empty when the ring is empty.
         cdef list batch = []
+        self._reader._mark_consumed()      # what was handed out is done with: more is asked
         self._ring_into(batch, _BATCH)
         if not batch:
             return _empty

@@ -8,10 +8,14 @@
  *
  *   offset  size  field
  *   0       4     magic "PGLR" (0x524c4750 little endian)
- *   4       4     layout version (2)
+ *   4       4     layout version (3)
  *   8       8     capacity: bytes in the data area, a power of two >= 16 KiB
  *   64      8     tail: total bytes ever published by the producer   (own cache line)
  *   128     8     head: total bytes ever consumed by the reader      (own cache line)
+ *   136     8     consumed: the reader is done with every record before this position: it
+ *                 handed each out and was asked for the next (head runs ahead of it by the
+ *                 items a reader holds in its batch). Only the WAL source looks at it, to
+ *                 know how far the slot may be confirmed.
  *   192     4     sleeping: 1 while the reader is (about to be) blocked in poll()
  *   196     4     producer_waiting: 1 while the producer waits for room (a gap to write)
  *   256     ...   data area, `capacity` bytes
@@ -24,12 +28,21 @@
  * Records start 8-byte aligned; `length` is the whole record rounded up to 8 bytes:
  *
  *   0   4  length
- *   4   2  type: 1 notification, 2 gap, 3 padding
+ *   4   2  type: 1 notification, 2 gap, 3 padding, 4 WAL message
  *   6   2  notification: channel length in bytes | gap: reason (1 reconnect, 2 overflow,
- *                                                       3 restart)
+ *                                                       3 restart, 4 slot)
  *   8   4  notification: sender backend pid      | gap: 8 bytes missed count,
  *   12  4  notification: payload length in bytes |      UINT64_MAX when unknown
  *   16  .. notification: channel bytes, then payload bytes (no terminators)
+ *
+ * A WAL message (type 4; a logical decoding message read from a replication slot) has a
+ * 32-byte header: the notification's fields, `flags` (bit 0: transactional) where the pid
+ * is, then its own LSN and its transaction's commit LSN (its own LSN when not
+ * transactional), then the channel (the message prefix) and the content, bytes as written:
+ *
+ *   16  8  LSN
+ *   24  8  commit LSN
+ *   32  .. channel bytes, then content bytes
  *
  * A record never wraps: when it does not fit before the end of the data area the producer
  * writes a padding record over the rest and starts the record at offset 0.
@@ -54,20 +67,23 @@
 #include <string.h>
 
 #define PGL_RING_MAGIC 0x524c4750u
-#define PGL_RING_VERSION 2u
+#define PGL_RING_VERSION 3u
 #define PGL_HEADER_BYTES 256u
 /* A ring's capacity: a power of two that fits a 63-byte channel and a 7999-byte payload. */
 #define PGL_MIN_CAPACITY (16u * 1024u)
 #define PGL_MAX_CAPACITY (1024u * 1024u * 1024u)
 #define PGL_RECORD_HEADER 16u
+#define PGL_WAL_HEADER 32u
 
 #define PGL_REC_NOTIFY 1u
 #define PGL_REC_GAP 2u
 #define PGL_REC_PAD 3u
+#define PGL_REC_WAL 4u
 
 #define PGL_GAP_RECONNECT 1u
 #define PGL_GAP_OVERFLOW 2u
 #define PGL_GAP_RESTART 3u
+#define PGL_GAP_SLOT 4u
 #define PGL_MISSED_UNKNOWN UINT64_MAX
 
 /* A slot of the dispatcher's open-addressing channel table. */
@@ -83,7 +99,8 @@ typedef struct {
     uint64_t tail;
     char _pad1[56];
     uint64_t head;
-    char _pad2[56];
+    uint64_t consumed;
+    char _pad2[48];
     uint32_t sleeping;
     uint32_t producer_waiting;
     char _pad3[56];
@@ -92,6 +109,7 @@ typedef struct {
 _Static_assert(sizeof(pgl_ring_header) == PGL_HEADER_BYTES, "ring header is 256 bytes");
 _Static_assert(offsetof(pgl_ring_header, tail) == 64, "tail on its own cache line");
 _Static_assert(offsetof(pgl_ring_header, head) == 128, "head on its own cache line");
+_Static_assert(offsetof(pgl_ring_header, consumed) == 136, "consumed beside head");
 _Static_assert(offsetof(pgl_ring_header, sleeping) == 192, "sleeping on its own cache line");
 _Static_assert(offsetof(pgl_ring_header, producer_waiting) == 196, "beside sleeping");
 
@@ -121,6 +139,10 @@ static inline uint32_t pgl_align8(uint32_t n) { return (n + 7u) & ~7u; }
 #define PGL_REC_PID_AT 8u           /* notification */
 #define PGL_REC_PAYLOAD_LEN_AT 12u  /* notification */
 #define PGL_REC_MISSED_AT 8u        /* gap */
+#define PGL_REC_FLAGS_AT 8u         /* WAL message */
+#define PGL_REC_LSN_AT 16u          /* WAL message */
+#define PGL_REC_COMMIT_AT 24u       /* WAL message */
+#define PGL_WAL_TRANSACTIONAL 1u
 
 static inline uint32_t pgl_rec_length(const unsigned char *rec) { return *(const uint32_t *)(rec + PGL_REC_LENGTH_AT); }
 static inline uint16_t pgl_rec_type(const unsigned char *rec) { return *(const uint16_t *)(rec + PGL_REC_TYPE_AT); }
@@ -131,6 +153,12 @@ static inline const char *pgl_rec_channel(const unsigned char *rec) { return (co
 static inline const char *pgl_rec_payload(const unsigned char *rec) { return (const char *)rec + PGL_RECORD_HEADER + pgl_rec_channel_len(rec); }
 static inline uint16_t pgl_rec_gap_reason(const unsigned char *rec) { return *(const uint16_t *)(rec + PGL_REC_GAP_REASON_AT); }
 static inline uint64_t pgl_rec_missed(const unsigned char *rec) { return *(const uint64_t *)(rec + PGL_REC_MISSED_AT); }
+
+static inline uint32_t pgl_rec_flags(const unsigned char *rec) { return *(const uint32_t *)(rec + PGL_REC_FLAGS_AT); }
+static inline uint64_t pgl_rec_lsn(const unsigned char *rec) { return *(const uint64_t *)(rec + PGL_REC_LSN_AT); }
+static inline uint64_t pgl_rec_commit(const unsigned char *rec) { return *(const uint64_t *)(rec + PGL_REC_COMMIT_AT); }
+static inline const char *pgl_wal_channel(const unsigned char *rec) { return (const char *)rec + PGL_WAL_HEADER; }
+static inline const char *pgl_wal_payload(const unsigned char *rec) { return (const char *)rec + PGL_WAL_HEADER + pgl_rec_channel_len(rec); }
 
 static inline void pgl_rec_head(unsigned char *rec, uint32_t length, uint16_t type) {
     *(uint32_t *)(rec + PGL_REC_LENGTH_AT) = length;
@@ -147,6 +175,20 @@ static inline void pgl_rec_write_notify(unsigned char *rec, uint32_t length, con
     *(uint32_t *)(rec + PGL_REC_PAYLOAD_LEN_AT) = plen;
     memcpy(rec + PGL_RECORD_HEADER, chan, clen);
     memcpy(rec + PGL_RECORD_HEADER + clen, payload, plen);
+}
+
+/* A WAL message record of `length` bytes (already rounded up). */
+static inline void pgl_rec_write_wal(unsigned char *rec, uint32_t length, const char *chan,
+                                     uint16_t clen, const char *payload, uint32_t plen,
+                                     uint32_t flags, uint64_t lsn, uint64_t commit) {
+    pgl_rec_head(rec, length, PGL_REC_WAL);
+    *(uint16_t *)(rec + PGL_REC_CHANNEL_LEN_AT) = clen;
+    *(uint32_t *)(rec + PGL_REC_FLAGS_AT) = flags;
+    *(uint32_t *)(rec + PGL_REC_PAYLOAD_LEN_AT) = plen;
+    *(uint64_t *)(rec + PGL_REC_LSN_AT) = lsn;
+    *(uint64_t *)(rec + PGL_REC_COMMIT_AT) = commit;
+    memcpy(rec + PGL_WAL_HEADER, chan, clen);
+    memcpy(rec + PGL_WAL_HEADER + clen, payload, plen);
 }
 
 static inline void pgl_rec_write_gap(unsigned char *rec, uint16_t reason, uint64_t missed) {

@@ -9,12 +9,16 @@ cdef extern from "_ring.h" nogil:
     const uint32_t PGL_MIN_CAPACITY
     const uint32_t PGL_MAX_CAPACITY
     const uint32_t PGL_RECORD_HEADER
+    const uint32_t PGL_WAL_HEADER
+    const uint32_t PGL_WAL_TRANSACTIONAL
     const uint16_t PGL_REC_NOTIFY
     const uint16_t PGL_REC_GAP
     const uint16_t PGL_REC_PAD
+    const uint16_t PGL_REC_WAL
     const uint16_t PGL_GAP_RECONNECT
     const uint16_t PGL_GAP_OVERFLOW
     const uint16_t PGL_GAP_RESTART
+    const uint16_t PGL_GAP_SLOT
     const uint64_t PGL_MISSED_UNKNOWN
     const int PGL_ROUTE_EMPTY
     const int PGL_ROUTE_LIVE
@@ -26,6 +30,7 @@ cdef extern from "_ring.h" nogil:
         uint64_t capacity
         uint64_t tail
         uint64_t head
+        uint64_t consumed
         uint32_t sleeping
         uint32_t producer_waiting
 
@@ -45,10 +50,18 @@ cdef extern from "_ring.h" nogil:
     uint32_t pgl_rec_payload_len(const unsigned char *rec)
     const char *pgl_rec_channel(const unsigned char *rec)
     const char *pgl_rec_payload(const unsigned char *rec)
+    uint32_t pgl_rec_flags(const unsigned char *rec)
+    uint64_t pgl_rec_lsn(const unsigned char *rec)
+    uint64_t pgl_rec_commit(const unsigned char *rec)
+    const char *pgl_wal_channel(const unsigned char *rec)
+    const char *pgl_wal_payload(const unsigned char *rec)
     uint16_t pgl_rec_gap_reason(const unsigned char *rec)
     uint64_t pgl_rec_missed(const unsigned char *rec)
     void pgl_rec_head(unsigned char *rec, uint32_t length, uint16_t type)
     void pgl_rec_write_notify(unsigned char *rec, uint32_t length, const char *chan,
                               uint16_t clen, const char *payload, uint32_t plen, int32_t pid)
+    void pgl_rec_write_wal(unsigned char *rec, uint32_t length, const char *chan,
+                           uint16_t clen, const char *payload, uint32_t plen,
+                           uint32_t flags, uint64_t lsn, uint64_t commit)
     void pgl_rec_write_gap(unsigned char *rec, uint16_t reason, uint64_t missed)
     uint64_t pgl_hash(const char *s, size_t n)

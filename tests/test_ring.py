@@ -266,7 +266,7 @@ def _forge(capacity: int, record: bytes) -> tuple[int, mmap.mmap]:
     memfd = os.memfd_create("forged")
     os.ftruncate(memfd, HEADER_BYTES + capacity)
     mem = mmap.mmap(memfd, HEADER_BYTES + capacity)
-    struct.pack_into("<IIQ", mem, 0, 0x524C4750, 2, capacity)  # magic, layout 2
+    struct.pack_into("<IIQ", mem, 0, 0x524C4750, 3, capacity)  # magic, layout 3
     mem[HEADER_BYTES:HEADER_BYTES + len(record)] = record
     struct.pack_into("<Q", mem, 64, len(record))        # tail: published
     return memfd, mem
