@@ -8,7 +8,7 @@ stream, at the place where notifications may be missing.
 
 __version__ = "0.1.0"
 
-from ._reader import Gap, Notification
+from ._reader import Gap, Notification, format_lsn, parse_lsn
 from .aio import AsyncJsonSubscription, AsyncSubscription
 from .channels import MAX_CHANNEL_BYTES
 from .errors import (
@@ -21,9 +21,10 @@ from .errors import (
     SubscriptionClosed,
     SupervisorGone,
     TooManySubscriptions,
+    WalSourceError,
 )
 from .pool import Pool, SlotStats
-from .publish import MAX_PAYLOAD_BYTES, notify, notify_json
+from .publish import MAX_PAYLOAD_BYTES, emit, emit_json, notify, notify_json
 from .stats import ReaderStats, Stats
 from .supervisor import Supervisor
 from .worker import JsonSubscription, Subscription, Worker
@@ -51,8 +52,13 @@ __all__ = [
     "Supervisor",
     "SupervisorGone",
     "TooManySubscriptions",
+    "WalSourceError",
     "Worker",
     "__version__",
+    "emit",
+    "emit_json",
+    "format_lsn",
     "notify",
     "notify_json",
+    "parse_lsn",
 ]

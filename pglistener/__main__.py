@@ -1,5 +1,6 @@
 """python -m pglistener listen [--dsn DSN] [--json] [--retry] CHANNEL [CHANNEL ...]
-python -m pglistener supervise [--dsn DSN] [--socket PATH] [-- COMMAND [ARGS ...]]
+python -m pglistener supervise [--dsn DSN] [--socket PATH] [--slot NAME] [-- COMMAND ...]
+python -m pglistener slot list|drop NAME [--dsn DSN]
 
 listen prints notifications as they arrive, through a supervisor and a worker: a psql-like
 debugging tool for pglistener's own path. SIGINT or SIGTERM stops it cleanly, connected or
@@ -10,7 +11,10 @@ supervise runs one supervisor for a whole process tree. With a command, it runs 
 with PGLISTENER_ADDRESS in its environment (Worker.from_env() in any process under it:
 uvicorn or gunicorn workers, Celery, Django), forwards SIGINT and SIGTERM to it, stops when
 it exits and exits with its status. Without one it runs until SIGINT or SIGTERM, as a
-sidecar listening at --socket.
+sidecar listening at --socket. --slot reads the WAL source from that replication slot too.
+
+slot list shows the server's replication slots with the WAL each one holds; slot drop NAME
+drops one (a forgotten slot keeps WAL until the disk is full). A slot in use is not dropped.
 
 Without --dsn the usual PG* environment applies.
 """
@@ -57,13 +61,24 @@ def main(argv: list[str] | None = None) -> int:
     supervise.add_argument("--socket", metavar="PATH",
                            help="listen for workers here (default: a private directory; "
                                 "required without a command)")
+    supervise.add_argument("--slot", metavar="NAME",
+                           help="read the WAL source from this replication slot too")
+    supervise.add_argument("--slot-dsn", metavar="DSN",
+                           help="read the slot from this server (a standby; default: --dsn)")
     supervise.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                            help="run this with PGLISTENER_ADDRESS set, then stop")
+    slot = commands.add_parser("slot", help="list or drop replication slots")
+    slot.add_argument("action", choices=("list", "drop"))
+    slot.add_argument("name", nargs="?", metavar="NAME", help="the slot to drop")
+    slot.add_argument("--dsn", default="",
+                      help="libpq connection string or URI (default: the PG* environment)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pglistener: %(message)s")
     if args.command == "supervise":
         return _supervise(parser, args)
+    if args.command == "slot":
+        return _slot(parser, args)
     for channel in args.channels:
         try:
             channel_bytes(channel)
@@ -86,7 +101,8 @@ def _supervise(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if not command and not args.socket:
         parser.error("supervise needs --socket PATH to run as a sidecar, or -- COMMAND")
     try:
-        sup = Supervisor(args.dsn, address=args.socket)
+        sup = Supervisor(args.dsn, address=args.socket, slot=args.slot,
+                         slot_dsn=args.slot_dsn)
     except ValueError as exc:
         parser.error(str(exc))
     stop = threading.Event()
@@ -129,6 +145,64 @@ def _supervise(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             child.send_signal(signal.SIGTERM)
         status = child.wait()
     return status if status >= 0 else 128 - status
+
+
+_SLOTS = """
+    SELECT slot_name, plugin, slot_type, database, active, active_pid,
+           (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                 ELSE pg_current_wal_lsn() END - restart_lsn)::bigint,
+           wal_status, confirmed_flush_lsn::text
+    FROM pg_replication_slots ORDER BY slot_name"""
+
+
+def _slot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import psycopg
+
+    if args.action == "drop" and not args.name:
+        parser.error("slot drop needs the NAME of the slot")
+    if args.action == "list" and args.name:
+        parser.error("slot list takes no NAME")
+    try:
+        with psycopg.connect(args.dsn, autocommit=True, connect_timeout=10) as conn:
+            if args.action == "drop":
+                row = conn.execute("SELECT active_pid FROM pg_replication_slots "
+                                   "WHERE slot_name = %s", (args.name,)).fetchone()
+                if row is None:
+                    print(f"pglistener: no replication slot {args.name!r}", file=sys.stderr)
+                    return 1
+                if row[0] is not None:
+                    print(f"pglistener: slot {args.name!r} is in use by server process "
+                          f"{row[0]}: stop its reader first", file=sys.stderr)
+                    return 1
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (args.name,))
+                print(f"dropped slot {args.name}")
+                return 0
+            rows = conn.execute(_SLOTS).fetchall()
+    except psycopg.Error as exc:
+        print(f"pglistener: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    header = ("slot", "plugin", "type", "database", "active", "pid", "holds", "wal_status",
+              "confirmed")
+    table = [header] + [(name, plugin or "", kind, db or "", "yes" if active else "no",
+                         "" if pid is None else str(pid), _bytes(held), status or "",
+                         confirmed or "")
+                        for name, plugin, kind, db, active, pid, held, status, confirmed in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _bytes(n: int | None) -> str:
+    """A size as people read it: 512 B, 3.4 MB."""
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(size) < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
 
 
 async def _listen(sup: Supervisor, channels: list[str], as_json: bool, retry: bool) -> int:

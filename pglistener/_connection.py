@@ -160,6 +160,14 @@ class ConnectionMachine:
         self.next_attempt = now + delay
         return delay
 
+    def restart(self, now: float) -> None:
+        """The shell closed a working connection on purpose (to read again from an earlier
+        place): connect again at once; not an outage, not a failure."""
+        self.phase = Phase.BACKOFF
+        self.busy = False
+        self.heartbeat_out = False
+        self.next_attempt = now
+
     # -- what stats() shows -------------------------------------------------------------------
 
     def outage_seconds(self, now: float) -> float:

@@ -76,6 +76,8 @@ class ListenConnection:
         self._commands: collections.deque[_Command] = collections.deque()
         self._heard_count = 0
         self.queue_usage: float | None = None     # pg_notification_queue_usage(), last seen
+        self.heartbeat = HEARTBEAT
+        self.slot_lag: int | None = None          # WAL the watched slot holds, last seen
         self.last_error_permanent = False
         self._outage_logged = False
 
@@ -99,7 +101,7 @@ class ListenConnection:
                 self.resolver.start(self.conninfo)
                 continue
             if step is Step.HEARTBEAT:
-                self._send(_Command(HEARTBEAT, lambda results, _error:
+                self._send(_Command(self.heartbeat, lambda results, _error:
                                     self.sample_queue(results)))
                 if self.conn is None:       # sending it failed
                     continue
@@ -177,7 +179,7 @@ class ListenConnection:
         if not self.conn.send_query(query):
             self.lose_now(f"sending a query failed: {self.conn.error_message}")
             return
-        self.machine.sent(time.monotonic(), heartbeat=query is HEARTBEAT)
+        self.machine.sent(time.monotonic(), heartbeat=query is self.heartbeat)
 
     def on_result(self, now: float) -> None:
         """Dispatcher.run() said RUN_RESULT: take the result (it does not block)."""
@@ -197,11 +199,20 @@ class ListenConnection:
         command.done(command.results, command.error)     # may queue more, or lose it all
         self._send_next()
 
+    def watch_slot(self, slot: str) -> None:
+        """The heartbeat also samples how much WAL replication slot `slot` holds (on this
+        server: the primary the WAL source reads from)."""
+        self.heartbeat = (HEARTBEAT + f", (SELECT (pg_current_wal_lsn() - restart_lsn)::bigint "
+                          f"FROM pg_replication_slots WHERE slot_name = '{slot}')".encode())
+
     def sample_queue(self, results: list[list[tuple[bytes | None, ...]]]) -> None:
-        """Keep the queue fill from the results of a query that ended with HEARTBEAT."""
+        """Keep the queue fill (and a watched slot's WAL) from the results of a query that
+        ended with the heartbeat."""
         if results and results[-1]:
-            value = results[-1][0][0]
-            self.queue_usage = None if value is None else float(value)
+            row = results[-1][0]
+            self.queue_usage = None if row[0] is None else float(row[0])
+            if len(row) > 1:
+                self.slot_lag = None if row[1] is None else int(row[1])
 
     # -- losing it ----------------------------------------------------------------------------
 
@@ -222,13 +233,17 @@ class ListenConnection:
         self._commands.clear()
         self.dispatcher.drop_held()     # taken off the dead connection: the gap covers it
         delay = self.machine.down(now, cause)
-        self.last_error_permanent = is_permanent(cause)
+        self.last_error_permanent = self.permanent(cause)
         if not self._outage_logged:
             log.error("%s; retrying %s", cause, "now" if delay == 0 else f"in {delay:.1f} s")
             self._outage_logged = True
         else:
             log.info("%s; retrying in %.1f s", cause, delay)
         self.on_down(cause)
+
+    def permanent(self, cause: str) -> bool:
+        """Whether retrying alone will not mend this failure."""
+        return is_permanent(cause)
 
     def _close_connections(self) -> None:
         for conn in (self.conn, self._connecting):

@@ -294,8 +294,9 @@ cdef inline void _count_missed(Producer *p) noexcept nogil:
 
 cdef struct Wal:
     # A WAL message being routed: where it stands in the stream.
-    uint64_t lsn
-    uint64_t commit            # its transaction's commit LSN; its own LSN if not transactional
+    uint64_t lsn               # its own (the end of its WAL record, as the server gives it)
+    uint64_t commit            # its transaction's commit LSN; lsn - 1 if not transactional
+    uint64_t hold              # how far the slot may be confirmed while it is not consumed
     uint32_t flags             # PGL_WAL_TRANSACTIONAL
 
 
@@ -314,7 +315,7 @@ cdef bint _push(Producer *p, const char *chan, uint32_t clen, const char *payloa
     else:
         pgl_rec_write_wal(_claim(p, n), n, chan, <uint16_t>clen, payload, plen, w.flags,
                           w.lsn, w.commit)
-        _pend(p, w.commit)
+        _pend(p, w.hold)
     p.unknown_gap_last = False
     p.delivered += 1
     if p.tail - p.published >= PUBLISH_BYTES:
@@ -335,7 +336,7 @@ cdef inline bint _after(uint64_t commit, uint64_t lsn, uint64_t at_commit,
 
 cdef void _pend(Producer *p, uint64_t commit) noexcept nogil:
     # The record just written ends where p.tail is: its transaction is not consumed until
-    # the reader is done with it.
+    # the reader is done with it, and the slot may not be confirmed past `commit` until then.
     cdef size_t last, cap
     cdef uint64_t *grown
     if p.pend_n:
@@ -954,8 +955,17 @@ cdef class Dispatcher:
                 return -1
             self.held_wal.flags = PGL_WAL_TRANSACTIONAL if body[1] & 1 else 0
             self.held_wal.lsn = pgl_be64(body + 2)
-            self.held_wal.commit = (self.txn_commit if self.held_wal.flags and self.in_txn
-                                    else self.held_wal.lsn)
+            if self.held_wal.flags and self.in_txn:
+                # Sent at commit: a slot confirmed up to the commit record's start sends the
+                # whole transaction again.
+                self.held_wal.commit = self.held_wal.hold = self.txn_commit
+            else:
+                # Sent as decoded. Its LSN is its record's end (the next record may be a
+                # commit that starts there): it stands at lsn - 1 in the stream, and the
+                # slot sends it again only if confirmed no further than what came before.
+                self.held_wal.commit = self.held_wal.lsn - 1
+                self.held_wal.hold = (self.server_end if self.server_end > self.last_end
+                                      else self.last_end)
             nul = <const char *>memchr(body + 10, 0, blen - 10)
             if nul == NULL or <size_t>(nul - body) + 5 > blen:
                 return -1
@@ -976,9 +986,10 @@ cdef class Dispatcher:
 
     cdef inline void _after_message(self, Wal *w) noexcept nogil:
         if not w.flags:
-            # Sent alone: a slot confirmed past its LSN will not send it again.
-            if w.lsn + 1 > self.last_end:
-                self.last_end = w.lsn + 1
+            # Sent alone: a slot confirmed up to its LSN (its record's end) will not send it
+            # again.
+            if w.lsn > self.last_end:
+                self.last_end = w.lsn
 
     cdef int _feedback(self, PGconn *conn, bint reply) noexcept nogil:
         # Standby status update 'r': written, flushed and applied LSNs, the time, and
@@ -1013,10 +1024,11 @@ cdef class Dispatcher:
         of the transaction being read or held, else as far as the stream has gone."""
         cdef uint64_t bound, oldest
         cdef size_t i
-        if self.in_txn or self.held != NULL:
-            bound = self.txn_commit if self.in_txn else self.held_wal.commit
-        else:
-            bound = self.server_end if self.server_end > self.last_end else self.last_end
+        bound = self.server_end if self.server_end > self.last_end else self.last_end
+        if self.in_txn and self.txn_commit < bound:
+            bound = self.txn_commit
+        if self.held != NULL and self.held_wal.hold < bound:
+            bound = self.held_wal.hold
         for i in range(self.n_rings):
             oldest = _oldest_pending(self.rings[i])
             if oldest and oldest < bound:
@@ -1038,6 +1050,13 @@ cdef class Dispatcher:
         p.at_lsn = lsn
         p.seek_lsn = seek_lsn
 
+    def set_stream_position(self, uint64_t commit, uint64_t lsn):
+        """Where the stream stands, as far as new rings are concerned: a ring added from now
+        on gets what comes after (commit, lsn), unless set_position() says otherwise."""
+        if _after(commit, lsn, self.at_commit, self.at_lsn):
+            self.at_commit = commit
+            self.at_lsn = lsn
+
     def position(self, ring_id):
         """(commit LSN, LSN) of the last WAL message a ring was given (or passed by)."""
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
@@ -1045,14 +1064,17 @@ cdef class Dispatcher:
 
     def dispatch_wal(self, bytes channel, bytes payload, uint64_t lsn, uint64_t commit,
                      bint transactional=True):
-        """Route one WAL message given from Python (tests; run() does this for the stream).
-        False, having written it nowhere, when a blocking ring has no room for it."""
+        """Route one WAL message given from Python (tests; run() does this for the stream),
+        as if its transaction ended at commit + 1 once it is routed. False, having written it
+        nowhere, when a blocking ring has no room for it."""
         cdef Wal w
         w.lsn = lsn
-        w.commit = commit
+        w.commit = w.hold = commit
         w.flags = PGL_WAL_TRANSACTIONAL if transactional else 0
         self.received += 1
         cdef bint done = self._route(channel, len(channel), payload, len(payload), 0, &w, False)
+        if done and commit + 1 > self.last_end:
+            self.last_end = commit + 1
         with nogil:
             self._wake()
         return done

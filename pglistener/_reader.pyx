@@ -80,8 +80,9 @@ cdef class Notification:
     """One notification: `channel`, `payload` (both str) and the sender's backend `pid`.
 
     From the WAL source (a logical decoding message read from the slot), `lsn` is the
-    message's own LSN and `commit_lsn` its transaction's commit LSN (its own LSN when it was
-    not transactional); `pid` is 0, the sender being unknown. Both are None for NOTIFY. The
+    message's own LSN (what emit() returned: the end of its WAL record) and `commit_lsn` its
+    transaction's commit LSN (lsn - 1 when it was not transactional: it is sent as soon as
+    it is decoded, before whatever commits next); `pid` is 0, the sender being unknown. Both are None for NOTIFY. The
     content is bytes: `payload` decodes it as UTF-8 with "surrogateescape", so `data` gives
     back exactly the bytes that were written, whatever they are. `position` is the pair
     (commit_lsn, lsn): it grows along the stream (`lsn` alone does not, with transactions

@@ -16,7 +16,7 @@ that channel, and a connection lost before the answer must leave it a gap too.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ class Sub:
     overflow: str = "gap"       # "gap" or "block"
     group: str | None = None    # a consumer group: shares the stream with its members
     answered: bool = False
+    resumes: bool = False       # WAL source: it said where to start (after=)
 
 
 @dataclass
@@ -66,7 +67,8 @@ class Actions:
 
 
 class Registry:
-    def __init__(self, max_subscriptions_per_worker: int, max_channels_per_worker: int) -> None:
+    def __init__(self, max_subscriptions_per_worker: int, max_channels_per_worker: int,
+                 ids: Iterator[int] | None = None) -> None:
         self.max_subscriptions = max_subscriptions_per_worker
         self.max_channels = max_channels_per_worker
         self.subs: dict[int, Sub] = {}
@@ -80,7 +82,8 @@ class Registry:
         self.up = False          # connected and every LISTEN replayed: streams are whole
         self.was_up = False      # ... at least once: while not up now, this is an outage
         self._by_worker: dict[Hashable, dict[int, Sub]] = {}
-        self._ids = itertools.count(1)
+        # Subscription ids (ring ids): a second registry (the WAL source's) shares them.
+        self.ids = ids if ids is not None else itertools.count(1)
 
     # -- subscribing --------------------------------------------------------------------------
 
@@ -99,7 +102,7 @@ class Registry:
                 f"a worker process may subscribe to at most {self.max_channels} channels in "
                 f"all (Supervisor(max_channels_per_worker=...)); it holds {in_use} and asked "
                 f"for {len(channels)} more")
-        return Sub(next(self._ids), tuple(channels), worker, pid, ring_bytes, req, overflow,
+        return Sub(next(self.ids), tuple(channels), worker, pid, ring_bytes, req, overflow,
                    group)
 
     def add(self, sub: Sub) -> Actions:
@@ -250,6 +253,10 @@ class Registry:
         return act
 
     # -- what stats() shows -------------------------------------------------------------------
+
+    def unanswered(self) -> list[Sub]:
+        """Subscriptions still waiting for their answer."""
+        return [sub for sub in self.subs.values() if not sub.answered]
 
     def workers(self) -> int:
         return len(self._by_worker)

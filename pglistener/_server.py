@@ -24,11 +24,13 @@ from typing import Any, cast
 from . import _protocol
 from ._connection import Phase, Timing
 from ._control_server import Client, ControlServer, OwnerChannel
-from ._listen import HEARTBEAT, ListenConnection
+from ._listen import ListenConnection
 from ._producer import HEADER_BYTES, Dispatcher, RunStatus
-from ._registry import Actions, Registry
+from ._reader import format_lsn
+from ._registry import Actions, Registry, Sub
 from ._sizes import check_ring_bytes
 from ._stream import check_group, check_overflow
+from ._wal import SetupError, WalConnection
 from .channels import channel_bytes
 from .stats import ReaderStats, Stats
 
@@ -56,6 +58,12 @@ class Config:
     log_level: int
     block_timeout: float = 60.0
     private_dir: bool = True    # the control socket's directory is ours to remove
+    # The WAL source (Supervisor(slot=...)): off when slot is None.
+    slot: str | None = None
+    slot_conninfo: str | None = None     # slot_dsn's; None: the conninfo's server
+    slot_safe_target: str = ""
+    publication: str = "pglistener"
+    slot_lag_warning: int = 1 << 30
 
 
 class Server:
@@ -86,6 +94,23 @@ class Server:
             Timing(config.connect_timeout, config.liveness_timeout, config.backoff_initial,
                    config.backoff_max, config.backoff_reset_after),
             self.dispatcher, time.monotonic(), self._on_connected, self._on_down)
+        # The WAL source: its own dispatcher (routes and rings), registry and connection.
+        self.wal_dispatcher: Dispatcher | None = None
+        self.wal: WalConnection | None = None
+        self.wal_registry = Registry(config.max_subscriptions_per_worker,
+                                     config.max_channels_per_worker, ids=self.registry.ids)
+        self.wal_error: SetupError | None = None
+        self.lag_warned = False
+        if config.slot is not None:
+            self.wal_dispatcher = Dispatcher(wal=True)
+            self.wal = WalConnection(
+                config.slot_conninfo or config.conninfo, config.slot_safe_target,
+                Timing(config.connect_timeout, config.liveness_timeout, config.backoff_initial,
+                       config.backoff_max, config.backoff_reset_after),
+                self.wal_dispatcher, time.monotonic(), config.slot, config.publication,
+                self._on_wal_connected, self._on_wal_down)
+            if config.slot_conninfo is None:
+                self.link.watch_slot(config.slot)
         self.stopping = False
         # A signal writes a byte here (signal.set_wakeup_fd), so that it wakes the loop
         # wherever it waits: in run(), epoll fires through the control fd.
@@ -111,15 +136,21 @@ class Server:
     # -- the main loop ------------------------------------------------------------------------
 
     def serve(self) -> None:
+        link, wal = self.link, self.wal
         while not self.stopping:
-            wait = self.link.step(time.monotonic())
-            conn = self.link.conn
-            if conn is None:
-                self._wait_connecting(wait)
-                continue
+            now = time.monotonic()
+            wait = link.step(now)
+            watch = link.fds()
+            if wal is not None:
+                wait = min(wait, wal.step(now))
+                watch += wal.fds()
+                self._check_lag()
             wait_ms = max(1, min(TICK_MS, math.ceil(wait * 1000)))
-            status = self.dispatcher.run(conn, self.epoll.fileno(), wait_ms,
-                                         want_result=self.link.busy)
+            conn = link.conn
+            status = self.dispatcher.run(
+                conn, self.epoll.fileno(), wait_ms, want_result=conn is not None and link.busy,
+                wal=self.wal_dispatcher, wal_conn=None if wal is None else wal.conn,
+                wal_want_result=wal is not None and wal.busy, watch=tuple(watch))
             if self.dispatcher.block_expiries != self.expiries_logged:
                 if not self.expiries_logged:
                     log.warning("a subscription with overflow='block' held the connection for "
@@ -127,31 +158,31 @@ class Server:
                                 "Gap counts it) until it makes room; said once",
                                 self.config.block_timeout)
                 self.expiries_logged = self.dispatcher.block_expiries
-            if status == RunStatus.RUN_CONN_BAD:
-                self.link.lose_now(conn.error_message or "the server closed the connection")
+            if status == RunStatus.RUN_CONN_BAD and conn is not None:
+                link.lose_now(conn.error_message or "the server closed the connection")
             elif status == RunStatus.RUN_RESULT:
-                self.link.on_result(time.monotonic())
+                link.on_result(time.monotonic())
+            elif status == RunStatus.RUN_WAL_BAD and wal is not None and wal.conn is not None:
+                wal.lose_now(wal.conn.error_message or "the server ended the replication stream")
+            elif status == RunStatus.RUN_WAL_RESULT and wal is not None:
+                wal.on_result(time.monotonic())
+            elif status == RunStatus.RUN_WATCH:
+                self._advance_connecting(watch)
             elif status == RunStatus.RUN_CONTROL:
                 self._handle_control(timeout=0)
         self._shutdown()
 
-    def _wait_connecting(self, wait: float) -> None:
-        """No connection to drain: wait on the control fds and whatever connecting waits
-        for (the resolver, the socket being connected), up to `wait` seconds."""
+    def _advance_connecting(self, watch: list[tuple[int, bool]]) -> None:
+        """A descriptor of a connection being made is ready: each connection whose own is
+        takes its next step (one per wait: the descriptor may change with it)."""
         poller = select.poll()
-        poller.register(self.epoll.fileno(), select.POLLIN)
-        mine = dict(self.link.fds())
-        for fd, writable in mine.items():
-            if fd >= 0:
-                poller.register(fd, select.POLLOUT if writable else select.POLLIN)
-        timeout_ms = max(0, min(TICK_MS, math.ceil(wait * 1000)))
-        advanced = False
-        for fd, _events in poller.poll(timeout_ms):
-            if fd == self.epoll.fileno():
-                self._handle_control(timeout=0)
-            elif fd in mine and not advanced:
-                advanced = True     # one step per wait: the descriptor may change with it
-                self.link.advance(time.monotonic())
+        for fd, writable in watch:
+            poller.register(fd, select.POLLOUT if writable else select.POLLIN)
+        ready = {fd for fd, _events in poller.poll(0)}
+        now = time.monotonic()
+        for shell in (self.link, self.wal):
+            if shell is not None and any(fd in ready for fd, _w in shell.fds()):
+                shell.advance(now)
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -161,7 +192,7 @@ class Server:
         at commit, after the statements of its query string); then streams are whole."""
         act = self.registry.connected()
         wanted, token = act.listen, act.listen_token
-        replay = ([_listen_sql("LISTEN", wanted)] if wanted else []) + [HEARTBEAT]
+        replay = ([_listen_sql("LISTEN", wanted)] if wanted else []) + [self.link.heartbeat]
         self.link.query(b"; ".join(replay), lambda results, error:
                         self._on_replay_listened(wanted, token, results, error))
         self.link.query(b"SELECT pg_listening_channels()", lambda results, error:
@@ -195,6 +226,66 @@ class Server:
         """The connection is gone: the streams it fed get a Gap, then we reconnect."""
         self._apply(self.registry.lost())
 
+    # -- the WAL source -------------------------------------------------------------------------
+
+    def _on_wal_connected(self) -> None:
+        assert self.wal is not None
+        self.wal.setup(self._on_wal_setup)
+
+    def _on_wal_setup(self, error: SetupError | None, recreated: bool, start_lsn: int) -> None:
+        wal, disp = self.wal, self.wal_dispatcher
+        assert wal is not None and disp is not None
+        if error is not None:
+            first = not self.wal_registry.was_up
+            if error.permanent or first:
+                # Said to whoever waits for this source, not retried behind their backs.
+                self._fail_wal_subscribes(str(error))
+            self.wal_error = error
+            wal.lose_now(str(error))
+            return
+        self.wal_error = None
+        if recreated:
+            disp.mark_gap([sub.id for sub in self.wal_registry.subs.values()], "slot")
+        if not self.wal_registry.was_up:
+            # What a subscription without after= gets: what commits from now on.
+            position = (start_lsn, 0)
+            disp.set_stream_position(*position)
+            for sub in self.wal_registry.subs.values():
+                if not sub.resumes and disp.position(sub.id) < position:
+                    disp.set_position(sub.id, *position)
+        wal.ready(time.monotonic())
+        if not self.wal_registry.up:
+            act = self.wal_registry.connected()
+            self._apply_wal(self.wal_registry.replayed(act.listen, act.listen_token))
+
+    def _on_wal_down(self, cause: str) -> None:
+        assert self.wal_dispatcher is not None and self.wal is not None
+        self.wal_dispatcher.stream_reset()  # the slot sends again what was not confirmed
+        if self.wal.last_error_permanent and not self.wal_registry.was_up:
+            # A role without REPLICATION, bad credentials: said to whoever waits.
+            self.wal_error = SetupError(self.wal.machine.last_error or cause, True)
+            self._fail_wal_subscribes(str(self.wal_error))
+
+    def _fail_wal_subscribes(self, message: str) -> None:
+        for sub in self.wal_registry.unanswered():
+            _sub, act = self.wal_registry.cancel(sub.worker, sub.req)
+            self._apply_wal(act)
+            self.control.reply(cast(Client, sub.worker),
+                               {"req": sub.req, "ok": False, "error": "WalSourceError",
+                                "message": message})
+
+    def _check_lag(self) -> None:
+        lag = self.link.slot_lag
+        if lag is None:
+            return
+        if lag > self.config.slot_lag_warning and not self.lag_warned:
+            log.warning("replication slot %r holds %d bytes of WAL (more than "
+                        "slot_lag_warning): a reader does not keep up, or a slot is "
+                        "forgotten (python -m pglistener slot list)", self.config.slot, lag)
+            self.lag_warned = True
+        elif lag <= self.config.slot_lag_warning // 2:
+            self.lag_warned = False
+
     # -- control ------------------------------------------------------------------------------
 
     def _handle_control(self, timeout: float) -> None:
@@ -216,9 +307,14 @@ class Server:
         if op == "subscribe":
             self._subscribe(client, req, message.get("channels"), message.get("ring_bytes"),
                             message.get("restart") is True, message.get("overflow", "gap"),
-                            message.get("group"))
+                            message.get("group"), message.get("source", "notify"),
+                            message.get("after"), message.get("after_lsn"))
         elif op == "unsubscribe":
-            self._apply(self.registry.unsubscribe(client, message.get("sub")))
+            sub_id = message.get("sub")
+            if sub_id in self.wal_registry.subs:
+                self._apply_wal(self.wal_registry.unsubscribe(client, sub_id))
+            else:
+                self._apply(self.registry.unsubscribe(client, sub_id))
             self.control.reply(client, {"req": req, "ok": True})
         elif op == "cancel":
             self._cancel(client, message.get("of"))
@@ -229,20 +325,53 @@ class Server:
             raise ValueError(f"unknown operation {op!r}")
 
     def _subscribe(self, client: Client, req: Any, channels: Any, ring_bytes: Any,
-                   restart: bool = False, overflow: Any = "gap", group: Any = None) -> None:
+                   restart: bool = False, overflow: Any = "gap", group: Any = None,
+                   source: Any = "notify", after: Any = None, after_lsn: Any = None) -> None:
         if not isinstance(channels, list) or not channels:
             raise ValueError("a subscription needs a list of one or more channels")
+        if source not in ("notify", "wal"):
+            raise ValueError(f"source is 'notify' or 'wal', not {source!r}")
+        if source == "wal" and self.wal is None:
+            raise ValueError("source='wal' needs a supervisor that reads a slot: "
+                             "Supervisor(dsn, slot='name')")
+        if source == "wal" and self.wal_error is not None and self.wal_error.permanent:
+            self.control.reply(client, {"req": req, "ok": False, "error": "WalSourceError",
+                                        "message": str(self.wal_error)})
+            return
+        position = _position(after, after_lsn) if source == "wal" else None
         raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
             ring_bytes, self.config.max_ring_bytes, "Supervisor(max_ring_bytes=...)")
-        sub = self.registry.new(client, client.pid, req, list(raws), capacity,
-                                check_overflow(overflow), check_group(group))
-        self.ring_fds[sub.id] = self._make_ring(sub.id, capacity, sub.overflow == "block")
+        registry = self.wal_registry if source == "wal" else self.registry
+        sub = registry.new(client, client.pid, req, list(raws), capacity,
+                           check_overflow(overflow), check_group(group))
+        sub.resumes = position is not None
+        dispatcher = self.wal_dispatcher if source == "wal" else self.dispatcher
+        assert dispatcher is not None
+        self.ring_fds[sub.id] = self._make_ring(dispatcher, sub.id, capacity,
+                                                sub.overflow == "block")
         if restart:     # a restarted pool worker: its stream starts by saying so
-            self.dispatcher.mark_gap([sub.id], "restart")
-        self._apply(self.registry.add(sub))
+            dispatcher.mark_gap([sub.id], "restart")
+        if source == "notify":
+            self._apply(self.registry.add(sub))
+            return
+        if position is not None:
+            self._resume(sub, *position)
+        self._apply_wal(self.wal_registry.add(sub))
 
-    def _make_ring(self, sub_id: int, capacity: int, block: bool) -> tuple[int, int, int]:
+    def _resume(self, sub: Sub, commit: int, lsn: int, seek: int) -> None:
+        """A WAL subscription that starts after= a position: if the stream is past it, read
+        the slot again from where it is confirmed (the others skip what they had)."""
+        wal, disp = self.wal, self.wal_dispatcher
+        assert wal is not None and disp is not None
+        if seek and seek < max(wal.slot_confirmed, disp.confirmed):
+            seek, commit, lsn = 0, seek, seek   # before the slot: all it sends comes after
+        disp.set_position(sub.id, commit, lsn, seek)
+        if seek or (commit, lsn) < (disp.at_commit, disp.at_lsn):
+            wal.restart(f"a subscription resumes after {format_lsn(seek or lsn)}")
+
+    def _make_ring(self, dispatcher: Dispatcher, sub_id: int, capacity: int,
+                   block: bool) -> tuple[int, int, int]:
         """An unnamed, sealed memfd and an eventfd for one subscription, and a duplicate of
         the dispatcher's wake eventfd for its reader."""
         with contextlib.ExitStack() as undo:
@@ -257,33 +386,15 @@ class Server:
             # The worker cannot shrink the ring under us (a write would then be a SIGBUS).
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            wake = os.dup(self.dispatcher.wake_fd)
+            wake = os.dup(dispatcher.wake_fd)
             undo.callback(os.close, wake)
-            self.dispatcher.add_ring(sub_id, memfd, owned, capacity, block)
+            dispatcher.add_ring(sub_id, memfd, owned, capacity, block)
             undo.pop_all()
         return memfd, efd, wake
 
     def _apply(self, act: Actions) -> None:
         """Carry out what the registry decided, in its order."""
-        for channel, ids in act.routes.items():
-            self.dispatcher.set_route(channel.encode(), ids)
-        for sub in act.free:
-            if sub.group is not None:
-                # What a member that left had not read: its group could have handled it.
-                self.orphaned += self.dispatcher.unread(sub.id)
-            self.dispatcher.remove_ring(sub.id)
-            for fd in self.ring_fds.pop(sub.id, ()):
-                os.close(fd)
-        if act.gaps:
-            self.dispatcher.mark_gap(act.gaps, "reconnect")
-        for sub in act.answer:
-            fds = self.ring_fds.pop(sub.id)
-            try:
-                self.control.reply(cast(Client, sub.worker),
-                                   {"req": sub.req, "ok": True, "sub": sub.id}, fds)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+        self._carry_out(act, self.dispatcher)
         if self.link.conn is None:
             return
         if act.unlisten:
@@ -293,6 +404,36 @@ class Server:
             channels, token = act.listen, act.listen_token
             self.link.query(_listen_sql("LISTEN", channels),
                             lambda _results, error: self._on_listened(channels, token, error))
+
+    def _apply_wal(self, act: Actions) -> None:
+        """What the WAL source's registry decided: the slot needs no LISTEN, so what it
+        would LISTEN is in place at once (streams are whole once the slot is read)."""
+        assert self.wal_dispatcher is not None
+        self._carry_out(act, self.wal_dispatcher)
+        if act.listen:
+            self._apply_wal(self.wal_registry.listened(act.listen, act.listen_token))
+
+    def _carry_out(self, act: Actions, dispatcher: Dispatcher) -> None:
+        """Routes, rings to free, gaps and answers: what both sources share."""
+        for channel, ids in act.routes.items():
+            dispatcher.set_route(channel.encode(), ids)
+        for sub in act.free:
+            if sub.group is not None:
+                # What a member that left had not read: its group could have handled it.
+                self.orphaned += dispatcher.unread(sub.id)
+            dispatcher.remove_ring(sub.id)
+            for fd in self.ring_fds.pop(sub.id, ()):
+                os.close(fd)
+        if act.gaps:
+            dispatcher.mark_gap(act.gaps, "reconnect")
+        for sub in act.answer:
+            fds = self.ring_fds.pop(sub.id)
+            try:
+                self.control.reply(cast(Client, sub.worker),
+                                   {"req": sub.req, "ok": True, "sub": sub.id}, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def _on_listened(self, channels: list[str], token: int, error: str | None) -> None:
         if error is not None:
@@ -310,11 +451,18 @@ class Server:
         sub, act = self.registry.cancel(client, req)
         if sub is not None:
             self._apply(act)
+        else:
+            sub, act = self.wal_registry.cancel(client, req)
+            if sub is not None:
+                self._apply_wal(act)
+        if sub is not None:
             self.control.reply(client, {"req": req, "ok": False, "error": "Cancelled"})
 
     def _detached(self, client: Client) -> None:
         """A worker's connection went: every subscription of it goes too."""
         self._apply(self.registry.worker_gone(client))
+        if self.wal is not None:
+            self._apply_wal(self.wal_registry.worker_gone(client))
 
     def stats(self) -> dict[str, Any]:
         """Stats (the schema, stats.py) as the control reply carries it."""
@@ -325,12 +473,21 @@ class Server:
         else:
             state = "disconnected" if machine.phase is Phase.BACKOFF else "connecting"
         readers = []
-        for sub in self.registry.subs.values():
-            delivered, missed, lag, held = self.dispatcher.ring_stats(sub.id)
-            readers.append(ReaderStats(
-                subscription=sub.id, channels=sub.channels, pid=sub.pid, delivered=delivered,
-                missed=missed, ring_bytes=sub.ring_bytes, lag_bytes=lag,
-                overflow=sub.overflow, held_seconds=held, group=sub.group))
+        for source, registry, dispatcher in (("notify", self.registry, self.dispatcher),
+                                             ("wal", self.wal_registry, self.wal_dispatcher)):
+            for sub in registry.subs.values():
+                assert dispatcher is not None
+                delivered, missed, lag, held = dispatcher.ring_stats(sub.id)
+                readers.append(ReaderStats(
+                    subscription=sub.id, channels=sub.channels, pid=sub.pid,
+                    delivered=delivered, missed=missed, ring_bytes=sub.ring_bytes,
+                    lag_bytes=lag, overflow=sub.overflow, held_seconds=held, group=sub.group,
+                    source=source))
+        wal, disp = self.wal, self.wal_dispatcher
+        wal_state = None
+        if wal is not None:
+            wal_state = ("streaming" if wal.machine.phase is Phase.UP else "disconnected"
+                         if wal.machine.phase is Phase.BACKOFF else "connecting")
         return Stats(
             state=state,
             backend_pid=self.link.conn.backend_pid if up and self.link.conn else None,
@@ -341,13 +498,23 @@ class Server:
             connections=len(self.control.clients),
             received=self.dispatcher.received,
             unrouted=self.dispatcher.unrouted,
-            subscriptions=len(self.registry.subs),
-            channels=tuple(sorted(self.registry.routes)),
+            subscriptions=len(self.registry.subs) + len(self.wal_registry.subs),
+            channels=tuple(sorted(set(self.registry.routes) | set(self.wal_registry.routes))),
             outage_seconds=machine.outage_seconds(time.monotonic()),
             queue_usage=self.link.queue_usage,
             held_seconds=self.dispatcher.held_seconds,
             orphaned=self.orphaned,
             readers=tuple(readers),
+            slot=self.config.slot,
+            wal_state=wal_state,
+            wal_backend_pid=(wal.conn.backend_pid if wal is not None and wal.streaming
+                             and wal.conn is not None else None),
+            wal_reconnects=0 if wal is None else wal.machine.reconnects,
+            wal_last_error=None if wal is None else wal.machine.last_error,
+            wal_received=0 if disp is None else disp.received,
+            wal_unrouted=0 if disp is None else disp.unrouted,
+            wal_confirmed_lsn=0 if disp is None else disp.confirmed,
+            slot_lag_bytes=self.link.slot_lag,
         ).to_dict()
 
     def _shutdown(self) -> None:
@@ -358,6 +525,8 @@ class Server:
             for fd in fds:
                 os.close(fd)
         self.link.close()
+        if self.wal is not None:
+            self.wal.close()
         signal.set_wakeup_fd(-1)
         self.wakeup.close()
         self._wakeup_w.close()
@@ -376,6 +545,22 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (OSError, ValueError):
             log.debug("could not raise the open-files limit from %d", soft)
+
+
+def _position(after: Any, after_lsn: Any) -> tuple[int, int, int] | None:
+    """Where a WAL subscription starts, from its request: (commit LSN, LSN, seek LSN), None
+    without after=. An exact position is a message's (commit_lsn, lsn); a bare LSN is sought
+    in the stream (see Server._resume)."""
+    if after is not None:
+        if (not isinstance(after, list) or len(after) != 2
+                or not all(isinstance(v, int) and 0 < v < 1 << 64 for v in after)):
+            raise ValueError("after= is an LSN (int) or a (commit_lsn, lsn) position")
+        return after[0], after[1], 0
+    if after_lsn is not None:
+        if not isinstance(after_lsn, int) or not 0 < after_lsn < 1 << 64:
+            raise ValueError("after= is an LSN (int) or a (commit_lsn, lsn) position")
+        return 0, 0, after_lsn
+    return None
 
 
 def _listen_sql(verb: str, channels: list[str]) -> bytes:

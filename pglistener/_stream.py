@@ -22,6 +22,7 @@ from .errors import (
     PGListenerError,
     ProtocolMismatch,
     TooManySubscriptions,
+    WalSourceError,
 )
 
 log = logging.getLogger("pglistener.worker")
@@ -32,6 +33,7 @@ _ERRORS: dict[str, type[Exception]] = {
     "ProtocolMismatch": ProtocolMismatch,
     "TooManySubscriptions": TooManySubscriptions,
     "ValueError": ValueError,
+    "WalSourceError": WalSourceError,
 }
 
 _S = TypeVar("_S", bound=_reader.Stream)
@@ -42,11 +44,12 @@ _open: weakref.WeakSet[_reader.Stream] = weakref.WeakSet()
 
 def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
                 ring_bytes: int | None, restarted: bool = False, overflow: str = "gap",
-                group: str | None = None) -> _S:
+                group: str | None = None, source: str = "notify", after: Any = None) -> _S:
     """Subscribe over this process's control connection and wrap the ring in a `cls` (a
     Stream subclass; its `decoder` attribute, if any, decodes payloads). Returns once LISTEN
     is committed: a blocking call (asyncio's way is aio.open_async)."""
-    channels, message = subscribe_message(channel, ring_bytes, restarted, overflow, group)
+    channels, message = subscribe_message(channel, ring_bytes, restarted, overflow, group,
+                                          source, after)
     ctl = Control.get(path)
     try:
         reply, fds = ctl.request(message, timeout)
@@ -57,8 +60,8 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
 
 
 def subscribe_message(channel: str | Sequence[str], ring_bytes: int | None, restarted: bool,
-                      overflow: str, group: str | None
-                      ) -> tuple[tuple[str, ...], dict[str, Any]]:
+                      overflow: str, group: str | None, source: str = "notify",
+                      after: Any = None) -> tuple[tuple[str, ...], dict[str, Any]]:
     """The checked channels and the subscribe request for them (every argument checked here,
     so that a bad one costs no trip)."""
     channels = channel_list(channel)
@@ -71,7 +74,48 @@ def subscribe_message(channel: str | Sequence[str], ring_bytes: int | None, rest
         message["overflow"] = overflow
     if check_group(group) is not None:
         message["group"] = group
+    if check_source(source) == "wal":
+        message["source"] = "wal"
+        message.update(after_fields(after))
+    elif after is not None:
+        raise ValueError("after= resumes a WAL stream: give source='wal' too (NOTIFY keeps "
+                         "nothing to resume from)")
     return channels, message
+
+
+SOURCES = ("notify", "wal")
+
+
+def check_source(source: object) -> str:
+    """A valid source, or an error that names them."""
+    if source not in SOURCES:
+        raise ValueError(f"source is 'notify' (LISTEN/NOTIFY) or 'wal' (messages from "
+                         f"pglistener.emit, read from the Supervisor's slot), not {source!r}")
+    return str(source)
+
+
+def after_fields(after: Any) -> dict[str, Any]:
+    """The subscribe request's fields for after=: a Notification of the WAL source (or its
+    `position`, a (commit_lsn, lsn) pair) resumes exactly after it; an int LSN (a message's
+    `lsn`) is sought in what the slot sends again."""
+    if after is None:
+        return {}
+    if isinstance(after, Notification):
+        if after.position is None:
+            raise ValueError("after= takes a WAL message (source='wal'); this notification "
+                             "came from NOTIFY and has no position")
+        after = after.position
+    if isinstance(after, bool) or not isinstance(after, (int, tuple, list)):
+        raise TypeError(f"after= is an LSN (int), a WAL Notification or its position "
+                        f"(commit_lsn, lsn), not {type(after).__name__}")
+    if isinstance(after, int):
+        if not 0 < after < 1 << 64:
+            raise ValueError(f"after= is an LSN between 1 and 2**64 - 1, not {after}")
+        return {"after_lsn": after}
+    if (len(after) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                   and 0 < v < 1 << 64 for v in after)):
+        raise ValueError(f"after= as a position is (commit_lsn, lsn), two LSNs, not {after!r}")
+    return {"after": [after[0], after[1]]}
 
 
 def wrap_stream(cls: type[_S], ctl: Any, channels: tuple[str, ...], reply: dict[str, Any],

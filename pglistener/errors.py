@@ -37,6 +37,11 @@ class ProtocolMismatch(PGListenerError):
     protocols; the message names both."""
 
 
+class WalSourceError(PGListenerError):
+    """A subscribe with source="wal" that the server cannot serve as it is set up: the message
+    says what to change (wal_level, the REPLICATION attribute, the slot in use elsewhere)."""
+
+
 class IncompatibleLibpq(PGListenerError, RuntimeError):
     """No longer raised: the extension owns its connections, so psycopg in any implementation
     (c, binary, python) works beside it. Kept so that code catching it still imports."""

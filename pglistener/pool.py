@@ -33,7 +33,7 @@ from typing import Any
 
 from ._backoff import Backoff
 from ._forksafe import started
-from ._stream import check_group
+from ._stream import check_group, check_source
 from .errors import SupervisorGone
 from .worker import Worker, request_stop
 
@@ -73,7 +73,7 @@ class Pool:
 
     def __init__(self, path: str, target: Callable[..., Any], args: tuple[Any, ...],
                  processes: int, start_method: str | None, backoff: tuple[float, float, float],
-                 name: str, group: str | None = None) -> None:
+                 name: str, group: str | None = None, source: str = "notify") -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
         if not callable(target):
@@ -85,6 +85,7 @@ class Pool:
                 f"not {qualname!r}")
         self._path = path
         self._group = check_group(group)
+        self._source = check_source(source)
         self._target = target
         self._args = args
         self._ctx: Any = multiprocessing.get_context(start_method or _default_start_method())
@@ -143,7 +144,8 @@ class Pool:
         restarted = slot.starts > 0
         process = self._ctx.Process(
             target=_child_main,
-            args=(self._path, restarted, self._target, self._args, self._group),
+            args=(self._path, restarted, self._target, self._args, self._group,
+                  self._source),
             name=f"pglistener-{self._name}-{slot.index}", daemon=True)
         process.start()
         started(process)
@@ -225,13 +227,14 @@ def _describe(code: int | None) -> str:
 
 
 def _child_main(path: str, restarted: bool, target: Callable[..., Any],
-                args: tuple[Any, ...], group: str | None = None) -> None:
+                args: tuple[Any, ...], group: str | None = None,
+                source: str = "notify") -> None:
     """A pool child: Ctrl-C is the parent's to handle; SIGTERM ends reading after the
     current item; an exception is logged and ends the process with code 1 (restarted)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: request_stop())
     try:
-        target(Worker(path, restarted=restarted, group=group), *args)
+        target(Worker(path, restarted=restarted, group=group, source=source), *args)
     except SupervisorGone:
         log.info("the supervisor is gone: pool worker pid %d stops", os.getpid())
     except Exception:

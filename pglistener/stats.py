@@ -50,6 +50,7 @@ class ReaderStats:
     held_seconds: float = metric(
         COUNTER, "Time a reader held the connection waiting for room (overflow='block')")
     group: str | None = label("group")                # its consumer group, if any
+    source: str = label("source")                     # "notify" or "wal"
 
     @property
     def fill(self) -> float:
@@ -93,6 +94,20 @@ class Stats:
     orphaned: int = metric(COUNTER, "Notifications left unread by group members that left")
     # control connections: a process has one, and one more per asyncio event loop
     connections: int = metric(GAUGE, "Control connections of worker processes")
+    # -- the WAL source (Supervisor(slot=...)); None or 0 without one
+    slot: str | None = metric(INFO, "The replication slot the WAL source reads")
+    # "streaming", "connecting" or "disconnected"
+    wal_state: str | None = metric(INFO, "The replication connection's state")
+    wal_backend_pid: int | None = metric(GAUGE, "The replication connection's server pid")
+    wal_reconnects: int = metric(COUNTER, "Outages of a working replication connection")
+    wal_last_error: str | None = metric(INFO, "Why the WAL source is not streaming")
+    wal_received: int = metric(COUNTER, "Logical decoding messages read from the slot")
+    wal_unrouted: int = metric(COUNTER, "Messages read from the slot that nobody subscribes to")
+    # the LSN the slot may be confirmed to: every reader is done with what comes before
+    wal_confirmed_lsn: int = metric(GAUGE, "LSN the supervisor confirmed to the slot")
+    # bytes of WAL the slot keeps (pg_current_wal_lsn() - restart_lsn), sampled with the
+    # heartbeat when the slot is on the LISTEN connection's server; None otherwise
+    slot_lag_bytes: int | None = metric(GAUGE, "Bytes of WAL the replication slot holds")
 
     @property
     def connected(self) -> bool:

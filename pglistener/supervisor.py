@@ -28,6 +28,7 @@ from ._forksafe import started
 from ._logs import SupervisorLogs
 from ._server import Config, main
 from ._sizes import DEFAULT_MAX_RING_BYTES, DEFAULT_RING_BYTES, check_ring_bytes
+from ._wal import check_name
 from .errors import SupervisorGone
 from .pool import Pool
 from .stats import Stats
@@ -87,6 +88,15 @@ class Supervisor:
     - block_timeout: seconds a subscription with overflow="block" may hold the connection
       at a time while its ring is full; past it, that subscription misses what does not fit
       (an overflow Gap counts it) until it makes room, and a warning is logged once.
+      (The WAL source's blocking readers hold its stream without a limit: the slot keeps
+      the rest, so they lose nothing.)
+    - slot: read logical decoding messages (pglistener.emit) from this replication slot,
+      beside LISTEN: subscribe(..., source="wal"). The slot (pgoutput) and the publication
+      are created when missing. Needs wal_level = logical and a role with REPLICATION. See
+      the README, "Durable channels".
+    - slot_dsn: read the slot from another server than `dsn` (a PostgreSQL 16+ hot standby).
+    - publication: the (empty) publication pgoutput is given (default "pglistener").
+    - slot_lag_warning: bytes of WAL the slot may hold before a warning is logged.
     """
 
     def __init__(
@@ -106,6 +116,10 @@ class Supervisor:
         start_timeout: float = 30.0,
         address: str | None = None,
         block_timeout: float = 60.0,
+        slot: str | None = None,
+        slot_dsn: str | None = None,
+        publication: str = "pglistener",
+        slot_lag_warning: int = 1 << 30,
     ) -> None:
         params = parse_dsn(dsn)
         if not ("application_name" in params or os.environ.get("PGAPPNAME")):
@@ -130,6 +144,21 @@ class Supervisor:
         if max_subscriptions_per_worker < 1 or max_channels_per_worker < 1:
             raise ValueError("max_subscriptions_per_worker and max_channels_per_worker must be "
                              "at least 1")
+        slot_params = None
+        if slot is not None:
+            check_name("slot", slot)
+            check_name("publication", publication)
+            if not isinstance(slot_lag_warning, int) or slot_lag_warning < 1:
+                raise ValueError(f"slot_lag_warning is a positive number of bytes, not "
+                                 f"{slot_lag_warning!r}")
+            if slot_dsn is not None:
+                slot_params = parse_dsn(slot_dsn)
+                if not ("application_name" in slot_params or os.environ.get("PGAPPNAME")):
+                    slot_params["application_name"] = application_name
+                for key, setting in _tcp_liveness(liveness_timeout).items():
+                    slot_params.setdefault(key, setting)
+        elif slot_dsn is not None:
+            raise ValueError("slot_dsn= names where to read the slot: give slot= too")
         self._config = Config(
             conninfo=make_conninfo("", **params),
             safe_target=safe_target(params),
@@ -144,6 +173,11 @@ class Supervisor:
             max_channels_per_worker=max_channels_per_worker,
             log_level=logging.NOTSET,       # start() takes the level in force then
             block_timeout=block_timeout,
+            slot=slot,
+            slot_conninfo=None if slot_params is None else make_conninfo("", **slot_params),
+            slot_safe_target=safe_target(slot_params if slot_params is not None else params),
+            publication=publication,
+            slot_lag_warning=slot_lag_warning,
         )
         self._start_timeout = start_timeout
         if address is not None and not isinstance(address, str):
@@ -273,19 +307,20 @@ class Supervisor:
 
     def spawn(self, target: Callable[..., Any], *args: Any, processes: int = 1,
               start_method: str | None = None, stop_timeout: float = 10.0,
-              group: str | None = None) -> Pool:
+              group: str | None = None, source: str = "notify") -> Pool:
         """Start `processes` children, each running target(worker, *args) with its own
         Worker, and restart any that crashes (with the connection's backoff). target must be
         importable (a module-level function). start_method: "forkserver" by default (else
         "spawn"), both safe from a threaded parent. stop() stops the pool first. group: the
         children's subscriptions join this consumer group (each notification to one child)
-        unless they name another."""
+        unless they name another. source: the children's subscriptions read this source
+        ("notify" or "wal") unless they name the other."""
         if self._owner is None:
             raise RuntimeError("start() the Supervisor before spawning workers")
         c = self._config
         pool = Pool(self._path, target, args, processes, start_method,
                     (c.backoff_initial, c.backoff_max, c.backoff_reset_after),
-                    name=getattr(target, "__name__", "pool"), group=group)
+                    name=getattr(target, "__name__", "pool"), group=group, source=source)
         self._pools.append((pool, stop_timeout))
         return pool
 

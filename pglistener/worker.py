@@ -11,7 +11,7 @@ from typing import Any
 
 from ._control import Control
 from ._reader import BlockingStream, Gap, Notification
-from ._stream import check_group, open_stream, request_stop
+from ._stream import check_group, check_source, open_stream, request_stop
 from .aio import AsyncJsonSubscription, AsyncSubscription, Opening, open_async
 from .errors import SupervisorGone
 
@@ -27,8 +27,11 @@ class Worker:
     """A handle on a running supervisor, for subscribing. Picklable: give it to child
     processes, started by fork or spawn; each process opens its own control connection."""
 
-    def __init__(self, path: str, restarted: bool = False, group: str | None = None) -> None:
+    def __init__(self, path: str, restarted: bool = False, group: str | None = None,
+                 source: str = "notify") -> None:
         self._path = path
+        # The source its subscriptions read unless they name one (sup.spawn(source=)).
+        self._source = check_source(source)
         # The consumer group its subscriptions join unless they name one (sup.spawn(group=)).
         self._group = check_group(group)
         # A pool worker started again after a crash: every stream it opens begins with
@@ -73,7 +76,7 @@ class Worker:
                 f"{f' group {self._group!r}' if self._group else ''}>")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Worker, (self._path, self._restarted, self._group))
+        return (Worker, (self._path, self._restarted, self._group, self._source))
 
     def subscribe(
         self,
@@ -85,6 +88,8 @@ class Worker:
         ring_bytes: int | None = None,
         overflow: str = "gap",
         group: str | None = None,
+        source: str | None = None,
+        after: Any = None,
     ) -> Subscription:
         """Subscribe to `channel` (or to several channels, read as one stream in the server's
         order); returns once the supervisor's LISTEN is committed.
@@ -109,10 +114,19 @@ class Worker:
         unread data; ties in turn), in any process; subscriptions outside the group still get
         every notification. Order holds per member, not across members. With
         overflow="block" on every member, a group is a lossless work queue.
+
+        source: "notify" (LISTEN/NOTIFY, the default) or "wal": messages written with
+        pglistener.emit(), read from the Supervisor's replication slot (Supervisor(slot=)).
+        They come as Notifications with `lsn` and `commit_lsn`; no reconnect loses any, and
+        the slot is never confirmed past what an open subscription has not consumed. after=
+        (WAL only) resumes: a Notification (or its `position`) resumes exactly after it; an
+        int LSN is sought in what the slot still holds (see the README, "Durable channels").
+        Without after=, the stream begins with what commits from now on.
         """
         sub = open_stream(Subscription, self._path, channel, timeout, ring_bytes,
                           self._restarted, overflow,
-                          self._group if group is None else group)
+                          self._group if group is None else group,
+                          self._source if source is None else source, after)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -125,6 +139,8 @@ class Worker:
         ring_bytes: int | None = None,
         overflow: str = "gap",
         group: str | None = None,
+        source: str | None = None,
+        after: Any = None,
     ) -> Opening[AsyncSubscription]:
         """subscribe() for asyncio: `await` it for an AsyncSubscription, read with
         `await sub.get()` and `async for`; the event loop watches its eventfd. Or enter it:
@@ -133,7 +149,8 @@ class Worker:
         await (or its timeout) withdraws the subscribe from the supervisor."""
         return Opening(open_async(AsyncSubscription, self._path, channel, timeout, ring_bytes,
                                   self._restarted, overflow,
-                                  self._group if group is None else group))
+                                  self._group if group is None else group,
+                                  self._source if source is None else source, after))
 
     def subscribe_json_async(
         self,
@@ -143,13 +160,16 @@ class Worker:
         ring_bytes: int | None = None,
         overflow: str = "gap",
         group: str | None = None,
+        source: str | None = None,
+        after: Any = None,
     ) -> Opening[AsyncJsonSubscription]:
         """subscribe_json() for asyncio: `await sub.get()` and `async for` give each payload
         decoded as JSON (and Gap items); payloads that are not JSON are logged and skipped.
         Awaited or entered like subscribe_async()."""
         return Opening(open_async(AsyncJsonSubscription, self._path, channel, timeout,
                                   ring_bytes, self._restarted, overflow,
-                                  self._group if group is None else group))
+                                  self._group if group is None else group,
+                                  self._source if source is None else source, after))
 
     def subscribe_json(
         self,
@@ -161,6 +181,8 @@ class Worker:
         ring_bytes: int | None = None,
         overflow: str = "gap",
         group: str | None = None,
+        source: str | None = None,
+        after: Any = None,
     ) -> JsonSubscription:
         """Like subscribe(), with each payload decoded as JSON: get() and iteration give the
         decoded values (and Gap items), the callback gets the decoded value. Subscribed to
@@ -168,7 +190,8 @@ class Worker:
         JSON are logged and skipped."""
         sub = open_stream(JsonSubscription, self._path, channel, timeout, ring_bytes,
                           self._restarted, overflow,
-                          self._group if group is None else group)
+                          self._group if group is None else group,
+                          self._source if source is None else source, after)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub

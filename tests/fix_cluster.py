@@ -59,6 +59,7 @@ class Cluster:
         self.sock = root / f"{name}-sock"
         self.port = port
         self.log = root / f"{name}.log"
+        self.settings: dict[str, str] = {}     # more -c options for the server
         for d in (self.data, self.sock):
             d.mkdir(mode=0o700)
             if self.uid is not None:
@@ -84,7 +85,8 @@ class Cluster:
 
     def start(self) -> None:
         options = (f"-h '' -k {self.sock} -p {self.port} -c fsync=off "
-                   f"-c full_page_writes=off -c synchronous_commit=off")
+                   f"-c full_page_writes=off -c synchronous_commit=off"
+                   + "".join(f" -c {k}={v}" for k, v in self.settings.items()))
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options,
                   "-w", "start")
 
@@ -96,8 +98,9 @@ class Cluster:
         self.start()
 
     def standby(self, name: str, port: int) -> Cluster:
-        """A hot standby of this (running) cluster, started."""
+        """A hot standby of this (running) cluster, started, with its settings."""
         standby = Cluster(self.data.parent, name, port)
+        standby.settings = dict(self.settings)
         self._run("pg_basebackup", "-h", str(self.sock), "-p", str(self.port), "-U",
                   "postgres", "-D", str(standby.data), "-R", "--no-sync")
         standby.start()
@@ -107,13 +110,30 @@ class Cluster:
         self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
 
 
+#: What the WAL source needs of a server (and a short wal_sender_timeout, so that a test
+#: sees a client that stops giving feedback dropped in seconds).
+LOGICAL = {"wal_level": "logical", "max_wal_senders": "10", "max_replication_slots": "10",
+           "wal_sender_timeout": "5s", "hot_standby_feedback": "on"}
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
+    yield from _cluster(5432, {})
+
+
+@pytest.fixture(scope="module")
+def logical_cluster() -> Iterator[Cluster]:
+    """A cluster with wal_level = logical, for the WAL source."""
+    yield from _cluster(5442, LOGICAL)
+
+
+def _cluster(port: int, settings: dict[str, str]) -> Iterator[Cluster]:
     root = Path(tempfile.mkdtemp(prefix="pglistener-cluster-"))
     root.chmod(0o755)
     made: list[Cluster] = []
     try:
-        primary = Cluster(root, "primary", 5432).init()
+        primary = Cluster(root, "primary", port).init()
+        primary.settings = dict(settings)
         made.append(primary)
         primary.start()
         yield primary

@@ -1,0 +1,176 @@
+"""The WAL source's compiled core without a server: WAL records in the ring, positions that
+skip what a replay sends again, and what the slot may be confirmed to while readers hold
+messages."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from pglistener import Gap, Notification, format_lsn, parse_lsn
+from pglistener._producer import HEADER_BYTES, Dispatcher
+from pglistener._reader import MIN_CAPACITY, RingReader
+
+# Version-sensitive (see scripts/test): run on every supported Python.
+pytestmark = pytest.mark.every_python
+
+
+class Rings:
+    """A WAL dispatcher with rings 1..n, and their readers."""
+
+    def __init__(self, n: int, capacity: int = MIN_CAPACITY, block: bool = False) -> None:
+        self.d = Dispatcher(wal=True)
+        self.readers: dict[int, RingReader] = {}
+        self.ctl, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.efds: list[int] = []
+        for ring_id in range(1, n + 1):
+            self.add(ring_id, capacity, block)
+
+    def add(self, ring_id: int, capacity: int = MIN_CAPACITY, block: bool = False) -> None:
+        memfd = os.memfd_create("test-wal-ring")
+        os.ftruncate(memfd, HEADER_BYTES + capacity)
+        efd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.efds.append(efd)
+        self.d.add_ring(ring_id, memfd, os.dup(efd), capacity, block)
+        self.readers[ring_id] = RingReader(memfd, efd, self.ctl.fileno(),
+                                           os.dup(self.d.wake_fd))
+        os.close(memfd)
+
+    def take(self, ring_id: int) -> list[object]:
+        """Everything in the ring, consumed (as a stream does when asked for more)."""
+        reader = self.readers[ring_id]
+        items = reader.get_many(1 << 20)
+        reader.mark_consumed()
+        return items
+
+    def close(self) -> None:
+        for ring_id, reader in self.readers.items():
+            reader.close()
+            self.d.remove_ring(ring_id)
+        for efd in self.efds:
+            os.close(efd)
+        self.ctl.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def rings() -> Rings:
+    r = Rings(2)
+    yield r
+    r.close()
+
+
+def payloads(items: list[object]) -> list[str]:
+    return [f"GAP:{i.reason}" if isinstance(i, Gap) else i.payload for i in items]
+
+
+def test_a_wal_record_carries_its_positions_and_exact_bytes(rings: Rings) -> None:
+    rings.d.set_route(b"c", [1])
+    content = bytes(range(256)) * 40        # every byte value, past NOTIFY's 8000 bytes
+    assert rings.d.dispatch_wal(b"c", content, 0x1_0000_0010, 0x1_0000_0100)
+    assert rings.d.dispatch_wal(b"c", b"x", 0x1_0000_0200, 0x1_0000_01FF, transactional=False)
+    first, second = rings.take(1)
+    assert isinstance(first, Notification)
+    assert first.data == content and first.pid == 0
+    assert (first.lsn, first.commit_lsn) == (0x1_0000_0010, 0x1_0000_0100)
+    assert first.position == (0x1_0000_0100, 0x1_0000_0010)
+    assert format_lsn(first.lsn) == "1/10" and parse_lsn("1/10") == first.lsn
+    assert second.position == (0x1_0000_01FF, 0x1_0000_0200)
+    assert repr(first).startswith("Notification(channel='c'") and "lsn=1/10" in repr(first)
+
+
+def test_a_replay_writes_nothing_twice(rings: Rings) -> None:
+    """After a reconnect the slot sends again what was not confirmed: each ring skips what
+    it had, and a ring added meanwhile starts where the stream stood."""
+    rings.d.set_route(b"c", [1])
+    stream = [(b"a", 10, 30), (b"b", 20, 30), (b"c", 30, 30), (b"d", 40, 50)]
+    for payload, lsn, commit in stream[:3]:
+        rings.d.dispatch_wal(b"c", payload, lsn, commit)
+    rings.add(3)
+    rings.d.set_route(b"c", [1, 3])
+    rings.d.stream_reset()
+    for payload, lsn, commit in stream:       # the replay, from the slot
+        rings.d.dispatch_wal(b"c", payload, lsn, commit)
+    assert payloads(rings.take(1)) == ["a", "b", "c", "d"]
+    assert payloads(rings.take(3)) == ["d"]
+
+
+def test_overlapping_transactions_are_ordered_by_commit_not_by_lsn(rings: Rings) -> None:
+    """A transaction that wrote earlier and committed later comes later with lower LSNs:
+    positions compare (commit, lsn), so nothing of it is taken for a repeat."""
+    rings.d.set_route(b"c", [1])
+    rings.d.dispatch_wal(b"c", b"b1", 50, 60)       # committed first, written second
+    rings.d.dispatch_wal(b"c", b"a1", 10, 90)       # written first, committed second
+    rings.d.dispatch_wal(b"c", b"a2", 70, 90)
+    assert payloads(rings.take(1)) == ["b1", "a1", "a2"]
+
+
+def test_a_group_gets_each_message_once_across_a_replay() -> None:
+    r = Rings(2)
+    try:
+        r.d.set_route(b"c", [[1, 2]])
+        for i in range(10):
+            r.d.dispatch_wal(b"c", str(i).encode(), 10 + i, 100)
+        r.d.stream_reset()
+        for i in range(12):
+            r.d.dispatch_wal(b"c", str(i).encode(), 10 + i, 100)
+        got = payloads(r.take(1)) + payloads(r.take(2))
+        assert sorted(got, key=int) == [str(i) for i in range(12)]
+    finally:
+        r.close()
+
+
+def test_the_slot_is_not_confirmed_past_what_a_reader_holds(rings: Rings) -> None:
+    rings.d.set_route(b"c", [1, 2])
+    rings.d.dispatch_wal(b"c", b"t1", 100, 110)
+    rings.d.dispatch_wal(b"c", b"t2", 200, 210)
+    # Nothing consumed: the oldest transaction bounds the slot.
+    assert rings.d.confirmable() == 110
+    assert payloads(rings.take(1)) == ["t1", "t2"]
+    assert rings.d.confirmable() == 110             # ring 2 has not read t1
+    r2 = rings.readers[2]
+    assert payloads(r2.get_many(1)) == ["t1"]
+    r2.mark_consumed()                              # asked for more: t1 is done with
+    assert rings.d.confirmable() == 210
+    assert payloads(r2.get_many(1)) == ["t2"]
+    assert rings.d.confirmable() == 210             # taken, not consumed yet
+    r2.mark_consumed()
+    assert rings.d.confirmable() == 211             # past t2's commit: all is done with
+
+
+def test_a_closed_reader_holds_nothing(rings: Rings) -> None:
+    rings.d.set_route(b"c", [1, 2])
+    rings.d.dispatch_wal(b"c", b"t1", 100, 110)
+    rings.take(1)
+    assert rings.d.confirmable() == 110
+    rings.readers.pop(2).close()
+    rings.d.set_route(b"c", [1])
+    rings.d.remove_ring(2)
+    assert rings.d.confirmable() == 111
+
+
+def test_after_an_lsn_skips_up_to_that_message(rings: Rings) -> None:
+    rings.d.set_route(b"c", [1])
+    rings.d.set_position(1, 0, 0, 20)
+    for i, lsn in enumerate((10, 20, 5, 30)):   # 5: a later transaction's earlier write
+        rings.d.dispatch_wal(b"c", str(i).encode(), lsn, 40 if i < 2 else 50)
+    assert payloads(rings.take(1)) == ["2", "3"]
+
+
+def test_a_full_ring_misses_with_a_gap_and_holds_nothing_for_it() -> None:
+    r = Rings(1)
+    try:
+        r.d.set_route(b"c", [1])
+        big = b"x" * 6000
+        sent = 0
+        while r.d.dispatch_wal(b"c", big, 100 + sent, 100 + sent) and sent < 10:
+            sent += 1
+        items = r.take(1)
+        assert sum(isinstance(i, Notification) for i in items) == 2
+        assert isinstance(items[-1], Notification)
+        r.d.dispatch_wal(b"c", b"after", 1000, 1000)
+        assert payloads(r.take(1)) == ["GAP:overflow", "after"]
+    finally:
+        r.close()
