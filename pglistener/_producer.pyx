@@ -929,7 +929,12 @@ cdef class Dispatcher:
             if not self.in_txn and end > self.server_end:
                 self.server_end = end
             if buf[17]:
-                if self._feedback(conn, False) < 0:
+                # Asked to answer. The answer says how far we have read and no flushed
+                # position: a walsender that stops at the server's shutdown waits for the
+                # client to have flushed everything it sent, or written when no flushed
+                # position is given, and what readers hold must not keep the server up;
+                # the slot only moves with a flushed position (our feedback, apart).
+                if self._status(conn, end, 0, False) < 0:
                     return -1
             return 0
         if buf[0] != b'w' or n < 26:
@@ -992,15 +997,20 @@ cdef class Dispatcher:
                 self.last_end = w.lsn
 
     cdef int _feedback(self, PGconn *conn, bint reply) noexcept nogil:
-        # Standby status update 'r': written, flushed and applied LSNs, the time, and
-        # whether we ask for a keepalive back. Flushed is what the slot may confirm.
+        # Our feedback: flushed is what the slot may confirm.
+        cdef uint64_t written = self.server_end if self.server_end > self.confirmed else self.confirmed
+        return self._status(conn, written, self.confirmed, reply)
+
+    cdef int _status(self, PGconn *conn, uint64_t written, uint64_t flushed,
+                     bint reply) noexcept nogil:
+        # Standby status update 'r': written, flushed and applied LSNs (0: none), the time,
+        # and whether we ask for a keepalive back.
         cdef char msg[34]
         cdef int rc
-        cdef uint64_t written = self.server_end if self.server_end > self.confirmed else self.confirmed
         msg[0] = b'r'
         pgl_put_be64(msg + 1, written)
-        pgl_put_be64(msg + 9, self.confirmed)
-        pgl_put_be64(msg + 17, self.confirmed)
+        pgl_put_be64(msg + 9, flushed)
+        pgl_put_be64(msg + 17, flushed)
         pgl_put_be64(msg + 25, <uint64_t>pgl_pg_now_us())
         msg[33] = 1 if reply else 0
         if PQputCopyData(conn, msg, 34) != 1:
@@ -1056,6 +1066,33 @@ cdef class Dispatcher:
         if _after(commit, lsn, self.at_commit, self.at_lsn):
             self.at_commit = commit
             self.at_lsn = lsn
+
+    def trim_before(self, ring_id, uint64_t commit):
+        """For a ring whose reader does not have it yet: drop the WAL messages at its start
+        whose transactions committed before `commit`, and take none from now on; what it
+        gets begins with what commits at or after `commit`. The number dropped."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        cdef uint64_t pos = p.hdr.head
+        cdef unsigned char *rec
+        cdef uint16_t kind
+        cdef uint64_t dropped = 0
+        while pos < p.tail:
+            rec = p.data + (pos & p.mask)
+            kind = pgl_rec_type(rec)
+            if kind == PGL_REC_WAL and pgl_rec_commit(rec) < commit:
+                dropped += 1
+            elif kind != PGL_REC_PAD:
+                break
+            pos += pgl_rec_length(rec)
+        pgl_store_release(&p.hdr.head, pos)
+        pgl_store_release(&p.hdr.consumed, pos)
+        p.head_cache = pos
+        p.delivered -= dropped
+        _oldest_pending(p)
+        if _after(commit, 0, p.at_commit, p.at_lsn):
+            p.at_commit = commit
+            p.at_lsn = 0
+        return dropped
 
     def position(self, ring_id):
         """(commit LSN, LSN) of the last WAL message a ring was given (or passed by)."""

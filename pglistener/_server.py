@@ -26,7 +26,7 @@ from ._connection import Phase, Timing
 from ._control_server import Client, ControlServer, OwnerChannel
 from ._listen import ListenConnection
 from ._producer import HEADER_BYTES, Dispatcher, RunStatus
-from ._reader import format_lsn
+from ._reader import format_lsn, parse_lsn
 from ._registry import Actions, Registry, Sub
 from ._sizes import check_ring_bytes
 from ._stream import check_group, check_overflow
@@ -101,6 +101,8 @@ class Server:
                                      config.max_channels_per_worker, ids=self.registry.ids)
         self.wal_error: SetupError | None = None
         self.lag_warned = False
+        # WAL subscriptions waiting for the server's WAL position to begin at (_placed).
+        self.placing: dict[int, Sub] = {}
         if config.slot is not None:
             self.wal_dispatcher = Dispatcher(wal=True)
             self.wal = WalConnection(
@@ -225,6 +227,8 @@ class Server:
     def _on_down(self, cause: str) -> None:
         """The connection is gone: the streams it fed get a Gap, then we reconnect."""
         self._apply(self.registry.lost())
+        if self.placing:
+            self._answer_placing()
 
     # -- the WAL source -------------------------------------------------------------------------
 
@@ -357,7 +361,31 @@ class Server:
             return
         if position is not None:
             self._resume(sub, *position)
-        self._apply_wal(self.wal_registry.add(sub))
+        act = self.wal_registry.add(sub)
+        if position is None and sub in act.answer and self.link.conn is not None:
+            act.answer.remove(sub)          # once it is placed (below)
+            self.placing[sub.id] = sub
+            self.link.query(b"SELECT pg_current_wal_lsn()::text",
+                            lambda results, error: self._placed(sub, results, error))
+        self._apply_wal(act)
+
+    def _placed(self, sub: Sub, results: list[list[tuple[bytes | None, ...]]],
+                error: str | None) -> None:
+        """A WAL subscription without after= begins with what commits once it is answered:
+        what its ring took meanwhile that committed before the server's WAL position now
+        goes, and it is answered."""
+        if self.placing.pop(sub.id, None) is None or sub.id not in self.wal_registry.subs:
+            return              # answered already, or its worker went meanwhile
+        assert self.wal_dispatcher is not None
+        if error is None and results and results[0] and results[0][0][0]:
+            self.wal_dispatcher.trim_before(sub.id, parse_lsn(results[0][0][0].decode()))
+        self._apply_wal(Actions(answer=[sub]))
+
+    def _answer_placing(self) -> None:
+        """The LISTEN connection went with the position queries: answer what waited for
+        them (those streams begin where the supervisor's stream stood)."""
+        waiting, self.placing = list(self.placing.values()), {}
+        self._apply_wal(Actions(answer=[s for s in waiting if s.id in self.wal_registry.subs]))
 
     def _resume(self, sub: Sub, commit: int, lsn: int, seek: int) -> None:
         """A WAL subscription that starts after= a position: if the stream is past it, read

@@ -111,9 +111,11 @@ class Cluster:
 
 
 #: What the WAL source needs of a server (and a short wal_sender_timeout, so that a test
-#: sees a client that stops giving feedback dropped in seconds).
+#: sees a client that stops giving feedback dropped in seconds). Commits are flushed, so
+#: that an immediate stop loses no transaction the tests were told had committed.
 LOGICAL = {"wal_level": "logical", "max_wal_senders": "10", "max_replication_slots": "10",
-           "wal_sender_timeout": "5s", "hot_standby_feedback": "on"}
+           "wal_sender_timeout": "5s", "hot_standby_feedback": "on",
+           "synchronous_commit": "on"}
 
 
 @pytest.fixture(scope="module")

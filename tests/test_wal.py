@@ -1,0 +1,457 @@
+"""The WAL source on a real server (wal_level = logical, a cluster of the tests' own): what
+emit() sends arrives exactly once, in commit order, with no Gap, whatever happens to the
+replication connection; the slot is never confirmed past what a reader holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from fix_cluster import Cluster
+from fix_proxy import Proxy, proxied, upstream_of
+
+import pglistener
+from fix_supervisor import wait_for
+from pglistener import Gap, Notification, Supervisor, WalSourceError
+
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.2}
+
+
+@pytest.fixture
+def slot(logical_cluster: Cluster) -> Iterator[str]:
+    """A fresh slot name; the slot is dropped after the test (the cluster keeps its slots,
+    and a slot left behind holds WAL)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
+        wait_for(lambda: conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active",
+            (name,)).fetchone() == (0,), "the slot to be released")
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     "WHERE slot_name = %s", (name,))
+
+
+@pytest.fixture
+def pg(logical_cluster: Cluster) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(logical_cluster.dsn, autocommit=True) as c:
+        yield c
+
+
+def emit_many(conn: psycopg.Connection, channel: str, first: int, count: int,
+              transactions: int = 1) -> None:
+    """Messages str(first) .. str(first + count - 1), in `transactions` transactions."""
+    per = -(-count // transactions)
+    for start in range(first, first + count, per):
+        stop = min(start + per, first + count)
+        conn.execute("SELECT pg_logical_emit_message(true, %s, i::text) "
+                     "FROM generate_series(%s::int, %s::int) i", (channel, start, stop - 1))
+
+
+def read(sub: Any, n: int, timeout: float = 30) -> list[Any]:
+    return [sub.get(timeout=timeout) for _ in range(n)]
+
+
+def numbers(items: list[Any]) -> list[int | str]:
+    return [f"GAP:{i.reason}" if isinstance(i, Gap) else int(i.payload) for i in items]
+
+
+def slot_row(conn: psycopg.Connection, name: str) -> tuple[Any, ...] | None:
+    return conn.execute("SELECT active_pid, confirmed_flush_lsn::text, wal_status "
+                        "FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+
+
+def confirmed(conn: psycopg.Connection, name: str) -> int:
+    row = slot_row(conn, name)
+    assert row is not None
+    return pglistener.parse_lsn(row[1])
+
+
+def walsender(sup: Supervisor) -> int:
+    wait_for(lambda: sup.stats().wal_state == "streaming", "the WAL source to stream")
+    pid = sup.stats().wal_backend_pid
+    assert pid is not None
+    return pid
+
+
+# -- what emit() sends ----------------------------------------------------------------------
+
+
+def test_payloads_arrive_byte_exact_in_commit_order(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    binary = bytes(range(256)) * 400                 # 100 KiB with NUL: past NOTIFY's limit
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
+        worker = sup.worker()
+        sub = worker.subscribe("bin", source="wal", timeout=30)
+        js = worker.subscribe_json("bin", source="wal", timeout=30)
+        lsn = pglistener.emit(pg, "bin", binary)
+        pglistener.emit(pg, "bin", "héllo ✓")
+        with pg.transaction():
+            pglistener.emit(pg, "bin", b"kept", transactional=False)
+            pglistener.emit(pg, "bin", b"rolled back")
+            raise psycopg.Rollback()
+        pglistener.emit_json(pg, "bin", {"n": 1})
+        items = read(sub, 4)
+        assert [i.data for i in items] == [binary, "héllo ✓".encode(), b"kept", b'{"n":1}']
+        assert items[0].lsn == lsn and items[0].commit_lsn >= lsn
+        assert items[2].commit_lsn == items[2].lsn - 1           # sent as it was decoded
+        assert all(isinstance(i, Notification) and i.pid == 0 for i in items)
+        assert [i.position for i in items] == sorted(i.position for i in items)
+        assert read(js, 1) == [{"n": 1}]   # JSON: what is not JSON is logged and skipped
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.5)    # the rolled-back transactional message never comes
+
+
+def test_every_read_path_and_asyncio(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    async def main(worker: pglistener.Worker) -> list[int | str]:
+        async with worker.subscribe_async("a", source="wal", timeout=30) as sub:
+            conn = await psycopg.AsyncConnection.connect(logical_cluster.dsn, autocommit=True)
+            async with conn:
+                for i in range(3):
+                    await pglistener.emit(conn, "a", str(i))
+            got = [await sub.get(timeout=30) for _ in range(3)]
+        return numbers(got)
+
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
+        assert asyncio.run(main(sup.worker())) == [0, 1, 2]
+        sub = sup.worker().subscribe("a", source="wal", timeout=30)
+        emit_many(pg, "a", 0, 100)
+        got = sub.get_many(10, timeout=30)
+        for item in sub:
+            got.append(item)
+            if len(got) == 100:
+                break
+        assert numbers(got) == list(range(100))
+
+
+def test_bad_source_and_after_are_refused_before_anything_is_sent(
+    logical_cluster: Cluster, slot: str, dsn: str
+) -> None:
+    with Supervisor(dsn).start() as sup:
+        worker = sup.worker()
+        with pytest.raises(ValueError, match="source is 'notify'"):
+            worker.subscribe("a", source="kafka")
+        with pytest.raises(ValueError, match="source='wal'"):
+            worker.subscribe("a", after=5)
+        with pytest.raises(ValueError, match="Supervisor\\(dsn, slot='name'\\)"):
+            worker.subscribe("a", source="wal", timeout=10)
+        with pytest.raises(TypeError, match="after="):
+            worker.subscribe("a", source="wal", after="0/10")
+    with pytest.raises(ValueError, match="lower-case"):
+        Supervisor(dsn, slot="Bad-Name")
+    with pytest.raises(ValueError, match="give slot= too"):
+        Supervisor(dsn, slot_dsn=dsn)
+
+
+# -- promise 1: no gap on reconnect -----------------------------------------------------------
+
+
+def test_killed_walsender_loses_nothing_and_repeats_nothing(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    total = 30_000
+    with Supervisor(logical_cluster.dsn, slot=slot, **FAST).start() as sup:
+        worker = sup.worker()
+        subs = [worker.subscribe("k", source="wal", timeout=30),
+                worker.subscribe("k", source="wal", timeout=30, overflow="block",
+                                 ring_bytes=16 * 1024)]
+        sent = threading.Event()
+
+        def produce() -> None:
+            with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
+                emit_many(conn, "k", 0, total, transactions=60)
+            sent.set()
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        got: list[list[Any]] = [[], []]
+        kills = 0
+        while len(got[1]) < total:
+            for i, sub in enumerate(subs):
+                got[i] += sub.get_many(4096, timeout=30)
+            if kills < 4 and len(got[1]) > (kills + 1) * total // 6:
+                pg.execute("SELECT pg_terminate_backend(%s)", (walsender(sup),))
+                kills += 1
+        producer.join()
+        while len(got[0]) < total:
+            got[0] += subs[0].get_many(4096, timeout=30)
+        for items in got:
+            assert numbers(items) == list(range(total))
+        stats = sup.stats()
+        assert stats.wal_reconnects >= kills == 4
+        assert stats.reconnects == 0        # the LISTEN connection was not touched
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_server_restart_loses_nothing(
+    logical_cluster: Cluster, slot: str, mode: str
+) -> None:
+    with Supervisor(logical_cluster.dsn, slot=slot, **FAST).start() as sup:
+        worker = sup.worker()
+        wal = worker.subscribe("r", source="wal", timeout=30)
+        note = worker.subscribe("r", timeout=30)
+        with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
+            emit_many(conn, "r", 0, 1000, transactions=4)
+        logical_cluster.restart(mode)
+        with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
+            emit_many(conn, "r", 1000, 1000, transactions=4)
+        assert numbers(read(wal, 2000)) == list(range(2000))
+        with pytest.raises(TimeoutError):
+            wal.get(timeout=1)      # a crash may make the server send some again: not us
+        # The NOTIFY subscription beside it is told what NOTIFY cannot keep.
+        assert numbers(read(note, 1)) == ["GAP:reconnect"]
+
+
+def test_a_frozen_stream_is_replaced_and_loses_nothing(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    proxy = Proxy(*upstream_of(logical_cluster.dsn))
+    try:
+        with Supervisor(logical_cluster.dsn, slot=slot, slot_dsn=proxied(
+                logical_cluster.dsn, proxy), liveness_timeout=2, **FAST).start() as sup:
+            sub = sup.worker().subscribe("f", source="wal", timeout=30)
+            emit_many(pg, "f", 0, 100)
+            assert numbers(read(sub, 100)) == list(range(100))
+            proxy.freeze()
+            emit_many(pg, "f", 100, 100)
+            wait_for(lambda: sup.stats().wal_reconnects >= 1, "the frozen stream to be left")
+            assert numbers(read(sub, 100)) == list(range(100, 200))
+            assert proxy.accepted >= 2
+    finally:
+        proxy.close()
+
+
+# -- promise 2: held by readers ---------------------------------------------------------------
+
+
+def test_the_slot_waits_for_what_a_reader_has_not_consumed(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
+        sub = sup.worker().subscribe("h", source="wal", timeout=30)
+        other = sup.worker().subscribe("h", source="wal", timeout=30)
+        pglistener.emit(pg, "h", "1")
+        first = sub.get(timeout=30)
+        pglistener.emit(pg, "h", "2")
+        second = sub.get(timeout=30)        # first is consumed for `sub`, not for `other`
+        time.sleep(1)                       # feedback had time to go out
+        assert confirmed(pg, slot) <= first.commit_lsn
+        assert numbers(read(other, 2)) == [1, 2]
+        with pytest.raises(TimeoutError):
+            other.get(timeout=0.2)          # asked for more: both are done with there
+        wait_for(lambda: confirmed(pg, slot) > first.commit_lsn, "the slot to pass the first")
+        time.sleep(0.5)
+        assert confirmed(pg, slot) <= second.commit_lsn     # `sub` still holds the second
+        sub.unsubscribe()                   # closed: done with
+        wait_for(lambda: confirmed(pg, slot) > second.commit_lsn, "the slot to pass both")
+
+
+def test_a_blocking_reader_loses_nothing_and_the_wal_holds_the_backlog(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    total = 20_000
+    with Supervisor(logical_cluster.dsn, slot=slot, block_timeout=0.2).start() as sup:
+        sub = sup.worker().subscribe("b", source="wal", timeout=30, overflow="block",
+                                     ring_bytes=16 * 1024)
+        pg.execute("SELECT pg_logical_emit_message(true, 'b', lpad(i::text, 200)) "
+                   "FROM generate_series(0, %s) i", (total - 1,))
+        time.sleep(1)           # far past block_timeout: a WAL hold has no limit
+        got = []
+        while len(got) < total:
+            got += sub.get_many(256, timeout=30)
+            time.sleep(0.0005)
+        assert [int(i.payload) for i in got] == list(range(total))
+        stats = sup.stats()
+        assert stats.readers[0].missed == 0 and stats.readers[0].held_seconds > 0.5
+
+
+# -- promise 3: crashes -------------------------------------------------------------------------
+
+
+def test_a_killed_supervisor_resumes_after_the_last_handled_message(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    sup = Supervisor(logical_cluster.dsn, slot=slot).start()
+    try:
+        sub = sup.worker().subscribe("s", source="wal", timeout=30)
+        emit_many(pg, "s", 0, 1000)
+        handled = read(sub, 400)
+        assert sup.pid is not None
+        os.kill(sup.pid, signal.SIGKILL)
+    finally:
+        sup.stop()
+    emit_many(pg, "s", 1000, 500)
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as again:
+        worker = again.worker()
+        resumed = worker.subscribe("s", source="wal", after=handled[-1], timeout=30)
+        fresh = worker.subscribe("s", source="wal", timeout=30)
+        assert numbers(read(resumed, 1100)) == list(range(400, 1500))
+        pglistener.emit(pg, "s", "1500")
+        assert numbers(read(fresh, 1)) == [1500]    # without after=: what commits from now
+
+
+def test_resume_in_the_middle_of_a_transaction_that_overlapped_another(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """A wrote 0..299 before B committed and 300..599 after: the stream is B, then A, and
+    A's LSNs are not in stream order. A resume after A's 150th message gets exactly the rest,
+    by its position; by its LSN too, while the slot holds A's transaction."""
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
+        worker = sup.worker()
+        holder = worker.subscribe("o", source="wal", timeout=30)    # holds the slot
+        pglistener.emit(pg, "o", "-1")
+        sub = worker.subscribe("o", source="wal", timeout=30)
+        with psycopg.connect(logical_cluster.dsn) as a:
+            emit_many(a, "o", 0, 300)
+            emit_many(pg, "o", 1000, 300)                         # B: commits first
+            emit_many(a, "o", 300, 300)
+            a.commit()
+        got = read(sub, 450)
+        assert numbers(got) == list(range(1000, 1300)) + list(range(150))
+        assert got[300].lsn < got[0].lsn       # A's first write came before B's
+        sub.unsubscribe()
+        by_position = worker.subscribe("o", source="wal", after=got[-1], timeout=30)
+        by_lsn = worker.subscribe("o", source="wal", after=got[-1].lsn, timeout=30)
+        rest = list(range(150, 600))
+        assert numbers(read(by_position, 450)) == rest
+        assert numbers(read(by_lsn, 450)) == rest
+        for s in (by_position, by_lsn):
+            with pytest.raises(TimeoutError):
+                s.get(timeout=0.5)
+        assert numbers(read(holder, 1)) == [-1]
+
+
+def test_a_consumer_group_shares_the_source(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
+        worker = sup.worker()
+        members = [worker.subscribe("g", source="wal", group="jobs", timeout=30)
+                   for _ in range(3)]
+        emit_many(pg, "g", 0, 3000, transactions=30)
+        got: list[int | str] = []
+        deadline = time.monotonic() + 30
+        while len(got) < 3000 and time.monotonic() < deadline:
+            for m in members:
+                with contextlib.suppress(TimeoutError):
+                    got += numbers(m.get_many(512, timeout=0.05))
+        assert sorted(got) == list(range(3000))     # each exactly once, across the group
+
+
+# -- promise 5: what the server must be told ----------------------------------------------------
+
+
+def test_wal_level_replica_fails_the_first_subscribe(cluster: Cluster) -> None:
+    with Supervisor(cluster.dsn, slot="never", **FAST).start() as sup:
+        with pytest.raises(WalSourceError, match="wal_level = logical"):
+            sup.worker().subscribe("x", source="wal", timeout=30)
+        assert sup.worker().subscribe("x", timeout=30)      # NOTIFY goes on
+        stats = sup.stats()
+        assert stats.wal_state != "streaming" and "wal_level" in str(stats.wal_last_error)
+
+
+def test_a_role_without_replication_fails_the_first_subscribe(
+    logical_cluster: Cluster, pg: psycopg.Connection
+) -> None:
+    pg.execute("DROP ROLE IF EXISTS plain")
+    pg.execute("CREATE ROLE plain LOGIN")
+    dsn = logical_cluster.dsn.replace("user=postgres", "user=plain")
+    with Supervisor(dsn, slot="never", **FAST).start() as sup:
+        with pytest.raises(WalSourceError, match="REPLICATION"):
+            sup.worker().subscribe("x", source="wal", timeout=30)
+
+
+def test_two_supervisors_on_one_slot_get_an_error_not_a_fight(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as first:
+        sub = first.worker().subscribe("t", source="wal", timeout=30)
+        with Supervisor(logical_cluster.dsn, slot=slot, **FAST).start() as second:
+            with pytest.raises(WalSourceError, match="in use"):
+                second.worker().subscribe("t", source="wal", timeout=30)
+        pglistener.emit(pg, "t", "1")
+        assert numbers(read(sub, 1)) == [1]
+        assert first.stats().wal_reconnects == 0
+
+
+def test_an_invalidated_slot_is_made_again_and_says_so(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    with Supervisor(logical_cluster.dsn, slot=slot, **FAST).start() as sup:
+        sub = sup.worker().subscribe("i", source="wal", timeout=30)
+        pglistener.emit(pg, "i", "1")
+        assert numbers(read(sub, 1)) == [1]         # taken, not consumed: the slot waits
+        pg.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        pg.execute("SELECT pg_reload_conf()")
+        try:
+            pg.execute("CREATE TABLE IF NOT EXISTS junk (t text)")
+            for _ in range(4):
+                pg.execute("INSERT INTO junk SELECT repeat('x', 900) "
+                           "FROM generate_series(1, 5000)")
+                pg.execute("SELECT pg_switch_wal()")
+                pg.execute("CHECKPOINT")
+            wait_for(lambda: sup.stats().wal_reconnects >= 1, "the invalidated slot to be left")
+        finally:
+            pg.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            pg.execute("SELECT pg_reload_conf()")
+            pg.execute("DROP TABLE IF EXISTS junk")
+        wait_for(lambda: sup.stats().wal_state == "streaming", "the slot to be made again")
+        pglistener.emit(pg, "i", "2")
+        assert numbers(read(sub, 2)) == ["GAP:slot", 2]
+
+
+# -- promise 6: feedback --------------------------------------------------------------------------
+
+
+def test_feedback_keeps_the_walsender_and_moves_an_idle_slot(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """wal_sender_timeout is 5 s on this cluster: a client that said nothing for that long
+    would be dropped."""
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
+        sub = sup.worker().subscribe("idle", source="wal", timeout=30)
+        pid = walsender(sup)
+        start = confirmed(pg, slot)
+        pg.execute("CREATE TABLE IF NOT EXISTS busy (n int)")
+        for _ in range(12):
+            pg.execute("INSERT INTO busy SELECT generate_series(1, 1000)")
+            time.sleep(1)
+        stats = sup.stats()
+        assert stats.wal_reconnects == 0 and stats.wal_backend_pid == pid
+        assert confirmed(pg, slot) > start      # unrelated writes: the slot moves on
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.1)
+        pg.execute("DROP TABLE busy")
+
+
+# -- seeing and dropping slots -------------------------------------------------------------------
+
+
+def test_slot_list_and_drop(logical_cluster: Cluster, slot: str,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    from pglistener.__main__ import main
+
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
+        sup.worker().subscribe("l", source="wal", timeout=30)
+        assert main(["slot", "list", "--dsn", logical_cluster.dsn]) == 0
+        listed = capsys.readouterr().out
+        assert slot in listed and "pgoutput" in listed and "yes" in listed
+        assert main(["slot", "drop", slot, "--dsn", logical_cluster.dsn]) == 1
+        assert "in use" in capsys.readouterr().err
+        stats = sup.stats()
+        assert stats.slot == slot and stats.wal_state == "streaming"
+        assert stats.slot_lag_bytes is None or stats.slot_lag_bytes >= 0
+    assert main(["slot", "drop", slot, "--dsn", logical_cluster.dsn]) == 0
+    assert main(["slot", "drop", slot, "--dsn", logical_cluster.dsn]) == 1
+    assert "no replication slot" in capsys.readouterr().err
