@@ -36,6 +36,7 @@ cdef extern from "libpq-fe.h" nogil:
         PGRES_COPY_BOTH
 
     # 34.1 Database connection control
+    PGconn *PQconnectdb(const char *conninfo)
     PGconn *PQconnectStart(const char *conninfo)
     PostgresPollingStatusType PQconnectPoll(PGconn *conn)
     void PQfinish(PGconn *conn)
@@ -49,6 +50,7 @@ cdef extern from "libpq-fe.h" nogil:
     int PQlibVersion()
 
     # 34.3 Command execution
+    PGresult *PQexec(PGconn *conn, const char *command)
     ExecStatusType PQresultStatus(const PGresult *res)
     char *PQresultErrorMessage(const PGresult *res)
     int PQntuples(const PGresult *res)

@@ -35,7 +35,7 @@ def test_every_gap_can_be_built_pickled_and_copied(gap: Gap) -> None:
 
 
 def test_an_unknown_gap_reason_is_refused() -> None:
-    with pytest.raises(ValueError, match="'reconnect', 'overflow' or 'restart'"):
+    with pytest.raises(ValueError, match="'reconnect', 'overflow', 'restart' or 'slot'"):
         Gap("lost")
 
 

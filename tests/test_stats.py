@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import psycopg
+from fix_cluster import Cluster
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -77,22 +78,31 @@ def test_prometheus_collector_exposes_the_same_figures(dsn: str,
     assert b"pglistener_up 0.0" in generate_latest(registry)
 
 
-def test_every_figure_reaches_stats_and_prometheus(dsn: str, conn: psycopg.Connection) -> None:
+def test_every_figure_reaches_stats_and_prometheus(logical_cluster: Cluster) -> None:
     """The schema is the dataclasses: the supervisor's reply has every field, and the
-    collector exports every one (per reader, labelled by channels, group and policy)."""
+    collector exports every one (per reader, labelled by channels, group, policy and
+    source). With both sources, so that none is left unknown."""
     import dataclasses
 
     from pglistener.stats import COUNTER, INFO, LABEL, ReaderStats, Stats
 
-    with Supervisor(dsn).start() as sup:
+    dsn = logical_cluster.dsn
+    with Supervisor(dsn, slot="stats_schema", liveness_timeout=1.5).start() as sup, \
+            psycopg.connect(dsn, autocommit=True) as conn:
         sup.wait_connected()
         worker = sup.worker()
         plain = worker.subscribe("schema", timeout=30)
         member = worker.subscribe("schema", group="g", overflow="block", timeout=30)
+        wal = worker.subscribe("schema", source="wal", timeout=30)
         notify(conn, "schema", ["a", "b"])
+        conn.execute("SELECT pg_logical_emit_message(true, 'schema', 'w')")
+        wal.get(timeout=30)
         wait_for(lambda: sup.stats().received == 2, "delivery")
+        wait_for(lambda: sup.stats().slot_lag_bytes is not None, "the slot's WAL sampled")
+        wait_for(lambda: sup.stats().wal_confirmed_lsn > 0, "the slot confirmed")
         s = sup.stats()
-        assert (s.workers, s.connections, s.subscriptions) == (1, 1, 2)
+        assert (s.workers, s.connections, s.subscriptions) == (1, 1, 3)
+        assert (s.slot, s.wal_state, s.wal_received) == ("stats_schema", "streaming", 1)
         registry = CollectorRegistry()
         registry.register(SupervisorCollector(sup))
         families = {f.name: f for f in text_string_to_metric_families(
@@ -111,18 +121,26 @@ def test_every_figure_reaches_stats_and_prometheus(dsn: str, conn: psycopg.Conne
         assert families["pglistener_connections"].samples[0].value == 1
         labels = {f.metadata["label"] for f in dataclasses.fields(ReaderStats)
                   if f.metadata["kind"] == LABEL}
-        assert labels == {"subscription", "channels", "pid", "policy", "group"}
+        assert labels == {"subscription", "channels", "pid", "policy", "group", "source"}
         for f in dataclasses.fields(ReaderStats):
             if f.metadata["kind"] == LABEL:
                 continue
             family = families[f"pglistener_reader_{f.name}"]
-            by_policy = {sample.labels["policy"]: sample for sample in family.samples}
-            assert set(by_policy) == {"gap", "block"}, f"ReaderStats.{f.name} is not exported"
-            assert by_policy["block"].labels["group"] == "g"
-            assert by_policy["gap"].labels["group"] == ""
-            assert by_policy["gap"].labels["channels"] == "schema"
-        delivered = {x.labels["policy"]: x.value
+            by_kind = {(sample.labels["policy"], sample.labels["source"]): sample
+                       for sample in family.samples}
+            assert set(by_kind) == {("gap", "notify"), ("block", "notify"), ("gap", "wal")}, \
+                f"ReaderStats.{f.name} is not exported"
+            assert by_kind["block", "notify"].labels["group"] == "g"
+            assert by_kind["gap", "notify"].labels["group"] == ""
+            assert by_kind["gap", "notify"].labels["channels"] == "schema"
+        delivered = {(x.labels["policy"], x.labels["source"]): x.value
                      for x in families["pglistener_reader_delivered"].samples}
-        assert delivered == {"gap": 2, "block": 2}
+        assert delivered == {("gap", "notify"): 2, ("block", "notify"): 2, ("gap", "wal"): 1}
         plain.unsubscribe()
         member.unsubscribe()
+        wal.unsubscribe()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_replication_slots WHERE "
+                                      "slot_name = 'stats_schema' AND active").fetchone() == (0,),
+                 "the slot released")
+        conn.execute("SELECT pg_drop_replication_slot('stats_schema')")

@@ -1,7 +1,9 @@
 """python -m pglistener.bench: pglistener side by side with the other ways to listen.
+(python -m pglistener.bench soak --seconds S: both sources under backend kills, accounted.)
 
 Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, burst,
-group, idle.
+group, idle; and for the WAL source (a server with wal_level = logical; the embedded one is
+set so): produce, wal-drain, wal-tx, wal-latency, wal-fanout, wal-group.
 Systems, all on the same server with the same workload:
 
   raw                  a C loop on one connection (PQconsumeInput + PQnotifies): the ceiling
@@ -18,14 +20,25 @@ Systems, all on the same server with the same workload:
   pglistener-group     group: one process per reader, all in one consumer group ("block")
   skip-locked          group: one psycopg listener per reader, each woken by every
                        notification, claiming a job with FOR UPDATE SKIP LOCKED
+  raw-wal              a C loop on a replication connection of its own (a temporary pgoutput
+                       slot): the WAL source's ceiling
+  pglistener-wal(-for) subscribe(..., source="wal") read by get_many, or by for item in sub
+  pglistener-wal-group a consumer group on the WAL source
+  psycopg2-wal         psycopg2's LogicalReplicationConnection.consume_stream()
+  insert+notify, insert+emit, notify, emit, emit-nontx
+                       produce: pgbench, 16 clients, each transaction an INSERT and a NOTIFY
+                       or a pg_logical_emit_message, or the announcement alone
+
+The WAL peers (raw-wal, psycopg2-wal) read their backlog in a database of their own, so that
+the supervisor's slot (in the bench's database) does not decode it.
 
 Rounds interleave the systems so that drift on a noisy machine hits all of them alike; each
 figure is the median over rounds with min and max, and ratios are taken round by round.
 
 What it needs beyond pglistener comes with `pip install 'pglistener[bench]'`: pgserver (the
-embedded server used when no --dsn is given), asyncpg (its system), matplotlib (--plot) and
-rich (the progress bar). Without the extra, pass --dsn: systems whose package is missing are
-skipped and marked so in the JSON.
+embedded server used when no --dsn is given), asyncpg and psycopg2 (their systems),
+matplotlib (--plot) and rich (the progress bar). Without the extra, pass --dsn: systems whose
+package is missing are skipped and marked so in the JSON.
 """
 
 from __future__ import annotations
@@ -50,7 +63,9 @@ from pglistener._dsn import describe as describe_dsn
 from . import report, systems
 from .scenarios import (
     ONE_PROCESS,
+    PRODUCE_SQL,
     SCENARIOS,
+    WAL_SYSTEMS,
     Scenario,
     channel_names,
     expected,
@@ -58,6 +73,8 @@ from .scenarios import (
     produce_flat_out,
     produce_jobs,
     produce_paced,
+    produce_wal_backlog,
+    produce_wal_jobs,
     shares,
 )
 from .systems import Job
@@ -114,21 +131,53 @@ def shaped(scenario: Scenario, args: argparse.Namespace) -> Scenario:
             changes["payload_bytes"] = args.payload_bytes
         if args.channels and scenario.channels > 1:
             changes["channels"] = args.channels
-    if scenario.kind in ("latency", "live") and args.quick:
-        changes["seconds"] = 1.0
+    if scenario.kind in ("latency", "live", "produce") and args.quick:
+        changes["seconds"] = 1.0 if scenario.kind != "produce" else 2.0
     return Scenario(**{**scenario.__dict__, **changes})
 
 
 EXTRA = "pip install 'pglistener[bench]'"
 
 #: Systems that need a package pglistener itself does not depend on.
-NEEDS = {"asyncpg": "asyncpg"}
+NEEDS = {"asyncpg": "asyncpg", "psycopg2-wal": "psycopg2"}
+
+#: The slot the bench's supervisor reads, and the WAL peers' own database.
+BENCH_SLOT = "pglistener_bench"
+PEER_DB = "pglistener_bench_peers"
 
 
-def missing_systems() -> dict[str, str]:
-    """Systems that cannot run here, and why."""
-    return {system: f"{module} is not installed ({EXTRA})" for system, module in NEEDS.items()
-            if importlib.util.find_spec(module) is None}
+def missing_systems(wal: str | None = None) -> dict[str, str]:
+    """Systems that cannot run here, and why (wal: why the WAL source cannot, if so)."""
+    out = {system: f"{module} is not installed ({EXTRA})" for system, module in NEEDS.items()
+           if importlib.util.find_spec(module) is None}
+    if pgbench() is None:
+        out.update({system: "no pgbench (PostgreSQL's client tools)" for system in PRODUCE_SQL})
+    if wal is not None:
+        out.update({system: wal for system in (*WAL_SYSTEMS, *PRODUCE_SQL)})
+    return out
+
+
+def pgbench() -> str | None:
+    """pgserver's pgbench, else the one on PATH."""
+    import shutil
+
+    try:
+        from pgserver._commands import POSTGRES_BIN_PATH
+        found = os.path.join(str(POSTGRES_BIN_PATH), "pgbench")
+        if os.path.exists(found):
+            return found
+    except ImportError:
+        pass
+    return shutil.which("pgbench")
+
+
+def wal_unusable(dsn: str) -> str | None:
+    """Why this server cannot serve the WAL source, or None."""
+    with psycopg.connect(dsn) as conn:
+        level = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
+    if level != "logical":
+        return f"the server's wal_level is {level}, not logical"
+    return None
 
 
 #: pglistener's systems: one spawned worker process per reader, differing only in how it reads.
@@ -141,24 +190,33 @@ WORKER_READERS: dict[str, Callable[..., None]] = {
     # overflow="gap" (the default) and "block", in the burst scenario
     "pglistener-gap": systems.pglistener_reader,
     "pglistener-block": systems.pglistener_reader,
+    "pglistener-wal": systems.pglistener_reader,
+    "pglistener-wal-for": systems.pglistener_for_reader,
 }
 
 
 class Bench:
-    def __init__(self, dsn: str, args: argparse.Namespace, stack: ExitStack) -> None:
+    def __init__(self, dsn: str, args: argparse.Namespace, stack: ExitStack,
+                 wal: bool = False) -> None:
         self.dsn = dsn
         self.args = args
         self.ctx = multiprocessing.get_context("spawn")
-        self.sup = stack.enter_context(Supervisor(dsn, ring_bytes=args.ring_bytes,
-                                                  max_ring_bytes=args.ring_bytes).start())
-        self.worker = self.sup.worker()
         self.conn = stack.enter_context(psycopg.connect(dsn, autocommit=True))
+        self.peer_dsn = dsn
+        if wal:
+            self.peer_dsn = _wal_setup(self.conn, dsn, stack)
+        self.sup = stack.enter_context(Supervisor(
+            dsn, ring_bytes=args.ring_bytes, max_ring_bytes=args.ring_bytes,
+            slot=BENCH_SLOT if wal else None).start())
+        self.worker = self.sup.worker()
 
     # -- one system in one scenario, one round ----------------------------------------------
 
     def run(self, scenario: Scenario, system: str) -> dict[str, Any]:
         if scenario.kind == "idle":
             return self._idle(scenario)
+        if scenario.kind == "produce":
+            return self._produce(scenario, system)
         readers = self.args.workers if scenario.many_readers else 1
         channels = channel_names(scenario)
         share = shares(channels, readers)
@@ -171,11 +229,12 @@ class Bench:
                  else int(scenario.rate * scenario.seconds))
             return Job(chans, n, mode, deadline, fan, route or {}, scenario.pause_s,
                        scenario.ring_bytes or None,
-                       "block" if system == "pglistener-block" else "gap")
+                       "block" if system == "pglistener-block" else "gap",
+                       "wal" if system in WAL_SYSTEMS else "notify")
 
         targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         in_process = system in ONE_PROCESS and readers > 1
-        if system == "pglistener-group":
+        if system in ("pglistener-group", "pglistener-wal-group"):
             total = self.ctx.Value("q", 0)      # what the group handled, in all
             targets = [(systems.pglistener_group_reader, (self.worker, job(c), total))
                        for c in share]
@@ -185,6 +244,10 @@ class Bench:
             targets = [(systems.psycopg_reader, (self.dsn, job(c))) for c in share]
         elif system == "skip-locked":
             targets = [(systems.skip_locked_reader, (self.dsn, job(c))) for c in share]
+        elif system == "raw-wal":
+            targets = [(systems.raw_wal_reader, (self.peer_dsn, job(channels)))]
+        elif system == "psycopg2-wal":
+            targets = [(systems.psycopg2_wal_reader, (self.peer_dsn, job(channels)))]
         elif system in ONE_PROCESS:
             fn = {"raw": systems.raw_reader, "psycopg": systems.psycopg_reader,
                   "asyncpg": systems.asyncpg_reader}[system]
@@ -207,13 +270,15 @@ class Bench:
         # The supervisor and its server backend are timed from here; a reader times itself.
         watch: dict[str, int | None] = {}
         if system.startswith("pglistener"):
-            watch = {"supervisor": self.sup.pid,
-                     "backend": self.sup.wait_connected().backend_pid}
-        reports, produced, cpu = self._drive(scenario, targets, watch)
+            backend = self.sup.wait_connected().backend_pid
+            if system in WAL_SYSTEMS:       # the walsender that decodes for the slot
+                backend = self.sup.stats().wal_backend_pid
+            watch = {"supervisor": self.sup.pid, "backend": backend}
+        reports, produced, cpu = self._drive(scenario, targets, watch, system)
         return report.figures(scenario, reports, produced, readers, in_process, cpu)
 
     def _drive(self, scenario: Scenario, targets: list[tuple[Callable[..., None], tuple[Any, ...]]],
-               watch: dict[str, int | None]
+               watch: dict[str, int | None], system: str = ""
                ) -> tuple[list[dict[str, Any]], tuple[float, float, int] | None,
                           dict[str, int | None]]:
         ready, out = systems.Ready(self.ctx.Queue()), systems.Out(self.ctx.Queue())
@@ -227,14 +292,24 @@ class Bench:
             before = {name: _cpu(pid) for name, pid in watch.items()}
             produced = None
             channel = channel_names(scenario)[0]
+            wal = system in WAL_SYSTEMS
+            if wal and system.startswith("pglistener"):
+                wait_streaming(self.sup)
+            conn = self.conn
+            if system in ("raw-wal", "psycopg2-wal"):     # they read their own database
+                conn = psycopg.connect(self.peer_dsn, autocommit=True)
             if scenario.shared:
-                produce_jobs(self.conn, scenario, scenario.notifications, len(procs))
+                (produce_wal_jobs if wal else produce_jobs)(
+                    conn, scenario, scenario.notifications, len(procs))
             elif scenario.kind == "count":
-                produce_backlog(self.conn, scenario, scenario.notifications)
+                (produce_wal_backlog if wal else produce_backlog)(
+                    conn, scenario, scenario.notifications)
             elif scenario.kind == "latency":
-                produce_paced(self.conn, channel, scenario.rate, scenario.seconds)
+                produce_paced(conn, channel, scenario.rate, scenario.seconds, wal)
             else:
                 produced = produce_flat_out(self.conn, channel, scenario.seconds)
+            if conn is not self.conn:
+                conn.close()
             reports = [_get(out, procs, 300) for _ in procs]
             after = {name: _cpu(pid) for name, pid in watch.items()}
         finally:
@@ -248,6 +323,31 @@ class Bench:
             start, end = before[name], after[name]
             cpu[name] = None if start is None or end is None else end - start
         return [r for r in reports if "listener" not in r], produced, cpu
+
+    def _produce(self, scenario: Scenario, system: str) -> dict[str, Any]:
+        """pgbench with 16 clients for scenario.seconds on one script: transactions/s."""
+        import re
+        import subprocess
+
+        self.conn.execute("CREATE TABLE IF NOT EXISTS bench_produce "
+                          "(id bigint GENERATED ALWAYS AS IDENTITY, v int)")
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+            script.write(PRODUCE_SQL[system])
+        try:
+            tool = pgbench()
+            assert tool is not None
+            result = subprocess.run(
+                [tool, "-n", "-c", "16", "-j", "2", "-T", str(max(1, int(scenario.seconds))),
+                 "-f", script.name, self.dsn], capture_output=True, text=True, timeout=300,
+                check=False)
+        finally:
+            os.unlink(script.name)
+        found = re.search(r"tps = ([0-9.]+)", result.stdout)
+        if result.returncode != 0 or found is None:
+            raise RuntimeError(f"pgbench failed: {result.stderr.strip()[-500:]}")
+        self.conn.execute("TRUNCATE bench_produce")
+        return {"tps": float(found.group(1)), "readers": 0, "processes": 16,
+                "in_process": False, "received": 0, "missed": 0}
 
     def _idle(self, scenario: Scenario) -> dict[str, Any]:
         """CPU used by the supervisor and by a reader blocked in get(), nothing sent."""
@@ -292,6 +392,7 @@ def _cpu(pid: int | None) -> int | None:
 
 
 def start_server(stack: ExitStack) -> str:
+    """An embedded PostgreSQL (pgserver) with wal_level = logical, for both sources."""
     import logging
 
     import pgserver
@@ -299,8 +400,47 @@ def start_server(stack: ExitStack) -> str:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     datadir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pglistener-bench-"))
     server = pgserver.get_server(datadir, cleanup_mode="stop")  # type: ignore[attr-defined]
+    with psycopg.connect(str(server.get_uri()), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET wal_level = logical")
+    server.cleanup()        # stopped; started again with the setting
+    server = pgserver.get_server(datadir, cleanup_mode="stop")  # type: ignore[attr-defined]
     stack.callback(server.cleanup)
     return str(server.get_uri())
+
+
+def _wal_setup(conn: psycopg.Connection[Any], dsn: str, stack: ExitStack) -> str:
+    """The WAL peers' database (with the publication pgoutput needs) and the bench slot's
+    removal at the end; returns the peers' DSN."""
+    from psycopg.conninfo import make_conninfo
+
+    if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PEER_DB,)).fetchone() is None:
+        conn.execute(f"CREATE DATABASE {PEER_DB}")
+    peer = make_conninfo(dsn, dbname=PEER_DB)
+    with psycopg.connect(peer, autocommit=True) as pc:
+        found = pc.execute("SELECT 1 FROM pg_publication WHERE pubname = 'pglistener'")
+        if found.fetchone() is None:
+            pc.execute("CREATE PUBLICATION pglistener")
+
+    def drop_slot() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            wait = time.monotonic() + 10
+            while time.monotonic() < wait and c.execute(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active",
+                    (BENCH_SLOT,)).fetchone():
+                time.sleep(0.1)
+            c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                      "WHERE slot_name = %s AND NOT active", (BENCH_SLOT,))
+
+    stack.callback(drop_slot)       # runs after the supervisor has stopped
+    return peer
+
+
+def wait_streaming(sup: Supervisor, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sup.stats().wal_state != "streaming":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the WAL source does not stream: {sup.stats().wal_last_error}")
+        time.sleep(0.05)
 
 
 def header(dsn: str) -> dict[str, Any]:
@@ -325,6 +465,11 @@ def header(dsn: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["soak"]:
+        from . import soak
+
+        return soak.main(given[1:])
     args = parse_args(argv)
     chosen = [shaped(SCENARIOS[name], args) for name in (args.scenario or SCENARIOS)]
     with ExitStack() as stack:
@@ -342,11 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in info.items():
             print(f"{key:>22}: {value}")
         print(f"{'command':>22}: python -m pglistener.bench {' '.join(_safe_argv(argv))}")
-        skipped = missing_systems()
+        wants_wal = any(set(s.systems) & {*WAL_SYSTEMS, *PRODUCE_SQL} for s in chosen)
+        why_not_wal = wal_unusable(dsn) if wants_wal else None
+        skipped = missing_systems(why_not_wal)
         for system, why in skipped.items():
             print(f"{'skipped':>22}: {system}: {why}")
         sys.stdout.flush()
-        bench = Bench(dsn, args, stack)
+        bench = Bench(dsn, args, stack, wal=wants_wal and why_not_wal is None)
         results: dict[str, dict[str, list[dict[str, Any]]]] = {
             s.name: {system: [] for system in s.systems if system not in skipped}
             for s in chosen}

@@ -1,3 +1,6 @@
 def drain(
     pgconn_ptr: int, expect: int, timeout_ms: int, latency: bool = False
 ) -> tuple[int, int, int, list[int] | None]: ...
+def wal_drain(
+    conninfo: bytes, publication: bytes, expect: int, timeout_ms: int, ready: object
+) -> tuple[int, int, int]: ...

@@ -3,13 +3,14 @@
 
 It is the ceiling of one connection on this machine: what PQconsumeInput + PQnotifies can
 take off the socket. It runs on the PGconn* of a psycopg connection (same libpq as ours).
+wal_drain() is the same for the WAL source: a replication connection and nothing else.
 """
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc, strtoll
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from pglistener._libpq cimport PGconn, PGnotify, PQconsumeInput, PQfreemem, PQnotifies, PQsocket
+from pglistener._libpq cimport *
 from pglistener._poll cimport POLLIN, poll, pollfd
 
 
@@ -60,3 +61,76 @@ def drain(size_t pgconn_ptr, Py_ssize_t expect, int timeout_ms, bint latency=Fal
     finally:
         free(lat)
     return n, first, end, lats
+
+
+cdef extern from "../_wire.h" nogil:
+    uint64_t pgl_be64(const char *p)
+    void pgl_put_be64(char *p, uint64_t v)
+    int64_t pgl_pg_now_us()
+
+
+def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_ms,
+              ready):
+    """The WAL source's ceiling: a C loop on a replication connection of its own (libpq
+    directly, conninfo with replication=database), a temporary pgoutput slot, counting the
+    logical decoding messages ('M') and answering keepalives, until `expect` arrived or
+    timeout_ms passed. ready() is called once the stream runs.
+
+    Returns (count, first_ns, end_ns) in CLOCK_MONOTONIC."""
+    cdef PGconn *conn = PQconnectdb(conninfo)
+    cdef PGresult *res
+    cdef char *buf
+    cdef char reply[34]
+    cdef int n
+    cdef Py_ssize_t count = 0
+    cdef int64_t now, first = 0, end = 0, deadline
+    cdef uint64_t wal_end
+    cdef pollfd fd
+    try:
+        if PQstatus(conn) != CONNECTION_OK:
+            raise RuntimeError(PQerrorMessage(conn).decode())
+        for sql in (b"CREATE_REPLICATION_SLOT pglistener_bench_raw TEMPORARY LOGICAL pgoutput "
+                    b"NOEXPORT_SNAPSHOT",
+                    b"START_REPLICATION SLOT pglistener_bench_raw LOGICAL 0/0 (proto_version "
+                    b"'1', publication_names '" + publication + b"', messages 'true')"):
+            res = PQexec(conn, sql)
+            status = PQresultStatus(res)
+            PQclear(res)
+            if status not in (PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_COPY_BOTH):
+                raise RuntimeError(PQerrorMessage(conn).decode())
+        ready()
+        deadline = _now_ns() + <int64_t>timeout_ms * 1000000
+        with nogil:
+            fd.fd = PQsocket(conn)
+            fd.events = POLLIN
+            while count < expect:
+                n = PQgetCopyData(conn, &buf, 1)
+                if n > 0:
+                    if buf[0] == b'w' and n > 25 and buf[25] == b'M':
+                        end = _now_ns()
+                        if count == 0:
+                            first = end
+                        count += 1
+                    elif buf[0] == b'k' and n >= 18 and buf[17]:
+                        wal_end = pgl_be64(buf + 1)
+                        reply[0] = b'r'
+                        pgl_put_be64(reply + 1, wal_end)
+                        pgl_put_be64(reply + 9, wal_end)
+                        pgl_put_be64(reply + 17, wal_end)
+                        pgl_put_be64(reply + 25, <uint64_t>pgl_pg_now_us())
+                        reply[33] = 0
+                        PQputCopyData(conn, reply, 34)
+                        PQflush(conn)
+                    PQfreemem(buf)
+                    continue
+                if n < 0:
+                    break
+                now = _now_ns()
+                if now >= deadline:
+                    break
+                poll(&fd, 1, <int>((deadline - now) // 1000000) + 1)
+                if PQconsumeInput(conn) == 0:
+                    break
+    finally:
+        PQfinish(conn)
+    return count, first, end

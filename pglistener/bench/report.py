@@ -87,7 +87,8 @@ KEYS = {"count": ("per_reader_per_s", "deliveries_per_s", "missed", "accounted",
                   "cpu_backend_ns", "cpu_supervisor_ns", "cpu_reader_ns"),
         "latency": ("p50_us", "p99_us", "p999_us"),
         "live": ("produced_per_s", "delivered_per_s", "keep_up", "max_lag_ms"),
-        "idle": ("supervisor_cpu_percent", "reader_cpu_percent")}
+        "idle": ("supervisor_cpu_percent", "reader_cpu_percent"),
+        "produce": ("tps",)}
 
 
 def summarize(chosen: list[Scenario], results: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def _invalid(results: dict[str, Any], scenario: str, systems: list[str], key: An
         if any(r.get("valid") is False for r in rows.get(system, [])):
             return (f"a drain shorter than {MIN_DRAIN_SECONDS:g} s (raise --notifications): "
                     f"too short to time")
-    if (reference == "raw" and how == "ratio" and key in ("per_reader_per_s",
+    if (reference in ("raw", "raw-wal") and how == "ratio" and key in ("per_reader_per_s",
                                                           "deliveries_per_s")
             and any(v > MAX_RATIO_TO_RAW for v in values)):
         return f"over {MAX_RATIO_TO_RAW:g}x the C loop: mistimed, not faster"
@@ -187,6 +188,22 @@ TARGETS: list[tuple[str, str, str, str | None, str | tuple[str, str], str, str, 
      "exact", "", ">=", 1.0),
     ("group: consumer group >= 3x SKIP LOCKED (jobs/s)", "group", "pglistener-group",
      "skip-locked", "deliveries_per_s", "ratio", ">=", 3.0),
+    ("produce: INSERT+emit >= 1.8x INSERT+NOTIFY (tx/s)", "produce", "insert+emit",
+     "insert+notify", "tps", "ratio", ">=", 1.8),
+    ("wal-drain: for item in sub >= 0.5x the C loop", "wal-drain", "pglistener-wal-for",
+     "raw-wal", "per_reader_per_s", "ratio", ">=", 0.5),
+    ("wal-drain: for item in sub >= 1.2x psycopg2", "wal-drain", "pglistener-wal-for",
+     "psycopg2-wal", "per_reader_per_s", "ratio", ">=", 1.2),
+    ("wal-drain: each message exactly once", "wal-drain", "pglistener-wal-for", None,
+     "exact", "", ">=", 1.0),
+    ("wal-tx: one per transaction, keeps up with the C loop", "wal-tx", "pglistener-wal-for",
+     "raw-wal", "per_reader_per_s", "ratio", ">=", 0.9),
+    ("wal-latency: p50 within 2x NOTIFY's", "wal-latency", "pglistener-wal", "pglistener",
+     "p50_us", "ratio", "<=", 2.0),
+    ("wal-fanout: every reader gets every message exactly once", "wal-fanout",
+     "pglistener-wal", None, "exact", "", ">=", 1.0),
+    ("wal-group: each job handled exactly once", "wal-group", "pglistener-wal-group", None,
+     "exact", "", ">=", 1.0),
     ("idle: supervisor CPU % (about 0)", "idle", "pglistener", None,
      "supervisor_cpu_percent", "", "<=", 1.0),
     ("idle: blocked reader CPU % (about 0)", "idle", "pglistener", None,
@@ -238,6 +255,9 @@ def print_tables(chosen: list[Scenario], results: dict[str, Any], summary: dict[
             print(f"   {s.rate}/s for {s.seconds:g} s; microseconds from before the sender's "
                   f"NOTIFY to the reader")
             print(f"   {'system':<20} {'p50':>22} {'p99':>22} {'p99.9':>22}")
+        elif s.kind == "produce":
+            print(f"   pgbench, 16 clients, {s.seconds:g} s each; transactions/s")
+            print(f"   {'system':<20} {'tx/s':>28}")
         elif s.kind == "live":
             print(f"   {s.seconds:g} s, one NOTIFY per transaction; delivered/s per reader against "
                   f"produced/s")
@@ -245,7 +265,8 @@ def print_tables(chosen: list[Scenario], results: dict[str, Any], summary: dict[
                   f"{'kept up':>20} {'max lag ms':>24}")
         for system, row in summary[s.name].items():
             rounds = results[s.name][system]
-            shape = _shape(system, rounds[0]) if rounds and s.kind != "idle" else ""
+            shape = (_shape(system, rounds[0]) if rounds and s.kind not in ("idle", "produce")
+                     else "")
             if s.kind == "count":
                 short = "" if all(r.get("valid", True) for r in rounds) else "  (too short)"
                 print(f"   {system:<20} {shape:<13} {_cell(row, 'per_reader_per_s', ',.0f'):>32} "
@@ -257,6 +278,8 @@ def print_tables(chosen: list[Scenario], results: dict[str, Any], summary: dict[
             elif s.kind == "latency":
                 print(f"   {system:<20} {_cell(row, 'p50_us', '.0f'):>22} "
                       f"{_cell(row, 'p99_us', '.0f'):>22} {_cell(row, 'p999_us', '.0f'):>22}")
+            elif s.kind == "produce":
+                print(f"   {system:<20} {_cell(row, 'tps', ',.0f'):>28}")
             elif s.kind == "live":
                 print(f"   {system:<20} {shape:<13} {_cell(row, 'produced_per_s', ',.0f'):>28} "
                       f"{_cell(row, 'delivered_per_s', ',.0f'):>28} "
@@ -328,6 +351,7 @@ def plot(chosen: list[Scenario], summary: dict[str, Any], path: str) -> None:
             "count": ("deliveries_per_s", "deliveries/s (millions)", 1e-6),
             "latency": ("p99_us", "p99 latency (us), lower is better", 1.0),
             "live": ("delivered_per_s", "delivered/s per reader (millions)", 1e-6),
+            "produce": ("tps", "transactions/s (thousands)", 1e-3),
         }[s.kind]
         names = [n for n in rows if key in rows[n]]
         med = [rows[n][key]["median"] * scale for n in names]

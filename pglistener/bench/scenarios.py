@@ -24,6 +24,23 @@ ONE_PROCESS = ("raw", "psycopg", "asyncpg")
 READ_PATHS = ("pglistener", "pglistener-for", "pglistener-callback", "pglistener-async")
 
 
+#: The produce scenario's systems: pgbench scripts, one transaction each.
+PRODUCE_SQL = {
+    "insert+notify": "BEGIN;\nINSERT INTO bench_produce (v) VALUES (1);\n"
+                     "SELECT pg_notify('bench_produce', 'x');\nCOMMIT;\n",
+    "insert+emit": "BEGIN;\nINSERT INTO bench_produce (v) VALUES (1);\n"
+                   "SELECT pg_logical_emit_message(true, 'bench_produce', 'x');\nCOMMIT;\n",
+    "notify": "SELECT pg_notify('bench_produce', 'x');\n",
+    "emit": "SELECT pg_logical_emit_message(true, 'bench_produce', 'x');\n",
+    "emit-nontx": "SELECT pg_logical_emit_message(false, 'bench_produce', 'x');\n",
+}
+PRODUCERS = tuple(PRODUCE_SQL)
+
+#: Systems that read the WAL source; the others read NOTIFY.
+WAL_SYSTEMS = ("raw-wal", "psycopg2-wal", "pglistener-wal", "pglistener-wal-for",
+               "pglistener-wal-group")
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -40,6 +57,9 @@ class Scenario:
     ring_bytes: int = 0         # pglistener's ring for this scenario (0: the bench's)
     pause_s: float = 0.0        # readers sleep this long after each 1000: a bounded rate
     shared: bool = False        # the readers share the backlog (a work queue), not each all
+    source: str = "notify"      # what the producer sends: "notify", "wal", or "both" (each
+                                # system gets its own: a "-wal" system WAL messages)
+    per_transaction: bool = False   # count: one notification per transaction, not one for all
 
 
 SCENARIOS = {s.name: s for s in [
@@ -72,10 +92,33 @@ SCENARIOS = {s.name: s for s in [
              notifications=20_000, quick_notifications=10_000),
     Scenario("idle", "CPU of the supervisor and of a reader blocked in get(), nothing sent",
              "idle", ("pglistener",), seconds=2.0),
+    # -- the WAL source (a server with wal_level = logical) ----------------------------------
+    Scenario("produce", "the producer ceiling: 16 clients, each transaction an INSERT and its "
+             "announcement, or the announcement alone (pgbench, synchronous_commit on)",
+             "produce", PRODUCERS, seconds=5.0),
+    Scenario("wal-drain", "a backlog of logical decoding messages in one transaction, one "
+             "reader: the replication protocol's C loop, pglistener, psycopg2",
+             "count", ("raw-wal", "pglistener-wal-for", "pglistener-wal", "psycopg2-wal"),
+             notifications=1_000_000, quick_notifications=300_000, source="wal"),
+    Scenario("wal-tx", "messages one per transaction, as an application sends them, one "
+             "reader: does it keep up with the server's decoding?",
+             "count", ("raw-wal", "pglistener-wal-for"), notifications=40_000,
+             quick_notifications=20_000, source="wal", per_transaction=True),
+    Scenario("wal-latency", "one message per transaction at a steady rate: commit-to-reader, "
+             "NOTIFY beside the WAL source", "latency", ("pglistener", "pglistener-wal"),
+             seconds=3.0, rate=2000, source="both"),
+    Scenario("wal-fanout", "a backlog on one channel, every reader gets all of it: NOTIFY and "
+             "the WAL source", "count", ("pglistener", "pglistener-wal"), many_readers=True,
+             notifications=200_000, quick_notifications=200_000, source="both"),
+    Scenario("wal-group", "a backlog of jobs for 4 processes to handle each once, through a "
+             "consumer group on the WAL source", "count", ("pglistener-wal-group",),
+             many_readers=True, shared=True, notifications=100_000,
+             quick_notifications=50_000, source="wal"),
 ]}
 
 #: The figure each kind of scenario is judged by.
-FIGURE = {"count": "deliveries_per_s", "latency": "p99_us", "live": "keep_up"}
+FIGURE = {"count": "deliveries_per_s", "latency": "p99_us", "live": "keep_up",
+          "produce": "tps"}
 
 
 def channel_names(scenario: Scenario) -> list[str]:
@@ -118,6 +161,33 @@ def produce_jobs(conn: psycopg.Connection[Any], scenario: Scenario, n: int,
                      [channel, END, readers])
 
 
+def produce_wal_jobs(conn: psycopg.Connection[Any], scenario: Scenario, n: int,
+                     readers: int) -> None:
+    """n jobs as logical decoding messages in one transaction, then an end marker per
+    reader."""
+    channel = channel_names(scenario)[0]
+    with conn.transaction():
+        conn.execute("SELECT count(pg_logical_emit_message(true, %s, i::text)) "
+                     "FROM generate_series(1, %s) i", [channel, n])
+        conn.execute("SELECT count(pg_logical_emit_message(true, %s, %s)) "
+                     "FROM generate_series(1, %s)", [channel, END, readers])
+
+
+def produce_wal_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: int) -> None:
+    """n distinct logical decoding messages: in one transaction, or one per transaction
+    (pipelined, 500 statements a batch)."""
+    channel = channel_names(scenario)[0]
+    if not scenario.per_transaction:
+        conn.execute("SELECT count(pg_logical_emit_message(true, %s, lpad(i::text, %s, '0'))) "
+                     "FROM generate_series(1, %s) i", [channel, scenario.payload_bytes, n])
+        return
+    with conn.cursor() as cur:
+        for start in range(0, n, 500):
+            cur.executemany("SELECT pg_logical_emit_message(true, %s, %s)",
+                            [(channel, str(i).zfill(scenario.payload_bytes))
+                             for i in range(start, min(n, start + 500))])
+
+
 def produce_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: int) -> None:
     """n distinct notifications in one transaction."""
     names = channel_names(scenario)
@@ -129,16 +199,20 @@ def produce_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: int) -
         f"FROM generate_series(1, %s) i", [*params, scenario.payload_bytes, n])
 
 
-def produce_paced(conn: psycopg.Connection[Any], channel: str, rate: int, seconds: float) -> int:
-    """One notification per transaction at `rate` per second, each carrying its send time
-    (CLOCK_MONOTONIC ns) so that readers measure commit-to-reader latency."""
+def produce_paced(conn: psycopg.Connection[Any], channel: str, rate: int, seconds: float,
+                  wal: bool = False) -> int:
+    """One notification per transaction at `rate` per second (with `wal`, a logical decoding
+    message), each carrying its send time (CLOCK_MONOTONIC ns) so that readers measure
+    commit-to-reader latency."""
+    query = ("SELECT pg_logical_emit_message(true, %s, %s)" if wal
+             else "SELECT pg_notify(%s, %s)")
     total = int(rate * seconds)
     start = time.monotonic()
     for i in range(total):
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        conn.execute("SELECT pg_notify(%s, %s)", (channel, f"{time.monotonic_ns()}:{i}"))
+        conn.execute(query, (channel, f"{time.monotonic_ns()}:{i}"))
     return total
 
 

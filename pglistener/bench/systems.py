@@ -95,6 +95,7 @@ class Job:
     pause: float = 0.0              # sleep this long after each 1000 taken (burst)
     ring_bytes: int | None = None   # pglistener: this subscription's ring
     overflow: str = "gap"           # pglistener: its policy
+    source: str = "notify"          # pglistener: "notify" or "wal"
 
 
 class Tally:
@@ -166,7 +167,7 @@ def pglistener_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
     from pglistener import Gap
 
     sub = worker.subscribe(job.channels, timeout=60, ring_bytes=job.ring_bytes,
-                           overflow=job.overflow)
+                           overflow=job.overflow, source=job.source)
     tally = Tally(job)
     ready.put(True)
     if tally.plain:
@@ -219,7 +220,7 @@ def pglistener_for_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
     tally = Tally(job)
     assert tally.plain, "pglistener-for runs only the plain count scenarios"
     received = missed = 0
-    with worker.subscribe(job.channels, timeout=60) as sub:
+    with worker.subscribe(job.channels, timeout=60, source=job.source) as sub:
         ready.put(True)
         for item in sub:
             if not received and not missed:
@@ -354,6 +355,57 @@ def raw_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
              "deliveries": n, "lat_ns": lat or [],
              "backend_cpu_ns": None if backend_cpu is None or backend_end is None
              else backend_end - backend_cpu})
+
+
+def raw_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """The C loop of _raw on a replication connection of its own (a temporary slot): the
+    ceiling of the WAL source on this machine."""
+    from psycopg.conninfo import make_conninfo
+
+    from pglistener.bench._raw import wal_drain
+
+    timeout_ms = int(max(0.0, job.deadline - time.monotonic()) * 1000)
+    n, first_ns, end_ns = wal_drain(make_conninfo(dsn, replication="database").encode(),
+                                    b"pglistener", job.expect, timeout_ms,
+                                    lambda: ready.put(True))
+    out.put({"first": first_ns / 1e9, "end": end_ns / 1e9, "received": n, "missed": 0,
+             "deliveries": n, "lat_ns": []})
+
+
+def psycopg2_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """psycopg2's LogicalReplicationConnection and consume_stream(), the Python peer for the
+    WAL source: a temporary pgoutput slot, counting logical decoding messages."""
+    import psycopg2
+    import psycopg2.extras
+
+    conn = psycopg2.connect(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    cur = conn.cursor()
+    cur.execute("CREATE_REPLICATION_SLOT pglistener_bench_pg2 TEMPORARY LOGICAL pgoutput "
+                "NOEXPORT_SNAPSHOT")
+    cur.start_replication(slot_name="pglistener_bench_pg2", decode=False, options={
+        "proto_version": "1", "publication_names": "pglistener", "messages": "true"})
+    tally = Tally(job)
+    ready.put(True)
+    received = 0
+
+    def consume(msg: Any) -> None:
+        nonlocal received
+        if msg.payload[:1] == b"M":
+            if not received:
+                tally.first = time.monotonic()
+            received += 1
+            if received >= job.expect:
+                raise psycopg2.extras.StopReplication
+        if tally.timed_out():
+            raise psycopg2.extras.StopReplication
+
+    try:
+        cur.consume_stream(consume)
+    except psycopg2.extras.StopReplication:
+        pass
+    tally.finish(received)
+    conn.close()
+    out.put(tally.report())
 
 
 def psycopg_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
@@ -493,7 +545,8 @@ def pglistener_group_reader(worker: Any, job: Job, total: Any, ready: Any, out: 
     from pglistener import Gap
 
     tally = Tally(job)
-    sub = worker.subscribe(job.channels, group="bench", overflow="block", timeout=60)
+    sub = worker.subscribe(job.channels, group="bench", overflow="block", timeout=60,
+                           source=job.source)
     ready.put(True)
     claimed = 0
     while not tally.timed_out():
