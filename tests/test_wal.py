@@ -455,3 +455,45 @@ def test_slot_list_and_drop(logical_cluster: Cluster, slot: str,
     assert main(["slot", "drop", slot, "--dsn", logical_cluster.dsn]) == 0
     assert main(["slot", "drop", slot, "--dsn", logical_cluster.dsn]) == 1
     assert "no replication slot" in capsys.readouterr().err
+
+
+# -- the benchmark and the soak run end to end on this source ------------------------------------
+
+
+def test_bench_wal_scenarios_run_and_account(logical_cluster: Cluster, tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pglistener.bench", "--quick", "--workers", "2", "--no-progress",
+         "--dsn", logical_cluster.dsn, "--scenario", "produce", "--scenario", "wal-drain",
+         "--scenario", "wal-latency", "--scenario", "wal-group", "--notifications", "2000",
+         "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    produce = {system: rounds[0]["tps"] for system, rounds in data["results"]["produce"].items()}
+    assert set(produce) == {"insert+notify", "insert+emit", "notify", "emit", "emit-nontx"}
+    assert all(tps > 0 for tps in produce.values())
+    for system, rounds in data["results"]["wal-drain"].items():
+        assert (rounds[0]["received"], rounds[0]["exact"]) == (2000, 1.0), system
+    assert data["results"]["wal-latency"]["pglistener-wal"][0]["samples"] > 0
+    assert data["results"]["wal-group"]["pglistener-wal-group"][0]["exact"] == 1.0
+    names = {t["target"] for t in data["targets"]}
+    assert "produce: INSERT+emit >= 1.8x INSERT+NOTIFY (tx/s)" in names
+    with psycopg.connect(logical_cluster.dsn) as conn:     # the bench's slot went with it
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
+                            "'pglistener_bench'").fetchone() == (0,)
+
+
+def test_soak_accounts_for_both_sources(logical_cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pglistener.bench", "soak", "--seconds", "8", "--kill-every",
+         "2", "--dsn", logical_cluster.dsn], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "every notification and message accounted for" in proc.stdout
+    assert "the walsender 2x" in proc.stdout or "the walsender 1x" in proc.stdout

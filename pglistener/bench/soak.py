@@ -195,10 +195,10 @@ def run(dsn: str, seconds: float, kill_every: float) -> int:
 def _produce(dsn: str, source: str, sent: dict[str, int], stop: threading.Event) -> None:
     """Numbered notifications or messages, 100 per transaction, until stopped. A batch that
     failed with the connection is sent again on a new one (the numbers stay in order)."""
-    query = ("SELECT count(pg_notify(%s, i::text)) FROM generate_series(%s, %s) i"
+    query = ("SELECT count(pg_notify(%s, i::text)) FROM generate_series(%s::int, %s::int) i"
              if source == "notify" else
              "SELECT count(pg_logical_emit_message(true, %s, i::text)) "
-             "FROM generate_series(%s, %s) i")
+             "FROM generate_series(%s::int, %s::int) i")
     channel = NOTIFY_CHANNEL if source == "notify" else WAL_CHANNEL
     conn = None
     while not stop.is_set():
@@ -217,7 +217,8 @@ def _produce(dsn: str, source: str, sent: dict[str, int], stop: threading.Event)
 
 
 def _account(reports: dict[str, Any], sent: dict[str, int]) -> list[str]:
-    failures = []
+    failures = [f"nothing was sent on {source}: the producer failed (its error is above)"
+                for source, n in sent.items() if n == 0]
     group: list[int] = []
     for name, seen in reports.items():
         if name.startswith("group"):
