@@ -110,7 +110,7 @@ class Server:
                 Timing(config.connect_timeout, config.liveness_timeout, config.backoff_initial,
                        config.backoff_max, config.backoff_reset_after),
                 self.wal_dispatcher, time.monotonic(), config.slot, config.publication,
-                self._on_wal_connected, self._on_wal_down)
+                self._on_wal_connected, self._on_wal_down, self._nudge_standby)
             if config.slot_conninfo is None:
                 self.link.watch_slot(config.slot)
         self.stopping = False
@@ -199,6 +199,27 @@ class Server:
                         self._on_replay_listened(wanted, token, results, error))
         self.link.query(b"SELECT pg_listening_channels()", lambda results, error:
                         self._on_replayed(wanted, token, results, error))
+        if self.config.slot is not None and self.config.slot_conninfo is not None:
+            # The slot is read elsewhere (a standby cannot create one): the publication
+            # pgoutput needs is made here, on the primary, and replicated there.
+            pub = self.config.publication
+            self.link.query(
+                f"DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = "
+                f"'{pub}') THEN CREATE PUBLICATION \"{pub}\"; END IF; END$$".encode(),
+                lambda _results, error: self._on_publication(error))
+
+    def _on_publication(self, error: str | None) -> None:
+        if error is not None:
+            pub = self.config.publication
+            log.warning("could not create publication %r on %s for the WAL source: %s (create "
+                        "it there: CREATE PUBLICATION %s;)", pub, self.config.safe_target,
+                        error, pub)
+
+    def _nudge_standby(self) -> None:
+        """A slot being made on a standby waits for the primary to log its running
+        transactions, which an idle primary does not do soon: ask it to (PostgreSQL 16+)."""
+        if self.link.conn is not None:
+            self.link.query(b"SELECT pg_log_standby_snapshot()", lambda _results, _error: None)
 
     def _on_replay_listened(self, wanted: list[str], token: int,
                             results: list[list[tuple[bytes | None, ...]]],

@@ -77,13 +77,15 @@ class WalConnection(ListenConnection):
 
     def __init__(self, conninfo: str, safe_target: str, timing: Timing, dispatcher: Dispatcher,
                  now: float, slot: str, publication: str,
-                 on_connected: Callable[[], None], on_down: Callable[[str], None]) -> None:
+                 on_connected: Callable[[], None], on_down: Callable[[str], None],
+                 nudge: Callable[[], None] = lambda: None) -> None:
         params = conninfo_to_dict(conninfo)
         params["replication"] = "database"
         super().__init__(make_conninfo("", **params), safe_target, timing, dispatcher, now,
                          on_connected, on_down)
         self.slot = slot
         self.publication = publication
+        self.nudge = nudge          # a standby makes a slot once the primary logs a snapshot
         self._heard_copy = 0
         self._fed_at = 0.0
         self.slot_confirmed = 0     # the slot's confirmed_flush_lsn when the setup read it
@@ -192,9 +194,12 @@ class WalConnection(ListenConnection):
             if not rows:
                 log.info("creating replication slot %r (pgoutput) on %s", slot,
                          self.safe_target)
-                return self.query(f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL pgoutput '
-                                  f'NOEXPORT_SNAPSHOT'.encode(),
-                                  lambda results, error: created(error, False))
+                self.query(f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL pgoutput '
+                           f'NOEXPORT_SNAPSHOT'.encode(),
+                           lambda results, error: created(error, False))
+                if self.recovery:
+                    self.nudge()
+                return None
             plugin, active, status, confirmed, same_db = (_text(v) for v in rows[0])
             if plugin != "pgoutput" or same_db != "t":
                 return done(SetupError(

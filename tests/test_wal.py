@@ -497,3 +497,43 @@ def test_soak_accounts_for_both_sources(logical_cluster: Cluster) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every notification and message accounted for" in proc.stdout
     assert "the walsender 2x" in proc.stdout or "the walsender 1x" in proc.stdout
+
+
+# -- promise 4: reading from a standby ----------------------------------------------------------
+
+
+def test_reading_from_a_standby_restarted_and_promoted(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """slot_dsn names a hot standby (PostgreSQL 16): messages emitted on the primary arrive;
+    the standby restarted loses nothing; promoted, the slot goes on and so do the readers."""
+    if pg.info.server_version < 160000:
+        pytest.fail("logical decoding on a standby needs PostgreSQL 16; the fault tests run "
+                    "the pgserver wheel's 16")
+    standby = logical_cluster.standby(f"standby_{slot}", 5443)
+    try:
+        with Supervisor(logical_cluster.dsn, slot=slot, slot_dsn=standby.dsn,
+                        **FAST).start() as sup:
+            sub = sup.worker().subscribe("sb", source="wal", timeout=60)
+            assert sup.stats().wal_state == "streaming"
+            with psycopg.connect(standby.dsn) as s:     # read there, not on the primary
+                assert s.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+                assert slot_row(s, slot)[0] is not None     # type: ignore[index]
+            assert slot_row(pg, slot) is None
+            emit_many(pg, "sb", 0, 500, transactions=5)
+            assert numbers(read(sub, 500)) == list(range(500))
+            standby.restart("fast")
+            emit_many(pg, "sb", 500, 500, transactions=5)
+            assert numbers(read(sub, 500)) == list(range(500, 1000))
+            emit_many(pg, "sb", 1000, 200)
+            standby.promote()
+            with psycopg.connect(standby.dsn, autocommit=True) as promoted:
+                wait_for(lambda: promoted.execute("SELECT pg_is_in_recovery()").fetchone()
+                         == (False,), "the promotion")
+                emit_many(promoted, "sb", 1200, 300)    # producers write on the new primary
+            assert numbers(read(sub, 500)) == list(range(1000, 1500))
+            with pytest.raises(TimeoutError):
+                sub.get(timeout=1)
+            assert sup.stats().wal_reconnects >= 1         # the restart, at least
+    finally:
+        standby.stop("immediate")
