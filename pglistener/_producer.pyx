@@ -617,23 +617,121 @@ cdef class Dispatcher:
             held += _now_ns() - self.held_since
         return (p.delivered, p.missed_total, p.tail - pgl_load_acquire(&p.hdr.head), held / 1e9)
 
-    def unread(self, ring_id):
+    def unread(self, ring_id, bint unconsumed=False):
         """Notifications written into a ring and not taken by its reader yet (what a reader
-        holds in its batch is taken)."""
+        holds in its batch is taken); with `unconsumed`, not consumed yet (what it holds in
+        its batch counts too, as handover() hands it over)."""
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         cdef uint64_t pos = pgl_load_acquire(&p.hdr.head)
         cdef unsigned char *rec
         cdef uint32_t length
+        cdef uint16_t kind
         cdef uint64_t count = 0
+        if unconsumed and pgl_load_acquire(&p.hdr.consumed) + p.cap >= p.tail:
+            pos = pgl_load_acquire(&p.hdr.consumed)
         while pos < p.tail:
             rec = p.data + (pos & p.mask)
             length = pgl_rec_length(rec)
             if length == 0:
                 break           # we wrote them; never, but never loop either
-            if pgl_rec_type(rec) == PGL_REC_NOTIFY:
+            kind = pgl_rec_type(rec)
+            if kind == PGL_REC_NOTIFY or kind == PGL_REC_WAL:
                 count += 1
             pos += length
         return count
+
+    def handover(self, ring_id, targets):
+        """A consumer group's member left (or died): what its reader had not consumed (from
+        its `consumed` position on: at least once) goes to the other members `targets`
+        (ring ids), each record to the one with room and the least unread data, in order.
+        WAL messages keep holding the slot in their new ring. Gaps in it are carried over.
+        Returns (moved, missed): missed when no target had room."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        cdef list found = [self.by_id[t] for t in targets]
+        cdef Py_ssize_t k, nt = len(found)
+        cdef uint64_t pos = pgl_load_acquire(&p.hdr.consumed)
+        cdef uint64_t end
+        cdef unsigned char *rec
+        cdef uint16_t kind
+        cdef uint32_t length
+        cdef Wal w
+        cdef Wal *wp
+        cdef Producer *q
+        cdef Producer *best
+        cdef uint64_t moved = 0, missed = 0, lag, best_lag
+        cdef size_t pend = 0
+        cdef const char *chan
+        cdef const char *payload
+        cdef bint lost = False
+        if nt == 0:
+            return (0, 0)
+        if pos + p.cap < p.tail:
+            # Taken in a batch so long ago that the ring has been written over since: from
+            # what it still holds, with a gap of unknown count first.
+            pos = pgl_load_acquire(&p.hdr.head)
+            lost = True
+        while pos < p.tail:
+            rec = p.data + (pos & p.mask)
+            length = pgl_rec_length(rec)
+            kind = pgl_rec_type(rec)
+            if length == 0:
+                break
+            end = pos + length
+            best = NULL
+            best_lag = 0
+            for k in range(nt):
+                q = <Producer *><size_t>found[k]
+                q.head_cache = pgl_load_acquire(&q.hdr.head)
+                lag = q.tail - q.head_cache
+                if best == NULL or lag < best_lag:
+                    best, best_lag = q, lag
+            if lost:
+                best.gap_reason = PGL_GAP_OVERFLOW
+                best.gap_missed = PGL_MISSED_UNKNOWN
+                self.gaps_pending = True
+                lost = False
+            if kind == PGL_REC_GAP:
+                if best.gap_reason == 0 or pgl_rec_gap_reason(rec) != PGL_GAP_OVERFLOW:
+                    best.gap_reason = pgl_rec_gap_reason(rec)
+                    best.gap_missed = pgl_rec_missed(rec)
+                elif best.gap_reason == PGL_GAP_OVERFLOW:
+                    best.gap_missed += pgl_rec_missed(rec)
+                self.gaps_pending = True
+            elif kind == PGL_REC_NOTIFY or kind == PGL_REC_WAL:
+                wp = NULL
+                if kind == PGL_REC_WAL:
+                    w.lsn = pgl_rec_lsn(rec)
+                    w.commit = pgl_rec_commit(rec)
+                    w.flags = pgl_rec_flags(rec)
+                    # Its hold, from the pending queue of the ring it leaves.
+                    while pend < p.pend_n and p.pend[2 * ((p.pend_first + pend) & (p.pend_cap - 1))] < end:
+                        pend += 1
+                    w.hold = (p.pend[2 * ((p.pend_first + pend) & (p.pend_cap - 1)) + 1]
+                              if pend < p.pend_n else w.commit)
+                    wp = &w
+                    chan = pgl_wal_channel(rec)
+                    payload = pgl_wal_payload(rec)
+                else:
+                    chan = pgl_rec_channel(rec)
+                    payload = pgl_rec_payload(rec)
+                if _push(best, chan, pgl_rec_channel_len(rec), payload,
+                         pgl_rec_payload_len(rec), pgl_rec_pid(rec) if wp == NULL else 0, wp):
+                    moved += 1
+                    self._mark(best)
+                else:
+                    missed += 1
+                    self.gaps_pending = True
+            pos = end
+        pgl_store_release(&p.hdr.consumed, p.tail)     # it has nothing left to hold
+        _oldest_pending(p)
+        with nogil:
+            self._flush_gaps()
+            self._wake()
+        return (moved, missed)
+
+    def oldest_pending(self, ring_id):
+        """The commit LSN the slot may not pass for this ring's sake (0: none)."""
+        return _oldest_pending(<Producer *><size_t>self.by_id[ring_id])
 
     def mark_gap(self, ring_ids, str reason):
         """These rings get a Gap(reason), "reconnect" or "restart" (missed unknown), before

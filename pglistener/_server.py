@@ -64,6 +64,7 @@ class Config:
     slot_safe_target: str = ""
     publication: str = "pglistener"
     slot_lag_warning: int = 1 << 30
+    group_hold: float = 60.0
 
 
 class Server:
@@ -103,6 +104,9 @@ class Server:
         self.lag_warned = False
         # WAL subscriptions waiting for the server's WAL position to begin at (_placed).
         self.placing: dict[int, Sub] = {}
+        # WAL consumer groups whose last member went: (channels, group) -> the ring it left
+        # (kept, unrouted: what it had not consumed) and when the group's hold ends.
+        self.orphans: dict[tuple[tuple[str, ...], str], tuple[int, float]] = {}
         if config.slot is not None:
             self.wal_dispatcher = Dispatcher(wal=True)
             self.wal = WalConnection(
@@ -144,6 +148,9 @@ class Server:
             wait = link.step(now)
             watch = link.fds()
             if wal is not None:
+                if self.orphans:
+                    self._expire_orphans(now)
+                wal.extra_hold = self._orphan_hold()
                 wait = min(wait, wal.step(now))
                 watch += wal.fds()
                 self._check_lag()
@@ -291,6 +298,47 @@ class Server:
             self.wal_error = SetupError(self.wal.machine.last_error or cause, True)
             self._fail_wal_subscribes(str(self.wal_error))
 
+    def _orphan_hold(self) -> int:
+        """How far the slot may be confirmed for the groups that wait for a member: what
+        their last member had not consumed, else where the group stood (0: no hold)."""
+        disp = self.wal_dispatcher
+        assert disp is not None
+        holds = [disp.oldest_pending(ring) or disp.position(ring)[0] or 1
+                 for ring, _until in self.orphans.values()]
+        return min(holds) if holds else 0
+
+    def _expire_orphans(self, now: float) -> None:
+        disp = self.wal_dispatcher
+        assert disp is not None
+        for key, (ring, until) in list(self.orphans.items()):
+            if now >= until:
+                del self.orphans[key]
+                left = disp.unread(ring, unconsumed=True)
+                self.orphaned += left
+                disp.remove_ring(ring)
+                log.info("consumer group %r on %s had no member for group_hold (%g s): the "
+                         "slot no longer keeps its place (%d messages it had not consumed "
+                         "are counted in orphaned)", key[1], ", ".join(key[0]),
+                         self.config.group_hold, left)
+
+    def _adopt(self, sub: Sub) -> bool:
+        """A member joins a WAL group that waits for one: it gets what the last member had
+        not consumed, and everything after where the group stood (read from the slot again
+        when the stream is past it)."""
+        disp, wal = self.wal_dispatcher, self.wal
+        assert disp is not None and wal is not None and sub.group is not None
+        found = self.orphans.pop(_group_key(sub), None)
+        if found is None:
+            return False
+        ring = found[0]
+        disp.handover(ring, [sub.id])
+        position = disp.position(ring)
+        disp.remove_ring(ring)
+        disp.set_position(sub.id, *position)
+        if position < (disp.at_commit, disp.at_lsn):
+            wal.restart(f"consumer group {sub.group!r} has a member again")
+        return True
+
     def _fail_wal_subscribes(self, message: str) -> None:
         for sub in self.wal_registry.unanswered():
             _sub, act = self.wal_registry.cancel(sub.worker, sub.req)
@@ -382,8 +430,10 @@ class Server:
             return
         if position is not None:
             self._resume(sub, *position)
+        elif sub.group is not None and self._adopt(sub):
+            sub.resumes = True      # where its group stood, not where the stream is
         act = self.wal_registry.add(sub)
-        if position is None and sub in act.answer and self.link.conn is not None:
+        if not sub.resumes and sub in act.answer and self.link.conn is not None:
             act.answer.remove(sub)          # once it is placed (below)
             self.placing[sub.id] = sub
             self.link.query(b"SELECT pg_current_wal_lsn()::text",
@@ -443,7 +493,7 @@ class Server:
 
     def _apply(self, act: Actions) -> None:
         """Carry out what the registry decided, in its order."""
-        self._carry_out(act, self.dispatcher)
+        self._carry_out(act, self.dispatcher, self.registry)
         if self.link.conn is None:
             return
         if act.unlisten:
@@ -458,21 +508,20 @@ class Server:
         """What the WAL source's registry decided: the slot needs no LISTEN, so what it
         would LISTEN is in place at once (streams are whole once the slot is read)."""
         assert self.wal_dispatcher is not None
-        self._carry_out(act, self.wal_dispatcher)
+        self._carry_out(act, self.wal_dispatcher, self.wal_registry)
         if act.listen:
             self._apply_wal(self.wal_registry.listened(act.listen, act.listen_token))
 
-    def _carry_out(self, act: Actions, dispatcher: Dispatcher) -> None:
+    def _carry_out(self, act: Actions, dispatcher: Dispatcher, registry: Registry) -> None:
         """Routes, rings to free, gaps and answers: what both sources share."""
         for channel, ids in act.routes.items():
             dispatcher.set_route(channel.encode(), ids)
         for sub in act.free:
-            if sub.group is not None:
-                # What a member that left had not read: its group could have handled it.
-                self.orphaned += dispatcher.unread(sub.id)
-            dispatcher.remove_ring(sub.id)
             for fd in self.ring_fds.pop(sub.id, ()):
                 os.close(fd)
+            if sub.group is not None and self._hand_over(sub, dispatcher, registry):
+                continue            # its ring waits for the group's next member
+            dispatcher.remove_ring(sub.id)
         if act.gaps:
             dispatcher.mark_gap(act.gaps, "reconnect")
         for sub in act.answer:
@@ -483,6 +532,24 @@ class Server:
             finally:
                 for fd in fds:
                     os.close(fd)
+
+    def _hand_over(self, sub: Sub, dispatcher: Dispatcher, registry: Registry) -> bool:
+        """A consumer group's member left: what it had not consumed goes to the members
+        left (at least once: a batch in its hands counts as not consumed). With none left,
+        a WAL group keeps its ring and its place in the slot for group_hold seconds (True);
+        a NOTIFY group counts it in orphaned."""
+        key = _group_key(sub)
+        mates = [s.id for s in registry.subs.values() if _group_key(s) == key]
+        if mates:
+            _moved, missed = dispatcher.handover(sub.id, mates)
+            self.orphaned += missed
+            return False
+        if dispatcher is self.wal_dispatcher and self.config.group_hold > 0 \
+                and not self.stopping:
+            self.orphans[key] = (sub.id, time.monotonic() + self.config.group_hold)
+            return True
+        self.orphaned += dispatcher.unread(sub.id, unconsumed=True)
+        return False
 
     def _on_listened(self, channels: list[str], token: int, error: str | None) -> None:
         if error is not None:
@@ -594,6 +661,11 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (OSError, ValueError):
             log.debug("could not raise the open-files limit from %d", soft)
+
+
+def _group_key(sub: Sub) -> tuple[tuple[str, ...], str]:
+    """What makes subscriptions members of one consumer group (Registry.entries)."""
+    return tuple(sorted(sub.channels)), str(sub.group)
 
 
 def _position(after: Any, after_lsn: Any) -> tuple[int, int, int] | None:

@@ -91,6 +91,7 @@ class WalConnection(ListenConnection):
         self.slot_confirmed = 0     # the slot's confirmed_flush_lsn when the setup read it
         self.recovery = False       # the server is a standby
         self.start_lsn = 0          # the server's WAL position when the setup began
+        self.extra_hold = 0         # the slot may not be confirmed past this either (0: none)
 
     @property
     def streaming(self) -> bool:
@@ -139,6 +140,8 @@ class WalConnection(ListenConnection):
         if now - self._fed_at < FEEDBACK_INTERVAL:
             return
         confirm = self.dispatcher.confirmable()
+        if self.extra_hold:
+            confirm = min(confirm, self.extra_hold)
         if confirm <= self.dispatcher.confirmed:
             return
         self._fed_at = now

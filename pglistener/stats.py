@@ -89,8 +89,9 @@ class Stats:
     channels: tuple[str, ...] = metric(SIZE, "Channels somebody subscribes to")
     # time overflow="block" readers held the connection, in all
     held_seconds: float = metric(COUNTER, "Time blocking readers held the connection")
-    # notifications left unread in the rings of consumer-group members that left (a
-    # reader's batch in hand not counted)
+    # notifications a consumer group had no member for: what the last member of a NOTIFY
+    # group had not consumed when it left (of a WAL group, once group_hold passed), and
+    # what a leaving member's mates had no room for (what a member leaves goes to its mates)
     orphaned: int = metric(COUNTER, "Notifications left unread by group members that left")
     # control connections: a process has one, and one more per asyncio event loop
     connections: int = metric(GAUGE, "Control connections of worker processes")

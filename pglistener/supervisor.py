@@ -97,6 +97,9 @@ class Supervisor:
     - slot_dsn: read the slot from another server than `dsn` (a PostgreSQL 16+ hot standby).
     - publication: the (empty) publication pgoutput is given (default "pglistener").
     - slot_lag_warning: bytes of WAL the slot may hold before a warning is logged.
+    - group_hold: seconds a consumer group on the WAL source keeps its place in the slot
+      after its last member went (even killed): a member that joins meanwhile gets what
+      the last one had not consumed and everything after (default 60; 0: none).
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Supervisor:
         slot_dsn: str | None = None,
         publication: str = "pglistener",
         slot_lag_warning: int = 1 << 30,
+        group_hold: float = 60.0,
     ) -> None:
         params = parse_dsn(dsn)
         if not ("application_name" in params or os.environ.get("PGAPPNAME")):
@@ -148,6 +152,9 @@ class Supervisor:
         if slot is not None:
             check_name("slot", slot)
             check_name("publication", publication)
+            if not 0 <= group_hold < math.inf:
+                raise ValueError(f"group_hold must be a number of seconds, 0 or more, not "
+                                 f"{group_hold!r}")
             if not isinstance(slot_lag_warning, int) or slot_lag_warning < 1:
                 raise ValueError(f"slot_lag_warning is a positive number of bytes, not "
                                  f"{slot_lag_warning!r}")
@@ -178,6 +185,7 @@ class Supervisor:
             slot_safe_target=safe_target(slot_params if slot_params is not None else params),
             publication=publication,
             slot_lag_warning=slot_lag_warning,
+            group_hold=group_hold,
         )
         self._start_timeout = start_timeout
         if address is not None and not isinstance(address, str):

@@ -12,7 +12,7 @@ import pytest
 
 from fix_supervisor import wait_for
 from pglistener import Supervisor, Worker
-from workers import group_member
+from workers import group_member, slow_member
 
 
 def flood(conn: psycopg.Connection, channel: str, start: int, n: int) -> None:
@@ -72,8 +72,10 @@ def test_a_pool_sharing_a_group_handles_each_notification_once(
         outside.unsubscribe()
 
 
-def test_what_a_leaving_member_left_unread_is_counted(dsn: str,
-                                                      conn: psycopg.Connection) -> None:
+def test_what_a_leaving_member_left_unread_goes_to_the_others(
+        dsn: str, conn: psycopg.Connection) -> None:
+    """Its share, read or not, is handed over (at least once: a batch in its hands counts as
+    not consumed); only the last member's is counted in orphaned, having no one to go to."""
     with Supervisor(dsn).start() as sup:
         worker = sup.worker()
         a = worker.subscribe("chores", group="g", timeout=30)
@@ -81,11 +83,41 @@ def test_what_a_leaving_member_left_unread_is_counted(dsn: str,
         flood(conn, "chores", 0, 10)
         wait_for(lambda: sup.stats().received == 10, "delivery")
         taken = [int(i.payload) for i in a.get_many(100, timeout=5)]
+        assert 0 < len(taken) < 10
         b.unsubscribe()                 # leaves without reading its share
-        assert sup.stats().orphaned == 10 - len(taken) > 0
+        taken += [int(i.payload) for i in a.get_many(100, timeout=30)]
+        assert sorted(taken) == list(range(10)) and sup.stats().orphaned == 0
         flood(conn, "chores", 10, 5)
         assert [int(i.payload) for i in a.get_many(100, timeout=30)] == list(range(10, 15))
-        a.unsubscribe()
+        flood(conn, "chores", 15, 3)
+        wait_for(lambda: sup.stats().received == 18, "delivery")
+        a.unsubscribe()                 # the last member: nobody to hand over to
+        # The 3 it never took, and the 5 of its last batch: it never asked past them.
+        assert sup.stats().orphaned == 3 + 5
+
+
+def test_a_killed_member_s_unconsumed_share_goes_to_the_others(
+        dsn: str, conn: psycopg.Connection) -> None:
+    """SIGKILL in the middle of a batch: what it had not asked past goes to the member left,
+    so every notification is handled at least once across the group."""
+    ctx = multiprocessing.get_context("forkserver")
+    ready, out = ctx.Queue(), ctx.Queue()
+    with Supervisor(dsn).start() as sup:
+        keeper = sup.worker().subscribe("work", group="w", overflow="block", timeout=30)
+        child = ctx.Process(target=slow_member, args=(sup.worker(), "work", ready, out))
+        child.start()
+        ready.get(timeout=60)
+        flood(conn, "work", 0, 2000)
+        handled_by_child = out.get(timeout=60)      # it handled a few, then stalls
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        got: list[int] = []
+        while len(set(got) | set(handled_by_child)) < 2000:
+            got += [int(i.payload) for i in keeper.get_many(4096, timeout=30)]
+        assert set(got) | set(handled_by_child) == set(range(2000))
+        assert sup.stats().orphaned == 0
+        keeper.unsubscribe()
 
 
 def test_groups_are_per_channel_set_and_name(worker: Worker, conn: psycopg.Connection) -> None:

@@ -537,3 +537,57 @@ def test_reading_from_a_standby_restarted_and_promoted(
             assert sup.stats().wal_reconnects >= 1         # the restart, at least
     finally:
         standby.stop("immediate")
+
+
+# -- promise 3: consumer groups on this source ----------------------------------------------------
+
+
+def _killed_member(sup: Supervisor, group: str) -> tuple[list[int], Any]:
+    """A member of `group` in a process of its own, that handles five messages and is
+    SIGKILLed holding the rest of its batch: what it handled."""
+    import multiprocessing
+
+    from workers import slow_member
+
+    ctx = multiprocessing.get_context("forkserver")
+    ready, out = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=slow_member, args=(sup.worker(), "grp", ready, out, group, "wal"))
+    child.start()
+    ready.get(timeout=60)
+    return child, out
+
+
+def test_a_wal_group_keeps_its_place_while_it_has_no_member(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    with Supervisor(logical_cluster.dsn, slot=slot, group_hold=60).start() as sup:
+        child, out = _killed_member(sup, "durable")
+        emit_many(pg, "grp", 0, 1000, transactions=10)
+        handled = out.get(timeout=60)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        wait_for(lambda: not [r for r in sup.stats().readers if r.group == "durable"],
+                 "the dead member to drop out")
+        emit_many(pg, "grp", 1000, 1000, transactions=10)     # while it has no member
+        time.sleep(0.5)
+        member = sup.worker().subscribe("grp", source="wal", group="durable", timeout=30)
+        got: list[int] = []
+        while len(set(got) | set(handled)) < 2000:
+            got += numbers(member.get_many(4096, timeout=30))   # type: ignore[arg-type]
+        assert got == sorted(got) and set(got) | set(handled) == set(range(2000))
+        assert sup.stats().orphaned == 0
+
+
+def test_a_group_s_hold_ends_after_group_hold(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    with Supervisor(logical_cluster.dsn, slot=slot, group_hold=0.5).start() as sup:
+        child, out = _killed_member(sup, "brief")
+        emit_many(pg, "grp", 0, 100)
+        out.get(timeout=60)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        wait_for(lambda: sup.stats().orphaned == 100, "the hold to end, its messages counted")
+        member = sup.worker().subscribe("grp", source="wal", group="brief", timeout=30)
+        emit_many(pg, "grp", 100, 10)
+        assert numbers(read(member, 10)) == list(range(100, 110))     # only what is new

@@ -108,3 +108,16 @@ def group_member(worker: Worker, channel: str, ready: Any, out: Any) -> None:
             if any(isinstance(i, Gap) for i in items):
                 out.put((os.getpid(), "gap"))
             out.put((os.getpid(), [int(i.payload) for i in items if not isinstance(i, Gap)]))
+
+
+def slow_member(worker: Worker, channel: str, ready: Any, out: Any, group: str = "w",
+                source: str = "notify") -> None:
+    """A consumer-group member (overflow="block") that handles five items, reports them, and
+    then stalls holding the rest of its batch, to be killed."""
+    import time
+
+    sub = worker.subscribe(channel, group=group, overflow="block", timeout=30, source=source)
+    ready.put(True)
+    handled = [int(sub.get(timeout=60).payload) for _ in range(5)]
+    out.put(handled)
+    time.sleep(600)
