@@ -729,6 +729,15 @@ cdef class Dispatcher:
             self._wake()
         return (moved, missed)
 
+    def reader_closed(self, ring_id):
+        """The ring's reader closed its subscription (rather than died): what it took is
+        consumed, and only what it never took is left (for handover(), unread())."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        cdef uint64_t head = pgl_load_acquire(&p.hdr.head)
+        if pgl_load_acquire(&p.hdr.consumed) < head:
+            pgl_store_release(&p.hdr.consumed, head)
+        _oldest_pending(p)
+
     def oldest_pending(self, ring_id):
         """The commit LSN the slot may not pass for this ring's sake (0: none)."""
         return _oldest_pending(<Producer *><size_t>self.by_id[ring_id])

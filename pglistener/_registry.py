@@ -37,6 +37,7 @@ class Sub:
     group: str | None = None    # a consumer group: shares the stream with its members
     answered: bool = False
     resumes: bool = False       # WAL source: it said where to start (after=)
+    died: bool = False          # dropped because its worker went, not unsubscribed
 
 
 @dataclass
@@ -201,6 +202,7 @@ class Registry:
     def worker_gone(self, worker: Hashable) -> Actions:
         act = Actions()
         for sub in sorted(self._by_worker.get(worker, {}).values(), key=lambda s: s.id):
+            sub.died = True
             act += self._drop(sub)
         self._by_worker.pop(worker, None)
         return act

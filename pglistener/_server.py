@@ -519,6 +519,8 @@ class Server:
         for sub in act.free:
             for fd in self.ring_fds.pop(sub.id, ()):
                 os.close(fd)
+            if not sub.died:
+                dispatcher.reader_closed(sub.id)    # closed: what it took is consumed
             if sub.group is not None and self._hand_over(sub, dispatcher, registry):
                 continue            # its ring waits for the group's next member
             dispatcher.remove_ring(sub.id)
@@ -535,7 +537,8 @@ class Server:
 
     def _hand_over(self, sub: Sub, dispatcher: Dispatcher, registry: Registry) -> bool:
         """A consumer group's member left: what it had not consumed goes to the members
-        left (at least once: a batch in its hands counts as not consumed). With none left,
+        left (one that died: at least once, a batch in its hands counts as not consumed; one
+        that unsubscribed consumed what it took). With none left,
         a WAL group keeps its ring and its place in the slot for group_hold seconds (True);
         a NOTIFY group counts it in orphaned."""
         key = _group_key(sub)

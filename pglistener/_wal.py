@@ -37,6 +37,11 @@ NAME = re.compile(r"[a-z0-9_]{1,63}")
 #: At most this often the slot's position is reported while it moves.
 FEEDBACK_INTERVAL = 0.1
 
+#: At least this often feedback goes out anyway: while a blocking reader holds the stream,
+#: nothing is read (the server's keepalives wait), and a walsender that hears nothing for
+#: wal_sender_timeout drops the connection.
+FEEDBACK_ANYWAY = 1.0
+
 
 def check_name(what: str, name: object) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -136,16 +141,17 @@ class WalConnection(ListenConnection):
 
     def feedback(self, now: float) -> None:
         """Report how far the slot may be confirmed, when that moved (at most every
-        FEEDBACK_INTERVAL); the server confirms nothing past what it was told."""
+        FEEDBACK_INTERVAL), and every FEEDBACK_ANYWAY regardless; the server confirms
+        nothing past what it was told."""
         if now - self._fed_at < FEEDBACK_INTERVAL:
             return
         confirm = self.dispatcher.confirmable()
         if self.extra_hold:
             confirm = min(confirm, self.extra_hold)
-        if confirm <= self.dispatcher.confirmed:
+        if confirm <= self.dispatcher.confirmed and now - self._fed_at < FEEDBACK_ANYWAY:
             return
         self._fed_at = now
-        self.dispatcher.confirmed = confirm
+        self.dispatcher.confirmed = max(confirm, self.dispatcher.confirmed)
         assert self.conn is not None
         if not self.dispatcher.send_feedback(self.conn, False):
             self.lose(now, f"sending feedback failed: {self.conn.error_message}")
