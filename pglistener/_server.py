@@ -262,6 +262,7 @@ class Server:
 
     def _on_wal_connected(self) -> None:
         assert self.wal is not None
+        self.wal.setup_permanent = False
         self.wal.setup(self._on_wal_setup)
 
     def _on_wal_setup(self, error: SetupError | None, recreated: bool, start_lsn: int) -> None:
@@ -273,6 +274,7 @@ class Server:
                 # Said to whoever waits for this source, not retried behind their backs.
                 self._fail_wal_subscribes(str(error))
             self.wal_error = error
+            wal.setup_permanent = error.permanent
             wal.lose_now(str(error))
             return
         self.wal_error = None
@@ -392,8 +394,10 @@ class Server:
         elif op == "cancel":
             self._cancel(client, message.get("of"))
         elif op == "state":
-            self.control.reply(client, {"req": req, "ok": True, "connected": self.registry.up,
-                                        "last_error": self.link.machine.last_error})
+            self.control.reply(client, {
+                "req": req, "ok": True, "connected": self.registry.up,
+                "last_error": self.link.machine.last_error,
+                "wal_last_error": None if self.wal is None else self.wal.machine.last_error})
         else:
             raise ValueError(f"unknown operation {op!r}")
 

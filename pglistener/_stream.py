@@ -54,8 +54,8 @@ def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout:
     try:
         reply, fds = ctl.request(message, timeout)
     except TimeoutError:
-        raise TimeoutError(f"LISTEN {', '.join(channels)!r} was not committed within "
-                           f"{timeout} s: {_why_not(ctl)}") from None
+        raise TimeoutError(timed_out(message, channels, timeout,
+                                     _why_not(ctl, message.get("source") == "wal"))) from None
     return wrap_stream(cls, ctl, channels, reply, fds)
 
 
@@ -205,17 +205,30 @@ def channel_list(channel: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _why_not(ctl: Control) -> str:
+def _why_not(ctl: Control, wal: bool = False) -> str:
     """What the supervisor says keeps it from listening, for a subscribe that timed out."""
     try:
         state, _ = ctl.request({"op": "state"}, timeout=2.0)
     except (TimeoutError, PGListenerError):
         return "the supervisor does not answer"
-    return why_not(state)
+    return why_not(state, wal)
 
 
-def why_not(state: dict[str, Any]) -> str:
+def timed_out(message: dict[str, Any], channels: Sequence[str], timeout: float | None,
+              why: str) -> str:
+    """What a subscribe that timed out says."""
+    if message.get("source") == "wal":
+        return (f"the WAL source did not start reading the slot within {timeout} s "
+                f"(for {', '.join(channels)!r}): {why}")
+    return f"LISTEN {', '.join(channels)!r} was not committed within {timeout} s: {why}"
+
+
+def why_not(state: dict[str, Any], wal: bool = False) -> str:
     """The answer to a "state" request, said for a subscribe that timed out."""
+    if wal and state.get("wal_last_error"):
+        return f"the supervisor cannot read the slot: {state['wal_last_error']}"
+    if wal:
+        return "the replication connection is still being set up"
     if state.get("last_error"):
         return f"the supervisor cannot listen: {state['last_error']}"
     if not state.get("connected"):

@@ -97,6 +97,7 @@ class WalConnection(ListenConnection):
         self.recovery = False       # the server is a standby
         self.start_lsn = 0          # the server's WAL position when the setup began
         self.extra_hold = 0         # the slot may not be confirmed past this either (0: none)
+        self.setup_permanent = False    # the setup's last failure needs a setting changed
 
     @property
     def streaming(self) -> bool:
@@ -281,7 +282,7 @@ class WalConnection(ListenConnection):
         assert self.conn is not None
         was_out = self._outage_logged
         self._outage_logged = False      # the base class logs "listening": we say our own
-        self.last_error_permanent = False
+        self.last_error_permanent = self.setup_permanent = False
         self.machine.ready(now)
         self._heard_copy = self.dispatcher.copy_messages
         (log.warning if was_out else log.info)(
@@ -295,7 +296,7 @@ class WalConnection(ListenConnection):
         super()._failed(now, explain(cause))
 
     def permanent(self, cause: str) -> bool:
-        return is_permanent_failure(cause)
+        return self.setup_permanent or is_permanent_failure(cause)
 
     def restart(self, why: str) -> None:
         """Read the slot again from where it is confirmed (a subscription resumes from an

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 from . import _protocol
 from ._control import check_hello
 from ._reader import EMPTY, AsyncStream
-from ._stream import subscribe_message, why_not, wrap_stream
+from ._stream import subscribe_message, timed_out, why_not, wrap_stream
 from .errors import SubscriptionClosed, SupervisorGone
 
 _A = TypeVar("_A", bound="AsyncSubscription")
@@ -224,17 +224,17 @@ async def open_async(cls: type[_A], path: str, channel: str | Sequence[str],
     try:
         reply, fds = await ctl.request(message, timeout)
     except TimeoutError:
-        raise TimeoutError(f"LISTEN {', '.join(channels)!r} was not committed within "
-                           f"{timeout} s: {await _why_not(ctl)}") from None
+        raise TimeoutError(timed_out(message, channels, timeout, await _why_not(
+            ctl, message.get("source") == "wal"))) from None
     return wrap_stream(cls, ctl, channels, reply, fds)
 
 
-async def _why_not(ctl: AsyncControl) -> str:
+async def _why_not(ctl: AsyncControl, wal: bool = False) -> str:
     try:
         state, _ = await ctl.request({"op": "state"}, timeout=2.0)
     except (TimeoutError, SupervisorGone):
         return "the supervisor does not answer"
-    return why_not(state)
+    return why_not(state, wal)
 
 
 class Opening(collections.abc.Coroutine[Any, Any, _A], Generic[_A]):
