@@ -98,6 +98,7 @@ class WalConnection(ListenConnection):
         self.start_lsn = 0          # the server's WAL position when the setup began
         self.extra_hold = 0         # the slot may not be confirmed past this either (0: none)
         self.setup_permanent = False    # the setup's last failure needs a setting changed
+        self._nudged_at: float | None = None    # making a slot on a standby: last nudge
 
     @property
     def streaming(self) -> bool:
@@ -121,6 +122,10 @@ class WalConnection(ListenConnection):
                 self.machine.heard(now, held)
         if self.streaming:
             self.feedback(now)
+        elif self._nudged_at is not None and now - self._nudged_at >= 1.0:
+            # The primary's snapshot must come after the standby began to wait for one.
+            self._nudged_at = now
+            self.nudge()
         while True:
             step, wait, cause = self.machine.due(now, held)
             if step is Step.CONNECT:
@@ -208,6 +213,7 @@ class WalConnection(ListenConnection):
                            f'NOEXPORT_SNAPSHOT'.encode(),
                            lambda results, error: created(error, False))
                 if self.recovery:
+                    self._nudged_at = time.monotonic()
                     self.nudge()
                 return None
             plugin, active, status, confirmed, same_db = (_text(v) for v in rows[0])
@@ -237,6 +243,7 @@ class WalConnection(ListenConnection):
             publication(False)
 
         def created(error: str | None, recreated: bool) -> None:
+            self._nudged_at = None
             if error is not None:
                 return done(SetupError(explain(f"creating slot {slot!r} failed: {error}"),
                                        "wal_level" in error), False, 0)
@@ -293,6 +300,7 @@ class WalConnection(ListenConnection):
         super().lose(now, explain(cause))
 
     def _failed(self, now: float, cause: str) -> None:
+        self._nudged_at = None
         super()._failed(now, explain(cause))
 
     def permanent(self, cause: str) -> bool:

@@ -102,7 +102,7 @@ class Cluster:
         standby = Cluster(self.data.parent, name, port)
         standby.settings = dict(self.settings)
         self._run("pg_basebackup", "-h", str(self.sock), "-p", str(self.port), "-U",
-                  "postgres", "-D", str(standby.data), "-R", "--no-sync")
+                  "postgres", "-D", str(standby.data), "-R", "--no-sync", "--checkpoint=fast")
         standby.start()
         return standby
 
