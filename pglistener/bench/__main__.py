@@ -421,18 +421,20 @@ def _wal_setup(conn: psycopg.Connection[Any], dsn: str, stack: ExitStack) -> str
         if found.fetchone() is None:
             pc.execute("CREATE PUBLICATION pglistener")
 
-    def drop_slot() -> None:
-        with psycopg.connect(dsn, autocommit=True) as c:
-            wait = time.monotonic() + 10
-            while time.monotonic() < wait and c.execute(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active",
-                    (BENCH_SLOT,)).fetchone():
-                time.sleep(0.1)
-            c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                      "WHERE slot_name = %s AND NOT active", (BENCH_SLOT,))
-
-    stack.callback(drop_slot)       # runs after the supervisor has stopped
+    stack.callback(drop_slot, dsn, BENCH_SLOT)     # runs after the supervisor has stopped
     return peer
+
+
+def drop_slot(dsn: str, name: str) -> None:
+    """Drop replication slot `name` once its reader (a supervisor stopping) has let go."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        wait = time.monotonic() + 10
+        while time.monotonic() < wait and c.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active",
+                (name,)).fetchone():
+            time.sleep(0.1)
+        c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                  "WHERE slot_name = %s AND NOT active", (name,))
 
 
 def wait_streaming(sup: Supervisor, timeout: float = 60) -> None:

@@ -111,9 +111,11 @@ def churn_reader(worker: Any, ready: Any, out: Any, name: str, stop: Any) -> Non
 # -- the run --------------------------------------------------------------------------------------
 
 def run(dsn: str, seconds: float, kill_every: float) -> int:
+    from .__main__ import drop_slot, wait_streaming
+
     ctx = multiprocessing.get_context("spawn")
     with ExitStack() as stack:
-        stack.callback(_drop_slot, dsn)
+        stack.callback(drop_slot, dsn, SLOT)
         sup = stack.enter_context(Supervisor(dsn, slot=SLOT, backoff_initial=0.05,
                                              backoff_max=0.5).start())
         worker = sup.worker()
@@ -129,7 +131,7 @@ def run(dsn: str, seconds: float, kill_every: float) -> int:
             p.start()
         for _ in procs:
             ready.get(timeout=120)
-        _wait_streaming(sup)
+        wait_streaming(sup)
         assert sup.pid is not None
         start_fds, start_rss = _fds(sup.pid), _rss(sup.pid)
         start_cpu = cpu_ns(sup.pid)
@@ -158,7 +160,7 @@ def run(dsn: str, seconds: float, kill_every: float) -> int:
             for t in producers:
                 t.join()
             sup.wait_connected(60)
-            _wait_streaming(sup)
+            wait_streaming(sup)
             # The end markers: once per fan-out reader's NOTIFY stream, once per WAL reader.
             conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(END)))
             conn.execute("SELECT pg_logical_emit_message(true, %s, %s) FROM generate_series(1, 2)",
@@ -272,14 +274,6 @@ def _describe(seen: Any) -> str:
     return f"{len(seen) - len(gaps):,} items, {len(gaps)} gap(s)"
 
 
-def _wait_streaming(sup: Supervisor, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while sup.stats().wal_state != "streaming":
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the WAL source does not stream: {sup.stats().wal_last_error}")
-        time.sleep(0.05)
-
-
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -287,17 +281,6 @@ def _fds(pid: int) -> int:
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _drop_slot(dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and conn.execute(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active",
-                (SLOT,)).fetchone():
-            time.sleep(0.1)
-        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                     "WHERE slot_name = %s AND NOT active", (SLOT,))
 
 
 def main(argv: list[str]) -> int:
