@@ -205,18 +205,30 @@ class Bench:
         self.peer_dsn = dsn
         if wal:
             self.peer_dsn = _wal_setup(self.conn, dsn, stack)
+        # NOTIFY's systems run on a supervisor without a slot, as their users run it: a slot
+        # being read costs a walsender's CPU on the server (on a 2-core machine, everyone's).
         self.sup = stack.enter_context(Supervisor(
-            dsn, ring_bytes=args.ring_bytes, max_ring_bytes=args.ring_bytes,
-            slot=BENCH_SLOT if wal else None).start())
+            dsn, ring_bytes=args.ring_bytes, max_ring_bytes=args.ring_bytes).start())
         self.worker = self.sup.worker()
 
     # -- one system in one scenario, one round ----------------------------------------------
 
     def run(self, scenario: Scenario, system: str) -> dict[str, Any]:
+        """One round of one system. pglistener's WAL systems, and the producers that emit,
+        run beside a supervisor that reads the bench's slot, started for the round."""
+        if (system in WAL_SYSTEMS and system.startswith("pglistener")) or "emit" in system:
+            with Supervisor(self.dsn, ring_bytes=self.args.ring_bytes,
+                            max_ring_bytes=self.args.ring_bytes, slot=BENCH_SLOT).start() as sup:
+                wait_streaming(sup)
+                return self._run(scenario, system, sup)
+        return self._run(scenario, system, self.sup)
+
+    def _run(self, scenario: Scenario, system: str, sup: Supervisor) -> dict[str, Any]:
         if scenario.kind == "idle":
             return self._idle(scenario)
         if scenario.kind == "produce":
             return self._produce(scenario, system)
+        worker = sup.worker()
         readers = self.args.workers if scenario.many_readers else 1
         channels = channel_names(scenario)
         share = shares(channels, readers)
@@ -236,10 +248,10 @@ class Bench:
         in_process = system in ONE_PROCESS and readers > 1
         if system in ("pglistener-group", "pglistener-wal-group"):
             total = self.ctx.Value("q", 0)      # what the group handled, in all
-            targets = [(systems.pglistener_group_reader, (self.worker, job(c), total))
+            targets = [(systems.pglistener_group_reader, (worker, job(c), total))
                        for c in share]
         elif system in WORKER_READERS:
-            targets = [(WORKER_READERS[system], (self.worker, job(c))) for c in share]
+            targets = [(WORKER_READERS[system], (worker, job(c))) for c in share]
         elif system == "conn-per-worker":
             targets = [(systems.psycopg_reader, (self.dsn, job(c))) for c in share]
         elif system == "skip-locked":
@@ -270,10 +282,10 @@ class Bench:
         # The supervisor and its server backend are timed from here; a reader times itself.
         watch: dict[str, int | None] = {}
         if system.startswith("pglistener"):
-            backend = self.sup.wait_connected().backend_pid
+            backend = sup.wait_connected().backend_pid
             if system in WAL_SYSTEMS:       # the walsender that decodes for the slot
-                backend = self.sup.stats().wal_backend_pid
-            watch = {"supervisor": self.sup.pid, "backend": backend}
+                backend = sup.stats().wal_backend_pid
+            watch = {"supervisor": sup.pid, "backend": backend}
         reports, produced, cpu = self._drive(scenario, targets, watch, system)
         return report.figures(scenario, reports, produced, readers, in_process, cpu)
 
@@ -293,8 +305,6 @@ class Bench:
             produced = None
             channel = channel_names(scenario)[0]
             wal = system in WAL_SYSTEMS
-            if wal and system.startswith("pglistener"):
-                wait_streaming(self.sup)
             conn = self.conn
             if system in ("raw-wal", "psycopg2-wal"):     # they read their own database
                 conn = psycopg.connect(self.peer_dsn, autocommit=True)
