@@ -220,6 +220,7 @@ class Bench:
             with Supervisor(self.dsn, ring_bytes=self.args.ring_bytes,
                             max_ring_bytes=self.args.ring_bytes, slot=BENCH_SLOT).start() as sup:
                 wait_streaming(sup)
+                caught_up(sup, self.conn)
                 return self._run(scenario, system, sup)
         return self._run(scenario, system, self.sup)
 
@@ -445,6 +446,19 @@ def drop_slot(dsn: str, name: str) -> None:
             time.sleep(0.1)
         c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                   "WHERE slot_name = %s AND NOT active", (name,))
+
+
+def caught_up(sup: Supervisor, conn: psycopg.Connection[Any], timeout: float = 120) -> None:
+    """Wait until the supervisor's stream has read what the server wrote before now (a
+    supervisor started on an existing slot first reads the WAL written since it was last
+    confirmed): a marker message, on a channel nobody reads, has come through."""
+    before = sup.stats().wal_received
+    conn.execute("SELECT pg_logical_emit_message(true, 'bench_marker', 'caught up?')")
+    deadline = time.monotonic() + timeout
+    while sup.stats().wal_received == before:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the WAL source did not catch up with the server")
+        time.sleep(0.02)
 
 
 def wait_streaming(sup: Supervisor, timeout: float = 60) -> None:
