@@ -412,8 +412,8 @@ cdef Producer *_choose(Entry *e, uint32_t n, bint take_turn) noexcept nogil:
         if e.size > 1:
             p.head_cache = pgl_load_acquire(&p.hdr.head)    # its unread data, now
         room = _room(p, _need(p, n))
-        if not room and p.block and not p.block_expired:
-            continue
+        if not room and p.block and not p.block_expired and n <= p.cap:
+            continue            # it waits for room (a record larger than the ring never fits)
         lag = p.tail - p.head_cache
         if best == NULL or (room and not best_room) or (room == best_room and lag < best_lag):
             best, best_lag, best_room, best_i = p, lag, room, i
@@ -913,7 +913,8 @@ cdef class Dispatcher:
         cdef Entry *e
         for i in range(r.n):
             e = &r.entries[i]
-            if e.size == 1 and (not e.members[0].block or e.members[0].block_expired):
+            if e.size == 1 and (not e.members[0].block or e.members[0].block_expired
+                                or n > e.members[0].cap):
                 continue        # a ring that never waits (the usual case): nothing to ask
             if w != NULL and not _wants(e, w):
                 continue        # it has this one already

@@ -174,3 +174,18 @@ def test_a_full_ring_misses_with_a_gap_and_holds_nothing_for_it() -> None:
         assert payloads(r.take(1)) == ["GAP:overflow", "after"]
     finally:
         r.close()
+
+
+def test_a_message_larger_than_a_blocking_ring_is_missed_not_waited_for() -> None:
+    """A WAL hold has no block_timeout, so a record that can never fit must not hold the
+    stream: it is missed, counted, and said with an overflow Gap."""
+    r = Rings(1, block=True)
+    try:
+        r.d.set_route(b"c", [1])
+        assert r.d.dispatch_wal(b"c", b"x" * (MIN_CAPACITY + 1), 100, 100)
+        assert r.d.dispatch_wal(b"c", b"after", 200, 200)
+        items = r.take(1)
+        assert isinstance(items[0], Gap) and (items[0].reason, items[0].missed) == ("overflow", 1)
+        assert payloads(items[1:]) == ["after"]
+    finally:
+        r.close()
