@@ -348,7 +348,7 @@ cdef void _pend(Producer *p, uint64_t commit) noexcept nogil:
         cap = 64 if p.pend_cap == 0 else p.pend_cap * 2
         grown = <uint64_t *>malloc(cap * 2 * sizeof(uint64_t))
         if grown == NULL:
-            return      # not remembered: at worst the slot is confirmed early (logged by stats)
+            return      # out of memory: not remembered, so the slot may be confirmed past it
         for last in range(p.pend_n):
             grown[2 * last] = p.pend[2 * ((p.pend_first + last) & (p.pend_cap - 1))]
             grown[2 * last + 1] = p.pend[2 * ((p.pend_first + last) & (p.pend_cap - 1)) + 1]

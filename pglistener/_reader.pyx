@@ -82,9 +82,10 @@ cdef class Notification:
     From the WAL source (a logical decoding message read from the slot), `lsn` is the
     message's own LSN (what emit() returned: the end of its WAL record) and `commit_lsn` its
     transaction's commit LSN (lsn - 1 when it was not transactional: it is sent as soon as
-    it is decoded, before whatever commits next); `pid` is 0, the sender being unknown. Both are None for NOTIFY. The
-    content is bytes: `payload` decodes it as UTF-8 with "surrogateescape", so `data` gives
-    back exactly the bytes that were written, whatever they are. `position` is the pair
+    it is decoded, before whatever commits next); `pid` is 0, the sender being unknown. Both
+    are None for NOTIFY. The content is bytes: `payload` decodes it as UTF-8 with
+    "surrogateescape", so `data` gives back exactly the bytes that were written, whatever
+    they are. `position` is the pair
     (commit_lsn, lsn): it grows along the stream (`lsn` alone does not, with transactions
     that overlap), and `subscribe(..., after=)` takes it to resume exactly after this message.
     """
@@ -153,12 +154,14 @@ def parse_lsn(str text):
 cdef class Gap:
     """The place in a stream where notifications may be missing.
 
-    `reason` is "reconnect" (the connection was lost: what was sent meanwhile is gone, `missed`
-    is None), "overflow" (this reader's ring was full: `missed` is the exact count) or
-    "restart" (the first item of a pool worker that was restarted: what was sent while no one
-    read for it is gone, `missed` is None) or "slot" (WAL source: the server dropped WAL the
-    replication slot still needed, so the slot was made again: what was sent before is gone,
-    `missed` is None).
+    `reason` is one of:
+    - "reconnect": the connection was lost; what was sent meanwhile is gone (`missed` None);
+    - "overflow": this reader's ring was full; `missed` is the exact count (None only when a
+      consumer group's dead member had items written over before they could be handed here);
+    - "restart": the first item of a pool worker that was restarted; what was sent while no
+      one read for it is gone (`missed` None);
+    - "slot" (WAL source): the server dropped WAL the replication slot still needed, so the
+      slot was made again; what was sent before is gone (`missed` None).
     """
 
     cdef readonly str reason
