@@ -362,6 +362,14 @@ cdef void _pend(Producer *p, uint64_t commit) noexcept nogil:
     p.pend_n += 1
 
 
+cdef inline uint64_t _unconsumed_from(Producer *p, bint *lost) noexcept nogil:
+    # Where the records its reader has not consumed begin: its `consumed` position, unless
+    # the ring has been written over since (a batch taken long ago), then its head (*lost).
+    cdef uint64_t pos = pgl_load_acquire(&p.hdr.consumed)
+    lost[0] = pos + p.cap < p.tail
+    return pgl_load_acquire(&p.hdr.head) if lost[0] else pos
+
+
 cdef uint64_t _oldest_pending(Producer *p) noexcept nogil:
     # The commit LSN of the oldest transaction this ring's reader is not done with; 0: none.
     cdef uint64_t consumed = pgl_load_acquire(&p.hdr.consumed)
@@ -622,13 +630,13 @@ cdef class Dispatcher:
         holds in its batch is taken); with `unconsumed`, not consumed yet (what it holds in
         its batch counts too, as handover() hands it over)."""
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
-        cdef uint64_t pos = pgl_load_acquire(&p.hdr.head)
+        cdef bint lost
+        cdef uint64_t pos = (_unconsumed_from(p, &lost) if unconsumed
+                             else pgl_load_acquire(&p.hdr.head))
         cdef unsigned char *rec
         cdef uint32_t length
         cdef uint16_t kind
         cdef uint64_t count = 0
-        if unconsumed and pgl_load_acquire(&p.hdr.consumed) + p.cap >= p.tail:
-            pos = pgl_load_acquire(&p.hdr.consumed)
         while pos < p.tail:
             rec = p.data + (pos & p.mask)
             length = pgl_rec_length(rec)
@@ -649,7 +657,7 @@ cdef class Dispatcher:
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         cdef list found = [self.by_id[t] for t in targets]
         cdef Py_ssize_t k, nt = len(found)
-        cdef uint64_t pos = pgl_load_acquire(&p.hdr.consumed)
+        cdef uint64_t pos
         cdef uint64_t end
         cdef unsigned char *rec
         cdef uint16_t kind
@@ -662,14 +670,12 @@ cdef class Dispatcher:
         cdef size_t pend = 0
         cdef const char *chan
         cdef const char *payload
-        cdef bint lost = False
+        cdef bint lost
         if nt == 0:
             return (0, 0)
-        if pos + p.cap < p.tail:
-            # Taken in a batch so long ago that the ring has been written over since: from
-            # what it still holds, with a gap of unknown count first.
-            pos = pgl_load_acquire(&p.hdr.head)
-            lost = True
+        # Written over since it was taken: from what the ring still holds, with a gap of
+        # unknown count first.
+        pos = _unconsumed_from(p, &lost)
         while pos < p.tail:
             rec = p.data + (pos & p.mask)
             length = pgl_rec_length(rec)

@@ -299,7 +299,7 @@ cdef class RingReader:
         cdef unsigned char *rec
         cdef uint32_t length
         cdef uint16_t kind, clen
-        cdef uint32_t plen
+        cdef uint32_t plen, body
         cdef uint64_t missed
         cdef Notification note
         cdef Gap gap
@@ -309,28 +309,23 @@ cdef class RingReader:
             kind = pgl_rec_type(rec)
             if not self._sound(length):
                 raise PGListenerError(f"corrupt ring record (length {length})")
-            if kind == PGL_REC_NOTIFY:
+            if kind == PGL_REC_NOTIFY or kind == PGL_REC_WAL:
+                # The same fields; a WAL message's header is longer, with its positions.
+                body = PGL_RECORD_HEADER if kind == PGL_REC_NOTIFY else PGL_WAL_HEADER
                 clen = pgl_rec_channel_len(rec)
                 plen = pgl_rec_payload_len(rec)
-                if PGL_RECORD_HEADER + clen + plen > length:
+                if body + clen + plen > length:
                     raise PGListenerError(f"corrupt ring record (length {length})")
                 note = Notification.__new__(Notification)
-                note.channel = self._channel(pgl_rec_channel(rec), clen)
-                note.payload = PyUnicode_DecodeUTF8(pgl_rec_payload(rec), plen, "surrogateescape")
-                note.pid = pgl_rec_pid(rec)
-                self.head += length
-                return note
-            if kind == PGL_REC_WAL:
-                clen = pgl_rec_channel_len(rec)
-                plen = pgl_rec_payload_len(rec)
-                if PGL_WAL_HEADER + clen + plen > length:
-                    raise PGListenerError(f"corrupt ring record (length {length})")
-                note = Notification.__new__(Notification)
-                note.channel = self._channel(pgl_wal_channel(rec), clen)
-                note.payload = PyUnicode_DecodeUTF8(pgl_wal_payload(rec), plen, "surrogateescape")
-                note.pid = 0
-                note.lsn = pgl_rec_lsn(rec)
-                note.commit_lsn = pgl_rec_commit(rec)
+                note.channel = self._channel(<const char *>rec + body, clen)
+                note.payload = PyUnicode_DecodeUTF8(<const char *>rec + body + clen, plen,
+                                                    "surrogateescape")
+                if kind == PGL_REC_NOTIFY:
+                    note.pid = pgl_rec_pid(rec)
+                else:
+                    note.pid = 0
+                    note.lsn = pgl_rec_lsn(rec)
+                    note.commit_lsn = pgl_rec_commit(rec)
                 self.head += length
                 return note
             if kind == PGL_REC_GAP:

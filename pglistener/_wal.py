@@ -209,13 +209,7 @@ class WalConnection(ListenConnection):
             if not rows:
                 log.info("creating replication slot %r (pgoutput) on %s", slot,
                          self.safe_target)
-                self.query(f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL pgoutput '
-                           f'NOEXPORT_SNAPSHOT'.encode(),
-                           lambda results, error: created(error, False))
-                if self.recovery:
-                    self._nudged_at = time.monotonic()
-                    self.nudge()
-                return None
+                return make(False)
             plugin, active, status, confirmed, same_db = (_text(v) for v in rows[0])
             if plugin != "pgoutput" or same_db != "t":
                 return done(SetupError(
@@ -235,12 +229,17 @@ class WalConnection(ListenConnection):
                                   lambda results, error: (
                                       done(SetupError(f"dropping the invalidated slot failed: "
                                                       f"{error}", False), False, 0)
-                                      if error is not None else
-                                      self.query(f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL '
-                                                 f'pgoutput NOEXPORT_SNAPSHOT'.encode(),
-                                                 lambda results, error: created(error, True))))
+                                      if error is not None else make(True)))
             self.slot_confirmed = parse_lsn(confirmed) if confirmed else 0
             publication(False)
+
+        def make(recreated: bool) -> None:
+            self.query(f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL pgoutput '
+                       f'NOEXPORT_SNAPSHOT'.encode(),
+                       lambda results, error: created(error, recreated))
+            if self.recovery:       # a standby's slot waits for the primary's snapshot
+                self._nudged_at = time.monotonic()
+                self.nudge()
 
         def created(error: str | None, recreated: bool) -> None:
             self._nudged_at = None
