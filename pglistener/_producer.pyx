@@ -461,6 +461,8 @@ cdef struct Route:
     uint16_t clen
     char name[64]
     Entry *entries             # one allocation: the entries, then their members
+    uint64_t last_commit       # WAL: the newest message seen on the channel (a route kept
+    uint64_t last_lsn          # with no entries still counts them: see set_route(keep=))
 
 
 cdef class Dispatcher:
@@ -768,10 +770,11 @@ cdef class Dispatcher:
 
     # -- routes -----------------------------------------------------------------------------
 
-    def set_route(self, bytes channel, entries):
+    def set_route(self, bytes channel, entries, bint keep=False):
         """Notifications on `channel` (UTF-8 bytes, 1..63 of them) go to these entries, in
         this order: each a ring id (every notification), or a list of ring ids (a consumer
-        group: each notification to one of them). An empty list removes the route."""
+        group: each notification to one of them). An empty list removes the route; with
+        `keep`, the channel stays watched (route_position() goes on), going nowhere."""
         cdef Py_ssize_t clen = len(channel)
         if clen < 1 or clen > 63:
             raise ValueError("a channel is 1 to 63 bytes")
@@ -801,13 +804,14 @@ cdef class Dispatcher:
             free(r.entries)
             r.entries = block
             r.n = len(groups)
-            if not groups:
+            if not groups and not keep:
                 r.state = PGL_ROUTE_DELETED
             return
         if not groups:
             return
         r = self._slot_for_insert(h)
         r.hash = h
+        r.last_commit = r.last_lsn = 0
         r.state = PGL_ROUTE_LIVE
         r.n = len(groups)
         r.entries = block
@@ -886,6 +890,12 @@ cdef class Dispatcher:
             self.at_commit = w.commit
             self.at_lsn = w.lsn
         if r == NULL:
+            self.unrouted += 1
+            return True
+        if w != NULL and _after(w.commit, w.lsn, r.last_commit, r.last_lsn):
+            r.last_commit = w.commit
+            r.last_lsn = w.lsn
+        if r.n == 0:
             self.unrouted += 1
             return True
         n = _record_bytes(<uint32_t>clen, <uint32_t>plen, w)
@@ -1207,6 +1217,41 @@ cdef class Dispatcher:
             p.at_commit = commit
             p.at_lsn = 0
         return dropped
+
+    def route_position(self, bytes channel):
+        """(commit LSN, LSN) of the newest WAL message seen on `channel` since its route was
+        made, (0, 0) before any; None when it has no route (kept ones included)."""
+        cdef Py_ssize_t clen = len(channel)
+        cdef Route *r = self._find(pgl_hash(channel, clen), channel, clen) if 0 < clen < 64 else NULL
+        if r == NULL:
+            return None
+        return (r.last_commit, r.last_lsn)
+
+    def reset_positions(self, uint64_t commit=0):
+        """The stream cannot go on from where it stood (a slot made again, a new server's
+        history): every position past `commit` (all of them with 0) is forgotten, so that
+        what the slot sends from now on is new to every ring; what was confirmed goes too."""
+        cdef size_t i
+        cdef Producer *p
+        cdef Route *r
+        for i in range(self.n_rings):
+            p = self.rings[i]
+            if p.at_commit >= commit:
+                p.at_commit, p.at_lsn = commit, 0
+                p.seek_lsn = 0
+        for i in range(self.table_size):
+            r = &self.table[i]
+            if r.state == PGL_ROUTE_LIVE and r.last_commit >= commit:
+                r.last_commit, r.last_lsn = commit, 0
+        if self.at_commit >= commit:
+            self.at_commit, self.at_lsn = commit, 0
+        if self.last_end > commit:
+            self.last_end = commit
+        if self.server_end > commit:
+            self.server_end = commit
+        if self.confirmed > commit:
+            self.confirmed = commit
+        self.in_txn = False
 
     def position(self, ring_id):
         """(commit LSN, LSN) of the last WAL message a ring was given (or passed by)."""

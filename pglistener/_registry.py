@@ -37,6 +37,10 @@ class Sub:
     group: str | None = None    # a consumer group: shares the stream with its members
     answered: bool = False
     resumes: bool = False       # WAL source: it said where to start (after=)
+    # WAL source: where after= said, (commit, lsn, seek lsn), until the slot's position has
+    # been compared with it; and the seek LSN it was then given
+    after: tuple[int, int, int] | None = None
+    seek: int = 0
     died: bool = False          # dropped because its worker went, not unsubscribed
 
 

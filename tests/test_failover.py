@@ -1,0 +1,170 @@
+"""The WAL source across a failover of the primary, on real pairs of servers: PostgreSQL 17's
+failover slots (kept by a standby that synchronises slots, read there once it is promoted),
+and what a server that cannot keep a slot says instead."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fix_cluster import LOGICAL, Cluster
+from test_wal import FAST, emit_many, numbers, read
+
+from fix_supervisor import wait_for
+from pglistener import Supervisor, WalSourceError
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Cluster, Cluster]]:
+    """A PostgreSQL 17 primary and a streaming standby set up as a failover needs: the
+    standby's physical slot named in synchronized_standby_slots, slot synchronisation on,
+    a dbname in its primary_conninfo."""
+    root = Path(tempfile.mkdtemp(prefix="pglistener-failover-"))
+    root.chmod(0o755)
+    made: list[Cluster] = []
+    try:
+        primary = Cluster(root, "primary", 5472, "17").init()
+        made.append(primary)
+        primary.settings = dict(LOGICAL)
+        primary.start()
+        primary.sql("SELECT pg_create_physical_replication_slot('standby1')")
+        primary.sql("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
+        primary.sql("SELECT pg_reload_conf()")
+        # -R writes the dbname of -d into primary_conninfo (PostgreSQL 17).
+        standby = primary.standby_made("standby", 5473, "-S", "standby1", "-d", primary.dsn)
+        made.append(standby)
+        standby.settings.update(sync_replication_slots="on", hot_standby_feedback="on")
+        standby.start()
+        yield primary, standby
+    finally:
+        for c in made:
+            subprocess.run([str(c.bin / "pg_ctl"), "-D", str(c.data), "-m", "immediate",
+                            "stop"], user=c.uid, cwd="/", capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def both(*clusters: Cluster) -> str:
+    """A DSN naming every server, that connects to the one that takes writes."""
+    hosts = ",".join(str(c.sock) for c in clusters)
+    ports = ",".join(str(c.port) for c in clusters)
+    return (f"host={hosts} port={ports} user=postgres dbname=postgres "
+            f"target_session_attrs=read-write")
+
+
+def slot_on(cluster: Cluster, slot: str) -> tuple[bool, bool] | None:
+    """(failover, synced) of the slot there: a synced slot that is still temporary (the
+    standby has not caught up with it) is dropped at promotion, so it does not count."""
+    with psycopg.connect(cluster.dsn) as conn:
+        row = conn.execute("SELECT failover, synced FROM pg_replication_slots "
+                           "WHERE slot_name = %s AND NOT temporary", (slot,)).fetchone()
+    return None if row is None else (bool(row[0]), bool(row[1]))
+
+
+def wait_synced(primary: Cluster, standby: Cluster, slot: str) -> None:
+    """Until the standby holds a synced copy of the slot that survives promotion. The copy
+    stays temporary until the primary's slot moves past where the standby began to keep it:
+    the primary logs its running transactions (as it does every 15 s, or at a checkpoint)
+    and the supervisor confirms past them, as it does on its own under any write load."""
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        def synced() -> bool:
+            conn.execute("SELECT pg_log_standby_snapshot()")
+            conn.execute("SELECT pg_logical_emit_message(true, 'unread', 'x')")
+            time.sleep(0.2)
+            return slot_on(standby, slot) == (True, True)
+        try:
+            wait_for(synced, "the slot to be synced to the standby", timeout=90)
+        except AssertionError as exc:
+            with psycopg.connect(standby.dsn) as s:
+                rows = s.execute("SELECT slot_name, synced, temporary, restart_lsn, "
+                                 "confirmed_flush_lsn FROM pg_replication_slots").fetchall()
+            primary_rows = conn.execute("SELECT slot_name, restart_lsn, confirmed_flush_lsn "
+                                        "FROM pg_replication_slots").fetchall()
+            raise AssertionError(f"{exc}: standby {rows}, primary {primary_rows}; the "
+                                 f"standby's log ends:\n{standby.log.read_text()[-3000:]}"
+                                 ) from None
+
+
+def promote(standby: Cluster) -> psycopg.Connection:
+    """Promote the standby, and let its logical readers go: the primary's
+    synchronized_standby_slots came with its copy and names a slot it does not have (the
+    supervisor warns of that stall). An open connection to it, taking writes."""
+    standby.promote()
+    conn = psycopg.connect(standby.dsn, autocommit=True)
+    wait_for(lambda: conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,),
+             "the promotion")
+    conn.execute("ALTER SYSTEM RESET synchronized_standby_slots")
+    conn.execute("SELECT pg_reload_conf()")
+    return conn
+
+
+def test_a_failover_slot_survives_a_failover_with_nothing_lost(
+    pair: tuple[Cluster, Cluster]
+) -> None:
+    primary, standby = pair
+    slot = f"f_{uuid.uuid4().hex[:12]}"
+    with Supervisor(both(primary, standby), slot=slot, **FAST).start() as sup:
+        sub = sup.worker().subscribe("fo", source="wal", timeout=60)
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            emit_many(conn, "fo", 0, 2000, transactions=20)
+        assert numbers(read(sub, 2000)) == list(range(2000))
+        wait_for(lambda: sup.stats().failover_ready is True, "the slot to be failover-ready")
+        stats = sup.stats()
+        assert stats.slot_failover is True and stats.slot_losses == 0
+        assert slot_on(primary, slot) == (True, False)
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.2)        # asked past the last: the slot may move on
+        wait_synced(primary, standby, slot)
+        primary.stop("immediate")
+        with promote(standby) as conn:
+            emit_many(conn, "fo", 2000, 2000, transactions=20)
+        assert numbers(read(sub, 2000, timeout=60)) == list(range(2000, 4000))
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=1)
+        stats = sup.stats()
+        assert stats.slot_losses == 0 and stats.wal_reconnects >= 1
+
+
+def test_a_failover_without_a_failover_slot_is_a_gap(pair: tuple[Cluster, Cluster]) -> None:
+    """failover=False on the same pair: the promoted standby has no slot, and the stream says
+    so before what it reads there."""
+    primary, standby = pair
+    slot = f"n_{uuid.uuid4().hex[:12]}"
+    with Supervisor(both(primary, standby), slot=slot, failover=False, **FAST).start() as sup:
+        sub = sup.worker().subscribe("nf", source="wal", timeout=60)
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            emit_many(conn, "nf", 0, 100)
+        assert numbers(read(sub, 100)) == list(range(100))
+        assert sup.stats().slot_failover is False and sup.stats().failover_ready is False
+        primary.stop("immediate")
+        with promote(standby) as conn:
+            wait_for(lambda: sup.stats().slot_losses == 1, "the loss to be seen", timeout=60)
+            wait_for(lambda: sup.stats().wal_state == "streaming",
+                     "the slot made on the new primary")
+            emit_many(conn, "nf", 100, 100)
+        assert numbers(read(sub, 101, timeout=60)) == ["GAP:slot"] + list(range(100, 200))
+
+
+def test_failover_true_where_the_server_cannot(logical_cluster: Cluster) -> None:
+    slot = f"x_{uuid.uuid4().hex[:12]}"
+    with Supervisor(logical_cluster.dsn, slot=slot, failover=True, **FAST).start() as sup:
+        if logical_cluster.version >= "17":
+            sub = sup.worker().subscribe("ft", source="wal", timeout=30)
+            assert sub is not None and sup.stats().slot_failover is True
+            assert slot_on(logical_cluster, slot) == (True, False)
+            # Not ready: nothing names a standby's slot on this lone server.
+            wait_for(lambda: sup.stats().failover_ready is False, "the failover check")
+        else:
+            needs = r"failover=True\) needs PostgreSQL 17 .* is 1[56]\."
+            with pytest.raises(WalSourceError, match=needs):
+                sup.worker().subscribe("ft", source="wal", timeout=30)
+    logical_cluster.sql(f"SELECT pg_drop_replication_slot(slot_name) FROM "
+                        f"pg_replication_slots WHERE slot_name = '{slot}'")
+    with pytest.raises(TypeError, match="failover is True, False or None"):
+        Supervisor(logical_cluster.dsn, slot=slot, failover="yes")  # type: ignore[arg-type]
