@@ -505,10 +505,12 @@ def test_soak_accounts_for_both_sources(logical_cluster: Cluster) -> None:
 
     proc = subprocess.run(
         [sys.executable, "-m", "pglistener.bench", "soak", "--seconds", "8", "--kill-every",
-         "2", "--dsn", logical_cluster.dsn], capture_output=True, text=True, timeout=600)
+         "2", "--drop-slot-every", "3", "--dsn", logical_cluster.dsn],
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every notification and message accounted for" in proc.stdout
     assert "the walsender 2x" in proc.stdout or "the walsender 1x" in proc.stdout
+    assert "dropped the slot 1x" in proc.stdout or "dropped the slot 2x" in proc.stdout
 
 
 # -- promise 4: reading from a standby ----------------------------------------------------------

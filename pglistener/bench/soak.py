@@ -7,10 +7,17 @@ Readers, each a process of its own:
   group-N    two members of a consumer group on the WAL source (overflow="block")
   churn      subscribes to both sources and unsubscribes, again and again
 
+Faults: the listening backend and the walsender killed in turn every --kill-every seconds;
+every --drop-slot-every seconds, the slot dropped under the supervisor (frozen with SIGSTOP
+meanwhile, so that it cannot hold the slot), which loses what the slot held and what was sent
+until the supervisor made it again.
+
 Accounting: on NOTIFY, every number a fan-out reader did not see lies in the span of a
 reconnect Gap (seen + excused == sent), and what it saw is in order, each once; on the WAL
-source, each fan-out reader saw every message exactly once, in order, with no Gap, and the
-group's members together handled each exactly once.
+source, each fan-out reader saw every message exactly once, in order, but where a Gap("slot")
+stands, one per drop: what it skips there was sent before the slot was made again, and is
+missing from every reader alike; the group's members together handled each message exactly
+once, those excused apart.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -34,6 +42,7 @@ NOTIFY_CHANNEL = "soak_notify"
 WAL_CHANNEL = "soak_wal"
 SLOT = "pglistener_soak"
 END = -1
+BATCH = 100         # messages (or notifications) per transaction of a producer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,6 +53,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "with wal_level = logical)")
     p.add_argument("--kill-every", type=float, default=5.0,
                    help="seconds between backend kills (default 5)")
+    p.add_argument("--drop-slot-every", type=float, default=60.0,
+                   help="seconds between drops of the slot under the supervisor (default 60; "
+                   "0: never)")
     return p.parse_args(argv)
 
 
@@ -110,7 +122,39 @@ def churn_reader(worker: Any, ready: Any, out: Any, name: str, stop: Any) -> Non
 
 # -- the run --------------------------------------------------------------------------------------
 
-def run(dsn: str, seconds: float, kill_every: float) -> int:
+def _drop_slot_under(sup: Supervisor, conn: psycopg.Connection[Any],
+                     sent: dict[str, int]) -> tuple[int, int]:
+    """Freeze the supervisor, end its walsender, drop the slot, let the supervisor go on:
+    it finds the slot gone, makes it again and says Gap("slot"). The WAL producer's count
+    when the slot went and when the new one streamed: what is lost was sent before the
+    second."""
+    before = sup.stats()
+    pid = before.wal_backend_pid
+    assert sup.pid is not None
+    os.kill(sup.pid, signal.SIGSTOP)
+    try:
+        if pid is not None:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + 30
+        while conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND "
+                           "active", (SLOT,)).fetchone():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the frozen supervisor's walsender did not end")
+            time.sleep(0.02)
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))
+        dropped = sent["wal"]
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while (now := sup.stats()).slot_losses == before.slot_losses or now.wal_state != "streaming":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the supervisor did not make the slot again: "
+                               f"{now.wal_last_error}")
+        time.sleep(0.02)
+    return dropped, sent["wal"]
+
+
+def run(dsn: str, seconds: float, kill_every: float, drop_slot_every: float = 0.0) -> int:
     from .__main__ import drop_slot, wait_streaming
 
     ctx = multiprocessing.get_context("spawn")
@@ -142,13 +186,19 @@ def run(dsn: str, seconds: float, kill_every: float) -> int:
         for t in producers:
             t.start()
         kills = {"listen": 0, "wal": 0}
+        drops: list[tuple[int, int]] = []
         began = time.monotonic()
+        next_drop = began + drop_slot_every if drop_slot_every > 0 else float("inf")
         with psycopg.connect(dsn, autocommit=True) as conn:
             turn = 0
             while time.monotonic() - began < seconds:
                 time.sleep(min(kill_every, max(0.0, seconds - (time.monotonic() - began))))
                 if time.monotonic() - began >= seconds:
                     break
+                if time.monotonic() >= next_drop:
+                    drops.append(_drop_slot_under(sup, conn, sent))
+                    next_drop = time.monotonic() + drop_slot_every
+                    continue
                 stats = sup.stats()
                 which = ("listen", "wal")[turn % 2]
                 pid = stats.backend_pid if which == "listen" else stats.wal_backend_pid
@@ -175,10 +225,11 @@ def run(dsn: str, seconds: float, kill_every: float) -> int:
             p.join(30)
         end_fds, end_rss = _fds(sup.pid), _rss(sup.pid)
         end_cpu = cpu_ns(sup.pid)
-    failures = _account(reports, sent)
+    failures, lost = _account(reports, sent, drops)
     print(f"soak: {seconds:g} s; sent NOTIFY {sent['notify']:,}, WAL {sent['wal']:,}; "
           f"killed the listening backend {kills['listen']}x, the walsender {kills['wal']}x; "
-          f"churn {churned} subscribe rounds")
+          f"dropped the slot {len(drops)}x (lost with it, each said by a Gap('slot'): "
+          f"{lost:,} messages); churn {churned} subscribe rounds")
     for name, seen in sorted(reports.items()):
         print(f"  {name}: {_describe(seen)}")
     print(f"  supervisor: descriptors {start_fds} -> {end_fds}, RSS {start_rss / 1e6:.1f} -> "
@@ -208,8 +259,8 @@ def _produce(dsn: str, source: str, sent: dict[str, int], stop: threading.Event)
             if conn is None:
                 conn = psycopg.connect(dsn, autocommit=True)
             n = sent[source]
-            conn.execute(query, (channel, n, n + 99))
-            sent[source] = n + 100
+            conn.execute(query, (channel, n, n + BATCH - 1))
+            sent[source] = n + BATCH
             time.sleep(0.002)
         except psycopg.OperationalError:
             conn = None
@@ -218,26 +269,65 @@ def _produce(dsn: str, source: str, sent: dict[str, int], stop: threading.Event)
         conn.close()
 
 
-def _account(reports: dict[str, Any], sent: dict[str, int]) -> list[str]:
+def _account(reports: dict[str, Any], sent: dict[str, int],
+             drops: list[tuple[int, int]]) -> tuple[list[str], int]:
+    """The failures, and how many WAL messages the slot's drops lost (said, and excused)."""
     failures = [f"nothing was sent on {source}: the producer failed (its error is above)"
                 for source, n in sent.items() if n == 0]
     group: list[int] = []
+    lost_by: dict[str, set[int]] = {}
     for name, seen in reports.items():
         if name.startswith("group"):
             gaps = [x for x in seen if isinstance(x, str)]
-            if gaps:
-                failures.append(f"{name}: a Gap on the WAL source: {gaps[:3]}")
+            if gaps.count("slot") > len(drops) or set(gaps) - {"slot"}:
+                failures.append(f"{name}: Gaps on the WAL source beside the slot's "
+                                f"{len(drops)} drops: {gaps[:5]}")
             group += [x for x in seen if isinstance(x, int)]
             continue
-        wal = seen["wal"]
-        if wal != list(range(sent["wal"])):
-            failures.append(f"{name}: the WAL stream is not every message once, in order "
-                            f"({len(wal)} items for {sent['wal']} sent)")
+        lost, problems = _wal_accounting(name, seen["wal"], sent["wal"], drops)
+        lost_by[name] = lost
+        failures += problems
         failures += _notify_accounting(name, seen["notify"], sent["notify"])
-    if sorted(group) != list(range(sent["wal"])):
+    lost = next(iter(lost_by.values()), set())
+    if any(other != lost for other in lost_by.values()):
+        failures.append(f"the fan-out readers lost different messages with the slot: "
+                        f"{ {n: len(s) for n, s in lost_by.items()} }")
+    expected = sorted(set(range(sent["wal"])) - lost)
+    if sorted(group) != expected:
         failures.append(f"the WAL group handled {len(group)} messages, {len(set(group))} "
-                        f"distinct, for {sent['wal']} sent")
-    return failures
+                        f"distinct, for {len(expected)} sent and not lost with the slot")
+    return failures, len(lost)
+
+
+def _wal_accounting(name: str, seen: list[Any], sent: int,
+                    drops: list[tuple[int, int]]) -> tuple[set[int], list[str]]:
+    """Every message once, in order, but where a Gap("slot") stands (one per drop at most):
+    what it skips was sent before the slot of that drop was made again. What was lost."""
+    lost: set[int] = set()
+    last, gaps = -1, 0
+    after_gap = False
+    for x in seen:
+        if isinstance(x, str):
+            if x != "slot" or gaps == len(drops):
+                return lost, [f"{name}: a Gap({x!r}) on the WAL source beyond the slot's "
+                              f"{len(drops)} drops"]
+            gaps += 1
+            after_gap = True
+            continue
+        if x != last + 1:
+            if not after_gap or x <= last:
+                return lost, [f"{name}: the WAL stream has {x} after {last}, with no Gap "
+                              f"('slot') between"]
+            # (A batch may have committed before the new slot and been counted just after.)
+            if x > drops[gaps - 1][1] + BATCH:
+                return lost, [f"{name}: a Gap('slot') skips to {x}, past the "
+                              f"{drops[gaps - 1][1]} sent before the slot was made again"]
+            lost.update(range(last + 1, x))
+        after_gap = False
+        last = x
+    if last != sent - 1:
+        return lost, [f"{name}: the WAL stream ends at {last} of {sent}"]
+    return lost, []
 
 
 def _notify_accounting(name: str, seen: list[Any], sent: int) -> list[str]:
@@ -296,4 +386,4 @@ def main(argv: list[str]) -> int:
         if why is not None:
             print(f"soak: the WAL source cannot run: {why}", file=sys.stderr)
             return 2
-        return run(dsn, args.seconds, args.kill_every)
+        return run(dsn, args.seconds, args.kill_every, args.drop_slot_every)
