@@ -480,7 +480,8 @@ def test_bench_wal_scenarios_run_and_account(logical_cluster: Cluster, tmp_path:
     proc = subprocess.run(
         [sys.executable, "-m", "pglistener.bench", "--quick", "--workers", "2", "--no-progress",
          "--dsn", logical_cluster.dsn, "--scenario", "produce", "--scenario", "wal-drain",
-         "--scenario", "wal-latency", "--scenario", "wal-group", "--notifications", "2000",
+         "--scenario", "wal-latency", "--scenario", "wal-group", "--scenario", "wal-hosts",
+         "--notifications", "2000",
          "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -491,6 +492,12 @@ def test_bench_wal_scenarios_run_and_account(logical_cluster: Cluster, tmp_path:
         assert (rounds[0]["received"], rounds[0]["exact"]) == (2000, 1.0), system
     assert data["results"]["wal-latency"]["pglistener-wal"][0]["samples"] > 0
     assert data["results"]["wal-group"]["pglistener-wal-group"][0]["exact"] == 1.0
+    hosts = data["results"]["wal-hosts"]
+    assert set(hosts) == {f"pglistener{w}-x{k}" for w in ("", "-wal") for k in (1, 2, 4)}
+    for system, rounds in hosts.items():     # each supervisor's reader got every one once
+        assert (rounds[0]["received"], rounds[0]["exact"]) == (2000 * rounds[0]["hosts"],
+                                                               1.0), system
+        assert rounds[0]["cpu_backend_ns"] > 0, system      # the walsenders, from /proc
     names = {t["target"] for t in data["targets"]}
     assert "produce: INSERT+emit >= 1.8x INSERT+NOTIFY (tx/s)" in names
     with psycopg.connect(logical_cluster.dsn) as conn:     # the bench's slot went with it

@@ -3,7 +3,7 @@
 
 Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, burst,
 group, idle; and for the WAL source (a server with wal_level = logical; the embedded one is
-set so): produce, wal-drain, wal-tx, wal-latency, wal-fanout, wal-group.
+set so): produce, wal-drain, wal-tx, wal-latency, wal-fanout, wal-group, wal-hosts.
 Systems, all on the same server with the same workload:
 
   raw                  a C loop on one connection (PQconsumeInput + PQnotifies): the ceiling
@@ -25,6 +25,8 @@ Systems, all on the same server with the same workload:
   pglistener-wal(-for) subscribe(..., source="wal") read by get_many, or by for item in sub
   pglistener-wal-group a consumer group on the WAL source
   psycopg2-wal         psycopg2's LogicalReplicationConnection.consume_stream()
+  pglistener(-wal)-xK  wal-hosts: K supervisors, each with a reader (for item in sub) of
+                       NOTIFY, or of a slot of its own (-wal)
   insert+notify, insert+emit, notify, emit, emit-nontx
                        produce: pgbench, 16 clients, each transaction an INSERT and a NOTIFY
                        or a pg_logical_emit_message, or the announcement alone
@@ -124,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def shaped(scenario: Scenario, args: argparse.Namespace) -> Scenario:
     """The scenario with the command line's sizes."""
     changes: dict[str, Any] = {}
-    if scenario.kind == "count":
+    if scenario.kind in ("count", "hosts"):
         changes["notifications"] = args.notifications or (
             scenario.quick_notifications if args.quick else scenario.notifications)
         if args.payload_bytes and scenario.name != "payload200":
@@ -216,6 +218,8 @@ class Bench:
     def run(self, scenario: Scenario, system: str) -> dict[str, Any]:
         """One round of one system. pglistener's WAL systems, and the producers that emit,
         run beside a supervisor that reads the bench's slot, started for the round."""
+        if scenario.kind == "hosts":
+            return self._hosts(scenario, system)
         if (system in WAL_SYSTEMS and system.startswith("pglistener")) or "emit" in system:
             with Supervisor(self.dsn, ring_bytes=self.args.ring_bytes,
                             max_ring_bytes=self.args.ring_bytes, slot=BENCH_SLOT).start() as sup:
@@ -224,7 +228,49 @@ class Bench:
                 return self._run(scenario, system, sup)
         return self._run(scenario, system, self.sup)
 
+    def _hosts(self, scenario: Scenario, system: str) -> dict[str, Any]:
+        """k supervisors on this server, as k hosts would run them, each with one reader of
+        a backlog: per slot (-wal) or per listening connection, the server's CPU per message
+        (each walsender decodes all of it), each supervisor's, and what a reader gets."""
+        k = int(system.rsplit("-x", 1)[1])
+        wal = system in WAL_SYSTEMS
+        n = scenario.notifications
+        with ExitStack() as stack:
+            sups = []
+            for i in range(k):
+                slot = f"{BENCH_SLOT}_h{i}" if wal else None
+                if slot is not None:
+                    stack.callback(drop_slot, self.dsn, slot)
+                sups.append(stack.enter_context(Supervisor(
+                    self.dsn, ring_bytes=self.args.ring_bytes,
+                    max_ring_bytes=self.args.ring_bytes, slot=slot).start()))
+            watch: dict[str, int | None] = {}
+            for i, sup in enumerate(sups):
+                if wal:
+                    wait_streaming(sup)
+                    caught_up(sup, self.conn)
+                watch[f"supervisor-{i}"] = sup.pid
+                watch[f"backend-{i}"] = (sup.stats().wal_backend_pid if wal
+                                         else sup.wait_connected().backend_pid)
+            deadline = time.monotonic() + 120.0
+            job = Job(channel_names(scenario), n, "count", deadline,
+                      source="wal" if wal else "notify")
+            targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+                (systems.pglistener_for_reader, (sup.worker(), job)) for sup in sups]
+            plain = Scenario(**{**scenario.__dict__, "kind": "count"})
+            reports, _produced, cpu = self._drive(plain, targets, watch, system)
+        got = report.figures(plain, reports, None, k, False, {})
+        backends = [cpu[f"backend-{i}"] for i in range(k)]
+        supervisors = [cpu[f"supervisor-{i}"] for i in range(k)]
+        return {**got, "hosts": k,
+                "cpu_backend_ns": (None if None in backends
+                                   else sum(b or 0 for b in backends) / k / n),
+                "cpu_supervisor_ns": (None if None in supervisors
+                                      else sum(c or 0 for c in supervisors) / k / n)}
+
     def _run(self, scenario: Scenario, system: str, sup: Supervisor) -> dict[str, Any]:
+        if scenario.kind == "hosts":
+            return self._hosts(scenario, system)
         if scenario.kind == "idle":
             return self._idle(scenario)
         if scenario.kind == "produce":

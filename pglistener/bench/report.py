@@ -88,7 +88,8 @@ KEYS = {"count": ("per_reader_per_s", "deliveries_per_s", "missed", "accounted",
         "latency": ("p50_us", "p99_us", "p999_us"),
         "live": ("produced_per_s", "delivered_per_s", "keep_up", "max_lag_ms"),
         "idle": ("supervisor_cpu_percent", "reader_cpu_percent"),
-        "produce": ("tps",)}
+        "produce": ("tps",),
+        "hosts": ("per_reader_per_s", "cpu_backend_ns", "cpu_supervisor_ns", "exact")}
 
 
 def summarize(chosen: list[Scenario], results: dict[str, Any]) -> dict[str, Any]:
@@ -258,6 +259,11 @@ def print_tables(chosen: list[Scenario], results: dict[str, Any], summary: dict[
         elif s.kind == "produce":
             print(f"   pgbench, 16 clients, {s.seconds:g} s each; transactions/s")
             print(f"   {'system':<20} {'tx/s':>28}")
+        elif s.kind == "hosts":
+            print(f"   {s.notifications} messages (or notifications) in one transaction; K "
+                  f"supervisors, one reader each; median [min-max] over {args.rounds} round(s)")
+            print(f"   {'system':<20} {'per supervisor/s':>32} {'missed':>7}   "
+                  f"{'CPU ns per message, per slot or connection: server supervisor'}")
         elif s.kind == "live":
             print(f"   {s.seconds:g} s, one NOTIFY per transaction; delivered/s per reader against "
                   f"produced/s")
@@ -275,6 +281,11 @@ def print_tables(chosen: list[Scenario], results: dict[str, Any], summary: dict[
                       f"{_median(row, 'cpu_backend_ns'):>7} "
                       f"{_median(row, 'cpu_supervisor_ns'):>10} "
                       f"{_median(row, 'cpu_reader_ns'):>6}{short}")
+            elif s.kind == "hosts":
+                print(f"   {system:<20} {_cell(row, 'per_reader_per_s', ',.0f'):>32} "
+                      f"{sum(r['missed'] for r in rounds):>7}   "
+                      f"{_median(row, 'cpu_backend_ns'):>7} "
+                      f"{_median(row, 'cpu_supervisor_ns'):>10}")
             elif s.kind == "latency":
                 print(f"   {system:<20} {_cell(row, 'p50_us', '.0f'):>22} "
                       f"{_cell(row, 'p99_us', '.0f'):>22} {_cell(row, 'p999_us', '.0f'):>22}")
@@ -352,6 +363,7 @@ def plot(chosen: list[Scenario], summary: dict[str, Any], path: str) -> None:
             "latency": ("p99_us", "p99 latency (us), lower is better", 1.0),
             "live": ("delivered_per_s", "delivered/s per reader (millions)", 1e-6),
             "produce": ("tps", "transactions/s (thousands)", 1e-3),
+            "hosts": ("per_reader_per_s", "delivered/s per supervisor (millions)", 1e-6),
         }[s.kind]
         names = [n for n in rows if key in rows[n]]
         med = [rows[n][key]["median"] * scale for n in names]

@@ -37,8 +37,12 @@ PRODUCE_SQL = {
 PRODUCERS = tuple(PRODUCE_SQL)
 
 #: Systems that read the WAL source; the others read NOTIFY.
+#: wal-hosts: k supervisors on one server, each reading NOTIFY or (-wal) a slot of its own.
+HOSTS = (1, 2, 4)
+HOST_SYSTEMS = tuple(f"{kind}-x{k}" for k in HOSTS for kind in ("pglistener", "pglistener-wal"))
+
 WAL_SYSTEMS = ("raw-wal", "psycopg2-wal", "pglistener-wal", "pglistener-wal-for",
-               "pglistener-wal-group")
+               "pglistener-wal-group", *HOST_SYSTEMS[1::2])
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,10 @@ SCENARIOS = {s.name: s for s in [
     Scenario("wal-fanout", "a backlog on one channel, every reader gets all of it: NOTIFY and "
              "the WAL source", "count", ("pglistener", "pglistener-wal"), many_readers=True,
              notifications=200_000, quick_notifications=200_000, source="both"),
+    Scenario("wal-hosts", "1, 2 and 4 supervisors (as many hosts), each with its own slot and a "
+             "reader of everything, beside as many NOTIFY supervisors: what each slot costs the "
+             "server (its walsender's CPU) and what each supervisor delivers", "hosts",
+             HOST_SYSTEMS, notifications=200_000, quick_notifications=50_000, source="both"),
     Scenario("wal-group", "a backlog of jobs for 4 processes to handle each once, through a "
              "consumer group on the WAL source", "count", ("pglistener-wal-group",),
              many_readers=True, shared=True, notifications=100_000,
@@ -118,7 +126,7 @@ SCENARIOS = {s.name: s for s in [
 
 #: The figure each kind of scenario is judged by.
 FIGURE = {"count": "deliveries_per_s", "latency": "p99_us", "live": "keep_up",
-          "produce": "tps"}
+          "produce": "tps", "hosts": "per_reader_per_s"}
 
 
 def channel_names(scenario: Scenario) -> list[str]:
