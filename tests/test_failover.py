@@ -4,6 +4,7 @@ and what a server that cannot keep a slot says instead."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -21,15 +22,28 @@ from fix_supervisor import wait_for
 from pglistener import Supervisor, WalSourceError
 
 
+@contextlib.contextmanager
+def clusters() -> Iterator[tuple[Path, list[Cluster]]]:
+    """A directory for clusters, and the list of those made there: each stopped (immediate)
+    at the end, and the directory removed."""
+    root = Path(tempfile.mkdtemp(prefix="pglistener-failover-"))
+    root.chmod(0o755)
+    made: list[Cluster] = []
+    try:
+        yield root, made
+    finally:
+        for c in made:
+            subprocess.run([str(c.bin / "pg_ctl"), "-D", str(c.data), "-m", "immediate",
+                            "stop"], user=c.uid, cwd="/", capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[Cluster, Cluster]]:
     """A PostgreSQL 17 primary and a streaming standby set up as a failover needs: the
     standby's physical slot named in synchronized_standby_slots, slot synchronisation on,
     a dbname in its primary_conninfo."""
-    root = Path(tempfile.mkdtemp(prefix="pglistener-failover-"))
-    root.chmod(0o755)
-    made: list[Cluster] = []
-    try:
+    with clusters() as (root, made):
         primary = Cluster(root, "primary", 5472, "17").init()
         made.append(primary)
         primary.settings = dict(LOGICAL)
@@ -43,11 +57,6 @@ def pair() -> Iterator[tuple[Cluster, Cluster]]:
         standby.settings.update(sync_replication_slots="on", hot_standby_feedback="on")
         standby.start()
         yield primary, standby
-    finally:
-        for c in made:
-            subprocess.run([str(c.bin / "pg_ctl"), "-D", str(c.data), "-m", "immediate",
-                            "stop"], user=c.uid, cwd="/", capture_output=True, check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def both(*clusters: Cluster) -> str:
@@ -168,3 +177,47 @@ def test_failover_true_where_the_server_cannot(logical_cluster: Cluster) -> None
                         f"pg_replication_slots WHERE slot_name = '{slot}'")
     with pytest.raises(TypeError, match="failover is True, False or None"):
         Supervisor(logical_cluster.dsn, slot=slot, failover="yes")  # type: ignore[arg-type]
+
+
+def test_a_standby_s_slot_follows_a_new_primary() -> None:
+    """slot_dsn on a PostgreSQL 16 standby (the slot lives there): its primary fails over to
+    another standby, and the slot's standby follows the new primary (a new timeline). Every
+    message arrives once, in order, with no Gap; the LISTEN connection follows the primary."""
+    with clusters() as (root, made):
+        primary = Cluster(root, "primary", 5474, "16").init()
+        made.append(primary)
+        primary.settings = dict(LOGICAL)
+        primary.start()
+        reader = primary.standby_made("reader", 5475)      # the slot is read here
+        made.append(reader.started())
+        other = primary.standby_made("other", 5476)        # the one promoted
+        made.append(other.started())
+        slot = f"s_{uuid.uuid4().hex[:12]}"
+        with Supervisor(both(primary, other), slot=slot, slot_dsn=reader.dsn,
+                        **FAST).start() as sup:
+            sub = sup.worker().subscribe("fl", source="wal", timeout=60)
+            with psycopg.connect(primary.dsn, autocommit=True) as conn:
+                emit_many(conn, "fl", 0, 500, transactions=5)
+                end = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+            assert numbers(read(sub, 500)) == list(range(500))
+            assert sup.stats().failover_ready is None       # a standby's own slot
+            for standby in (reader, other):     # both have all of it: either may lead
+                with psycopg.connect(standby.dsn) as s:
+                    wait_for(lambda s=s: s.execute(   # type: ignore[misc]
+                        "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", end).fetchone()
+                        == (True,), "the standbys to replay everything")
+            primary.stop("immediate")
+            other.promote()
+            with psycopg.connect(reader.dsn, autocommit=True) as s:
+                s.execute(f"ALTER SYSTEM SET primary_conninfo = "
+                          f"'host={other.sock} port={other.port} user=postgres'")
+                s.execute("SELECT pg_reload_conf()")
+            with psycopg.connect(other.dsn, autocommit=True) as conn:
+                wait_for(lambda: conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                         == (False,), "the promotion")
+                emit_many(conn, "fl", 500, 500, transactions=5)
+            assert numbers(read(sub, 500, timeout=60)) == list(range(500, 1000))
+            with pytest.raises(TimeoutError):
+                sub.get(timeout=1)
+            assert sup.stats().slot_losses == 0
+            wait_for(lambda: sup.stats().connected, "LISTEN on the new primary", timeout=60)
