@@ -201,9 +201,11 @@ class ListenConnection:
 
     def watch_slot(self, slot: str) -> None:
         """The heartbeat also samples how much WAL replication slot `slot` holds (on this
-        server: the primary the WAL source reads from)."""
-        self.heartbeat = (HEARTBEAT + f", (SELECT (pg_current_wal_lsn() - restart_lsn)::bigint "
-                          f"FROM pg_replication_slots WHERE slot_name = '{slot}')".encode())
+        server: the one the WAL source reads from, a primary or a standby)."""
+        self.heartbeat = (HEARTBEAT + f", (SELECT (CASE WHEN pg_is_in_recovery() THEN "
+                          f"pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END - "
+                          f"restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = "
+                          f"'{slot}')".encode())
 
     def sample_queue(self, results: list[list[tuple[bytes | None, ...]]]) -> None:
         """Keep the queue fill (and a watched slot's WAL) from the results of a query that

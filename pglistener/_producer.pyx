@@ -151,6 +151,14 @@ cdef class PGConnection:
             return False
         return PQsendQuery(self.conn, query) == 1
 
+    def consume(self):
+        """For a connection Dispatcher.run() does not read (a probe): send what is queued and
+        take what the socket has, without blocking. None when the connection failed, else
+        whether a result is ready (get_result() does not block then)."""
+        if self.conn == NULL or PQflush(self.conn) < 0 or PQconsumeInput(self.conn) != 1:
+            return None
+        return not PQisBusy(self.conn)
+
     def get_result(self):
         """The next result of the query in flight, once Dispatcher.run() returned RUN_RESULT
         (it does not block then): None after the last one, else (ok, rows, error): ok False

@@ -30,7 +30,7 @@ from ._reader import format_lsn, parse_lsn
 from ._registry import Actions, Registry, Sub
 from ._sizes import check_ring_bytes
 from ._stream import check_group, check_overflow
-from ._wal import SetupError, Started, WalConnection
+from ._wal import SetupError, SlotProbe, Started, WalConnection
 from .channels import channel_bytes
 from .stats import ReaderStats, Stats
 
@@ -114,6 +114,7 @@ class Server:
         # WAL consumer groups whose last member went: (channels, group) -> the ring it left
         # (kept, unrouted: what it had not consumed) and when the group's hold ends.
         self.orphans: dict[tuple[tuple[str, ...], str], tuple[int, float]] = {}
+        self.probe: SlotProbe | None = None     # slot_dsn: samples the slot where it lives
         # What the WAL source has read, for as long as this process lives: from where in
         # the slot (None: not yet), each channel watched since when, the watched channels
         # nobody reads (oldest first), the consumer groups served, how often the slot was
@@ -138,6 +139,13 @@ class Server:
                 config.failover)
             if config.slot_conninfo is None:
                 self.link.watch_slot(config.slot)
+            else:           # the slot lives elsewhere: its lag is sampled there
+                self.probe = SlotProbe(
+                    config.slot_conninfo, config.slot_safe_target,
+                    Timing(config.connect_timeout, config.liveness_timeout,
+                           config.backoff_initial, config.backoff_max,
+                           config.backoff_reset_after),
+                    self.wal_dispatcher, time.monotonic(), config.slot)
         self.stopping = False
         # A signal writes a byte here (signal.set_wakeup_fd), so that it wakes the loop
         # wherever it waits: in run(), epoll fires through the control fd.
@@ -177,6 +185,9 @@ class Server:
                     self._check_failover()
                 wait = min(wait, wal.step(now))
                 watch += wal.fds()
+                if self.probe is not None:
+                    wait = min(wait, self.probe.step(now))
+                    watch += self.probe.fds()
                 self._check_lag()
             wait_ms = max(1, min(TICK_MS, math.ceil(wait * 1000)))
             conn = link.conn
@@ -213,7 +224,7 @@ class Server:
             poller.register(fd, select.POLLOUT if writable else select.POLLIN)
         ready = {fd for fd, _events in poller.poll(0)}
         now = time.monotonic()
-        for shell in (self.link, self.wal):
+        for shell in (self.link, self.wal, self.probe):
             if shell is not None and any(fd in ready for fd, _w in shell.fds()):
                 shell.advance(now)
 
@@ -311,6 +322,8 @@ class Server:
             disp.mark_gap(rings + [ring for ring, _until in self.orphans.values()], "slot")
             disp.reset_positions()
             self.slot_losses += 1
+            for sub in self.wal_registry.subs.values():
+                sub.after = None    # said already: its stream begins anew, after the Gap
         elif started.rewind_to is not None:
             log.warning("slot %r is read on a new timeline (a standby was promoted): reading "
                         "on from %s, where its history left the one read before", wal.slot,
@@ -486,8 +499,13 @@ class Server:
                                {"req": sub.req, "ok": False, "error": "WalSourceError",
                                 "message": message})
 
+    @property
+    def slot_lag(self) -> int | None:
+        """The WAL the slot holds, as last sampled where it lives."""
+        return (self.probe or self.link).slot_lag
+
     def _check_lag(self) -> None:
-        lag = self.link.slot_lag
+        lag = self.slot_lag
         if lag is None:
             return
         if lag > self.config.slot_lag_warning and not self.lag_warned:
@@ -836,7 +854,7 @@ class Server:
             wal_received=0 if disp is None else disp.received,
             wal_unrouted=0 if disp is None else disp.unrouted,
             wal_confirmed_lsn=0 if disp is None else disp.confirmed,
-            slot_lag_bytes=self.link.slot_lag,
+            slot_lag_bytes=self.slot_lag,
             slot_losses=self.slot_losses,
             slot_failover=None if wal is None or not wal.has_read else wal.slot_failover,
             failover_ready=self.failover_ready,
@@ -852,6 +870,8 @@ class Server:
         self.link.close()
         if self.wal is not None:
             self.wal.close()
+        if self.probe is not None:
+            self.probe.close()
         signal.set_wakeup_fd(-1)
         self.wakeup.close()
         self._wakeup_w.close()

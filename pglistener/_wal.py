@@ -450,6 +450,42 @@ class WalConnection(ListenConnection):
         log.info("reading slot %r again from its confirmed position: %s", self.slot, why)
 
 
+class SlotProbe(ListenConnection):
+    """A plain connection to the server the slot lives on when that is not the LISTEN
+    connection's (slot_dsn: a standby): its heartbeat samples the WAL the slot holds, so
+    that stats().slot_lag_bytes is read where the slot is. Dispatcher.run() does not read
+    it: the loop waits on its socket while a query is in flight, and advance() takes it."""
+
+    def __init__(self, conninfo: str, safe_target: str, timing: Timing, dispatcher: Dispatcher,
+                 now: float, slot: str) -> None:
+        super().__init__(conninfo, safe_target, timing, dispatcher, now,
+                         lambda: self.ready(time.monotonic()), lambda _cause: None)
+        self.watch_slot(slot)
+
+    def fds(self) -> list[tuple[int, bool]]:
+        if self.conn is not None and self.machine.busy:
+            return [(self.conn.fileno(), False)]
+        return super().fds()
+
+    def advance(self, now: float) -> None:
+        if self.conn is None:
+            return super().advance(now)
+        while self.conn is not None and self.machine.busy:
+            ready = self.conn.consume()
+            if ready is None:
+                return self.lose(now, self.conn.error_message or "the server closed the "
+                                 "connection")
+            if not ready:
+                return
+            self.on_result(now)
+
+    def ready(self, now: float) -> None:
+        assert self.conn is not None
+        self._outage_logged = False     # its outages are the WAL source's to say
+        self.last_error_permanent = False
+        self.machine.ready(now)
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
 

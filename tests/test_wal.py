@@ -551,6 +551,9 @@ def test_reading_from_a_standby_restarted_and_promoted(
             assert slot_row(pg, slot) is None
             emit_many(pg, "sb", 0, 500, transactions=5)
             assert numbers(read(sub, 500)) == list(range(500))
+            # What the slot holds is sampled where it lives: on the standby.
+            wait_for(lambda: sup.stats().slot_lag_bytes is not None, "the standby's slot lag")
+            assert sup.stats().slot_lag_bytes >= 0      # type: ignore[operator]
             standby.restart("fast")
             emit_many(pg, "sb", 500, 500, transactions=5)
             assert numbers(read(sub, 500)) == list(range(500, 1000))
