@@ -321,6 +321,7 @@ class Server:
             rings = [sub.id for sub in self.wal_registry.subs.values()]
             disp.mark_gap(rings + [ring for ring, _until in self.orphans.values()], "slot")
             disp.reset_positions()
+            self.watched = dict.fromkeys(self.watched, (0, 0))   # from the new slot on
             self.slot_losses += 1
             for sub in self.wal_registry.subs.values():
                 sub.after = None    # said already: its stream begins anew, after the Gap
@@ -329,6 +330,8 @@ class Server:
                         "on from %s, where its history left the one read before", wal.slot,
                         format_lsn(started.rewind_to))
             disp.reset_positions(started.rewind_to)
+            back = (started.rewind_to, 0)
+            self.watched = {ch: min(since, back) for ch, since in self.watched.items()}
         if first or started.loss is not None:
             self.read_from = wal.slot_confirmed
             # What a subscription without after= gets: what commits from now on. After a

@@ -114,7 +114,7 @@ def promote(standby: Cluster) -> psycopg.Connection:
 
 
 def test_a_failover_slot_survives_a_failover_with_nothing_lost(
-    pair: tuple[Cluster, Cluster]
+    pair: tuple[Cluster, Cluster], caplog: pytest.LogCaptureFixture
 ) -> None:
     primary, standby = pair
     slot = f"f_{uuid.uuid4().hex[:12]}"
@@ -138,6 +138,7 @@ def test_a_failover_slot_survives_a_failover_with_nothing_lost(
             sub.get(timeout=1)
         stats = sup.stats()
         assert stats.slot_losses == 0 and stats.wal_reconnects >= 1
+        assert "read on a new timeline" in caplog.text      # from the point histories part
 
 
 def test_a_failover_without_a_failover_slot_is_a_gap(pair: tuple[Cluster, Cluster]) -> None:

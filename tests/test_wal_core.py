@@ -189,3 +189,46 @@ def test_a_message_larger_than_a_blocking_ring_is_missed_not_waited_for() -> Non
         assert payloads(items[1:]) == ["after"]
     finally:
         r.close()
+
+
+def test_the_switch_point_of_a_timeline_history() -> None:
+    """Where the history of a promoted server left the timeline a slot was read on: the
+    first switch at or after it (TIMELINE_HISTORY's file: parent timeline, LSN, why)."""
+    from pglistener._wal import switch_point
+
+    history = ("1\t0/3000000\tno recovery target specified\n"
+               "\n"
+               "2\t0/50000A8\tno recovery target specified\n")
+    assert switch_point(history, 1) == parse_lsn("0/3000000")
+    assert switch_point(history, 2) == parse_lsn("0/50000A8")
+    assert switch_point(history, 3) is None         # not in this history: a loss
+    assert switch_point("", 1) is None
+
+
+def test_a_kept_route_goes_on_watching_its_channel(rings: Rings) -> None:
+    """What the server asks whether a resume missed anything: the newest position seen on a
+    channel, its readers gone or not; and after a slot is lost, no position is kept."""
+    rings.d.set_route(b"w", [1])
+    assert rings.d.route_position(b"w") == (0, 0)
+    assert rings.d.dispatch_wal(b"w", b"a", lsn=110, commit=200)
+    assert rings.d.dispatch_wal(b"w", b"b", lsn=100, commit=300)   # later, lower LSN
+    assert rings.d.route_position(b"w") == (300, 100)
+    rings.d.set_route(b"w", [], keep=True)          # nobody reads it: still watched
+    assert rings.d.dispatch_wal(b"w", b"c", lsn=400, commit=400)
+    assert rings.d.route_position(b"w") == (400, 400) and rings.d.unrouted == 1
+    assert payloads(rings.take(1)) == ["a", "b"]
+    rings.d.set_route(b"w", [2])                    # read again: the watch goes on
+    assert rings.d.route_position(b"w") == (400, 400)
+    rings.d.set_route(b"w", [])
+    assert rings.d.route_position(b"w") is None and rings.d.route_position(b"x") is None
+    # A slot lost: every position forgotten, so that what the new one sends is new to all.
+    rings.d.set_route(b"w", [1])
+    rings.d.reset_positions()
+    assert rings.d.position(1) == (0, 0) and rings.d.route_position(b"w") == (0, 0)
+    assert rings.d.dispatch_wal(b"w", b"d", lsn=50, commit=60)      # another server's LSNs
+    assert payloads(rings.take(1)) == ["d"]
+    # A new timeline: positions past its switch point go back to it, the rest stay.
+    rings.d.reset_positions(55)
+    assert rings.d.position(1) == (55, 0)
+    assert rings.d.dispatch_wal(b"w", b"e", lsn=56, commit=56)
+    assert payloads(rings.take(1)) == ["e"]
