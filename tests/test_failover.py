@@ -222,3 +222,31 @@ def test_a_standby_s_slot_follows_a_new_primary() -> None:
                 sub.get(timeout=1)
             assert sup.stats().slot_losses == 0
             wait_for(lambda: sup.stats().connected, "LISTEN on the new primary", timeout=60)
+
+
+def test_a_standby_slot_that_is_missing_or_unused_is_warned_of(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """synchronized_standby_slots naming a slot that does not exist, or one no standby
+    uses, holds back every logical reader on the primary: said, and not failover-ready."""
+    with clusters() as (root, made):
+        primary = Cluster(root, "primary", 5477, "17").init()
+        made.append(primary)
+        primary.settings = dict(LOGICAL)
+        primary.start()
+        primary.sql("ALTER SYSTEM SET synchronized_standby_slots = 'ghost'")
+        primary.sql("SELECT pg_reload_conf()")
+        slot = f"w_{uuid.uuid4().hex[:12]}"
+        with Supervisor(primary.dsn, slot=slot, **FAST).start() as sup:
+            sup.worker().subscribe("ws", source="wal", timeout=30)
+            wait_for(lambda: "names ghost, which is not a physical slot" in caplog.text,
+                     "the warning of a missing standby slot")
+            assert sup.stats().failover_ready is False and sup.stats().slot_failover is True
+        primary.sql("SELECT pg_create_physical_replication_slot('unused')")
+        primary.sql("ALTER SYSTEM SET synchronized_standby_slots = 'unused'")
+        primary.sql("SELECT pg_reload_conf()")
+        with Supervisor(primary.dsn, slot=slot, **FAST).start() as sup:
+            sup.worker().subscribe("ws", source="wal", timeout=30)
+            wait_for(lambda: "the standby's slot unused (synchronized_standby_slots) is not "
+                     "in use" in caplog.text, "the warning of an unused standby slot")
+            assert sup.stats().failover_ready is False
