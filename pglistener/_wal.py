@@ -268,6 +268,9 @@ class WalConnection(ListenConnection):
             if before is not None and self.has_read and before[0] != self.system[0]:
                 outcome.loss = (f"the server is another cluster (system identifier "
                                 f"{self.system[0]}, was {before[0]})")
+            elif before is not None and self.has_read and before[1] > self.system[1]:
+                outcome.loss = (f"the server is on timeline {self.system[1]}, older than the "
+                                f"{before[1]} read before (another server of the cluster)")
             elif before is not None and self.has_read and before[1] != self.system[1]:
                 # A standby was promoted: where its history left the one we read, from
                 # TIMELINE_HISTORY of the timeline we are on now.
