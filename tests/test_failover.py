@@ -38,16 +38,22 @@ def clusters() -> Iterator[tuple[Path, list[Cluster]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def logical_primary(root: Path, made: list[Cluster], port: int, version: str) -> Cluster:
+    """A started primary with what the WAL source needs, among those `made`."""
+    primary = Cluster(root, "primary", port, version).init()
+    made.append(primary)
+    primary.settings = dict(LOGICAL)
+    primary.start()
+    return primary
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[Cluster, Cluster]]:
     """A PostgreSQL 17 primary and a streaming standby set up as a failover needs: the
     standby's physical slot named in synchronized_standby_slots, slot synchronisation on,
     a dbname in its primary_conninfo."""
     with clusters() as (root, made):
-        primary = Cluster(root, "primary", 5472, "17").init()
-        made.append(primary)
-        primary.settings = dict(LOGICAL)
-        primary.start()
+        primary = logical_primary(root, made, 5472, "17")
         primary.sql("SELECT pg_create_physical_replication_slot('standby1')")
         primary.sql("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
         primary.sql("SELECT pg_reload_conf()")
@@ -185,10 +191,7 @@ def test_a_standby_s_slot_follows_a_new_primary() -> None:
     another standby, and the slot's standby follows the new primary (a new timeline). Every
     message arrives once, in order, with no Gap; the LISTEN connection follows the primary."""
     with clusters() as (root, made):
-        primary = Cluster(root, "primary", 5474, "16").init()
-        made.append(primary)
-        primary.settings = dict(LOGICAL)
-        primary.start()
+        primary = logical_primary(root, made, 5474, "16")
         reader = primary.standby_made("reader", 5475)      # the slot is read here
         made.append(reader.started())
         other = primary.standby_made("other", 5476)        # the one promoted
@@ -230,10 +233,7 @@ def test_a_standby_slot_that_is_missing_or_unused_is_warned_of(
     """synchronized_standby_slots naming a slot that does not exist, or one no standby
     uses, holds back every logical reader on the primary: said, and not failover-ready."""
     with clusters() as (root, made):
-        primary = Cluster(root, "primary", 5477, "17").init()
-        made.append(primary)
-        primary.settings = dict(LOGICAL)
-        primary.start()
+        primary = logical_primary(root, made, 5477, "17")
         primary.sql("ALTER SYSTEM SET synchronized_standby_slots = 'ghost'")
         primary.sql("SELECT pg_reload_conf()")
         slot = f"w_{uuid.uuid4().hex[:12]}"
