@@ -451,8 +451,11 @@ class Server:
             self._not_ready(self._failover_needs("synchronized_standby_slots is not set on "
                                                  "the primary"))
             return
-        if self.config.slot_conninfo is not None or self.link.conn is None:
+        if self.config.slot_conninfo is not None:
             self.failover_ready = None      # not seen from here: the primary is elsewhere
+            return
+        if self.link.conn is None:          # the LISTEN connection asks: again in a second
+            self.failover_checked = time.monotonic() - FAILOVER_CHECK + 1.0
             return
         quoted = ", ".join("'" + n.replace("'", "''") + "'" for n in names)
         self.link.query(f"SELECT slot_name, slot_type, active FROM pg_replication_slots "
