@@ -34,7 +34,7 @@ import threading
 from typing import Any
 
 from . import Gap, Supervisor, SupervisorGone, Worker
-from ._listen import is_permanent
+from ._listen import SLOT_LAG, is_permanent
 from .channels import channel_bytes
 from .errors import InvalidChannelName
 
@@ -147,10 +147,8 @@ def _supervise(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return status if status >= 0 else 128 - status
 
 
-_SLOTS = """
-    SELECT slot_name, plugin, slot_type, database, active, active_pid,
-           (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-                 ELSE pg_current_wal_lsn() END - restart_lsn)::bigint,
+_SLOTS = f"""
+    SELECT slot_name, plugin, slot_type, database, active, active_pid, {SLOT_LAG},
            wal_status, confirmed_flush_lsn::text
     FROM pg_replication_slots ORDER BY slot_name"""
 

@@ -28,6 +28,13 @@ log = logging.getLogger("pglistener.supervisor")
 #: The heartbeat: cheap, and what stats() reports as the server's queue fill.
 HEARTBEAT = b"SELECT pg_notification_queue_usage()"
 
+#: This server's WAL position, a primary's or a standby's (SQL).
+WAL_POSITION = ("CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                "ELSE pg_current_wal_lsn() END")
+
+#: The bytes of WAL a row of pg_replication_slots keeps on this server (SQL).
+SLOT_LAG = f"({WAL_POSITION} - restart_lsn)::bigint"
+
 #: What libpq says when retrying alone will not mend a connection: the credentials, the role
 #: or the database are wrong (libpq gives no SQLSTATE for a refused connection).
 _PERMANENT = re.compile(r"authentication failed|no pg_hba\.conf entry|"
@@ -202,10 +209,8 @@ class ListenConnection:
     def watch_slot(self, slot: str) -> None:
         """The heartbeat also samples how much WAL replication slot `slot` holds (on this
         server: the one the WAL source reads from, a primary or a standby)."""
-        self.heartbeat = (HEARTBEAT + f", (SELECT (CASE WHEN pg_is_in_recovery() THEN "
-                          f"pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END - "
-                          f"restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = "
-                          f"'{slot}')".encode())
+        self.heartbeat = (HEARTBEAT + f", (SELECT {SLOT_LAG} FROM pg_replication_slots "
+                          f"WHERE slot_name = '{slot}')".encode())
 
     def sample_queue(self, results: list[list[tuple[bytes | None, ...]]]) -> None:
         """Keep the queue fill (and a watched slot's WAL) from the results of a query that

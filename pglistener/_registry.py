@@ -38,9 +38,8 @@ class Sub:
     answered: bool = False
     resumes: bool = False       # WAL source: it said where to start (after=)
     # WAL source: where after= said, (commit, lsn, seek lsn), until the slot's position has
-    # been compared with it; and the seek LSN it was then given
+    # been compared with it
     after: tuple[int, int, int] | None = None
-    seek: int = 0
     died: bool = False          # dropped because its worker went, not unsubscribed
 
 

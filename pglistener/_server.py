@@ -634,16 +634,16 @@ class Server:
         sub.after = (commit, lsn, seek)
         disp.set_position(sub.id, commit, lsn, seek)
         if wal.has_read:
-            self._judge_after(sub)
-            commit, lsn, seek = disp.position(sub.id) + (sub.seek,)
+            commit, lsn, seek = self._judge_after(sub)
         if seek or (commit, lsn) < (disp.at_commit, disp.at_lsn):
             wal.restart(f"a subscription resumes after {format_lsn(seek or lsn)}")
 
-    def _judge_after(self, sub: Sub) -> None:
+    def _judge_after(self, sub: Sub) -> tuple[int, int, int]:
         """Whether the slot still holds everything after where `sub` resumes. A position
         the slot is confirmed past is exact only where this supervisor has watched each of
         the subscription's channels since before it and seen nothing on it after it; else
-        what came between may be gone, and the stream begins with Gap("slot")."""
+        what came between may be gone, and the stream begins with Gap("slot"). Where the
+        subscription then stands: (commit, lsn, seek lsn)."""
         wal, disp = self.wal, self.wal_dispatcher
         assert wal is not None and disp is not None and sub.after is not None
         commit, lsn, seek = sub.after
@@ -653,19 +653,19 @@ class Server:
             # Before the slot: what it sends all comes after, and the seek would never end.
             commit, lsn, seek = seek, seek, 0
             disp.set_position(sub.id, commit, lsn, 0)
-        sub.seek = seek
         if seek or commit >= confirmed:
-            return          # the slot sends the transaction again: exact
+            return commit, lsn, seek    # the slot sends the transaction again: exact
         watched = [self._watched_since(ch) for ch in sub.channels]
         last = [disp.route_position(ch.encode()) for ch in sub.channels]
         if all(since is not None and since <= (commit, lsn) and at is not None
                and at <= (commit, lsn) for since, at in zip(watched, last, strict=True)):
-            return          # nothing came on its channels after it
+            return commit, lsn, seek    # nothing came on its channels after it
         log.warning("a subscription to %s resumes after %s, but slot %r is confirmed past "
                     "it (at %s): what came between may be gone from the slot; its stream "
                     "begins with Gap('slot')", ", ".join(sub.channels), format_lsn(lsn),
                     wal.slot, format_lsn(confirmed))
         disp.mark_gap([sub.id], "slot")
+        return commit, lsn, seek
 
     def _watched_since(self, channel: str) -> tuple[int, int] | None:
         """From where in the stream every WAL message on `channel` has been seen (the route

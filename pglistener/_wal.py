@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._connection import Phase, Step, Timing
-from ._listen import ListenConnection, is_permanent
+from ._listen import WAL_POSITION, ListenConnection, is_permanent
 from ._producer import Dispatcher
 from ._reader import format_lsn, parse_lsn
 
@@ -124,7 +124,6 @@ class WalConnection(ListenConnection):
         self._fed_at = 0.0
         self.slot_confirmed = 0     # the slot's confirmed_flush_lsn when the setup read it
         self.recovery = False       # the server is a standby
-        self.start_lsn = 0          # the server's WAL position when the setup began
         self.extra_hold = 0         # the slot may not be confirmed past this either (0: none)
         self.setup_permanent = False    # the setup's last failure needs a setting changed
         self._nudged_at: float | None = None    # making a slot on a standby: last nudge
@@ -231,7 +230,7 @@ class WalConnection(ListenConnection):
             if error is not None:
                 return fail(f"checking the server failed: {error}")
             level, recovery, version, position, sync_slots = (_text(v) for v in results[0][0])
-            self.start_lsn = outcome.start_lsn = parse_lsn(position) if position else 0
+            outcome.start_lsn = parse_lsn(position) if position else 0
             self.recovery = recovery == "t"
             self.server_version = int(version or 0)
             version = f"{self.server_version // 10000}.{self.server_version % 10000}"
@@ -263,32 +262,34 @@ class WalConnection(ListenConnection):
                        error: str | None) -> None:
             if error is not None:
                 return fail(f"IDENTIFY_SYSTEM failed: {error}")
-            system, timeline = (_text(v) for v in results[0][0][:2])
-            before, self.system = self.system, (str(system), int(timeline or 0))
-            if before is not None and self.has_read and before[0] != self.system[0]:
-                outcome.loss = (f"the server is another cluster (system identifier "
-                                f"{self.system[0]}, was {before[0]})")
-            elif before is not None and self.has_read and before[1] > self.system[1]:
-                outcome.loss = (f"the server is on timeline {self.system[1]}, older than the "
+            system, timeline = str(_text(results[0][0][0])), int(_text(results[0][0][1]) or 0)
+            before, self.system = self.system, (system, timeline)
+            if before is None or not self.has_read or before == self.system:
+                return look()
+            if before[0] != system:
+                outcome.loss = (f"the server is another cluster (system identifier {system}, "
+                                f"was {before[0]})")
+            elif before[1] > timeline:
+                outcome.loss = (f"the server is on timeline {timeline}, older than the "
                                 f"{before[1]} read before (another server of the cluster)")
-            elif before is not None and self.has_read and before[1] != self.system[1]:
+            else:
                 # A standby was promoted: where its history left the one we read, from
                 # TIMELINE_HISTORY of the timeline we are on now.
-                return self.query(f"TIMELINE_HISTORY {self.system[1]}".encode(),
-                                  lambda results, error: history(before[1], results, error))
+                return self.query(f"TIMELINE_HISTORY {timeline}".encode(),
+                                  lambda results, error: history(before[1], timeline, results,
+                                                                 error))
             look()
 
-        def history(old: int, results: list[list[tuple[bytes | None, ...]]],
+        def history(old: int, now: int, results: list[list[tuple[bytes | None, ...]]],
                     error: str | None) -> None:
             if error is not None:
                 return fail(f"TIMELINE_HISTORY failed: {error}")
             raw = (results[0][0][1] or b"").decode()
-            timeline_now = self.system[1] if self.system is not None else 0
             content = bytes.fromhex(raw[2:]).decode() if raw.startswith("\\x") else raw
             outcome.rewind_to = switch_point(content, old)
             if outcome.rewind_to is None:
-                outcome.loss = (f"the server is on timeline {timeline_now}, whose history "
-                                f"does not hold timeline {old}, the one read before")
+                outcome.loss = (f"the server is on timeline {now}, whose history does not "
+                                f"hold timeline {old}, the one read before")
             look()
 
         def look() -> None:
@@ -406,10 +407,9 @@ class WalConnection(ListenConnection):
                           "made again; " if outcome.created else "")
             done(None, outcome)
 
-        self.query(b"SELECT current_setting('wal_level'), pg_is_in_recovery(), "
-                   b"current_setting('server_version_num'), CASE WHEN pg_is_in_recovery() "
-                   b"THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, "
-                   b"current_setting('synchronized_standby_slots', true)", checked)
+        self.query(f"SELECT current_setting('wal_level'), pg_is_in_recovery(), "
+                   f"current_setting('server_version_num'), {WAL_POSITION}, "
+                   f"current_setting('synchronized_standby_slots', true)".encode(), checked)
 
     @property
     def wants_failover(self) -> bool:
@@ -484,7 +484,7 @@ class SlotProbe(ListenConnection):
 
     def ready(self, now: float) -> None:
         assert self.conn is not None
-        self._outage_logged = False     # its outages are the WAL source's to say
+        self._outage_logged = False     # no "listening on" or "reconnected" line: it is a probe
         self.last_error_permanent = False
         self.machine.ready(now)
 

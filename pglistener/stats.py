@@ -106,8 +106,9 @@ class Stats:
     wal_unrouted: int = metric(COUNTER, "Messages read from the slot that nobody subscribes to")
     # the LSN the slot may be confirmed to: every reader is done with what comes before
     wal_confirmed_lsn: int = metric(GAUGE, "LSN the supervisor confirmed to the slot")
-    # bytes of WAL the slot keeps (pg_current_wal_lsn() - restart_lsn), sampled with the
-    # heartbeat when the slot is on the LISTEN connection's server; None otherwise
+    # bytes of WAL the slot keeps (its server's WAL position - restart_lsn), sampled with a
+    # heartbeat on the server the slot lives on (with slot_dsn, by a probe connection
+    # there); None without a slot, or until sampled
     slot_lag_bytes: int | None = metric(GAUGE, "Bytes of WAL the replication slot holds")
     # times the stream could not go on from where it stood (the slot gone, made again,
     # invalidated, advanced by someone else, or on another cluster): each a Gap("slot")

@@ -163,7 +163,7 @@ class Supervisor:
             if not 0 <= group_hold < math.inf:
                 raise ValueError(f"group_hold must be a number of seconds, 0 or more, not "
                                  f"{group_hold!r}")
-            if failover not in (None, True, False):
+            if failover is not None and not isinstance(failover, bool):
                 raise TypeError(f"failover is True, False or None (where the server can), "
                                 f"not {failover!r}")
             if not isinstance(slot_lag_warning, int) or slot_lag_warning < 1:

@@ -122,12 +122,14 @@ def churn_reader(worker: Any, ready: Any, out: Any, name: str, stop: Any) -> Non
 
 # -- the run --------------------------------------------------------------------------------------
 
-def _drop_slot_under(sup: Supervisor, conn: psycopg.Connection[Any],
+def _drop_slot_under(sup: Supervisor, dsn: str, conn: psycopg.Connection[Any],
                      sent: dict[str, int]) -> tuple[int, int]:
     """Freeze the supervisor, end its walsender, drop the slot, let the supervisor go on:
     it finds the slot gone, makes it again and says Gap("slot"). The WAL producer's count
     when the slot went and when the new one streamed: what is lost was sent before the
     second."""
+    from .__main__ import drop_slot
+
     before = sup.stats()
     pid = before.wal_backend_pid
     assert sup.pid is not None
@@ -135,13 +137,10 @@ def _drop_slot_under(sup: Supervisor, conn: psycopg.Connection[Any],
     try:
         if pid is not None:
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        deadline = time.monotonic() + 30
-        while conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND "
-                           "active", (SLOT,)).fetchone():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the frozen supervisor's walsender did not end")
-            time.sleep(0.02)
-        conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))
+        drop_slot(dsn, SLOT)        # once the walsender has let go of it
+        if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                        (SLOT,)).fetchone():
+            raise TimeoutError("the frozen supervisor's walsender did not let go of the slot")
         dropped = sent["wal"]
     finally:
         os.kill(sup.pid, signal.SIGCONT)
@@ -196,7 +195,7 @@ def run(dsn: str, seconds: float, kill_every: float, drop_slot_every: float = 0.
                 if time.monotonic() - began >= seconds:
                     break
                 if time.monotonic() >= next_drop:
-                    drops.append(_drop_slot_under(sup, conn, sent))
+                    drops.append(_drop_slot_under(sup, dsn, conn, sent))
                     next_drop = time.monotonic() + drop_slot_every
                     continue
                 stats = sup.stats()
