@@ -35,8 +35,11 @@ def libpq_extension(name: str, source: str) -> Extension:
 
 
 extensions = [
-    # The supervisor's side: the dispatch loop, its connections and the rings' writing end.
-    libpq_extension("pglistener._producer", "pglistener/_producer.pyx"),
+    # The supervisor's side: the dispatch core (its connections, the rings' writing end, the
+    # loop) and each source's decoder beside it.
+    libpq_extension("pglistener._dispatch", "pglistener/_dispatch.pyx"),
+    libpq_extension("pglistener._notify", "pglistener/_notify.pyx"),
+    libpq_extension("pglistener._pgoutput", "pglistener/_pgoutput.pyx"),
     # The readers' side: no libpq, imported by every worker process.
     Extension("pglistener._reader", ["pglistener/_reader.pyx"],
               extra_compile_args=["-O2", "-Wall"]),

@@ -3,7 +3,7 @@
 reading end of a ring (`RingReader`), and the stream core every way of reading is built on
 (`Stream`, `BlockingStream`, `AsyncStream`).
 
-Imported by worker processes; it does not link libpq. The producer side is _producer.pyx; the
+Imported by worker processes; it does not link libpq. The producer side is _dispatch.pyx; the
 two share only the ring's layout (_ring.h, drawn there) and never call each other.
 """
 

@@ -4,12 +4,12 @@ The same shell as the LISTEN connection (_listen.ListenConnection: a ConnectionM
 names resolved in a thread, commands one at a time), with a different setup and a different
 heartbeat. Its setup checks the server (wal_level, the slot, the publication), creates what
 is missing, and starts streaming the slot with pgoutput and `messages 'true'`; from then on
-the compiled dispatcher (Dispatcher(wal=True)) reads the stream in the supervisor's one loop,
+the compiled decoder (_pgoutput.WalDispatcher) reads the stream in the supervisor's one loop,
 and this shell only tells the server how far the slot may be confirmed (feedback) and asks
 it for a keepalive as its heartbeat.
 
 What the slot may confirm is decided by the readers: the commit LSN of the oldest
-transaction some open subscription is not done with (Dispatcher.confirmable). So a reader
+transaction some open subscription is not done with (WalDispatcher.confirmable). So a reader
 that is slow, a connection that is lost, or the supervisor killed loses nothing: the server
 sends again, from the slot, everything after what was confirmed, and the dispatcher skips
 for each reader what it had already.
@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._connection import Phase, Step, Timing
+from ._dispatch import Dispatcher
 from ._listen import WAL_POSITION, ListenConnection, is_permanent
-from ._producer import Dispatcher
+from ._pgoutput import WalDispatcher
 from ._reader import format_lsn, parse_lsn
 
 log = logging.getLogger("pglistener.supervisor")
@@ -108,8 +109,10 @@ class WalConnection(ListenConnection):
     """on_connected() is called once the replication connection is made (run setup() on it);
     on_down(cause) when it goes."""
 
-    def __init__(self, conninfo: str, safe_target: str, timing: Timing, dispatcher: Dispatcher,
-                 now: float, slot: str, publication: str,
+    dispatcher: WalDispatcher
+
+    def __init__(self, conninfo: str, safe_target: str, timing: Timing,
+                 dispatcher: WalDispatcher, now: float, slot: str, publication: str,
                  on_connected: Callable[[], None], on_down: Callable[[str], None],
                  nudge: Callable[[], None] = lambda: None,
                  failover: bool | None = None) -> None:
@@ -456,7 +459,7 @@ class WalConnection(ListenConnection):
 class SlotProbe(ListenConnection):
     """A plain connection to the server the slot lives on when that is not the LISTEN
     connection's (slot_dsn: a standby): its heartbeat samples the WAL the slot holds, so
-    that stats().slot_lag_bytes is read where the slot is. Dispatcher.run() does not read
+    that stats().slot_lag_bytes is read where the slot is. _dispatch.run() does not read
     it: the loop waits on its socket while a query is in flight, and advance() takes it."""
 
     def __init__(self, conninfo: str, safe_target: str, timing: Timing, dispatcher: Dispatcher,

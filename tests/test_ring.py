@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pglistener import Gap, Notification, PGListenerError
-from pglistener._producer import HEADER_BYTES, Dispatcher
+from pglistener._dispatch import HEADER_BYTES
+from pglistener._notify import NotifyDispatcher
 from pglistener._reader import MIN_CAPACITY, RingReader, WaitStatus
 
 # Version-sensitive (see scripts/test): run on every supported Python.
@@ -37,7 +38,7 @@ class Ring:
     """A dispatcher with one ring routed from channel 'c', and its reader."""
 
     def __init__(self, capacity: int, block: bool = False) -> None:
-        self.dispatcher = Dispatcher()
+        self.dispatcher = NotifyDispatcher()
         memfd = os.memfd_create("test-ring")
         os.ftruncate(memfd, HEADER_BYTES + capacity)
         efd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -247,7 +248,7 @@ def test_reader_refuses_what_is_not_a_ring() -> None:
 
 
 def test_capacity_must_be_a_power_of_two() -> None:
-    d = Dispatcher()
+    d = NotifyDispatcher()
     memfd = os.memfd_create("x")
     try:
         for bad in (1000, MIN_CAPACITY + 8, MIN_CAPACITY // 2):
@@ -383,7 +384,7 @@ def test_a_group_gives_each_notification_to_one_member_the_least_behind_in_turn(
     """Two rings as one consumer group beside a plain one: the plain ring gets every
     notification; the group's members share them, evenly while both keep up, and the one
     that reads gets them while the other falls behind."""
-    d = Dispatcher()
+    d = NotifyDispatcher()
     ctl, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     readers, efds = [], []
     for ring_id in (1, 2, 3):

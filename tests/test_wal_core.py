@@ -10,7 +10,8 @@ import socket
 import pytest
 
 from pglistener import Gap, Notification, format_lsn, parse_lsn
-from pglistener._producer import HEADER_BYTES, Dispatcher
+from pglistener._dispatch import HEADER_BYTES
+from pglistener._pgoutput import WalDispatcher
 from pglistener._reader import MIN_CAPACITY, RingReader
 
 # Version-sensitive (see scripts/test): run on every supported Python.
@@ -21,7 +22,7 @@ class Rings:
     """A WAL dispatcher with rings 1..n, and their readers."""
 
     def __init__(self, n: int, capacity: int = MIN_CAPACITY, block: bool = False) -> None:
-        self.d = Dispatcher(wal=True)
+        self.d = WalDispatcher()
         self.readers: dict[int, RingReader] = {}
         self.ctl, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.efds: list[int] = []

@@ -59,7 +59,7 @@ from typing import Any
 
 import psycopg
 
-from pglistener import Supervisor, _producer
+from pglistener import Supervisor, _dispatch
 from pglistener._dsn import describe as describe_dsn
 
 from . import report, systems
@@ -536,8 +536,8 @@ def header(dsn: str) -> dict[str, Any]:
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {psycopg.pq.version()})",
         "asyncpg": asyncpg_version,
         "server": server,
-        "pglistener extension": f"built against libpq {_producer.built_libpq_version()}, "
-                                f"running libpq {_producer.libpq_version()}",
+        "pglistener extension": f"built against libpq {_dispatch.built_libpq_version()}, "
+                                f"running libpq {_dispatch.libpq_version()}",
     }
 
 

@@ -1,32 +1,29 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The compiled core, producer side: the supervisor's dispatch loop, its route table and the
-rings' writing end.
+"""The dispatch core: the supervisor's connections (PGConnection), its route tables and
+rings' writing end (Dispatcher), and the one loop that polls them all (run()).
 
-Policy (LISTEN bookkeeping, reconnects, logging) stays in Python; this module only drains the
-libpq socket, finds each channel's subscribers by hash, writes records into their rings, wakes
-sleeping readers, and returns a status code. Linked to libpq and imported only by the
-supervisor process; the readers' side is _reader.pyx. The ring's byte layout is drawn in
-_ring.h.
+It knows no protocol. A source is a Dispatcher subclass in a module of its own (_notify.pyx:
+LISTEN/NOTIFY; _pgoutput.pyx: a logical slot's stream) whose drain() decodes what its
+connection read and hands each record (channel, payload, position) to route(): this module
+finds the channel's subscribers by hash, writes the record into their rings (holding it
+while a blocking ring has no room), hands a departed group member's records to the others,
+and wakes sleeping readers. Policy (LISTEN bookkeeping, reconnects, logging) stays in
+Python. Linked to libpq and imported only by the supervisor process; the readers' side is
+_reader.pyx. The ring's byte layout is drawn in _ring.h.
 """
 
 cimport cython
+from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memchr, memcmp, memcpy, strlen
+from libc.string cimport memcmp, memcpy
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.unistd cimport close, getpid, read, write
 
 from pglistener._libpq cimport *
 from pglistener._poll cimport PGL_POLLRDHUP, POLLIN, POLLOUT, now_ns as _now_ns, poll, pollfd
 from pglistener._ring cimport *
-
-
-cdef extern from "_wire.h" nogil:
-    uint64_t pgl_be64(const char *p)
-    uint32_t pgl_be32(const char *p)
-    void pgl_put_be64(char *p, uint64_t v)
-    int64_t pgl_pg_now_us()
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -36,14 +33,17 @@ cdef extern from "<sys/eventfd.h>" nogil:
 
 
 cpdef enum RunStatus:
+    # What run() returns, with the index of the source it concerns (RESULT, CONN_BAD).
     RUN_TIMEOUT = 0        # the deadline passed: Python gets a turn (heartbeat, retries)
     RUN_CONTROL = 1        # the control fd is readable: a worker or the owner wants something
-    RUN_CONN_BAD = 2       # PQconsumeInput failed or the socket is gone: reconnect
+    RUN_CONN_BAD = 2       # a source's connection failed or its stream ended: reconnect it
     RUN_INTERRUPTED = 3    # a signal arrived: let Python run its handlers
     RUN_RESULT = 4         # want_result: the query's next result is ready (PQgetResult won't block)
-    RUN_WAL_BAD = 5        # the replication connection failed or its stream ended: reconnect it
-    RUN_WAL_RESULT = 6     # wal_want_result: the replication connection's next result is ready
     RUN_WATCH = 7          # one of the watched descriptors (a connection being made) is ready
+
+cdef enum:
+    MAX_SOURCES = 4        # sources one run() polls (each: its connection, its wake eventfd)
+    MAX_WATCH = 4          # descriptors of connections being made that one run() watches
 
 
 _GAP_CODES = {"reconnect": PGL_GAP_RECONNECT, "restart": PGL_GAP_RESTART,
@@ -84,10 +84,6 @@ cdef class PGConnection:
     The conninfo should name host addresses (hostaddr), resolved beforehand: libpq resolves a
     host name inside PQconnectPoll, blocking. A fork child never closes its parent's
     connection."""
-
-    cdef PGconn *conn
-    cdef int owner_pid
-    cdef readonly bint copy_both   # a result said COPY BOTH: the replication stream runs
 
     def __cinit__(self):
         self.conn = NULL
@@ -204,42 +200,8 @@ cdef class PGConnection:
 
 
 # ----------------------------------------------------------------------------------------------
-# Producer side: lives in the supervisor process, written only by the dispatch loop.
-
-
-cdef struct Producer:
-    pgl_ring_header *hdr
-    unsigned char *data
-    uint64_t cap
-    uint64_t mask
-    uint64_t tail              # our copy of hdr.tail: we are its only writer
-    uint64_t published         # what hdr.tail says: published in batches (_publish)
-    uint64_t head_cache        # last head we loaded; refreshed only when the ring looks full
-    uint16_t gap_reason        # a gap waiting for room, 0 if none
-    uint64_t gap_missed        # its count (PGL_MISSED_UNKNOWN for reconnects)
-    bint unknown_gap_last      # the last record published is a gap of unknown count
-    bint block                 # overflow="block": wait for room rather than miss
-    bint block_expired         # held past block_timeout: misses (as "gap") until its gap
-                               # is written
-    uint64_t held_ns           # time this ring held the connection, in all
-    bint holding               # the held notification waits for room here
-    uint64_t delivered
-    uint64_t missed_total
-    int efd
-    bint dirty                 # published since the last wake pass: in Dispatcher.dirty
-    size_t map_bytes
-    # The WAL source only. Where this ring stands in the stream: the position (commit LSN,
-    # LSN) of the last message it was given (a group's members share it); one at or before
-    # it again (a replay from the slot after a reconnect) is not written twice.
-    uint64_t at_commit
-    uint64_t at_lsn
-    uint64_t seek_lsn          # after= an LSN: nothing until the message at this LSN has gone
-    # The transactions written here and not consumed yet, oldest first, as pairs (ring
-    # position after their last record here, commit LSN): what the slot may not pass.
-    uint64_t *pend
-    size_t pend_first
-    size_t pend_n
-    size_t pend_cap            # pairs, a power of two
+# A ring's writing end (Producer, in _dispatch.pxd): in the supervisor process, written only
+# by the dispatch loop.
 
 
 cdef inline uint64_t _span(Producer *p, uint64_t pos, uint32_t n) noexcept nogil:
@@ -270,7 +232,7 @@ cdef inline unsigned char *_claim(Producer *p, uint32_t n) noexcept nogil:
 
 
 #: Records are published (hdr.tail stored) every this many bytes within a batch, and at its
-#: end (Dispatcher._wake): a store per record would pull the tail's cache line away from a
+#: end (Dispatcher.wake): a store per record would pull the tail's cache line away from a
 #: reader on another core for every notification. Small enough that a reader is never kept
 #: waiting for long, nor a 16 KiB ring kept full of what it cannot see yet.
 cdef enum:
@@ -300,16 +262,8 @@ cdef inline void _count_missed(Producer *p) noexcept nogil:
     # a pending reconnect gap already says "unknown": it absorbs the count
 
 
-cdef struct Wal:
-    # A WAL message being routed: where it stands in the stream.
-    uint64_t lsn               # its own (the end of its WAL record, as the server gives it)
-    uint64_t commit            # its transaction's commit LSN; lsn - 1 if not transactional
-    uint64_t hold              # how far the slot may be confirmed while it is not consumed
-    uint32_t flags             # PGL_WAL_TRANSACTIONAL
-
-
 cdef bint _push(Producer *p, const char *chan, uint32_t clen, const char *payload,
-               uint32_t plen, int32_t pid, Wal *w) noexcept nogil:
+               uint32_t plen, int32_t pid, Position *w) noexcept nogil:
     # Writes one notification, or a WAL message when w is not NULL (after a pending gap);
     # False if it was missed.
     cdef uint32_t n = _record_bytes(clen, plen, w)
@@ -331,7 +285,7 @@ cdef bint _push(Producer *p, const char *chan, uint32_t clen, const char *payloa
     return True
 
 
-cdef inline uint32_t _record_bytes(uint32_t clen, uint32_t plen, Wal *w) noexcept nogil:
+cdef inline uint32_t _record_bytes(uint32_t clen, uint32_t plen, Position *w) noexcept nogil:
     return pgl_align8((PGL_RECORD_HEADER if w == NULL else PGL_WAL_HEADER) + clen + plen)
 
 
@@ -404,14 +358,6 @@ cdef bint _flush_gap(Producer *p) noexcept nogil:
     return True
 
 
-cdef struct Entry:
-    # One receiver of a channel's notifications: a subscription (size 1), or a consumer
-    # group, whose members share the stream: each notification goes to one of them.
-    Producer **members
-    int size
-    unsigned turn              # a group's next member in turn, for ties
-
-
 cdef Producer *_choose(Entry *e, uint32_t n, bint take_turn) noexcept nogil:
     # The member of an entry a record of n bytes goes to: among those with room, the one
     # with the least unread data, ties in turn; if none has room, one that may miss (policy
@@ -438,7 +384,7 @@ cdef Producer *_choose(Entry *e, uint32_t n, bint take_turn) noexcept nogil:
     return best
 
 
-cdef inline bint _wants(Entry *e, Wal *w) noexcept nogil:
+cdef inline bint _wants(Entry *e, Position *w) noexcept nogil:
     # Whether an entry is to get this WAL message: one it has not had (positions only grow
     # along the stream; a replay from the slot sends again what came before), past the
     # message an after= LSN resumes from.
@@ -446,7 +392,7 @@ cdef inline bint _wants(Entry *e, Wal *w) noexcept nogil:
     return first.seek_lsn == 0 and _after(w.commit, w.lsn, first.at_commit, first.at_lsn)
 
 
-cdef bint _advance(Entry *e, Wal *w) noexcept nogil:
+cdef bint _advance(Entry *e, Position *w) noexcept nogil:
     # The entry's position moves to this WAL message; True when it is to write it (as
     # _wants says, and the seek of an after= LSN ends at its message, which is not written).
     cdef Producer *first = e.members[0]
@@ -462,65 +408,16 @@ cdef bint _advance(Entry *e, Wal *w) noexcept nogil:
     return not seeking
 
 
-cdef struct Route:
-    uint64_t hash
-    int state                  # PGL_ROUTE_EMPTY, _LIVE or _DELETED
-    int n                      # entries
-    uint16_t clen
-    char name[64]
-    Entry *entries             # one allocation: the entries, then their members
-    uint64_t last_commit       # WAL: the newest message seen on the channel (a route kept
-    uint64_t last_lsn          # with no entries still counts them: see set_route(keep=))
-
-
 cdef class Dispatcher:
-    """The supervisor's routing table and rings, and the loop that fills them.
+    """One source's routing table and rings (a source is a subclass: NotifyDispatcher,
+    WalDispatcher), and what run() does for it.
 
-    Python adds and removes rings and sets, per channel, which rings get its notifications;
-    run() then drains the connection without the GIL until the control fd wants attention, the
-    connection breaks, or the timeout passes.
+    Python adds and removes rings and sets, per channel, which rings get its records; run()
+    then drains the source's connection without the GIL until the control fd wants
+    attention, a connection breaks, or the timeout passes. Fields: _dispatch.pxd.
     """
 
-    cdef Route *table
-    cdef size_t table_size         # a power of two
-    cdef size_t table_used         # live + deleted slots
-    cdef Producer **rings
-    cdef size_t n_rings
-    cdef Producer **dirty
-    cdef size_t n_dirty
-    cdef bint gaps_pending         # some ring holds a gap that did not fit yet
-    # The eventfd readers write when they free room we wait for (a duplicate goes to each
-    # reader with its ring: RingReader's wake_fd).
-    cdef readonly int wake_fd
-    cdef dict by_id                # ring id -> address of its Producer
-    cdef readonly uint64_t received
-    cdef readonly uint64_t unrouted
-    # overflow="block": the notification waiting for room in a blocking ring, taken off the
-    # connection but given to nobody yet; while it waits, run() reads no more.
-    cdef void *held                    # the PGnotify, or for the WAL source the copy buffer
-    cdef uint64_t held_since           # when the current hold began (ns), 0 if none
-    cdef uint64_t held_total_ns        # finished holds, in all
-    cdef public double block_timeout   # seconds a blocking ring may hold the connection
-    cdef readonly uint64_t block_expiries
-    # -- the WAL source (a dispatcher made with wal=True reads a replication stream) --------
-    cdef readonly bint wal
-    cdef readonly uint64_t at_commit   # the stream's position: the last message it brought
-    cdef readonly uint64_t at_lsn
-    cdef bint in_txn                   # between a transaction's Begin and its Commit
-    cdef uint64_t txn_commit           # ... whose commit LSN (Begin says it first)
-    cdef readonly uint64_t last_end    # end LSN of the last commit (or message) seen
-    cdef readonly uint64_t server_end  # how far the server has decoded (its keepalives)
-    cdef readonly uint64_t copy_messages   # what came on the stream: its signs of life
-    cdef public uint64_t confirmed     # what feedback reports as flushed (Python decides)
-    cdef bint unsent                   # feedback not flushed to the socket yet
-    cdef Wal held_wal                  # the held message's position, channel and content
-    cdef const char *held_chan
-    cdef size_t held_clen
-    cdef const char *held_payload
-    cdef size_t held_plen
-
-    def __cinit__(self, bint wal=False):
-        self.wal = wal
+    def __cinit__(self, *args, **kwargs):
         self.table_size = 64
         self.table = <Route *>calloc(self.table_size, sizeof(Route))
         self.rings = NULL
@@ -530,6 +427,8 @@ cdef class Dispatcher:
         self.block_timeout = 60.0
         if self.table == NULL:
             raise MemoryError()
+        # The eventfd readers write when they free room we wait for (a duplicate goes to
+        # each reader with its ring: RingReader's wake_fd).
         self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.wake_fd < 0:
             raise OSError(errno, "eventfd for the readers' wake-ups failed")
@@ -672,8 +571,8 @@ cdef class Dispatcher:
         cdef unsigned char *rec
         cdef uint16_t kind
         cdef uint32_t length
-        cdef Wal w
-        cdef Wal *wp
+        cdef Position w
+        cdef Position *wp
         cdef Producer *q
         cdef Producer *best
         cdef uint64_t moved = 0, missed = 0, lag, best_lag
@@ -733,7 +632,7 @@ cdef class Dispatcher:
                 if _push(best, chan, pgl_rec_channel_len(rec), payload,
                          pgl_rec_payload_len(rec), pgl_rec_pid(rec) if wp == NULL else 0, wp):
                     moved += 1
-                    self._mark(best)
+                    self.mark(best)
                 else:
                     missed += 1
                     self.gaps_pending = True
@@ -741,8 +640,8 @@ cdef class Dispatcher:
         pgl_store_release(&p.hdr.consumed, p.tail)     # it has nothing left to hold
         _oldest_pending(p)
         with nogil:
-            self._flush_gaps()
-            self._wake()
+            self.flush_gaps()
+            self.wake()
         return (moved, missed)
 
     def reader_closed(self, ring_id):
@@ -773,8 +672,8 @@ cdef class Dispatcher:
             p.gap_missed = PGL_MISSED_UNKNOWN
         self.gaps_pending = True
         with nogil:
-            self._flush_gaps()
-            self._wake()
+            self.flush_gaps()
+            self.wake()
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -792,11 +691,11 @@ cdef class Dispatcher:
             raise ValueError("a consumer group has at least one member")
         cdef Py_ssize_t total = sum(len(g) for g in groups), k, j
         cdef uint64_t h = pgl_hash(channel, clen)
-        cdef Route *r = self._find(h, channel, clen)
+        cdef Route *r = self.find(h, channel, clen)
         cdef Entry *block = NULL
         cdef Producer **members
         if r == NULL and groups and (self.table_used + 1) * 2 > self.table_size:
-            self._rehash()      # before anything is allocated: a MemoryError leaks nothing
+            self.rehash()      # before anything is allocated: a MemoryError leaks nothing
         if groups:
             block = <Entry *>calloc(1, len(groups) * sizeof(Entry) + total * sizeof(Producer *))
             if block == NULL:
@@ -817,7 +716,7 @@ cdef class Dispatcher:
             return
         if not groups:
             return
-        r = self._slot_for_insert(h)
+        r = self.slot_for_insert(h)
         r.hash = h
         r.last_commit = r.last_lsn = 0
         r.state = PGL_ROUTE_LIVE
@@ -827,7 +726,7 @@ cdef class Dispatcher:
         memcpy(r.name, <const char *>channel, clen)
         self.table_used += 1
 
-    cdef Route *_find(self, uint64_t h, const char *name, size_t clen) noexcept nogil:
+    cdef Route *find(self, uint64_t h, const char *name, size_t clen) noexcept nogil:
         cdef size_t mask = self.table_size - 1
         cdef size_t i = h & mask
         cdef Route *r
@@ -839,7 +738,7 @@ cdef class Dispatcher:
                 return r
             i = (i + 1) & mask
 
-    cdef Route *_slot_for_insert(self, uint64_t h) noexcept nogil:
+    cdef Route *slot_for_insert(self, uint64_t h) noexcept nogil:
         cdef size_t mask = self.table_size - 1
         cdef size_t i = h & mask
         while self.table[i].state == PGL_ROUTE_LIVE:
@@ -848,7 +747,7 @@ cdef class Dispatcher:
             self.table_used -= 1       # reusing a deleted slot; the caller counts it again
         return &self.table[i]
 
-    cdef _rehash(self):
+    cdef rehash(self):
         cdef size_t old_size = self.table_size
         cdef Route *old = self.table
         cdef size_t live = 0, i
@@ -867,7 +766,7 @@ cdef class Dispatcher:
         cdef Route *r
         for i in range(old_size):
             if old[i].state == PGL_ROUTE_LIVE:
-                r = self._slot_for_insert(old[i].hash)
+                r = self.slot_for_insert(old[i].hash)
                 r[0] = old[i]
                 self.table_used += 1
             elif old[i].state == PGL_ROUTE_DELETED:
@@ -876,20 +775,20 @@ cdef class Dispatcher:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    cdef inline void _mark(self, Producer *p) noexcept nogil:
+    cdef void mark(self, Producer *p) noexcept nogil:
         if not p.dirty:
             p.dirty = True
             self.dirty[self.n_dirty] = p
             self.n_dirty += 1
 
-    cdef bint _route(self, const char *chan, size_t clen, const char *payload, size_t plen,
-                     int32_t pid, Wal *w, bint expired) noexcept nogil:
+    cdef bint route(self, const char *chan, size_t clen, const char *payload, size_t plen,
+                     int32_t pid, Position *w, bint expired) noexcept nogil:
         # Writes one notification (a WAL message when w is not NULL) into every entry of its
         # channel (one member of a group). False, having written it nowhere, when a blocking
         # ring (or every member of a blocking group) has no room for it yet, unless the hold
         # has `expired`: then those rings may miss it (an overflow gap counts it) and the
         # others get it. An entry that has had a WAL message already (a replay) is skipped.
-        cdef Route *r = self._find(pgl_hash(chan, clen), chan, clen) if clen < 64 else NULL
+        cdef Route *r = self.find(pgl_hash(chan, clen), chan, clen) if clen < 64 else NULL
         cdef uint32_t n
         cdef int i, j
         cdef Entry *e
@@ -907,7 +806,7 @@ cdef class Dispatcher:
             self.unrouted += 1
             return True
         n = _record_bytes(<uint32_t>clen, <uint32_t>plen, w)
-        if not self._fits(r, n, w):
+        if not self.fits(r, n, w):
             if not expired:
                 return False
             for i in range(r.n):
@@ -922,12 +821,12 @@ cdef class Dispatcher:
                 continue
             p = e.members[0] if e.size == 1 else _choose(e, n, True)
             if _push(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid, w):
-                self._mark(p)
+                self.mark(p)
             elif p.gap_reason != 0:
                 self.gaps_pending = True
         return True
 
-    cdef bint _fits(self, Route *r, uint32_t n, Wal *w) noexcept nogil:
+    cdef bint fits(self, Route *r, uint32_t n, Position *w) noexcept nogil:
         # Whether every entry can take a record of n bytes now: a blocking ring with room, a
         # group with a member that has room or may miss. Rings that cannot are marked
         # `holding` and asked to wake us when they make room; then looked at once more, so
@@ -956,16 +855,23 @@ cdef class Dispatcher:
             fits = False
         return fits
 
-    cdef inline uint64_t _hold_end(self) noexcept nogil:
-        # When the current hold passes block_timeout (ns). A WAL hold never does: the slot
-        # keeps what waits, so a blocking reader loses nothing however long it takes.
-        if self.wal:
+    cdef uint64_t hold_end(self) noexcept nogil:
+        # When the current hold passes block_timeout (ns); never for a source whose server
+        # keeps what waits (a slot), so that a blocking reader loses nothing however long it
+        # takes.
+        if self.hold_forever:
             return UINT64_MAX
         return self.held_since + <uint64_t>(self.block_timeout * 1e9)
 
-    cdef void _end_hold(self, uint64_t now) noexcept nogil:
-        # The held notification went out (or was dropped): count the time it held the
-        # connection, to the supervisor and to each ring that held it.
+    cdef void hold(self, void *record) noexcept nogil:
+        # route() said no room: the source keeps `record` (libpq's memory) and reads no more
+        # until route() takes it.
+        self.held = record
+        self.held_since = _now_ns()
+
+    cdef void end_hold(self, uint64_t now) noexcept nogil:
+        # The held record went out (or was dropped): count the time it held the connection,
+        # to the source and to each ring that held it.
         cdef uint64_t took = now - self.held_since
         cdef size_t i
         cdef Producer *p
@@ -979,210 +885,19 @@ cdef class Dispatcher:
         self.held = NULL
         self.held_since = 0
 
-    cdef size_t _drain(self, PGconn *conn) noexcept nogil:
-        cdef PGnotify *note
-        cdef size_t n = 0
-        cdef uint64_t now
-        while True:
-            note = <PGnotify *>self.held
-            if note == NULL:
-                note = PQnotifies(conn)
-                if note == NULL:
-                    return n
-                self.received += 1
-            now = _now_ns() if note == <PGnotify *>self.held else 0
-            if not self._route(note.relname, strlen(note.relname), note.extra,
-                               strlen(note.extra), note.be_pid, NULL,
-                               note == <PGnotify *>self.held and now >= self._hold_end()):
-                if self.held == NULL:           # nothing more off the connection until then
-                    self.held = note
-                    self.held_since = _now_ns()
-                return n
-            if note == <PGnotify *>self.held:
-                self._end_hold(now)
-            else:
-                PQfreemem(note)
-            n += 1
+    cdef int drain(self, PGconn *conn, bint streaming) noexcept nogil:
+        return 0        # a source that reads nothing (each source overrides this)
 
-    # -- the WAL source ---------------------------------------------------------------------
-    #
-    # The replication stream is COPY BOTH data (docs: "Streaming Replication Protocol";
-    # pg_recvlogical.c reads it the same way). From the server, big-endian:
-    #   'w' XLogData:  [1] start LSN  [9] end LSN  [17] send time  [25] one pgoutput message
-    #   'k' keepalive: [1] end LSN  [9] send time  [17] reply requested (1 byte)
-    # pgoutput messages (proto.c, protocol version 1), of which we read three:
-    #   'B' begin:   [1] commit LSN  [9] commit time  [17] xid
-    #   'C' commit:  [1] flags  [2] commit LSN  [10] end LSN  [18] commit time
-    #   'M' message: [1] flags (1: transactional)  [2] LSN  [10] prefix, NUL-terminated,
-    #                then a 4-byte length and the content
-    # A transactional message is sent with its transaction, at commit, in commit order; one
-    # that is not is sent alone, as soon as it is decoded.
-
-    cdef int _drain_wal(self, PGconn *conn) noexcept nogil:
-        # Route what the stream holds now; -1 when it failed or ended (then reconnect).
-        cdef char *buf
-        cdef int n, rc
-        cdef uint64_t now
-        while True:
-            if self.held != NULL:
-                now = _now_ns()
-                if not self._route(self.held_chan, self.held_clen, self.held_payload,
-                                   self.held_plen, 0, &self.held_wal, False):
-                    return 0
-                self._end_hold(now)
-                self._after_message(&self.held_wal)
-            n = PQgetCopyData(conn, &buf, 1)
-            if n == 0:
-                return 0
-            if n < 0:
-                return -1           # -1: the server ended the stream; -2: an error
-            self.copy_messages += 1
-            rc = self._wal_message(conn, buf, n)
-            if rc == 1:
-                self.held = buf     # nothing more off the stream until it fits
-                self.held_since = _now_ns()
-                return 0
-            PQfreemem(buf)
-            if rc < 0:
-                return -1
-
-    cdef int _wal_message(self, PGconn *conn, char *buf, int n) noexcept nogil:
-        # One message of the stream: 0 done, 1 held (a blocking ring has no room), -1 not
-        # one we can read (the stream is broken: reconnect).
-        cdef const char *body
-        cdef const char *nul
-        cdef size_t blen, clen
-        cdef uint32_t plen
-        cdef uint64_t end
-        if buf[0] == b'k':
-            if n < 18:
-                return -1
-            end = pgl_be64(buf + 1)
-            if not self.in_txn and end > self.server_end:
-                self.server_end = end
-            if buf[17]:
-                # Asked to answer. The answer says how far we have read and no flushed
-                # position: a walsender that stops at the server's shutdown waits for the
-                # client to have flushed everything it sent, or written when no flushed
-                # position is given, and what readers hold must not keep the server up;
-                # the slot only moves with a flushed position (our feedback, apart).
-                if self._status(conn, end, 0, False) < 0:
-                    return -1
-            return 0
-        if buf[0] != b'w' or n < 26:
-            return -1
-        body = buf + 25
-        blen = <size_t>(n - 25)
-        if body[0] == b'B':
-            if blen < 21:
-                return -1
-            self.in_txn = True
-            self.txn_commit = pgl_be64(body + 1)
-        elif body[0] == b'C':
-            if blen < 26:
-                return -1
-            self.in_txn = False
-            end = pgl_be64(body + 10)
-            if end > self.last_end:
-                self.last_end = end
-            if end > self.server_end:
-                self.server_end = end
-        elif body[0] == b'M':
-            if blen < 15:
-                return -1
-            self.held_wal.flags = PGL_WAL_TRANSACTIONAL if body[1] & 1 else 0
-            self.held_wal.lsn = pgl_be64(body + 2)
-            if self.held_wal.flags and self.in_txn:
-                # Sent at commit: a slot confirmed up to the commit record's start sends the
-                # whole transaction again.
-                self.held_wal.commit = self.held_wal.hold = self.txn_commit
-            else:
-                # Sent as decoded. Its LSN is its record's end (the next record may be a
-                # commit that starts there): it stands at lsn - 1 in the stream, and the
-                # slot sends it again only if confirmed no further than what came before.
-                self.held_wal.commit = self.held_wal.lsn - 1
-                self.held_wal.hold = (self.server_end if self.server_end > self.last_end
-                                      else self.last_end)
-            nul = <const char *>memchr(body + 10, 0, blen - 10)
-            if nul == NULL or <size_t>(nul - body) + 5 > blen:
-                return -1
-            clen = <size_t>(nul - (body + 10))
-            plen = pgl_be32(nul + 1)
-            if <size_t>(nul - body) + 5 + plen > blen:
-                return -1
-            self.held_chan = body + 10
-            self.held_clen = clen
-            self.held_payload = nul + 5
-            self.held_plen = plen
-            self.received += 1
-            if not self._route(self.held_chan, clen, self.held_payload, plen, 0,
-                               &self.held_wal, False):
-                return 1
-            self._after_message(&self.held_wal)
-        return 0
-
-    cdef inline void _after_message(self, Wal *w) noexcept nogil:
-        if not w.flags:
-            # Sent alone: a slot confirmed up to its LSN (its record's end) will not send it
-            # again.
-            if w.lsn > self.last_end:
-                self.last_end = w.lsn
-
-    cdef int _feedback(self, PGconn *conn, bint reply) noexcept nogil:
-        # Our feedback: flushed is what the slot may confirm.
-        cdef uint64_t written = self.server_end if self.server_end > self.confirmed else self.confirmed
-        return self._status(conn, written, self.confirmed, reply)
-
-    cdef int _status(self, PGconn *conn, uint64_t written, uint64_t flushed,
-                     bint reply) noexcept nogil:
-        # Standby status update 'r': written, flushed and applied LSNs (0: none), the time,
-        # and whether we ask for a keepalive back.
-        cdef char msg[34]
-        cdef int rc
-        msg[0] = b'r'
-        pgl_put_be64(msg + 1, written)
-        pgl_put_be64(msg + 9, flushed)
-        pgl_put_be64(msg + 17, flushed)
-        pgl_put_be64(msg + 25, <uint64_t>pgl_pg_now_us())
-        msg[33] = 1 if reply else 0
-        if PQputCopyData(conn, msg, 34) != 1:
-            return -1
-        rc = PQflush(conn)
-        if rc < 0:
-            return -1
-        self.unsent = rc == 1
-        return 0
-
-    def send_feedback(self, PGConnection conn not None, bint reply=False):
-        """Tell the server how far the slot may be confirmed (`confirmed`); with `reply`, ask
-        for a keepalive back (a heartbeat). False when the connection failed."""
-        if conn.conn == NULL:
-            return False
-        return self._feedback(conn.conn, reply) == 0
-
-    def confirmable(self):
-        """How far the slot may be confirmed now: the commit LSN of the oldest transaction
-        some reader is not done with (the slot then sends it again after a reconnect), else
-        of the transaction being read or held, else as far as the stream has gone."""
-        cdef uint64_t bound, oldest
+    cdef uint64_t oldest_unconsumed(self, uint64_t bound) noexcept nogil:
+        # The commit LSN of the oldest transaction some ring's reader is not done with, if
+        # it is before `bound`; else `bound`.
+        cdef uint64_t oldest
         cdef size_t i
-        bound = self.server_end if self.server_end > self.last_end else self.last_end
-        if self.in_txn and self.txn_commit < bound:
-            bound = self.txn_commit
-        if self.held != NULL and self.held_wal.hold < bound:
-            bound = self.held_wal.hold
         for i in range(self.n_rings):
             oldest = _oldest_pending(self.rings[i])
             if oldest and oldest < bound:
                 bound = oldest
         return bound
-
-    def stream_reset(self):
-        """The replication connection is gone: what was being read goes with it (the slot
-        sends it again, from where it was confirmed)."""
-        self.in_txn = False
-        if self.held != NULL:
-            self._end_hold(_now_ns())
 
     def set_position(self, ring_id, uint64_t commit, uint64_t lsn, uint64_t seek_lsn=0):
         """Where a WAL ring stands: it gets what comes after (commit, lsn) in the stream; with
@@ -1230,7 +945,7 @@ cdef class Dispatcher:
         """(commit LSN, LSN) of the newest WAL message seen on `channel` since its route was
         made, (0, 0) before any; None when it has no route (kept ones included)."""
         cdef Py_ssize_t clen = len(channel)
-        cdef Route *r = self._find(pgl_hash(channel, clen), channel, clen) if 0 < clen < 64 else NULL
+        cdef Route *r = self.find(pgl_hash(channel, clen), channel, clen) if 0 < clen < 64 else NULL
         if r == NULL:
             return None
         return (r.last_commit, r.last_lsn)
@@ -1238,7 +953,8 @@ cdef class Dispatcher:
     def reset_positions(self, uint64_t commit=0):
         """The stream cannot go on from where it stood (a slot made again, a new server's
         history): every position past `commit` (all of them with 0) is forgotten, so that
-        what the slot sends from now on is new to every ring; what was confirmed goes too."""
+        what the slot sends from now on is new to every ring (the source forgets its own
+        positions too: WalDispatcher)."""
         cdef size_t i
         cdef Producer *p
         cdef Route *r
@@ -1253,37 +969,13 @@ cdef class Dispatcher:
                 r.last_commit, r.last_lsn = commit, 0
         if self.at_commit >= commit:
             self.at_commit, self.at_lsn = commit, 0
-        if self.last_end > commit:
-            self.last_end = commit
-        if self.server_end > commit:
-            self.server_end = commit
-        if self.confirmed > commit:
-            self.confirmed = commit
-        self.in_txn = False
 
     def position(self, ring_id):
         """(commit LSN, LSN) of the last WAL message a ring was given (or passed by)."""
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         return (p.at_commit, p.at_lsn)
 
-    def dispatch_wal(self, bytes channel, bytes payload, uint64_t lsn, uint64_t commit,
-                     bint transactional=True):
-        """Route one WAL message given from Python (tests; run() does this for the stream),
-        as if its transaction ended at commit + 1 once it is routed. False, having written it
-        nowhere, when a blocking ring has no room for it."""
-        cdef Wal w
-        w.lsn = lsn
-        w.commit = w.hold = commit
-        w.flags = PGL_WAL_TRANSACTIONAL if transactional else 0
-        self.received += 1
-        cdef bint done = self._route(channel, len(channel), payload, len(payload), 0, &w, False)
-        if done and commit + 1 > self.last_end:
-            self.last_end = commit + 1
-        with nogil:
-            self._wake()
-        return done
-
-    cdef void _wake(self) noexcept nogil:
+    cdef void wake(self) noexcept nogil:
         cdef size_t i
         cdef Producer *p
         cdef uint64_t one = 1
@@ -1301,7 +993,7 @@ cdef class Dispatcher:
                 write(p.efd, &one, 8)
         self.n_dirty = 0
 
-    cdef void _flush_gaps(self) noexcept nogil:
+    cdef void flush_gaps(self) noexcept nogil:
         cdef size_t i
         cdef bint pending = False
         cdef Producer *p
@@ -1320,24 +1012,24 @@ cdef class Dispatcher:
                     pending = True
                     continue
             pgl_store_u32(&p.hdr.producer_waiting, 0)
-            self._mark(p)
+            self.mark(p)
         self.gaps_pending = pending
 
     def dispatch(self, bytes channel, bytes payload, int pid):
         """Route one notification given from Python (tests; run() does this for the socket).
         False, having written it nowhere, when a blocking ring has no room for it."""
         self.received += 1
-        cdef bint done = self._route(channel, len(channel), payload, len(payload), pid, NULL,
+        cdef bint done = self.route(channel, len(channel), payload, len(payload), pid, NULL,
                                      False)
         with nogil:
-            self._wake()
+            self.wake()
         return done
 
     def drop_held(self):
         """The connection is gone: the notification held for room goes with it (the
         reconnect gap covers it, as everything else the outage took)."""
         if self.held != NULL:
-            self._end_hold(_now_ns())
+            self.end_hold(_now_ns())
 
     @property
     def held_seconds(self):
@@ -1356,150 +1048,169 @@ cdef class Dispatcher:
         """Write the pending gaps that fit now and wake sleeping readers (run() does this on
         every turn)."""
         with nogil:
-            self._flush_gaps()
-            self._wake()
+            self.flush_gaps()
+            self.wake()
 
-    def run(self, PGConnection conn, int control_fd, int timeout_ms,
-            bint want_result=False, Dispatcher wal=None, PGConnection wal_conn=None,
-            bint wal_want_result=False, tuple watch=()):
-        """Drain the connections into the rings until something needs Python; see RUN_*.
 
-        conn: the LISTEN connection, or None while there is none. With want_result (a query
-        was sent), also flush it out and return RUN_RESULT once its next result is ready;
-        notifications that arrive meanwhile are routed as usual. wal and wal_conn: the WAL
-        source's dispatcher and its replication connection (None while there is none): its
-        stream is routed once the connection is in COPY BOTH, and before that
-        wal_want_result works as want_result does (RUN_WAL_RESULT). watch: up to four
-        (fd, writable) pairs to wait on as well (connections being made): RUN_WATCH. A
-        negative control_fd is not watched."""
-        cdef pollfd fds[9]
-        cdef int status, i
-        cdef int nwatch = len(watch)
-        if nwatch > 4:
-            raise ValueError("at most four descriptors to watch")
-        for i in range(nwatch):
-            fds[5 + i].fd = watch[i][0]
-            fds[5 + i].events = POLLOUT if watch[i][1] else POLLIN
-        if wal is not None and not wal.wal:
-            raise ValueError("wal= takes a Dispatcher made with wal=True")
-        cdef PGconn *c = NULL if conn is None else conn.conn
-        cdef PGconn *wc = NULL if wal is None or wal_conn is None else wal_conn.conn
-        cdef bint streaming = wc != NULL and wal_conn.copy_both
-        with nogil:
-            status = self._run(c, control_fd, timeout_ms, want_result, wal, wc, streaming,
-                               wal_want_result, fds, nwatch)
-        return status
+# ----------------------------------------------------------------------------------------------
+# The loop: every source's connection and readers, the workers' control fd, connections being
+# made, in one poll().
 
-    cdef int _run(self, PGconn *conn, int control_fd, int timeout_ms, bint want_result,
-                  Dispatcher wal, PGconn *wconn, bint streaming, bint wal_want_result,
-                  pollfd *fds, int nwatch) noexcept nogil:
-        cdef int sock = PQsocket(conn) if conn != NULL else -1
-        cdef int wsock = PQsocket(wconn) if wconn != NULL else -1
-        cdef int rc, wait_ms, unsent = 0, wunsent = 0, i
-        cdef uint64_t counter
-        cdef uint64_t deadline = _now_ns() + <uint64_t>timeout_ms * 1000000ULL
-        cdef uint64_t now, wake_at
-        if conn != NULL and sock < 0:
+
+cdef struct Polled:
+    PyObject *disp             # the source's Dispatcher (borrowed: `sources` holds it)
+    PGconn *conn               # its connection, NULL while there is none
+    bint streaming             # the connection is in COPY BOTH
+    bint want_result           # a query is in flight: RUN_RESULT once its result is ready
+    bint unsent                # the query's bytes are not all out yet
+    int fd                     # its fds[] slot
+
+
+def run(tuple sources, int control_fd, int timeout_ms, tuple watch=()):
+    """Drain every source's connection into its rings until something needs Python:
+    (RunStatus, the index in `sources` of the one it concerns, else -1).
+
+    sources: up to four (dispatcher, connection or None, want_result) triples. Each
+    source's drain() decodes what its connection read; with want_result (a query was
+    sent), run() also flushes the query out and returns RUN_RESULT once its next result is
+    ready (records that arrive meanwhile are routed as usual). watch: up to four
+    (fd, writable) pairs to wait on as well (connections being made): RUN_WATCH. A negative
+    control_fd is not watched."""
+    cdef Polled polled[MAX_SOURCES]
+    cdef pollfd fds[1 + 2 * MAX_SOURCES + MAX_WATCH]
+    cdef int status, i, which = -1
+    cdef int n = len(sources), nwatch = len(watch)
+    cdef Dispatcher d
+    cdef PGConnection conn
+    if n > MAX_SOURCES or nwatch > MAX_WATCH:
+        raise ValueError(f"at most {MAX_SOURCES} sources and {MAX_WATCH} descriptors to watch")
+    for i in range(n):
+        d, conn, want = sources[i]
+        polled[i].disp = <PyObject *>d
+        polled[i].conn = NULL if conn is None else conn.conn
+        polled[i].streaming = polled[i].conn != NULL and conn.copy_both
+        polled[i].want_result = polled[i].conn != NULL and want
+        polled[i].unsent = False
+        polled[i].fd = 1 + 2 * i
+    for i in range(nwatch):
+        fds[1 + 2 * n + i].fd = watch[i][0]
+        fds[1 + 2 * n + i].events = POLLOUT if watch[i][1] else POLLIN
+    with nogil:
+        status = _run(polled, n, control_fd, timeout_ms, fds, nwatch, &which)
+    return (status, which)
+
+
+cdef inline void _drain_last(Polled *p) noexcept nogil:
+    # A failed connection's last records: what it had read before it failed still goes out.
+    (<Dispatcher>p.disp).drain(p.conn, p.streaming)
+    (<Dispatcher>p.disp).wake()
+
+
+cdef void _drain_all(Polled *polled, int n) noexcept nogil:
+    # Before Python gets a turn: what the connections hold goes out now (a failure is seen
+    # by the next run(), whose first drain fails again).
+    cdef int i
+    for i in range(n):
+        if polled[i].conn != NULL:
+            (<Dispatcher>polled[i].disp).drain(polled[i].conn, polled[i].streaming)
+        (<Dispatcher>polled[i].disp).wake()
+
+
+cdef int _run(Polled *polled, int n, int control_fd, int timeout_ms, pollfd *fds, int nwatch,
+              int *which) noexcept nogil:
+    cdef int rc, wait_ms, i, w
+    cdef uint64_t counter
+    cdef uint64_t deadline = _now_ns() + <uint64_t>timeout_ms * 1000000ULL
+    cdef uint64_t now, wake_at, end
+    cdef bint expired
+    cdef Polled *p
+    for i in range(n):
+        if polled[i].conn != NULL and PQsocket(polled[i].conn) < 0:
+            which[0] = i
             return RUN_CONN_BAD
-        if wconn != NULL and wsock < 0:
-            return RUN_WAL_BAD
-        while True:
-            if conn != NULL:
-                self._drain(conn)
-            self._flush_gaps()
-            self._wake()
-            if streaming:
-                if wal._drain_wal(wconn) < 0:
-                    wal._wake()
-                    return RUN_WAL_BAD
-                wal._flush_gaps()
-                wal._wake()
-                if wal.unsent:
-                    wunsent = PQflush(wconn)
-                    if wunsent < 0:
-                        return RUN_WAL_BAD
-                    wal.unsent = wunsent == 1
-            elif wconn != NULL and wal_want_result:
-                wunsent = PQflush(wconn)
-                if wunsent < 0:
-                    return RUN_WAL_BAD
-                if not PQisBusy(wconn):
-                    return RUN_WAL_RESULT
-            if want_result:
-                unsent = PQflush(conn)
-                if unsent < 0:
-                    return RUN_CONN_BAD
-                if not PQisBusy(conn):
-                    return RUN_RESULT
-            now = _now_ns()
-            if now >= deadline:
-                return RUN_TIMEOUT
-            wake_at = deadline
-            if self.held != NULL:
-                if now >= self._hold_end():
-                    continue            # _drain lets the held notification go
-                wake_at = min(deadline, self._hold_end())
-            wait_ms = <int>((wake_at - now + 999999) // 1000000)
-            fds[0].fd = sock
-            # While a notification is held, nothing more is read: the kernel's buffer fills,
-            # then the server's queue holds the rest. The server closing its end is still
-            # seen at once (POLLRDHUP), and one that vanished by our unanswered heartbeat
-            # (tcp_user_timeout, or a reset from its host: POLLERR).
-            fds[0].events = ((POLLOUT if unsent else 0)
-                             | (PGL_POLLRDHUP if self.held != NULL else POLLIN))
-            fds[0].revents = 0
-            fds[1].fd = control_fd
-            fds[1].events = POLLIN
-            fds[1].revents = 0
-            fds[2].fd = self.wake_fd if self.gaps_pending or self.held != NULL else -1
-            fds[2].events = POLLIN
-            fds[2].revents = 0
-            # The replication stream, the same way; its readers' room, with its own eventfd.
-            fds[3].fd = wsock
-            fds[3].events = POLLIN
-            if wconn != NULL:
-                if (streaming and wal.unsent) or (not streaming and wunsent != 0):
-                    fds[3].events |= POLLOUT
-                if streaming and wal.held != NULL:
-                    fds[3].events = (fds[3].events & ~POLLIN) | PGL_POLLRDHUP
-            fds[3].revents = 0
-            fds[4].fd = (wal.wake_fd if wconn != NULL and (wal.gaps_pending or wal.held != NULL)
-                         else -1)
-            fds[4].events = POLLIN
-            fds[4].revents = 0
-            for i in range(nwatch):
-                fds[5 + i].revents = 0
-            rc = poll(fds, 5 + nwatch, wait_ms)
-            if rc < 0:
-                if errno == EINTR:
-                    return RUN_INTERRUPTED
+    while True:
+        for i in range(n):
+            p = &polled[i]
+            if p.conn != NULL and (<Dispatcher>p.disp).drain(p.conn, p.streaming) < 0:
+                (<Dispatcher>p.disp).wake()
+                which[0] = i
                 return RUN_CONN_BAD
-            if fds[0].revents & ~POLLOUT:
-                if PQconsumeInput(conn) == 0:
-                    self._drain(conn)
-                    self._wake()
+            (<Dispatcher>p.disp).flush_gaps()
+            (<Dispatcher>p.disp).wake()
+            if p.conn != NULL and (<Dispatcher>p.disp).unsent:
+                rc = PQflush(p.conn)
+                if rc < 0:
+                    which[0] = i
                     return RUN_CONN_BAD
-            if fds[3].revents & ~POLLOUT:
-                if PQconsumeInput(wconn) == 0:
-                    if streaming:
-                        wal._drain_wal(wconn)
-                        wal._wake()
-                    return RUN_WAL_BAD
-            if fds[2].revents:
-                read(self.wake_fd, &counter, 8)     # a reader made room: the loop looks
-            if fds[4].revents:
-                read(wal.wake_fd, &counter, 8)
-            for i in range(nwatch):
-                if fds[5 + i].revents:
-                    if conn != NULL:
-                        self._drain(conn)
-                    self._wake()
-                    return RUN_WATCH
-            if fds[1].revents:
-                if conn != NULL:
-                    self._drain(conn)
-                self._wake()
-                return RUN_CONTROL
+                (<Dispatcher>p.disp).unsent = rc == 1
+            if p.want_result:
+                rc = PQflush(p.conn)
+                if rc < 0:
+                    which[0] = i
+                    return RUN_CONN_BAD
+                p.unsent = rc == 1
+                if not PQisBusy(p.conn):
+                    which[0] = i
+                    return RUN_RESULT
+        now = _now_ns()
+        if now >= deadline:
+            return RUN_TIMEOUT
+        wake_at = deadline
+        expired = False
+        for i in range(n):
+            if (<Dispatcher>polled[i].disp).held != NULL:
+                end = (<Dispatcher>polled[i].disp).hold_end()
+                if now >= end:
+                    expired = True      # its drain() lets the held record go
+                elif end < wake_at:
+                    wake_at = end
+        if expired:
+            continue
+        wait_ms = <int>((wake_at - now + 999999) // 1000000)
+        fds[0].fd = control_fd
+        fds[0].events = POLLIN
+        fds[0].revents = 0
+        for i in range(n):
+            p = &polled[i]
+            fds[p.fd].fd = PQsocket(p.conn) if p.conn != NULL else -1
+            # While a record is held, nothing more is read: the kernel's buffer fills, then
+            # the server's queue holds the rest. The server closing its end is still seen at
+            # once (POLLRDHUP), and one that vanished by our unanswered heartbeat
+            # (tcp_user_timeout, or a reset from its host: POLLERR).
+            fds[p.fd].events = ((POLLOUT if p.unsent or (<Dispatcher>p.disp).unsent else 0)
+                                | (PGL_POLLRDHUP if (<Dispatcher>p.disp).held != NULL
+                                   else POLLIN))
+            fds[p.fd].revents = 0
+            # Its readers' room, while a gap or a held record waits for it.
+            fds[p.fd + 1].fd = ((<Dispatcher>p.disp).wake_fd
+                                if (<Dispatcher>p.disp).gaps_pending
+                                or (<Dispatcher>p.disp).held != NULL else -1)
+            fds[p.fd + 1].events = POLLIN
+            fds[p.fd + 1].revents = 0
+        w = 1 + 2 * n
+        for i in range(nwatch):
+            fds[w + i].revents = 0
+        rc = poll(fds, w + nwatch, wait_ms)
+        if rc < 0:
+            if errno == EINTR:
+                return RUN_INTERRUPTED
+            which[0] = 0
+            return RUN_CONN_BAD
+        for i in range(n):
+            p = &polled[i]
+            if fds[p.fd].revents & ~POLLOUT and PQconsumeInput(p.conn) == 0:
+                _drain_last(p)
+                which[0] = i
+                return RUN_CONN_BAD
+            if fds[p.fd + 1].revents:
+                read((<Dispatcher>p.disp).wake_fd, &counter, 8)    # a reader made room
+        for i in range(nwatch):
+            if fds[w + i].revents:
+                _drain_all(polled, n)
+                return RUN_WATCH
+        if fds[0].revents:
+            _drain_all(polled, n)
+            return RUN_CONTROL
 
 
 cdef void _remove_ptr(Producer **arr, size_t *n, Producer *p) noexcept nogil:

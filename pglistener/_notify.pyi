@@ -1,0 +1,3 @@
+from ._dispatch import Dispatcher
+
+class NotifyDispatcher(Dispatcher): ...

@@ -1,0 +1,735 @@
+"""The supervisor's sources: what one kind of stream needs in Python, as one object each.
+
+A source holds its connection shell, its registry and its compiled dispatcher (the decoder on
+the dispatch core), carries out what its registry decides, and gives its part of stats(). The
+Server (_server.py) holds a list of them and drives them alike: step() and fds() before the
+loop waits, polled() for _dispatch.run(), on_bad() and on_result() after it, apply() for a
+registry's actions, subscribed() for a new subscription. What every source shares (rings,
+routes, hand-over, answers) is the Server's.
+
+NotifySource: LISTEN/NOTIFY on the LISTEN connection. WalSource: messages from a logical
+slot, on a replication connection; it asks the LISTEN connection for what only a plain
+connection can answer (the server's WAL position, the standby slots, the publication on a
+primary).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from ._connection import Phase, Timing
+from ._control_server import Client
+from ._dispatch import Dispatcher, PGConnection
+from ._listen import ListenConnection
+from ._notify import NotifyDispatcher
+from ._pgoutput import WalDispatcher
+from ._reader import format_lsn, parse_lsn
+from ._registry import Actions, Registry, Sub
+from ._wal import SetupError, SlotProbe, Started, WalConnection
+
+if TYPE_CHECKING:
+    from ._server import Config, Server
+
+log = logging.getLogger("pglistener.supervisor")
+
+#: How often the WAL source looks again at what a failover needs (WalSource.check_failover).
+FAILOVER_CHECK = 30.0
+
+#: Channels nobody reads any more that the WAL source goes on watching (WalSource.watch).
+MAX_WATCHED = 4096
+
+Rows = list[list[tuple[bytes | None, ...]]]
+
+
+def timing(config: Config) -> Timing:
+    return Timing(config.connect_timeout, config.liveness_timeout, config.backoff_initial,
+                  config.backoff_max, config.backoff_reset_after)
+
+
+class Source:
+    """What the Server asks of every source."""
+
+    name: str                   # ReaderStats.source, and the subscribe request's `source`
+    shell: ListenConnection
+    registry: Registry
+    dispatcher: Dispatcher
+    #: A route kept with no entries when its last reader leaves (set_route(keep=)).
+    keeps_routes = False
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.config = server.config
+
+    def step(self, now: float) -> float:
+        """Do what is due; the seconds the loop may wait before asking again."""
+        return self.shell.step(now)
+
+    def shells(self) -> list[ListenConnection]:
+        """The connections being made that the loop waits on (fds(), advance())."""
+        return [self.shell]
+
+    def polled(self) -> tuple[Dispatcher, PGConnection | None, bool]:
+        """This source's part of _dispatch.run()."""
+        conn = self.shell.conn
+        return self.dispatcher, conn, conn is not None and self.shell.busy
+
+    def on_bad(self, cause: str) -> None:
+        """run() said the connection failed."""
+        self.shell.lose_now(cause)
+
+    def on_result(self) -> None:
+        self.shell.on_result(time.monotonic())
+
+    def apply(self, act: Actions) -> None:
+        """Carry out what the registry decided, in its order."""
+        self.server.carry_out(self, act)
+
+    def routed(self, channel: str, routed: bool) -> None:
+        """A channel's route changed (routed: somebody reads it)."""
+
+    def subscribed(self, sub: Sub, position: tuple[int, int, int] | None) -> None:
+        """A new subscription, its ring made: register it and answer it (or have it wait)."""
+        self.apply(self.registry.add(sub))
+
+    def orphan(self, sub: Sub) -> bool:
+        """A group's last member left: whether its ring is kept (waits for a member)."""
+        return False
+
+    def check(self, message: dict[str, Any]) -> str | None:
+        """A subscribe request this source cannot take now: the error to answer (the
+        request is well formed); None when it can."""
+        return None
+
+    def query_connected(self) -> None:
+        """The LISTEN connection is new: what this source asks on it, it asks now."""
+
+    def query_lost(self) -> None:
+        """The LISTEN connection went, with what this source had asked on it."""
+
+    def stats(self) -> dict[str, Any]:
+        """This source's fields of Stats."""
+        return {}
+
+    def close(self) -> None:
+        self.shell.close()
+
+
+class NotifySource(Source):
+    """LISTEN/NOTIFY: its routes take effect once the server LISTENs (at commit)."""
+
+    name = "notify"
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server)
+        config = self.config
+        self.dispatcher = NotifyDispatcher()
+        self.dispatcher.block_timeout = config.block_timeout
+        self.expiries_logged = 0
+        self.registry = Registry(config.max_subscriptions_per_worker,
+                                 config.max_channels_per_worker)
+        self.shell = ListenConnection(config.conninfo, config.safe_target, timing(config),
+                                      self.dispatcher, time.monotonic(), self._on_connected,
+                                      self._on_down)
+        # Told when the LISTEN connection goes (WalSource answers what waited on it).
+        self.on_down: list[Any] = []
+
+    def polled(self) -> tuple[Dispatcher, PGConnection | None, bool]:
+        disp = self.dispatcher
+        if disp.block_expiries != self.expiries_logged:
+            if not self.expiries_logged:
+                log.warning("a subscription with overflow='block' held the connection for "
+                            "block_timeout (%g s): it misses what does not fit (an overflow "
+                            "Gap counts it) until it makes room; said once",
+                            self.config.block_timeout)
+            self.expiries_logged = disp.block_expiries
+        return super().polled()
+
+    def on_bad(self, cause: str) -> None:
+        conn = self.shell.conn
+        if conn is not None:
+            self.shell.lose_now(conn.error_message or cause)
+
+    def _on_connected(self) -> None:
+        """A new connection: LISTEN every wanted channel and sample the queue, then check
+        that the server listens on exactly those (a query of its own: a LISTEN takes effect
+        at commit, after the statements of its query string); then streams are whole."""
+        act = self.registry.connected()
+        wanted, token = act.listen, act.listen_token
+        replay = ([listen_sql("LISTEN", wanted)] if wanted else []) + [self.shell.heartbeat]
+        self.shell.query(b"; ".join(replay), lambda results, error:
+                         self._on_replay_listened(wanted, token, results, error))
+        self.shell.query(b"SELECT pg_listening_channels()", lambda results, error:
+                         self._on_replayed(wanted, token, results, error))
+        for source in self.server.sources:
+            if source is not self:
+                source.query_connected()
+
+    def _on_replay_listened(self, wanted: list[str], token: int, results: Rows,
+                            error: str | None) -> None:
+        if error is not None:
+            self.registry.refused(wanted, token)    # nothing took effect (one transaction)
+            self.shell.lose_now(f"LISTEN replay failed: {error}")
+            return
+        self.shell.sample_queue(results)    # the replay ends with the heartbeat's query
+
+    def _on_replayed(self, wanted: list[str], token: int, results: Rows,
+                     error: str | None) -> None:
+        if error is not None:
+            self.shell.lose_now(f"LISTEN replay failed: {error}")
+            return
+        actual = {bytes(row[0] or b"").decode() for rows in results for row in rows}
+        if actual != set(wanted):
+            self.shell.lose_now(
+                f"LISTEN replay failed: server listens on {len(actual)} channels, expected "
+                f"{len(wanted)}: missing {sorted(set(wanted) - actual)[:5]}, unexpected "
+                f"{sorted(actual - set(wanted))[:5]}")
+            return
+        self.shell.ready(time.monotonic())
+        self.apply(self.registry.replayed(wanted, token))
+
+    def _on_down(self, cause: str) -> None:
+        """The connection is gone: the streams it fed get a Gap, then we reconnect."""
+        self.apply(self.registry.lost())
+        for source in self.server.sources:
+            if source is not self:
+                source.query_lost()
+
+    def apply(self, act: Actions) -> None:
+        super().apply(act)
+        if self.shell.conn is None:
+            return
+        if act.unlisten:
+            self.shell.query(listen_sql("UNLISTEN", act.unlisten),
+                             lambda _results, error: self._on_unlistened(error))
+        if act.listen:
+            channels, token = act.listen, act.listen_token
+            self.shell.query(listen_sql("LISTEN", channels),
+                             lambda _results, error: self._on_listened(channels, token, error))
+
+    def _on_listened(self, channels: list[str], token: int, error: str | None) -> None:
+        if error is not None:
+            self.registry.refused(channels, token)  # nothing can have come through
+            self.shell.lose_now(f"LISTEN failed: {error}")
+            return
+        self.apply(self.registry.listened(channels, token))
+
+    def _on_unlistened(self, error: str | None) -> None:
+        if error is not None:
+            self.shell.lose_now(f"UNLISTEN failed: {error}")
+
+    def stats(self) -> dict[str, Any]:
+        machine = self.shell.machine
+        up = self.registry.up
+        if up:
+            state = "listening"
+        else:
+            state = "disconnected" if machine.phase is Phase.BACKOFF else "connecting"
+        return dict(
+            state=state,
+            backend_pid=self.shell.conn.backend_pid if up and self.shell.conn else None,
+            last_error=machine.last_error,
+            last_error_permanent=self.shell.last_error_permanent,
+            reconnects=machine.reconnects,
+            received=self.dispatcher.received,
+            unrouted=self.dispatcher.unrouted,
+            outage_seconds=machine.outage_seconds(time.monotonic()),
+            queue_usage=self.shell.queue_usage,
+            held_seconds=self.dispatcher.held_seconds)
+
+
+class WalSource(Source):
+    """Messages from a logical slot (Supervisor(slot=...)): no LISTEN, so what a registry
+    would LISTEN is in place at once (streams are whole once the slot is read). Every
+    position and promise the slot makes is kept here: where each subscription begins
+    (after=, or what commits once it is answered), the groups that wait for a member, what
+    a loss of the slot or a new timeline does, and what a failover would need."""
+
+    name = "wal"
+    keeps_routes = True
+    dispatcher: WalDispatcher
+
+    def __init__(self, server: Server, notify: NotifySource) -> None:
+        super().__init__(server)
+        config = self.config
+        assert config.slot is not None
+        self.notify = notify        # the plain connection, for what replication cannot ask
+        self.dispatcher = WalDispatcher()
+        self.registry = Registry(config.max_subscriptions_per_worker,
+                                 config.max_channels_per_worker, ids=notify.registry.ids)
+        self.shell = self.wal = WalConnection(
+            config.slot_conninfo or config.conninfo, config.slot_safe_target, timing(config),
+            self.dispatcher, time.monotonic(), config.slot, config.publication,
+            self._on_connected, self._on_down, self._nudge_standby, config.failover)
+        self.probe: SlotProbe | None = None     # slot_dsn: samples the slot where it lives
+        if config.slot_conninfo is None:
+            notify.shell.watch_slot(config.slot)
+        else:           # the slot lives elsewhere: its lag is sampled there
+            self.probe = SlotProbe(config.slot_conninfo, config.slot_safe_target,
+                                   timing(config), self.dispatcher, time.monotonic(),
+                                   config.slot)
+        self.error: SetupError | None = None
+        self.lag_warned = False
+        # Subscriptions waiting for the server's WAL position to begin at (_placed).
+        self.placing: dict[int, Sub] = {}
+        # Consumer groups whose last member went: (channels, group) -> the ring it left
+        # (kept, unrouted: what it had not consumed) and when the group's hold ends.
+        self.orphans: dict[tuple[tuple[str, ...], str], tuple[int, float]] = {}
+        # What this source has read, for as long as this process lives: from where in
+        # the slot (None: not yet), each channel watched since when, the watched channels
+        # nobody reads (oldest first), the consumer groups served, how often the slot was
+        # lost, and the hold at start for the previous supervisor's groups (where, until).
+        self.read_from: int | None = None
+        self.watched: dict[str, tuple[int, int]] = {}
+        self.unread_channels: dict[str, None] = {}
+        self.served_groups: set[tuple[tuple[str, ...], str]] = set()
+        self.slot_losses = 0
+        self.start_hold: tuple[int, float] | None = None
+        self.failover_warned: str | None = None
+        self.failover_ready: bool | None = None
+        self.failover_checked = 0.0
+
+    # -- what the loop asks -------------------------------------------------------------------
+
+    def step(self, now: float) -> float:
+        wal = self.wal
+        if self.orphans:
+            self._expire_orphans(now)
+        wal.extra_hold = self._orphan_hold()
+        if wal.streaming and now - self.failover_checked >= FAILOVER_CHECK:
+            self.failover_checked = now
+            self._check_failover()
+        wait = wal.step(now)
+        if self.probe is not None:
+            wait = min(wait, self.probe.step(now))
+        self._check_lag()
+        return wait
+
+    def shells(self) -> list[ListenConnection]:
+        return [self.wal] if self.probe is None else [self.wal, self.probe]
+
+    def on_bad(self, cause: str) -> None:
+        conn = self.wal.conn
+        if conn is not None:
+            self.wal.lose_now(conn.error_message or "the server ended the replication stream")
+
+    def close(self) -> None:
+        self.wal.close()
+        if self.probe is not None:
+            self.probe.close()
+
+    # -- the LISTEN connection, asked for what a replication connection cannot answer -------
+
+    def query_connected(self) -> None:
+        if self.config.slot_conninfo is not None:
+            # The slot is read elsewhere (a standby cannot create one): the publication
+            # pgoutput needs is made here, on the primary, and replicated there.
+            pub = self.config.publication
+            self.notify.shell.query(
+                f"DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = "
+                f"'{pub}') THEN CREATE PUBLICATION \"{pub}\"; END IF; END$$".encode(),
+                lambda _results, error: self._on_publication(error))
+
+    def query_lost(self) -> None:
+        if self.placing:
+            self._answer_placing()
+
+    def _on_publication(self, error: str | None) -> None:
+        if error is not None:
+            pub = self.config.publication
+            log.warning("could not create publication %r on %s for the WAL source: %s (create "
+                        "it there: CREATE PUBLICATION %s;)", pub, self.config.safe_target,
+                        error, pub)
+
+    def _nudge_standby(self) -> None:
+        """A slot being made on a standby waits for the primary to log its running
+        transactions, which an idle primary does not do soon: ask it to (PostgreSQL 16+)."""
+        if self.notify.shell.conn is not None:
+            self.notify.shell.query(b"SELECT pg_log_standby_snapshot()",
+                                    lambda _results, _error: None)
+
+    # -- the replication connection -----------------------------------------------------------
+
+    def _on_connected(self) -> None:
+        self.wal.setup_permanent = False
+        self.wal.setup(self._on_setup)
+
+    def _on_setup(self, error: SetupError | None, started: Started | None) -> None:
+        wal, disp = self.wal, self.dispatcher
+        if error is not None or started is None:
+            assert error is not None
+            first = not self.registry.was_up
+            if error.permanent or first:
+                # Said to whoever waits for this source, not retried behind their backs.
+                self._fail_subscribes(str(error))
+            self.error = error
+            wal.setup_permanent = error.permanent
+            wal.lose_now(str(error))
+            return
+        self.error = None
+        first = self.read_from is None
+        if started.loss is not None:
+            # Before anything the slot sends from now on: every stream, and every group
+            # waiting for a member, says that what came between is not there.
+            rings = [sub.id for sub in self.registry.subs.values()]
+            disp.mark_gap(rings + [ring for ring, _until in self.orphans.values()], "slot")
+            disp.reset_positions()
+            self.watched = dict.fromkeys(self.watched, (0, 0))   # from the new slot on
+            self.slot_losses += 1
+            for sub in self.registry.subs.values():
+                sub.after = None    # said already: its stream begins anew, after the Gap
+        elif started.rewind_to is not None:
+            log.warning("slot %r is read on a new timeline (a standby was promoted): reading "
+                        "on from %s, where its history left the one read before", wal.slot,
+                        format_lsn(started.rewind_to))
+            disp.reset_positions(started.rewind_to)
+            back = (started.rewind_to, 0)
+            self.watched = {ch: min(since, back) for ch, since in self.watched.items()}
+        if first or started.loss is not None:
+            self.read_from = wal.slot_confirmed
+            # What a subscription without after= gets: what commits from now on. After a
+            # loss, the streams there were get all that the slot has, after their Gap.
+            position = (started.start_lsn, 0)
+            disp.set_stream_position(*position)
+            for sub in self.registry.subs.values() if first else ():
+                if not sub.resumes and disp.position(sub.id) < position:
+                    disp.set_position(sub.id, *position)
+        if first and not started.created and self.config.group_hold > 0:
+            # Groups of the supervisor before this one come back where the slot stands: it
+            # keeps that place for group_hold, as for a group whose last member went.
+            self.start_hold = (wal.slot_confirmed, time.monotonic() + self.config.group_hold)
+        for sub in [s for s in self.registry.subs.values() if s.after is not None]:
+            self._judge_after(sub)
+        wal.ready(time.monotonic())
+        self.failover_checked = 0.0         # looked at again, now that it streams
+        if not self.registry.up:
+            act = self.registry.connected()
+            self.apply(self.registry.replayed(act.listen, act.listen_token))
+
+    def _on_down(self, cause: str) -> None:
+        self.dispatcher.stream_reset()  # the slot sends again what was not confirmed
+        if self.wal.last_error_permanent and not self.registry.was_up:
+            # A role without REPLICATION, bad credentials: said to whoever waits.
+            self.error = SetupError(self.wal.machine.last_error or cause, True)
+            self._fail_subscribes(str(self.error))
+
+    def _fail_subscribes(self, message: str) -> None:
+        for sub in self.registry.unanswered():
+            _sub, act = self.registry.cancel(sub.worker, sub.req)
+            self.apply(act)
+            self.server.control.reply(cast(Client, sub.worker),
+                                      {"req": sub.req, "ok": False, "error": "WalSourceError",
+                                       "message": message})
+
+    # -- consumer groups ----------------------------------------------------------------------
+
+    def _orphan_hold(self) -> int:
+        """How far the slot may be confirmed for the groups that wait for a member: what
+        their last member had not consumed, else where the group stood (0: no hold)."""
+        disp = self.dispatcher
+        holds = [disp.oldest_pending(ring) or disp.position(ring)[0] or 1
+                 for ring, _until in self.orphans.values()]
+        if self.start_hold is not None:
+            if time.monotonic() < self.start_hold[1]:
+                holds.append(self.start_hold[0] or 1)
+            else:
+                self.start_hold = None
+        return min(holds) if holds else 0
+
+    def _expire_orphans(self, now: float) -> None:
+        disp = self.dispatcher
+        for key, (ring, until) in list(self.orphans.items()):
+            if now >= until:
+                del self.orphans[key]
+                left = disp.unread(ring, unconsumed=True)
+                self.server.orphaned += left
+                disp.remove_ring(ring)
+                log.info("consumer group %r on %s had no member for group_hold (%g s): the "
+                         "slot no longer keeps its place (%d messages it had not consumed "
+                         "are counted in orphaned)", key[1], ", ".join(key[0]),
+                         self.config.group_hold, left)
+
+    def orphan(self, sub: Sub) -> bool:
+        """With no member left, a group keeps its ring and its place in the slot for
+        group_hold seconds."""
+        if self.config.group_hold > 0 and not self.server.stopping:
+            self.orphans[group_key(sub)] = (sub.id, time.monotonic() + self.config.group_hold)
+            return True
+        return False
+
+    def _adopt(self, sub: Sub) -> bool:
+        """A member joins a group that waits for one: it gets what the last member had not
+        consumed, and everything after where the group stood (read from the slot again
+        when the stream is past it)."""
+        disp, wal = self.dispatcher, self.wal
+        assert sub.group is not None
+        found = self.orphans.pop(group_key(sub), None)
+        if found is None:
+            return False
+        ring = found[0]
+        disp.handover(ring, [sub.id])
+        position = disp.position(ring)
+        disp.remove_ring(ring)
+        disp.set_position(sub.id, *position)
+        if position < (disp.at_commit, disp.at_lsn):
+            wal.restart(f"consumer group {sub.group!r} has a member again")
+        return True
+
+    def _rejoin(self, sub: Sub) -> bool:
+        """A group this supervisor has not served yet, joining while the slot keeps the
+        place it had at start (start_hold): it begins there, so that what the group had not
+        consumed when the supervisor before this one died comes again (at least once). The
+        slot not read yet, it begins where the slot is, as every stream then does."""
+        disp, wal = self.dispatcher, self.wal
+        if group_key(sub) in self.served_groups:
+            return False
+        if not wal.has_read:
+            return True
+        if self.start_hold is None or time.monotonic() >= self.start_hold[1]:
+            return False
+        disp.set_position(sub.id, self.start_hold[0], 0)
+        if (self.start_hold[0], 0) < (disp.at_commit, disp.at_lsn):
+            wal.restart(f"consumer group {sub.group!r} joins where the slot stood at start")
+        return True
+
+    # -- failover -----------------------------------------------------------------------------
+
+    def _check_failover(self) -> None:
+        """What a failover of the primary would do to the slot, said once per process as a
+        warning naming what is missing, and in stats() (failover_ready)."""
+        wal = self.wal
+        if wal.recovery:
+            self.failover_ready = None      # a standby's own slot survives its promotion
+            return
+        if wal.server_version < 170000:
+            self._not_ready(
+                f"PostgreSQL {wal.server_version // 10000} cannot keep a logical slot across "
+                f"a failover: a promoted standby does not have slot {wal.slot!r}. The "
+                f"supervisor then makes it again, and every WAL subscription gets "
+                f"Gap('slot') (PostgreSQL 17 keeps failover slots; or read the slot on a "
+                f"standby with slot_dsn=)")
+            return
+        if not wal.slot_failover:
+            self._not_ready(f"slot {wal.slot!r} is not a failover slot "
+                            f"(Supervisor(failover=False)): a failover loses it, and every "
+                            f"WAL subscription then gets Gap('slot')")
+            return
+        names = [n.strip().strip('"') for n in wal.sync_slots.split(",") if n.strip()]
+        if not names:
+            self._not_ready(self._failover_needs("synchronized_standby_slots is not set on "
+                                                 "the primary"))
+            return
+        if self.config.slot_conninfo is not None:
+            self.failover_ready = None      # not seen from here: the primary is elsewhere
+            return
+        if self.notify.shell.conn is None:  # the LISTEN connection asks: again in a second
+            self.failover_checked = time.monotonic() - FAILOVER_CHECK + 1.0
+            return
+        quoted = ", ".join("'" + n.replace("'", "''") + "'" for n in names)
+        self.notify.shell.query(
+            f"SELECT slot_name, slot_type, active FROM pg_replication_slots "
+            f"WHERE slot_name IN ({quoted})".encode(),
+            lambda results, error: self._standby_slots(names, results, error))
+
+    def _standby_slots(self, names: list[str], results: Rows, error: str | None) -> None:
+        if error is not None:
+            return
+        rows = {(r[0] or b"").decode(): r for r in (results[0] if results else [])}
+        missing = [n for n in names if n not in rows or rows[n][1] != b"physical"]
+        inactive = [n for n in names if n in rows and rows[n][2] != b"t"]
+        if missing:
+            self._not_ready(self._failover_needs(
+                f"synchronized_standby_slots names {', '.join(missing)}, which is not a "
+                f"physical slot on the primary: every logical reader there waits for it (a "
+                f"stall); create it, or correct the setting"))
+        elif inactive:
+            self._not_ready(self._failover_needs(
+                f"the standby's slot {', '.join(inactive)} (synchronized_standby_slots) is "
+                f"not in use: no standby receives through it, and every logical reader on the "
+                f"primary waits for it"))
+        else:
+            self.failover_ready = True
+
+    def _failover_needs(self, what: str) -> str:
+        return (f"slot {self.config.slot!r} is a failover slot, but a failover would not "
+                f"keep it: {what}. A failover needs, on the primary, "
+                f"synchronized_standby_slots = '<the standby's physical slot>'; on the "
+                f"standby, sync_replication_slots = on, hot_standby_feedback = on, "
+                f"primary_slot_name, and a dbname in primary_conninfo")
+
+    def _not_ready(self, message: str) -> None:
+        """A failover would lose the slot: stats() says so, and a warning names why (once
+        for each reason)."""
+        self.failover_ready = False
+        if message != self.failover_warned:
+            log.warning("%s", message)
+            self.failover_warned = message
+
+    # -- the slot's lag -----------------------------------------------------------------------
+
+    @property
+    def slot_lag(self) -> int | None:
+        """The WAL the slot holds, as last sampled where it lives."""
+        return (self.probe or self.notify.shell).slot_lag
+
+    def _check_lag(self) -> None:
+        lag = self.slot_lag
+        if lag is None:
+            return
+        if lag > self.config.slot_lag_warning and not self.lag_warned:
+            log.warning("replication slot %r holds %d bytes of WAL (more than "
+                        "slot_lag_warning): a reader does not keep up, or a slot is "
+                        "forgotten (python -m pglistener slot list)", self.config.slot, lag)
+            self.lag_warned = True
+        elif lag <= self.config.slot_lag_warning // 2:
+            self.lag_warned = False
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def check(self, message: dict[str, Any]) -> str | None:
+        if self.error is not None and self.error.permanent:
+            return str(self.error)
+        return None
+
+    def subscribed(self, sub: Sub, position: tuple[int, int, int] | None) -> None:
+        sub.resumes = position is not None
+        if position is not None:
+            self._resume(sub, *position)
+        elif sub.group is not None and (self._adopt(sub) or self._rejoin(sub)):
+            sub.resumes = True      # where its group stood, not where the stream is
+        if sub.group is not None:
+            self.served_groups.add(group_key(sub))
+        act = self.registry.add(sub)
+        query = self.notify.shell
+        if not sub.resumes and sub in act.answer and query.conn is not None:
+            act.answer.remove(sub)          # once it is placed (below)
+            self.placing[sub.id] = sub
+            query.query(b"SELECT pg_current_wal_lsn()::text",
+                        lambda results, error: self._placed(sub, results, error))
+        self.apply(act)
+
+    def _placed(self, sub: Sub, results: Rows, error: str | None) -> None:
+        """A subscription without after= begins with what commits once it is answered:
+        what its ring took meanwhile that committed before the server's WAL position now
+        goes, and it is answered."""
+        if self.placing.pop(sub.id, None) is None or sub.id not in self.registry.subs:
+            return              # answered already, or its worker went meanwhile
+        if error is None and results and results[0] and results[0][0][0]:
+            self.dispatcher.trim_before(sub.id, parse_lsn(results[0][0][0].decode()))
+        self.apply(Actions(answer=[sub]))
+
+    def _answer_placing(self) -> None:
+        """The LISTEN connection went with the position queries: answer what waited for
+        them (those streams begin where the supervisor's stream stood)."""
+        waiting, self.placing = list(self.placing.values()), {}
+        self.apply(Actions(answer=[s for s in waiting if s.id in self.registry.subs]))
+
+    def _resume(self, sub: Sub, commit: int, lsn: int, seek: int) -> None:
+        """A subscription that starts after= a position: if the stream is past it, read the
+        slot again from where it is confirmed (the others skip what they had). Whether the
+        slot still holds what follows is judged once it has been read (_judge_after)."""
+        wal, disp = self.wal, self.dispatcher
+        sub.after = (commit, lsn, seek)
+        disp.set_position(sub.id, commit, lsn, seek)
+        if wal.has_read:
+            commit, lsn, seek = self._judge_after(sub)
+        if seek or (commit, lsn) < (disp.at_commit, disp.at_lsn):
+            wal.restart(f"a subscription resumes after {format_lsn(seek or lsn)}")
+
+    def _judge_after(self, sub: Sub) -> tuple[int, int, int]:
+        """Whether the slot still holds everything after where `sub` resumes. A position
+        the slot is confirmed past is exact only where this supervisor has watched each of
+        the subscription's channels since before it and seen nothing on it after it; else
+        what came between may be gone, and the stream begins with Gap("slot"). Where the
+        subscription then stands: (commit, lsn, seek lsn)."""
+        wal, disp = self.wal, self.dispatcher
+        assert sub.after is not None
+        commit, lsn, seek = sub.after
+        sub.after = None
+        confirmed = max(wal.slot_confirmed, disp.confirmed)
+        if seek and seek < confirmed:
+            # Before the slot: what it sends all comes after, and the seek would never end.
+            commit, lsn, seek = seek, seek, 0
+            disp.set_position(sub.id, commit, lsn, 0)
+        if seek or commit >= confirmed:
+            return commit, lsn, seek    # the slot sends the transaction again: exact
+        watched = [self._watched_since(ch) for ch in sub.channels]
+        last = [disp.route_position(ch.encode()) for ch in sub.channels]
+        if all(since is not None and since <= (commit, lsn) and at is not None
+               and at <= (commit, lsn) for since, at in zip(watched, last, strict=True)):
+            return commit, lsn, seek    # nothing came on its channels after it
+        log.warning("a subscription to %s resumes after %s, but slot %r is confirmed past "
+                    "it (at %s): what came between may be gone from the slot; its stream "
+                    "begins with Gap('slot')", ", ".join(sub.channels), format_lsn(lsn),
+                    wal.slot, format_lsn(confirmed))
+        disp.mark_gap([sub.id], "slot")
+        return commit, lsn, seek
+
+    def _watched_since(self, channel: str) -> tuple[int, int] | None:
+        """From where in the stream every message on `channel` has been seen (the route
+        made then, or kept since with none), None when it is not watched."""
+        since = self.watched.get(channel)
+        if since is None or self.read_from is None:
+            return None
+        return max(since, (self.read_from, 0))
+
+    def apply(self, act: Actions) -> None:
+        super().apply(act)
+        if act.listen:      # no LISTEN here: in place at once
+            self.apply(self.registry.listened(act.listen, act.listen_token))
+
+    def routed(self, channel: str, routed: bool) -> None:
+        """The source keeps watching a channel nobody reads any more (its route kept with
+        no entries), so that a subscription resuming on it can be told whether it missed
+        anything (_judge_after): up to MAX_WATCHED such channels, oldest dropped."""
+        disp = self.dispatcher
+        if channel not in self.watched:
+            self.watched[channel] = (disp.at_commit, disp.at_lsn)
+        if routed:
+            self.unread_channels.pop(channel, None)
+            return
+        self.unread_channels[channel] = None
+        while len(self.unread_channels) > MAX_WATCHED:
+            oldest = next(iter(self.unread_channels))
+            del self.unread_channels[oldest]
+            del self.watched[oldest]
+            disp.set_route(oldest.encode(), [])
+
+    def stats(self) -> dict[str, Any]:
+        wal, disp = self.wal, self.dispatcher
+        phase = wal.machine.phase
+        return dict(
+            slot=self.config.slot,
+            wal_state=("streaming" if phase is Phase.UP else "disconnected"
+                       if phase is Phase.BACKOFF else "connecting"),
+            wal_backend_pid=(wal.conn.backend_pid if wal.streaming and wal.conn is not None
+                             else None),
+            wal_reconnects=wal.machine.reconnects,
+            wal_last_error=wal.machine.last_error,
+            wal_received=disp.received,
+            wal_unrouted=disp.unrouted,
+            wal_confirmed_lsn=disp.confirmed,
+            slot_lag_bytes=self.slot_lag,
+            slot_losses=self.slot_losses,
+            slot_failover=wal.slot_failover if wal.has_read else None,
+            failover_ready=self.failover_ready)
+
+
+#: The WAL source's fields of Stats, for a supervisor without one.
+NO_SLOT: dict[str, Any] = dict(
+    slot=None, wal_state=None, wal_backend_pid=None, wal_reconnects=0, wal_last_error=None,
+    wal_received=0, wal_unrouted=0, wal_confirmed_lsn=0, slot_lag_bytes=None, slot_losses=0,
+    slot_failover=None, failover_ready=None)
+
+
+def group_key(sub: Sub) -> tuple[tuple[str, ...], str]:
+    """What makes subscriptions members of one consumer group (Registry.entries)."""
+    return tuple(sorted(sub.channels)), str(sub.group)
+
+
+def listen_sql(verb: str, channels: list[str]) -> bytes:
+    """LISTEN or UNLISTEN of every channel, in one round trip. Names are quoted as
+    identifiers, as PQescapeIdentifier does for UTF-8 (the connection's encoding): between
+    double quotes, a double quote doubled. channel_bytes() has refused NUL and bad UTF-8."""
+    return "; ".join(f'{verb} "{ch.replace(chr(34), chr(34) * 2)}"' for ch in channels).encode()
