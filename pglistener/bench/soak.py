@@ -36,6 +36,7 @@ import psycopg
 
 from pglistener import Gap, Supervisor
 
+from .pg import drop_slot, start_server, wait_streaming, wal_unusable
 from .systems import cpu_ns
 
 NOTIFY_CHANNEL = "soak_notify"
@@ -128,7 +129,6 @@ def _drop_slot_under(sup: Supervisor, dsn: str, conn: psycopg.Connection[Any],
     it finds the slot gone, makes it again and says Gap("slot"). The WAL producer's count
     when the slot went and when the new one streamed: what is lost was sent before the
     second."""
-    from .__main__ import drop_slot
 
     before = sup.stats()
     pid = before.wal_backend_pid
@@ -154,7 +154,6 @@ def _drop_slot_under(sup: Supervisor, dsn: str, conn: psycopg.Connection[Any],
 
 
 def run(dsn: str, seconds: float, kill_every: float, drop_slot_every: float = 0.0) -> int:
-    from .__main__ import drop_slot, wait_streaming
 
     ctx = multiprocessing.get_context("spawn")
     with ExitStack() as stack:
@@ -374,7 +373,6 @@ def _rss(pid: int) -> int:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from .__main__ import start_server, wal_unusable
 
     with ExitStack() as stack:
         dsn = args.dsn
