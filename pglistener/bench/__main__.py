@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[scenario.name][system].append(bench.run(scenario, system))
     summary = report.summarize(chosen, results)
     targets = report.targets(results)
-    report.print_tables(chosen, results, summary, args)
+    report.print_tables(chosen, results, summary, args, skipped)
     report.print_targets(targets)
     if args.json:
         with open(args.json, "w") as f:

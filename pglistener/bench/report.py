@@ -96,6 +96,7 @@ def summarize(chosen: list[Scenario], results: dict[str, Any]) -> dict[str, Any]
     """Median, min and max over rounds of each figure."""
     out: dict[str, Any] = {}
     for s in chosen:
+        out[s.name] = {}        # empty when every system was skipped
         for system, rounds in results[s.name].items():
             row = {}
             for key in KEYS[s.kind]:
@@ -244,9 +245,13 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 
 def print_tables(chosen: list[Scenario], results: dict[str, Any], summary: dict[str, Any],
-                 args: Any) -> None:
+                 args: Any, skipped: dict[str, str] | None = None) -> None:
     for s in chosen:
         print(f"\n== {s.name}: {s.what}")
+        if not summary.get(s.name):
+            why = sorted({(skipped or {}).get(system, "not run") for system in s.systems})
+            print(f"   not run: every system was skipped ({'; '.join(why)})")
+            continue
         if s.kind == "count":
             print(f"   {s.notifications} notifications of {s.payload_bytes} bytes on "
                   f"{s.channels} channel(s); median [min-max] over {args.rounds} round(s)")
@@ -332,7 +337,7 @@ def plot(chosen: list[Scenario], summary: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [s for s in chosen if s.kind != "idle"]
+    shown = [s for s in chosen if s.kind != "idle" and summary.get(s.name)]
     cpu_keys = (("cpu_backend_ns", "server backend", "tab:gray"),
                 ("cpu_supervisor_ns", "supervisor", "tab:orange"),
                 ("cpu_reader_ns", "reader (for raw, psycopg, asyncpg: the client)", "tab:blue"))
