@@ -2,7 +2,8 @@
 """The benchmark's `raw` system: a C drain loop on one connection, no routing and no IPC.
 
 It is the ceiling of one connection on this machine: what PQconsumeInput + PQnotifies can
-take off the socket. It runs on the PGconn* of a psycopg connection (same libpq as ours).
+take off the socket. It links libpq itself (the same one as ours) and makes its own
+connections, so it needs no psycopg implementation in particular.
 wal_drain() is the same for the WAL source: a replication connection and nothing else.
 """
 
@@ -20,47 +21,79 @@ cdef inline int64_t _now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-def drain(size_t pgconn_ptr, Py_ssize_t expect, int timeout_ms, bint latency=False):
-    """Take notifications off the connection until `expect` arrived or timeout_ms passed.
+cdef inline bint _wait(PGconn *conn, pollfd *fd, int64_t deadline) noexcept nogil:
+    # Wait for the socket until the deadline, then read it; False: give up (the deadline
+    # passed, or the connection failed).
+    cdef int64_t now = _now_ns()
+    if now >= deadline:
+        return False
+    poll(fd, 1, <int>((deadline - now) // 1000000) + 1)
+    return PQconsumeInput(conn) != 0
 
-    Returns (count, first_ns, end_ns, latencies_ns): CLOCK_MONOTONIC when the first and the
-    last one arrived; with `latency`, each payload starts with its send time in CLOCK_MONOTONIC ns
-    and latencies_ns lists arrival minus send, else it is None."""
-    cdef PGconn *conn = <PGconn *>pgconn_ptr
-    cdef PGnotify *note
-    cdef Py_ssize_t n = 0
-    cdef int64_t *lat = NULL
-    cdef int64_t now, first = 0, end = 0, deadline = _now_ns() + <int64_t>timeout_ms * 1000000
-    cdef pollfd fd
-    if latency:
-        lat = <int64_t *>malloc(max(expect, 1) * sizeof(int64_t))
-        if lat == NULL:
-            raise MemoryError()
-    try:
-        with nogil:
-            fd.fd = PQsocket(conn)
-            fd.events = POLLIN
-            while n < expect:
-                note = PQnotifies(conn)
-                if note != NULL:
-                    end = _now_ns()
-                    if n == 0:
-                        first = end
-                    if lat != NULL:
-                        lat[n] = end - strtoll(note.extra, NULL, 10)
-                    n += 1
-                    PQfreemem(note)
-                    continue
-                now = _now_ns()
-                if now >= deadline:
-                    break
-                poll(&fd, 1, <int>((deadline - now) // 1000000) + 1)
-                if PQconsumeInput(conn) == 0:
-                    break
-        lats = [lat[i] for i in range(n)] if lat != NULL else None
-    finally:
-        free(lat)
-    return n, first, end, lats
+
+cdef class Listener:
+    """A LISTEN connection of its own, on libpq directly (blocking: it is the bench's):
+    whatever psycopg implementation is installed, the C loop is the same."""
+
+    cdef PGconn *conn
+
+    def __cinit__(self, bytes conninfo, bytes listen):
+        self.conn = PQconnectdb(conninfo)
+        if PQstatus(self.conn) != CONNECTION_OK:
+            raise RuntimeError(PQerrorMessage(self.conn).decode("utf-8", "replace"))
+        cdef PGresult *res = PQexec(self.conn, listen)
+        cdef int status = PQresultStatus(res)
+        PQclear(res)
+        if status != PGRES_COMMAND_OK:
+            raise RuntimeError(PQerrorMessage(self.conn).decode("utf-8", "replace"))
+
+    def __dealloc__(self):
+        if self.conn != NULL:
+            PQfinish(self.conn)
+
+    @property
+    def backend_pid(self):
+        return PQbackendPID(self.conn)
+
+    def drain(self, Py_ssize_t expect, int timeout_ms, bint latency=False):
+        """Take notifications off the connection until `expect` arrived or timeout_ms
+        passed.
+
+        Returns (count, first_ns, end_ns, latencies_ns): CLOCK_MONOTONIC when the first and
+        the last one arrived; with `latency`, each payload starts with its send time in
+        CLOCK_MONOTONIC ns and latencies_ns lists arrival minus send, else it is None."""
+        cdef PGconn *conn = self.conn
+        cdef PGnotify *note
+        cdef Py_ssize_t n = 0
+        cdef int64_t *lat = NULL
+        cdef int64_t first = 0, end = 0
+        cdef int64_t deadline = _now_ns() + <int64_t>timeout_ms * 1000000
+        cdef pollfd fd
+        if latency:
+            lat = <int64_t *>malloc(max(expect, 1) * sizeof(int64_t))
+            if lat == NULL:
+                raise MemoryError()
+        try:
+            with nogil:
+                fd.fd = PQsocket(conn)
+                fd.events = POLLIN
+                while n < expect:
+                    note = PQnotifies(conn)
+                    if note != NULL:
+                        end = _now_ns()
+                        if n == 0:
+                            first = end
+                        if lat != NULL:
+                            lat[n] = end - strtoll(note.extra, NULL, 10)
+                        n += 1
+                        PQfreemem(note)
+                        continue
+                    if not _wait(conn, &fd, deadline):
+                        break
+            lats = [lat[i] for i in range(n)] if lat != NULL else None
+        finally:
+            free(lat)
+        return n, first, end, lats
 
 
 cdef extern from "../_wire.h" nogil:
@@ -83,7 +116,7 @@ def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_
     cdef char reply[34]
     cdef int n
     cdef Py_ssize_t count = 0
-    cdef int64_t now, first = 0, end = 0, deadline
+    cdef int64_t first = 0, end = 0, deadline
     cdef uint64_t wal_end
     cdef pollfd fd
     try:
@@ -125,11 +158,7 @@ def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_
                     continue
                 if n < 0:
                     break
-                now = _now_ns()
-                if now >= deadline:
-                    break
-                poll(&fd, 1, <int>((deadline - now) // 1000000) + 1)
-                if PQconsumeInput(conn) == 0:
+                if not _wait(conn, &fd, deadline):
                     break
     finally:
         PQfinish(conn)

@@ -336,21 +336,23 @@ def _listen(conn: Any, channels: list[str]) -> None:
 
 
 def raw_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
-    """The C loop of _raw on a psycopg connection: no routing, no IPC, no Python objects."""
-    import psycopg
+    """The C loop of _raw on a libpq connection of its own: no routing, no IPC, no Python
+    objects."""
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
 
-    from pglistener.bench._raw import drain
+    from pglistener.bench._raw import Listener
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        _listen(conn, job.channels)
-        backend = conn.info.backend_pid
-        backend_cpu = cpu_ns(backend)
-        ready.put(True)
-        timeout_ms = int(max(0.0, job.deadline - time.monotonic()) * 1000)
-        n, first_ns, end_ns, lat = drain(
-            int(conn.pgconn.pgconn_ptr),  # type: ignore[attr-defined]
-            job.expect, timeout_ms, job.mode == "latency")
-        backend_end = cpu_ns(backend)
+    listen = "; ".join(sql.SQL("LISTEN {}").format(sql.Identifier(c)).as_string(None)
+                       for c in job.channels)
+    conn = Listener(make_conninfo(dsn).encode(), listen.encode())
+    backend = conn.backend_pid
+    backend_cpu = cpu_ns(backend)
+    ready.put(True)
+    timeout_ms = int(max(0.0, job.deadline - time.monotonic()) * 1000)
+    n, first_ns, end_ns, lat = conn.drain(job.expect, timeout_ms, job.mode == "latency")
+    backend_end = cpu_ns(backend)
+    del conn
     out.put({"first": first_ns / 1e9, "end": end_ns / 1e9, "received": n, "missed": 0,
              "deliveries": n, "lat_ns": lat or [],
              "backend_cpu_ns": None if backend_cpu is None or backend_end is None
