@@ -251,11 +251,13 @@ class Supervisor:
             self._process.start()
             started(self._process)
         except BaseException:
+            # The sockets first: out of descriptors, what they hold is what the rest needs.
+            for sock in (listen_sock, theirs, owner):
+                if sock is not None:
+                    sock.close()
             _release(self._owner_pid, self._process, self._dir, self._logs,
                      self._address if bound else None)
             self._process = None
-            if owner is not None:
-                owner.close()
             raise
         finally:
             for sock in (listen_sock, theirs):
@@ -426,7 +428,7 @@ def _release(owner_pid: int, process: Any, directory: str | None,
         process.join()
         process.close()
     if directory is not None:
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove_private_dir(directory)
     if socket_path is not None:     # a given address: the socket only, not its directory
         try:
             os.unlink(socket_path)
@@ -434,6 +436,22 @@ def _release(owner_pid: int, process: Any, directory: str | None,
             pass
     if logs is not None:
         logs.close()
+
+
+def _remove_private_dir(directory: str) -> None:
+    """Remove start()'s directory. It holds the control socket only, and unlink() and
+    rmdir() need no descriptor: this works when the process has none left, where rmtree(),
+    which opens the directory, would fail (anything else in it: rmtree())."""
+    try:
+        os.unlink(os.path.join(directory, "control"))
+    except OSError:
+        pass
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _clear_stale_socket(path: str) -> None:

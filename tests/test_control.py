@@ -285,6 +285,58 @@ def test_a_start_out_of_descriptors_for_its_sockets_leaves_nothing_behind(
     assert set(os.listdir("/proc/self/fd")) <= before, "a descriptor leaked"
 
 
+#: Run in a process of its own: its descriptors really run out (RLIMIT_NOFILE lowered, the
+#: rest filled with open files), `free` of them left for start().
+_OUT_OF_DESCRIPTORS = textwrap.dedent("""
+    import errno, os, resource, sys, tempfile
+    from pglistener import Supervisor
+
+    dsn, free = sys.argv[1], int(sys.argv[2])
+    tempfile.gettempdir()           # looked up before: it opens a file the first time
+    sup = Supervisor(dsn)
+    before = set(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    filler = []
+    try:
+        while True:
+            filler.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE, exc
+    for fd in filler[len(filler) - free:]:
+        os.close(fd)
+    try:
+        sup.start()
+    except OSError as exc:
+        outcome = "EMFILE" if exc.errno == errno.EMFILE else repr(exc)
+    except RuntimeError as exc:
+        outcome = "RuntimeError"
+    else:
+        outcome = "started"
+    for fd in filler[:len(filler) - free]:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if outcome == "started":
+        sup.stop()
+    leaked = set(os.listdir("/proc/self/fd")) - before
+    print(outcome, sorted(leaked), os.listdir(tempfile.gettempdir()))
+""")
+
+
+@pytest.mark.parametrize("free", [0, 1, 2, 3])
+def test_a_start_that_really_runs_out_of_descriptors_leaves_nothing_behind(
+        dsn: str, tmp_path: Path, free: int) -> None:
+    """The process's descriptors used up, with 0 to 3 of them left: start() fails with
+    EMFILE wherever it runs out (the control socket, the owner's pair, the log queue's
+    pipe), and leaves no descriptor and no directory behind."""
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_DESCRIPTORS, dsn, str(free)],
+                          env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "EMFILE [] []", proc.stdout + proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_supervisor_raises_its_open_files_limit(dsn: str) -> None:
     """One descriptor per subscription: a soft limit of 256 in the starting process does not
     cap the supervisor below its documented limits."""
