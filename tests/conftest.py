@@ -1,4 +1,4 @@
-from fix_cluster import cluster, logical_cluster  # noqa: F401 - fixtures
+from fix_cluster import cluster, logical_cluster, replica15  # noqa: F401 - fixtures
 from fix_proxy import proxy  # noqa: F401 - fixtures
 
 from fix_pg import conn, dsn  # noqa: F401 - fixtures

@@ -158,6 +158,12 @@ def cluster() -> Iterator[Cluster]:
     yield from _cluster(5432, {})
 
 
+@pytest.fixture(scope="module")
+def replica15() -> Iterator[Cluster]:
+    """PostgreSQL 15 as installed, wal_level = replica (its default): no WAL source there."""
+    yield from _cluster(5482, {}, "15")
+
+
 @pytest.fixture(scope="module", params=VERSIONS, ids=[f"pg{v}" for v in VERSIONS])
 def logical_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """A cluster with wal_level = logical, for the WAL source: one of each version."""

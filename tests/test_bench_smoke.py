@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from fix_cluster import Cluster
 
 
 def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
@@ -52,3 +55,36 @@ def test_bench_quick_writes_json_and_a_plot(dsn: str, tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
     assert "== drain" in proc.stdout and "== targets" in proc.stdout
     assert "invalid drain" in proc.stdout and "MISSED drain" not in proc.stdout
+
+
+#: The bench as a plain install runs it: no pgserver (so no pgserver's pgbench either).
+_WITHOUT_PGSERVER = ("import sys; sys.modules['pgserver'] = None; "
+                     "from pglistener.bench.__main__ import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_bench_against_a_server_it_cannot_fully_use_reports_the_rest(
+        replica15: Cluster, tmp_path: Path) -> None:
+    """PostgreSQL 15 with wal_level = replica and no pgbench on PATH: the WAL and produce
+    scenarios have no system that can run. They say why, and the rest of the report and its
+    JSON stand. psycopg's binary implementation, with a libpq of its own: the C loop (raw)
+    runs all the same (it borrowed psycopg's PGconn*, and crashed on that libpq's)."""
+    out = tmp_path / "bench.json"
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not (Path(d) / "pgbench").exists())
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_PGSERVER, "--quick", "--workers", "1",
+         "--dsn", replica15.dsn, "--scenario", "drain", "--scenario", "produce",
+         "--scenario", "wal-drain", "--notifications", "2000", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PATH": path, "PSYCOPG_IMPL": "binary"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wal_level is replica" in proc.stdout and "no pgbench" in proc.stdout, proc.stdout
+    assert "psycopg: " in proc.stdout and " (binary, libpq" in proc.stdout
+    for scenario in ("produce", "wal-drain"):
+        section = proc.stdout.split(f"== {scenario}:")[1].split("\n== ")[0]
+        assert "not run: every system was skipped" in section, proc.stdout
+    assert "== targets" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["results"]["produce"] == {} and data["results"]["wal-drain"] == {}
+    assert data["results"]["drain"]["raw"][0]["received"] == 2000
+    assert data["results"]["drain"]["pglistener-for"][0]["received"] == 2000

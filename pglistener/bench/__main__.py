@@ -151,13 +151,17 @@ PEER_DB = "pglistener_bench_peers"
 
 def missing_systems(wal: str | None = None) -> dict[str, str]:
     """Systems that cannot run here, and why (wal: why the WAL source cannot, if so)."""
-    out = {system: f"{module} is not installed ({EXTRA})" for system, module in NEEDS.items()
-           if importlib.util.find_spec(module) is None}
+    reasons: dict[str, list[str]] = {}
+    for system, module in NEEDS.items():
+        if importlib.util.find_spec(module) is None:
+            reasons.setdefault(system, []).append(f"{module} is not installed ({EXTRA})")
     if pgbench() is None:
-        out.update({system: "no pgbench (PostgreSQL's client tools)" for system in PRODUCE_SQL})
+        for system in PRODUCE_SQL:
+            reasons.setdefault(system, []).append("no pgbench (PostgreSQL's client tools)")
     if wal is not None:
-        out.update({system: wal for system in (*WAL_SYSTEMS, *PRODUCE_SQL)})
-    return out
+        for system in (*WAL_SYSTEMS, *PRODUCE_SQL):
+            reasons.setdefault(system, []).append(wal)
+    return {system: "; ".join(why) for system, why in reasons.items()}
 
 
 #: pglistener's systems: one spawned worker process per reader, differing only in how it reads.
