@@ -108,14 +108,21 @@ def summarize(chosen: list[Scenario], results: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def _rows(results: dict[str, Any], scenario: str, system: str) -> list[dict[str, Any]] | None:
+    """A system's rounds; `system` may be "scenario:system", one of another scenario."""
+    if ":" in system:
+        scenario, system = system.split(":", 1)
+    return results.get(scenario, {}).get(system)
+
+
 def _ratio(results: dict[str, Any], scenario: str, a: str, b: str, key: str | tuple[str, str],
            op: Callable[[float, float], float] = lambda x, y: x / y) -> list[float]:
     """Round by round, a's figure against b's (key: one figure, or a's and b's)."""
-    rows = results.get(scenario, {})
-    if a not in rows or b not in rows:
+    rows_a, rows_b = _rows(results, scenario, a), _rows(results, scenario, b)
+    if rows_a is None or rows_b is None or len(rows_a) != len(rows_b):
         return []
     ka, kb = (key, key) if isinstance(key, str) else key
-    pairs = list(zip(rows[a], rows[b], strict=True))
+    pairs = list(zip(rows_a, rows_b, strict=True))
     if any(x.get(ka) is None or y.get(kb) is None for x, y in pairs):
         return []           # not measured here (a server on another machine)
     return [op(x[ka], y[kb]) for x, y in pairs]
@@ -124,10 +131,9 @@ def _ratio(results: dict[str, Any], scenario: str, a: str, b: str, key: str | tu
 def _invalid(results: dict[str, Any], scenario: str, systems: list[str], key: Any,
              how: str, reference: str | None, values: list[float]) -> str | None:
     """Why a target cannot be judged from this run, or None."""
-    rows = results.get(scenario, {})
     timed = key not in ("exact", "missed", "accounted")     # counts need no clock
     for system in systems if timed else []:
-        if any(r.get("valid") is False for r in rows.get(system, [])):
+        if any(r.get("valid") is False for r in _rows(results, scenario, system) or []):
             return (f"a drain shorter than {MIN_DRAIN_SECONDS:g} s (raise --notifications): "
                     f"too short to time")
     if (reference in ("raw", "raw-wal") and how == "ratio" and key in ("per_reader_per_s",
@@ -196,6 +202,8 @@ TARGETS: list[tuple[str, str, str, str | None, str | tuple[str, str], str, str, 
      "raw-wal", "per_reader_per_s", "ratio", ">=", 0.5),
     ("wal-drain: for item in sub >= 1.2x psycopg2", "wal-drain", "pglistener-wal-for",
      "psycopg2-wal", "per_reader_per_s", "ratio", ">=", 1.2),
+    ("wal-drain: supervisor CPU/message <= 2x NOTIFY's (drain)", "wal-drain",
+     "pglistener-wal-for", "drain:pglistener-for", "cpu_supervisor_ns", "ratio", "<=", 2.0),
     ("wal-drain: each message exactly once", "wal-drain", "pglistener-wal-for", None,
      "exact", "", ">=", 1.0),
     ("wal-tx: one per transaction, keeps up with the C loop", "wal-tx", "pglistener-wal-for",
