@@ -112,7 +112,8 @@ def _rows(results: dict[str, Any], scenario: str, system: str) -> list[dict[str,
     """A system's rounds; `system` may be "scenario:system", one of another scenario."""
     if ":" in system:
         scenario, system = system.split(":", 1)
-    return results.get(scenario, {}).get(system)
+    rows: list[dict[str, Any]] | None = results.get(scenario, {}).get(system)
+    return rows
 
 
 def _ratio(results: dict[str, Any], scenario: str, a: str, b: str, key: str | tuple[str, str],
