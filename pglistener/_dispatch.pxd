@@ -72,6 +72,7 @@ cdef struct Route:
     uint16_t clen
     char name[64]
     Entry *entries             # one allocation: the entries, then their members
+    bint blocking              # some member waits for room (overflow="block"): fits() asks
     uint64_t last_commit       # positioned: the newest record seen on the channel (a route
     uint64_t last_lsn          # kept with no entries still counts them: see set_route(keep=))
 
@@ -80,6 +81,7 @@ cdef class Dispatcher:
     cdef Route *table
     cdef size_t table_size         # a power of two
     cdef size_t table_used         # live + deleted slots
+    cdef Route *last               # the route found last: a backlog is mostly one channel
     cdef Producer **rings
     cdef size_t n_rings
     cdef Producer **dirty

@@ -694,6 +694,8 @@ cdef class Dispatcher:
         cdef Route *r = self.find(h, channel, clen)
         cdef Entry *block = NULL
         cdef Producer **members
+        cdef bint blocking = False
+        self.last = NULL        # found again by route(): it may move or go
         if r == NULL and groups and (self.table_used + 1) * 2 > self.table_size:
             self.rehash()      # before anything is allocated: a MemoryError leaks nothing
         if groups:
@@ -706,11 +708,13 @@ cdef class Dispatcher:
                 block[k].size = len(groups[k])
                 for j in range(len(groups[k])):
                     members[j] = <Producer *><size_t>groups[k][j]
+                    blocking = blocking or members[j].block
                 members += len(groups[k])
         if r != NULL:
             free(r.entries)
             r.entries = block
             r.n = len(groups)
+            r.blocking = blocking
             if not groups and not keep:
                 r.state = PGL_ROUTE_DELETED
             return
@@ -722,6 +726,7 @@ cdef class Dispatcher:
         r.state = PGL_ROUTE_LIVE
         r.n = len(groups)
         r.entries = block
+        r.blocking = blocking
         r.clen = <uint16_t>clen
         memcpy(r.name, <const char *>channel, clen)
         self.table_used += 1
@@ -760,6 +765,7 @@ cdef class Dispatcher:
         cdef Route *table = <Route *>calloc(size, sizeof(Route))
         if table == NULL:
             raise MemoryError()
+        self.last = NULL
         self.table = table
         self.table_size = size
         self.table_used = 0
@@ -788,11 +794,14 @@ cdef class Dispatcher:
         # ring (or every member of a blocking group) has no room for it yet, unless the hold
         # has `expired`: then those rings may miss it (an overflow gap counts it) and the
         # others get it. An entry that has had a WAL message already (a replay) is skipped.
-        cdef Route *r = self.find(pgl_hash(chan, clen), chan, clen) if clen < 64 else NULL
+        cdef Route *r = self.last
         cdef uint32_t n
         cdef int i, j
         cdef Entry *e
         cdef Producer *p
+        if r == NULL or r.clen != clen or memcmp(r.name, chan, clen) != 0:
+            r = self.find(pgl_hash(chan, clen), chan, clen) if clen < 64 else NULL
+            self.last = r
         if w != NULL and _after(w.commit, w.lsn, self.at_commit, self.at_lsn):
             self.at_commit = w.commit
             self.at_lsn = w.lsn
@@ -806,7 +815,7 @@ cdef class Dispatcher:
             self.unrouted += 1
             return True
         n = _record_bytes(<uint32_t>clen, <uint32_t>plen, w)
-        if not self.fits(r, n, w):
+        if r.blocking and not self.fits(r, n, w):
             if not expired:
                 return False
             for i in range(r.n):
@@ -821,7 +830,8 @@ cdef class Dispatcher:
                 continue
             p = e.members[0] if e.size == 1 else _choose(e, n, True)
             if _push(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid, w):
-                self.mark(p)
+                if not p.dirty:
+                    self.mark(p)
             elif p.gap_reason != 0:
                 self.gaps_pending = True
         return True
