@@ -76,6 +76,10 @@ HEADER_BYTES = PGL_HEADER_BYTES
 
 @cython.freelist(256)
 @cython.final
+# Neither item type can be part of a reference cycle (they hold only str, int and None): no
+# cyclic GC for them, and a freelist, since a reader makes one per item and drops it soon.
+@cython.no_gc
+@cython.freelist(64)
 cdef class Notification:
     """One notification: `channel`, `payload` (both str) and the sender's backend `pid`.
 
@@ -151,6 +155,7 @@ def parse_lsn(str text):
 
 
 @cython.final
+@cython.no_gc
 cdef class Gap:
     """The place in a stream where notifications may be missing.
 
@@ -195,6 +200,10 @@ cdef class Gap:
 # The reading end of a ring: lives in a worker process, one per subscription.
 
 
+cdef enum:
+    PUBLISH_BYTES = 2048        # as the producer publishes its tail (_dispatch.pyx)
+
+
 @cython.final
 cdef class RingReader:
     """The reading end of one subscription's ring: records in, items out, nothing else (the
@@ -205,6 +214,7 @@ cdef class RingReader:
     cdef uint64_t cap
     cdef uint64_t mask
     cdef uint64_t head
+    cdef uint64_t published       # what hdr.head says: published every PUBLISH_BYTES
     cdef uint64_t tail_cache
     cdef size_t map_bytes
     cdef int efd
@@ -241,7 +251,7 @@ cdef class RingReader:
         self.data = <unsigned char *>mem + PGL_HEADER_BYTES
         self.cap = self.hdr.capacity
         self.mask = self.cap - 1
-        self.head = pgl_load_acquire(&self.hdr.head)
+        self.head = self.published = pgl_load_acquire(&self.hdr.head)
         self.tail_cache = self.head
         self.efd = efd
         self.ctrl_fd = ctrl_fd
@@ -263,10 +273,18 @@ cdef class RingReader:
             close(self.wake_fd)
             self.wake_fd = -1
 
+    cdef inline void _publish_some(self) noexcept nogil:
+        # Within a batch, head goes back to the producer every PUBLISH_BYTES, not per item:
+        # each publication is a full fence, and moves head's cache line to the producer's
+        # core. The batch's end publishes the rest (_publish).
+        if self.head - self.published >= PUBLISH_BYTES:
+            self._publish()
+
     cdef inline void _publish(self) noexcept nogil:
         # Hand the bytes consumed so far back to the producer, and wake it if it waits for
         # room (see _ring.h; the fence orders our head store before the flag's load).
         cdef uint64_t one = 1
+        self.published = self.head
         pgl_store_release(&self.hdr.head, self.head)
         pgl_full_fence()
         if (pgl_load_u32(&self.hdr.producer_waiting)
@@ -653,7 +671,7 @@ cdef class Stream:
                     self.on_undecodable(item)
                     continue
                 item = ((<Notification>item).channel, value) if self.with_channel else value
-            self._reader._publish()
+            self._reader._publish_some()
             return item
 
     cdef inline object _pop_held(self):
@@ -790,8 +808,9 @@ cdef class Stream:
         while len(out) < max_items:
             item = self._next_item()
             if item is _empty:
-                break
+                return 0            # published, the ring being empty
             out.append(item)
+        self._reader._publish()     # the batch's rest
         return 0
 
     def _take_ready(self):
