@@ -233,3 +233,75 @@ def test_a_kept_route_goes_on_watching_its_channel(rings: Rings) -> None:
     assert rings.d.position(1) == (55, 0)
     assert rings.d.dispatch_wal(b"w", b"e", lsn=56, commit=56)
     assert payloads(rings.take(1)) == ["e"]
+
+
+# -- the pgoutput decoder, fed bytes (h11's rule: bytes in, records out, no I/O) -------------
+
+def _xlog(body: bytes, end: int = 0) -> bytes:
+    """XLogData: 'w', start LSN, end LSN, send time, then one pgoutput message."""
+    return b"w" + (0).to_bytes(8, "big") + end.to_bytes(8, "big") + bytes(8) + body
+
+
+def _begin(commit: int) -> bytes:
+    return _xlog(b"B" + commit.to_bytes(8, "big") + bytes(8) + (7).to_bytes(4, "big"))
+
+
+def _message(lsn: int, prefix: bytes, content: bytes, transactional: bool = True) -> bytes:
+    return _xlog(b"M" + bytes([1 if transactional else 0]) + lsn.to_bytes(8, "big") + prefix
+                 + b"\0" + len(content).to_bytes(4, "big") + content)
+
+
+def _commit(commit: int, end: int) -> bytes:
+    return _xlog(b"C" + bytes(1) + commit.to_bytes(8, "big") + end.to_bytes(8, "big")
+                 + bytes(8))
+
+
+def _keepalive(end: int, reply: bool = False) -> bytes:
+    return b"k" + end.to_bytes(8, "big") + bytes(8) + bytes([1 if reply else 0])
+
+
+def test_the_pgoutput_decoder_turns_a_transaction_into_positioned_records(rings: Rings) -> None:
+    """Begin, messages, Commit, as the walsender sends them: each message routed by its prefix
+    with its own LSN and its transaction's commit LSN; the slot may be confirmed to the commit
+    once its reader is done, and a replay of the same transaction writes nothing twice."""
+    d = rings.d
+    d.set_route(b"c", [1])
+    txn = [_begin(0x500), _message(0x410, b"c", b"one"), _message(0x420, b"other", b"x"),
+           _message(0x430, b"c", b"two"), _commit(0x500, 0x520)]
+    assert [d.feed(m) for m in txn] == ["done"] * 5
+    one, two = rings.take(1)
+    assert (one.payload, one.lsn, one.commit_lsn) == ("one", 0x410, 0x500)
+    assert (two.payload, two.position) == ("two", (0x500, 0x430))
+    assert (d.received, d.unrouted, d.last_end, d.copy_messages) == (3, 1, 0x520, 5)
+    assert d.confirmable() == 0x520         # read and consumed: past the commit
+    assert [d.feed(m) for m in txn] == ["done"] * 5      # sent again after a reconnect
+    assert rings.take(1) == []
+    assert d.feed(_keepalive(0x600, reply=True)) == "done"     # fed: no answer to send
+    assert d.server_end == 0x600 and d.confirmable() == 0x600
+
+
+def test_the_pgoutput_decoder_holds_what_is_not_consumed_and_refuses_what_it_cannot_read(
+        ) -> None:
+    """A message a blocking ring has no room for is held, and goes first once there is room;
+    the slot may not pass a transaction its reader has not consumed; a message too short
+    for what it says is refused (the stream is then read again from the slot)."""
+    r = Rings(1, block=True)
+    try:
+        d = r.d
+        d.set_route(b"c", [1])
+        big = b"x" * (MIN_CAPACITY // 2)
+        assert d.feed(_begin(0x900)) == "done"
+        assert d.feed(_message(0x810, b"c", big)) == "done"
+        assert d.feed(_message(0x820, b"c", big)) == "held"  # the blocking ring is full
+        assert d.holding
+        assert [n.lsn for n in r.take(1)] == [0x810]
+        assert d.feed(_commit(0x900, 0x920)) == "done"    # the held one goes first
+        assert not d.holding
+        assert d.confirmable() == 0x900     # its transaction is not consumed yet
+        assert [n.lsn for n in r.take(1)] == [0x820]
+        assert d.confirmable() == 0x920
+        for broken in (b"w" + bytes(10), _xlog(b"M\x01" + bytes(4)), b"?" + bytes(30),
+                       _xlog(b"M\x01" + (1).to_bytes(8, "big") + b"no terminator")):
+            assert d.feed(broken) == "bad", broken
+    finally:
+        r.close()
