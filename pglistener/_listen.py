@@ -4,8 +4,8 @@ It owns a _dispatch.PGConnection (libpq, ours), connects it without blocking (na
 in a thread, PQconnectPoll driven by the supervisor's loop) and runs a queue of commands on it,
 one at a time, each answered by a callback. Nothing here waits: the supervisor's one loop asks
 step() what is due, waits on fds() while connecting, and hands results over with on_result().
-What the commands are (the LISTEN replay, LISTEN, UNLISTEN) is the Server's business; this
-module adds only the heartbeat.
+What the commands are (the LISTEN replay, LISTEN, UNLISTEN) is its source's business
+(_sources.NotifySource); this module adds only the heartbeat.
 """
 
 from __future__ import annotations

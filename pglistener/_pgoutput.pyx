@@ -62,17 +62,11 @@ cdef class WalDispatcher(Dispatcher):
         # Route what the stream holds now; -1 when it failed or ended (then reconnect).
         cdef char *buf
         cdef int n, rc
-        cdef uint64_t now
         if not streaming:
             return 0            # the replication commands' results come first (run())
         while True:
-            if self.held != NULL:
-                now = _now_ns()
-                if not self.route(self.held_chan, self.held_clen, self.held_payload,
-                                   self.held_plen, 0, &self.held_wal, False):
-                    return 0
-                self.end_hold(now)
-                self._after_message(&self.held_wal)
+            if not self._offer_held():
+                return 0
             n = PQgetCopyData(conn, &buf, 1)
             if n == 0:
                 return 0
@@ -86,6 +80,19 @@ cdef class WalDispatcher(Dispatcher):
             PQfreemem(buf)
             if rc < 0:
                 return -1
+
+    cdef bint _offer_held(self) noexcept nogil:
+        # The held message again, if there is one: False while it still has no room.
+        cdef uint64_t now
+        if self.held == NULL:
+            return True
+        now = _now_ns()
+        if not self.route(self.held_chan, self.held_clen, self.held_payload, self.held_plen,
+                          0, &self.held_wal, False):
+            return False
+        self.end_hold(now)
+        self._after_message(&self.held_wal)
+        return True
 
     cdef int _wal_message(self, PGconn *conn, char *buf, int n) noexcept nogil:
         # One message of the stream: 0 done, 1 held (a blocking ring has no room), -1 not
@@ -235,17 +242,14 @@ cdef class WalDispatcher(Dispatcher):
 
     def feed(self, bytes data):
         """Decode one message of the stream's COPY data (an XLogData 'w' or a keepalive 'k'),
-        as drain() does, given from Python (tests). "done", "held" (a blocking ring has no
-        room: it is kept, and the next feed() or run() tries it again), or "bad"."""
+        as drain() does, given from Python (tests). "done"; "held": a blocking ring has no
+        room for a message, which is kept and offered again by the next feed() or run()
+        (while it still has no room, `data` is not taken: feed it again); or "bad"."""
         cdef char *buf
         cdef int rc
         cdef Py_ssize_t n = len(data)
-        if self.held != NULL:
-            if not self.route(self.held_chan, self.held_clen, self.held_payload,
-                              self.held_plen, 0, &self.held_wal, False):
-                return "held"
-            self.end_hold(_now_ns())
-            self._after_message(&self.held_wal)
+        if not self._offer_held():
+            return "held"
         if n == 0:
             return "bad"
         buf = <char *>malloc(n)     # what PQfreemem() frees, as libpq's own buffers
