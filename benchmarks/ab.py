@@ -116,6 +116,8 @@ def report(runs: dict[str, list[dict[str, Any]]]) -> None:
                       for r in run["results"].get(scenario, {}).get(system, [])
                       if r.get(key) is not None]
             cells.append(f"{statistics.median(values):.0f}" if values else "-")
+        if all(c == "-" for c in cells):
+            continue            # not run
         label = f"{scenario} {system} {key}"
         print(f"{label:<{width}}  " + "  ".join(f"{c:>18}" for c in cells))
 
