@@ -78,7 +78,7 @@ cdef class PGConnection:
     """One libpq connection owned by this module. It connects without blocking: start()
     gives a connection whose connect_poll() the caller's loop drives (PQconnectPoll: wait for
     the socket as told, poll again); then queries are sent with send_query() and their results
-    taken with get_result() once Dispatcher.run() says one is ready. It never blocks: the
+    taken with get_result() once run() says one is ready. It never blocks: the
     socket is non-blocking from the start, and set so for sending once connected.
 
     The conninfo should name host addresses (hostaddr), resolved beforehand: libpq resolves a
@@ -141,14 +141,14 @@ cdef class PGConnection:
 
     def send_query(self, bytes query):
         """Send `query` (one or more statements, as one simple query) without waiting; the
-        part that does not fit the socket now is flushed by Dispatcher.run(want_result=True).
+        part that does not fit the socket now is flushed by run() (its want_result).
         False when it could not be sent (the connection is bad: see error_message)."""
         if self.conn == NULL:
             return False
         return PQsendQuery(self.conn, query) == 1
 
     def consume(self):
-        """For a connection Dispatcher.run() does not read (a probe): send what is queued and
+        """For a connection run() does not read (a probe): send what is queued and
         take what the socket has, without blocking. None when the connection failed, else
         whether a result is ready (get_result() does not block then)."""
         if self.conn == NULL or PQflush(self.conn) < 0 or PQconsumeInput(self.conn) != 1:
@@ -156,7 +156,7 @@ cdef class PGConnection:
         return not PQisBusy(self.conn)
 
     def get_result(self):
-        """The next result of the query in flight, once Dispatcher.run() returned RUN_RESULT
+        """The next result of the query in flight, once run() returned RUN_RESULT
         (it does not block then): None after the last one, else (ok, rows, error): ok False
         for an error result, whose text is `error`; rows, of a result with rows, as tuples
         of bytes (None for NULL)."""

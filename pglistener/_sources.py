@@ -601,12 +601,12 @@ class WalSource(Source):
         if sub.group is not None:
             self.served_groups.add(group_key(sub))
         act = self.registry.add(sub)
-        query = self.notify.shell
-        if not sub.resumes and sub in act.answer and query.conn is not None:
+        link = self.notify.shell
+        if not sub.resumes and sub in act.answer and link.conn is not None:
             act.answer.remove(sub)          # once it is placed (below)
             self.placing[sub.id] = sub
-            query.query(b"SELECT pg_current_wal_lsn()::text",
-                        lambda results, error: self._placed(sub, results, error))
+            link.query(b"SELECT pg_current_wal_lsn()::text",
+                       lambda results, error: self._placed(sub, results, error))
         self.apply(act)
 
     def _placed(self, sub: Sub, results: Rows, error: str | None) -> None:
