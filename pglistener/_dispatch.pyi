@@ -78,7 +78,7 @@ class Dispatcher:
     def dispatch(self, channel: bytes, payload: bytes, pid: int) -> bool: ...
     def flush(self) -> None: ...
 
-Source = tuple[Dispatcher, PGConnection | None, bool]
+Polled = tuple[Dispatcher, PGConnection | None, bool]   # a source, as run() polls it
 
-def run(sources: tuple[Source, ...], control_fd: int, timeout_ms: int,
+def run(sources: tuple[Polled, ...], control_fd: int, timeout_ms: int,
         watch: tuple[tuple[int, bool], ...] = ()) -> tuple[int, int]: ...
