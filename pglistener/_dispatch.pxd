@@ -116,7 +116,6 @@ cdef class Dispatcher:
     cdef uint64_t oldest_unconsumed(self, uint64_t bound) noexcept nogil
     cdef void wake(self) noexcept nogil
     cdef void flush_gaps(self) noexcept nogil
-    cdef void mark(self, Producer *p) noexcept nogil
     cdef bint fits(self, Route *r, uint32_t n, Position *w) noexcept nogil
     cdef Route *find(self, uint64_t h, const char *name, size_t clen) noexcept nogil
     cdef Route *slot_for_insert(self, uint64_t h) noexcept nogil

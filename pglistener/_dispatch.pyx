@@ -408,6 +408,15 @@ cdef bint _advance(Entry *e, Position *w) noexcept nogil:
     return not seeking
 
 
+cdef inline void _mark(Dispatcher d, Producer *p) noexcept nogil:
+    # The ring was written: the wake pass publishes its tail and wakes its reader (once per
+    # batch, whatever it took). Inline: it runs for every record.
+    if not p.dirty:
+        p.dirty = True
+        d.dirty[d.n_dirty] = p
+        d.n_dirty += 1
+
+
 cdef class Dispatcher:
     """One source's routing table and rings (a source is a subclass: NotifyDispatcher,
     WalDispatcher), and what run() does for it.
@@ -632,7 +641,7 @@ cdef class Dispatcher:
                 if _push(best, chan, pgl_rec_channel_len(rec), payload,
                          pgl_rec_payload_len(rec), pgl_rec_pid(rec) if wp == NULL else 0, wp):
                     moved += 1
-                    self.mark(best)
+                    _mark(self, best)
                 else:
                     missed += 1
                     self.gaps_pending = True
@@ -781,12 +790,6 @@ cdef class Dispatcher:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    cdef void mark(self, Producer *p) noexcept nogil:
-        if not p.dirty:
-            p.dirty = True
-            self.dirty[self.n_dirty] = p
-            self.n_dirty += 1
-
     cdef bint route(self, const char *chan, size_t clen, const char *payload, size_t plen,
                      int32_t pid, Position *w, bint expired) noexcept nogil:
         # Writes one notification (a WAL message when w is not NULL) into every entry of its
@@ -830,8 +833,7 @@ cdef class Dispatcher:
                 continue
             p = e.members[0] if e.size == 1 else _choose(e, n, True)
             if _push(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid, w):
-                if not p.dirty:
-                    self.mark(p)
+                _mark(self, p)
             elif p.gap_reason != 0:
                 self.gaps_pending = True
         return True
@@ -1022,7 +1024,7 @@ cdef class Dispatcher:
                     pending = True
                     continue
             pgl_store_u32(&p.hdr.producer_waiting, 0)
-            self.mark(p)
+            _mark(self, p)
         self.gaps_pending = pending
 
     def dispatch(self, bytes channel, bytes payload, int pid):
