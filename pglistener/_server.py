@@ -126,7 +126,7 @@ class Server:
             status, which = run(tuple(source.polled() for source in self.sources),
                                 self.epoll.fileno(), wait_ms, tuple(watch))
             if status == RunStatus.RUN_CONN_BAD and which >= 0:
-                self.sources[which].on_bad("the server closed the connection")
+                self.sources[which].on_bad()
             elif status == RunStatus.RUN_RESULT:
                 self.sources[which].on_result()
             elif status == RunStatus.RUN_WATCH:
@@ -199,8 +199,7 @@ class Server:
             self.control.reply(client, {"req": req, "ok": False, "error": "WalSourceError",
                                         "message": refused})
             return
-        position = (_position(message.get("after"), message.get("after_lsn"))
-                    if source.name == "wal" else None)
+        position = source.position(message)
         raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
         ring_bytes = message.get("ring_bytes")
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
@@ -344,22 +343,6 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (OSError, ValueError):
             log.debug("could not raise the open-files limit from %d", soft)
-
-
-def _position(after: Any, after_lsn: Any) -> tuple[int, int, int] | None:
-    """Where a WAL subscription starts, from its request: (commit LSN, LSN, seek LSN), None
-    without after=. An exact position is a message's (commit_lsn, lsn); a bare LSN is sought
-    in the stream (see Server._resume)."""
-    if after is not None:
-        if (not isinstance(after, list) or len(after) != 2
-                or not all(isinstance(v, int) and 0 < v < 1 << 64 for v in after)):
-            raise ValueError("after= is an LSN (int) or a (commit_lsn, lsn) position")
-        return after[0], after[1], 0
-    if after_lsn is not None:
-        if not isinstance(after_lsn, int) or not 0 < after_lsn < 1 << 64:
-            raise ValueError("after= is an LSN (int) or a (commit_lsn, lsn) position")
-        return 0, 0, after_lsn
-    return None
 
 
 def main(config: Config, listen_sock: socket.socket, owner: socket.socket, log_queue: Any) -> None:

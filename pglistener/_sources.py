@@ -75,9 +75,14 @@ class Source:
         conn = self.shell.conn
         return self.dispatcher, conn, conn is not None and self.shell.busy
 
-    def on_bad(self, cause: str) -> None:
-        """run() said the connection failed."""
-        self.shell.lose_now(cause)
+    #: Why the connection went, when libpq does not say.
+    ended = "the server closed the connection"
+
+    def on_bad(self) -> None:
+        """run() said the connection failed (or its stream ended)."""
+        conn = self.shell.conn
+        if conn is not None:
+            self.shell.lose_now(conn.error_message or self.ended)
 
     def on_result(self) -> None:
         self.shell.on_result(time.monotonic())
@@ -100,6 +105,11 @@ class Source:
     def check(self, message: dict[str, Any]) -> str | None:
         """A subscribe request this source cannot take now: the error to answer (the
         request is well formed); None when it can."""
+        return None
+
+    def position(self, message: dict[str, Any]) -> tuple[int, int, int] | None:
+        """Where a subscribe request resumes: (commit LSN, LSN, seek LSN), None without
+        after= (or for a source without positions)."""
         return None
 
     def query_connected(self) -> None:
@@ -145,11 +155,6 @@ class NotifySource(Source):
                             self.config.block_timeout)
             self.expiries_logged = disp.block_expiries
         return super().polled()
-
-    def on_bad(self, cause: str) -> None:
-        conn = self.shell.conn
-        if conn is not None:
-            self.shell.lose_now(conn.error_message or cause)
 
     def _on_connected(self) -> None:
         """A new connection: LISTEN every wanted channel and sample the queue, then check
@@ -248,7 +253,9 @@ class WalSource(Source):
 
     name = "wal"
     keeps_routes = True
+    shell: WalConnection
     dispatcher: WalDispatcher
+    ended = "the server ended the replication stream"
 
     def __init__(self, server: Server, notify: NotifySource) -> None:
         super().__init__(server)
@@ -258,7 +265,7 @@ class WalSource(Source):
         self.dispatcher = WalDispatcher()
         self.registry = Registry(config.max_subscriptions_per_worker,
                                  config.max_channels_per_worker, ids=notify.registry.ids)
-        self.shell = self.wal = WalConnection(
+        self.shell = WalConnection(
             config.slot_conninfo or config.conninfo, config.slot_safe_target, timing(config),
             self.dispatcher, time.monotonic(), config.slot, config.publication,
             self._on_connected, self._on_down, self._nudge_standby, config.failover)
@@ -293,7 +300,7 @@ class WalSource(Source):
     # -- what the loop asks -------------------------------------------------------------------
 
     def step(self, now: float) -> float:
-        wal = self.wal
+        wal = self.shell
         if self.orphans:
             self._expire_orphans(now)
         wal.extra_hold = self._orphan_hold()
@@ -307,15 +314,10 @@ class WalSource(Source):
         return wait
 
     def shells(self) -> list[ListenConnection]:
-        return [self.wal] if self.probe is None else [self.wal, self.probe]
-
-    def on_bad(self, cause: str) -> None:
-        conn = self.wal.conn
-        if conn is not None:
-            self.wal.lose_now(conn.error_message or "the server ended the replication stream")
+        return [self.shell] if self.probe is None else [self.shell, self.probe]
 
     def close(self) -> None:
-        self.wal.close()
+        self.shell.close()
         if self.probe is not None:
             self.probe.close()
 
@@ -352,11 +354,11 @@ class WalSource(Source):
     # -- the replication connection -----------------------------------------------------------
 
     def _on_connected(self) -> None:
-        self.wal.setup_permanent = False
-        self.wal.setup(self._on_setup)
+        self.shell.setup_permanent = False
+        self.shell.setup(self._on_setup)
 
     def _on_setup(self, error: SetupError | None, started: Started | None) -> None:
-        wal, disp = self.wal, self.dispatcher
+        wal, disp = self.shell, self.dispatcher
         if error is not None or started is None:
             assert error is not None
             first = not self.registry.was_up
@@ -409,9 +411,9 @@ class WalSource(Source):
 
     def _on_down(self, cause: str) -> None:
         self.dispatcher.stream_reset()  # the slot sends again what was not confirmed
-        if self.wal.last_error_permanent and not self.registry.was_up:
+        if self.shell.last_error_permanent and not self.registry.was_up:
             # A role without REPLICATION, bad credentials: said to whoever waits.
-            self.error = SetupError(self.wal.machine.last_error or cause, True)
+            self.error = SetupError(self.shell.machine.last_error or cause, True)
             self._fail_subscribes(str(self.error))
 
     def _fail_subscribes(self, message: str) -> None:
@@ -462,7 +464,7 @@ class WalSource(Source):
         """A member joins a group that waits for one: it gets what the last member had not
         consumed, and everything after where the group stood (read from the slot again
         when the stream is past it)."""
-        disp, wal = self.dispatcher, self.wal
+        disp, wal = self.dispatcher, self.shell
         assert sub.group is not None
         found = self.orphans.pop(group_key(sub), None)
         if found is None:
@@ -481,7 +483,7 @@ class WalSource(Source):
         place it had at start (start_hold): it begins there, so that what the group had not
         consumed when the supervisor before this one died comes again (at least once). The
         slot not read yet, it begins where the slot is, as every stream then does."""
-        disp, wal = self.dispatcher, self.wal
+        disp, wal = self.dispatcher, self.shell
         if group_key(sub) in self.served_groups:
             return False
         if not wal.has_read:
@@ -498,7 +500,7 @@ class WalSource(Source):
     def _check_failover(self) -> None:
         """What a failover of the primary would do to the slot, said once per process as a
         warning naming what is missing, and in stats() (failover_ready)."""
-        wal = self.wal
+        wal = self.shell
         if wal.recovery:
             self.failover_ready = None      # a standby's own slot survives its promotion
             return
@@ -592,6 +594,21 @@ class WalSource(Source):
             return str(self.error)
         return None
 
+    def position(self, message: dict[str, Any]) -> tuple[int, int, int] | None:
+        """An exact position is a message's (commit_lsn, lsn); a bare LSN is sought in the
+        stream (see _resume)."""
+        after, after_lsn = message.get("after"), message.get("after_lsn")
+        if after is not None:
+            if (not isinstance(after, list) or len(after) != 2
+                    or not all(isinstance(v, int) and 0 < v < 1 << 64 for v in after)):
+                raise ValueError("after= is an LSN (int) or a (commit_lsn, lsn) position")
+            return after[0], after[1], 0
+        if after_lsn is not None:
+            if not isinstance(after_lsn, int) or not 0 < after_lsn < 1 << 64:
+                raise ValueError("after= is an LSN (int) or a (commit_lsn, lsn) position")
+            return 0, 0, after_lsn
+        return None
+
     def subscribed(self, sub: Sub, position: tuple[int, int, int] | None) -> None:
         sub.resumes = position is not None
         if position is not None:
@@ -629,7 +646,7 @@ class WalSource(Source):
         """A subscription that starts after= a position: if the stream is past it, read the
         slot again from where it is confirmed (the others skip what they had). Whether the
         slot still holds what follows is judged once it has been read (_judge_after)."""
-        wal, disp = self.wal, self.dispatcher
+        wal, disp = self.shell, self.dispatcher
         sub.after = (commit, lsn, seek)
         disp.set_position(sub.id, commit, lsn, seek)
         if wal.has_read:
@@ -643,7 +660,7 @@ class WalSource(Source):
         the subscription's channels since before it and seen nothing on it after it; else
         what came between may be gone, and the stream begins with Gap("slot"). Where the
         subscription then stands: (commit, lsn, seek lsn)."""
-        wal, disp = self.wal, self.dispatcher
+        wal, disp = self.shell, self.dispatcher
         assert sub.after is not None
         commit, lsn, seek = sub.after
         sub.after = None
@@ -697,7 +714,7 @@ class WalSource(Source):
             disp.set_route(oldest.encode(), [])
 
     def stats(self) -> dict[str, Any]:
-        wal, disp = self.wal, self.dispatcher
+        wal, disp = self.shell, self.dispatcher
         phase = wal.machine.phase
         return dict(
             slot=self.config.slot,
