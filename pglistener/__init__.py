@@ -8,7 +8,7 @@ stream, at the place where notifications may be missing.
 
 __version__ = "0.1.0"
 
-from ._reader import Gap, Notification, format_lsn, parse_lsn
+from ._reader import UNCHANGED, Change, Gap, Notification, RawRows, Table, format_lsn, parse_lsn
 from .aio import AsyncJsonSubscription, AsyncSubscription
 from .channels import MAX_CHANNEL_BYTES
 from .errors import (
@@ -25,6 +25,7 @@ from .errors import (
 )
 from .pool import Pool, SlotStats
 from .publish import MAX_PAYLOAD_BYTES, emit, emit_json, notify, notify_json
+from .snapshot import Snapshot
 from .stats import ReaderStats, Stats
 from .supervisor import Supervisor
 from .worker import JsonSubscription, Subscription, Worker
@@ -32,6 +33,7 @@ from .worker import JsonSubscription, Subscription, Worker
 __all__ = [
     "AsyncJsonSubscription",
     "AsyncSubscription",
+    "Change",
     "Gap",
     "IncompatibleLibpq",
     "InvalidChannelName",
@@ -42,16 +44,20 @@ __all__ = [
     "Notification",
     "PayloadTooLarge",
     "Pool",
+    "RawRows",
     "PGListenerError",
     "ProtocolMismatch",
     "ReaderStats",
     "SlotStats",
+    "Snapshot",
     "Stats",
     "Subscription",
     "SubscriptionClosed",
     "Supervisor",
+    "Table",
     "SupervisorGone",
     "TooManySubscriptions",
+    "UNCHANGED",
     "WalSourceError",
     "Worker",
     "__version__",

@@ -4,20 +4,23 @@
 
 drain() takes the replication stream's COPY BOTH data (PQgetCopyData) and decodes it:
 keepalives (answered when asked), a transaction's Begin and Commit (where the stream stands,
-and how far the slot may be confirmed), and each logical decoding message, routed by its
-prefix as a positioned record (its LSN, its transaction's commit LSN). It also writes the
-feedback that tells the server how far the slot may be confirmed. feed() takes the same bytes
-from Python, without a connection (tests).
+and how far the slot may be confirmed), each logical decoding message, routed by its
+prefix as a positioned record (its LSN, its transaction's commit LSN), and each row change
+of the publication's tables (Insert, Update, Delete, Truncate), routed by table and kind as
+the bytes pgoutput sent beside the table's Relation message: readers decode them (_ring.h
+draws the record). It also writes the feedback that tells the server how far the slot may be
+confirmed. feed() takes the same bytes from Python, without a connection (tests).
 """
 
-from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.stdlib cimport malloc
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcpy
 
 from pglistener._dispatch cimport Dispatcher, PGConnection, Position
 from pglistener._libpq cimport (PGconn, PQflush, PQfreemem, PQgetCopyData, PQputCopyData)
 from pglistener._poll cimport now_ns as _now_ns
-from pglistener._ring cimport PGL_WAL_TRANSACTIONAL
+from pglistener._ring cimport PGL_WAL_CHANGE, PGL_WAL_TRANSACTIONAL
 
 
 cdef extern from "_wire.h" nogil:
@@ -25,6 +28,20 @@ cdef extern from "_wire.h" nogil:
     uint32_t pgl_be32(const char *p)
     void pgl_put_be64(char *p, uint64_t v)
     int64_t pgl_pg_now_us()
+
+
+cdef struct Relation:
+    # What pgoutput last said of one table (its Relation message), for the changes after it.
+    uint32_t relid             # 0: a free slot
+    uint32_t version           # the dispatcher's count of Relation messages when it came
+    char key[16]               # the route key of a change: "\0", the op letter, the oid
+    uint16_t klen
+    char *body                 # the message from its relid on (malloc)
+    uint32_t blen
+
+
+cdef enum:
+    CHANGE_PREFIX = 12         # version, xid, relation length (_ring.h)
 
 
 cdef class WalDispatcher(Dispatcher):
@@ -42,9 +59,39 @@ cdef class WalDispatcher(Dispatcher):
     cdef size_t held_clen
     cdef const char *held_payload
     cdef size_t held_plen
+    cdef uint32_t txn_xid              # the transaction's xid (Begin)
+    cdef uint64_t txn_last             # the last change's position in it (its `lsn`)
+    # Tables: the Relation messages, by relid (open addressing, a power of two in size).
+    cdef Relation *rels
+    cdef size_t rels_size
+    cdef size_t rels_used
+    cdef uint32_t rel_versions
+    # A change's record content is put together here (_ring.h: its prefix, the Relation and
+    # the change message), and stays while it is held.
+    cdef char *scratch
+    cdef size_t scratch_size
+    # A Truncate names several tables, one record each: while one is held, the next to route.
+    cdef const char *trunc_body
+    cdef uint32_t trunc_n
+    cdef uint32_t trunc_next
+    cdef readonly uint64_t changes     # row changes taken off the stream
 
     def __cinit__(self, *args, **kwargs):
         self.hold_forever = True
+        self.rels_size = 16
+        self.rels = <Relation *>calloc(self.rels_size, sizeof(Relation))
+        if self.rels == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        cdef size_t i
+        if self.rels != NULL:
+            for i in range(self.rels_size):
+                free(self.rels[i].body)
+            free(self.rels)
+            self.rels = NULL
+        free(self.scratch)
+        self.scratch = NULL
 
     # The replication stream is COPY BOTH data (docs: "Streaming Replication Protocol";
     # pg_recvlogical.c reads it the same way). From the server, big-endian:
@@ -55,6 +102,16 @@ cdef class WalDispatcher(Dispatcher):
     #   'C' commit:  [1] flags  [2] commit LSN  [10] end LSN  [18] commit time
     #   'M' message: [1] flags (1: transactional)  [2] LSN  [10] prefix, NUL-terminated,
     #                then a 4-byte length and the content
+    #   'R' relation: [1] relid  then namespace and name (NUL-terminated), replica identity,
+    #                a 2-byte column count, and per column: flags (1: part of the key), name
+    #                (NUL-terminated), type oid, typmod
+    #   'I' insert:  [1] relid  [5] 'N' and the new tuple
+    #   'U' update:  [1] relid  [5] 'K' or 'O' and the old key or row (when sent), then 'N'
+    #                and the new tuple
+    #   'D' delete:  [1] relid  [5] 'K' or 'O' and the old key or row
+    #   'T' truncate: [1] relation count  [5] options  [6] the relids
+    # A change's LSN (the XLogData's start) is its WAL record's start: the rows of one
+    # multi-row insert share it, so a change stands at max(its LSN, the one before + 1).
     # A transactional message is sent with its transaction, at commit, in commit order; one
     # that is not is sent alone, as soon as it is decoded.
 
@@ -90,6 +147,8 @@ cdef class WalDispatcher(Dispatcher):
         if not self.route(self.held_chan, self.held_clen, self.held_payload, self.held_plen,
                           0, &self.held_wal, False):
             return False
+        if self.trunc_n and self._truncate() == 1:
+            return False        # held again, at a later table of the Truncate
         self.end_hold(now)
         self._after_message(&self.held_wal)
         return True
@@ -127,6 +186,20 @@ cdef class WalDispatcher(Dispatcher):
                 return -1
             self.in_txn = True
             self.txn_commit = pgl_be64(body + 1)
+            self.txn_xid = pgl_be32(body + 17)
+            self.txn_last = 0
+        elif body[0] == b'I' or body[0] == b'U' or body[0] == b'D':
+            return self._change(pgl_be64(buf + 1), body, blen)
+        elif body[0] == b'T':
+            if blen < 6 or <size_t>6 + 4 * <size_t>pgl_be32(body + 1) > blen:
+                return -1
+            self.trunc_body = body
+            self.trunc_n = pgl_be32(body + 1)
+            self.trunc_next = 0
+            self._position_change(pgl_be64(buf + 1))
+            return self._truncate()
+        elif body[0] == b'R':
+            return self._relation(body, blen)
         elif body[0] == b'C':
             if blen < 26:
                 return -1
@@ -168,6 +241,139 @@ cdef class WalDispatcher(Dispatcher):
                                &self.held_wal, False):
                 return 1
             self._after_message(&self.held_wal)
+        return 0
+
+    # -- row changes ----------------------------------------------------------------------
+
+    cdef Relation *_find_rel(self, uint32_t relid, bint insert) noexcept nogil:
+        # The table's slot; with `insert`, a free one when it has none (NULL: out of memory).
+        cdef size_t mask = self.rels_size - 1
+        cdef size_t i = (<size_t>relid * 2654435761u) & mask
+        while self.rels[i].relid != 0:
+            if self.rels[i].relid == relid:
+                return &self.rels[i]
+            i = (i + 1) & mask
+        if not insert:
+            return NULL
+        if (self.rels_used + 1) * 2 > self.rels_size:
+            if not self._grow_rels():
+                return NULL
+            return self._find_rel(relid, True)
+        self.rels_used += 1
+        self.rels[i].relid = relid
+        return &self.rels[i]
+
+    cdef bint _grow_rels(self) noexcept nogil:
+        cdef Relation *old = self.rels
+        cdef size_t old_size = self.rels_size, i, j, mask
+        self.rels = <Relation *>calloc(old_size * 2, sizeof(Relation))
+        if self.rels == NULL:
+            self.rels = old
+            return False
+        self.rels_size = old_size * 2
+        mask = self.rels_size - 1
+        for i in range(old_size):
+            if old[i].relid != 0:
+                j = (<size_t>old[i].relid * 2654435761u) & mask
+                while self.rels[j].relid != 0:
+                    j = (j + 1) & mask
+                self.rels[j] = old[i]
+        free(old)
+        return True
+
+    cdef int _relation(self, const char *body, size_t blen) noexcept nogil:
+        # A table's description, before its first change in this stream (and again when it
+        # changes): kept, and given with every change after it.
+        cdef Relation *rel
+        cdef char *copy
+        if blen < 5:
+            return -1
+        rel = self._find_rel(pgl_be32(body + 1), True)
+        copy = <char *>malloc(blen - 1)
+        if rel == NULL or copy == NULL:
+            free(copy)
+            return -1
+        memcpy(copy, body + 1, blen - 1)
+        free(rel.body)
+        rel.body = copy
+        rel.blen = <uint32_t>(blen - 1)
+        self.rel_versions += 1
+        rel.version = self.rel_versions
+        rel.klen = <uint16_t>snprintf(rel.key, sizeof(rel.key), "_?%u", rel.relid)
+        rel.key[0] = 0
+        return 0
+
+    cdef inline void _position_change(self, uint64_t lsn) noexcept nogil:
+        # Where the next change stands: in its transaction, at commit, after the one before.
+        if lsn <= self.txn_last:
+            lsn = self.txn_last + 1
+        self.txn_last = lsn
+        self.held_wal.lsn = lsn
+        self.held_wal.commit = self.held_wal.hold = self.txn_commit
+        self.held_wal.flags = PGL_WAL_TRANSACTIONAL | PGL_WAL_CHANGE
+
+    cdef bint _compose(self, Relation *rel, char op, const char *change,
+                       size_t clen) noexcept nogil:
+        # The record's content for one change of `rel` (_ring.h), in scratch.
+        cdef size_t need = CHANGE_PREFIX + rel.blen + clen
+        cdef char *grown
+        if need > self.scratch_size:
+            grown = <char *>realloc(self.scratch, need)
+            if grown == NULL:
+                return False
+            self.scratch = grown
+            self.scratch_size = need
+        (<uint32_t *>self.scratch)[0] = rel.version
+        (<uint32_t *>self.scratch)[1] = self.txn_xid
+        (<uint32_t *>self.scratch)[2] = rel.blen
+        memcpy(self.scratch + CHANGE_PREFIX, rel.body, rel.blen)
+        memcpy(self.scratch + CHANGE_PREFIX + rel.blen, change, clen)
+        rel.key[1] = op
+        self.held_chan = rel.key
+        self.held_clen = rel.klen
+        self.held_payload = self.scratch
+        self.held_plen = need
+        return True
+
+    cdef int _change(self, uint64_t lsn, const char *body, size_t blen) noexcept nogil:
+        # An Insert, Update or Delete: routed to the readers of that table and kind.
+        cdef Relation *rel
+        if blen < 6:
+            return -1
+        rel = self._find_rel(pgl_be32(body + 1), False)
+        if rel == NULL or not self._compose(rel, body[0], body, blen):
+            return -1           # pgoutput sends a table's Relation before its first change
+        self._position_change(lsn)
+        self.received += 1
+        self.changes += 1
+        if not self.route(self.held_chan, self.held_clen, self.held_payload, self.held_plen,
+                          0, &self.held_wal, False):
+            return 1
+        return 0
+
+    cdef int _truncate(self) noexcept nogil:
+        # A Truncate's tables from trunc_next on, a record each (their positions one after
+        # the other): 0 done, 1 held at one of them, -1 not readable.
+        cdef Relation *rel
+        cdef char opts[2]
+        while self.trunc_next < self.trunc_n:
+            rel = self._find_rel(pgl_be32(self.trunc_body + 6 + 4 * self.trunc_next), False)
+            if self.trunc_next > 0:
+                self._position_change(self.held_wal.lsn)
+            self.trunc_next += 1
+            if rel == NULL:
+                continue
+            opts[0] = b'T'
+            opts[1] = self.trunc_body[5]
+            if not self._compose(rel, b'T', opts, 2):
+                self.trunc_n = 0
+                return -1
+            self.received += 1
+            self.changes += 1
+            if not self.route(self.held_chan, self.held_clen, self.held_payload,
+                              self.held_plen, 0, &self.held_wal, False):
+                return 1
+        self.trunc_n = 0
         return 0
 
     cdef inline void _after_message(self, Position *w) noexcept nogil:
@@ -224,6 +430,7 @@ cdef class WalDispatcher(Dispatcher):
         """The replication connection is gone: what was being read goes with it (the slot
         sends it again, from where it was confirmed)."""
         self.in_txn = False
+        self.trunc_n = 0
         if self.held != NULL:
             self.end_hold(_now_ns())
 

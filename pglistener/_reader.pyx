@@ -197,6 +197,293 @@ cdef class Gap:
 
 
 # ----------------------------------------------------------------------------------------------
+# Row changes: the supervisor routes pgoutput's bytes; a reader decodes them when asked.
+
+
+@cython.final
+cdef class _Unchanged:
+    """The value of a TOASTed column that an update did not change: pgoutput does not send
+    it, so it is not known here (never mistake it for NULL)."""
+
+    def __repr__(self):
+        return "pglistener.UNCHANGED"
+
+    def __reduce__(self):
+        return "UNCHANGED"
+
+    def __bool__(self):
+        return False
+
+
+UNCHANGED = _Unchanged()
+
+_OPS = {b"I"[0]: "insert", b"U"[0]: "update", b"D"[0]: "delete", b"T"[0]: "truncate"}
+
+
+@cython.final
+cdef class Table:
+    """A table as pgoutput described it (its Relation message): what the changes after it
+    are decoded by. `name` is schema-qualified; `columns`, `type_oids` and `key` (True for
+    each column of the replica identity) are in the table's order; `replica_identity` is
+    "default", "nothing", "full" or "index"."""
+
+    cdef readonly str name
+    cdef readonly tuple columns
+    cdef readonly tuple type_oids
+    cdef readonly tuple key
+    cdef readonly str replica_identity
+    cdef readonly unsigned int relid
+    cdef readonly bytes description    # the Relation message from its relid on
+    cdef object _loader                # psycopg's Transformer for the columns' types
+
+    def __init__(self, bytes description not None):
+        cdef const unsigned char *p = description
+        cdef Py_ssize_t n = len(description), at, end
+        cdef int ncols
+        if n < 7:
+            raise ValueError("not a Relation message")
+        self.description = description
+        self.relid = pgl_be32(<const char *>p)
+        at = 4
+        names = []
+        for _ in range(2):
+            end = description.find(b"\0", at)
+            if end < 0:
+                raise ValueError("not a Relation message")
+            names.append(description[at:end].decode("utf-8", "surrogateescape"))
+            at = end + 1
+        self.name = f"{names[0]}.{names[1]}"
+        if at + 3 > n:
+            raise ValueError("not a Relation message")
+        self.replica_identity = {b"d"[0]: "default", b"n"[0]: "nothing", b"f"[0]: "full",
+                                 b"i"[0]: "index"}.get(p[at], chr(p[at]))
+        ncols = (p[at + 1] << 8) | p[at + 2]
+        at += 3
+        columns, oids, key = [], [], []
+        for _ in range(ncols):
+            if at + 1 > n:
+                raise ValueError("not a Relation message")
+            key.append(bool(p[at] & 1))
+            end = description.find(b"\0", at + 1)
+            if end < 0 or end + 9 > n:
+                raise ValueError("not a Relation message")
+            columns.append(description[at + 1:end].decode("utf-8", "surrogateescape"))
+            oids.append(pgl_be32(<const char *>p + end + 1))
+            at = end + 9
+        self.columns = tuple(columns)
+        self.type_oids = tuple(oids)
+        self.key = tuple(key)
+
+    cdef object loader(self):
+        if self._loader is None:
+            from psycopg.adapt import Transformer
+            from psycopg.pq import Format
+            loader = Transformer()
+            loader.set_loader_types(list(self.type_oids), Format.TEXT)
+            self._loader = loader
+        return self._loader
+
+    def __repr__(self):
+        return f"<Table {self.name} ({', '.join(self.columns)})>"
+
+    def __reduce__(self):
+        return (Table, (self.description,))
+
+
+cdef extern from "_wire.h" nogil:
+    uint32_t pgl_be32(const char *p)
+
+
+cdef Py_ssize_t _tuple_data(bytes data, Py_ssize_t at, int ncols, list texts) except -2:
+    # pgoutput's TupleData at `at`: each column's text (bytes), None (NULL) or UNCHANGED,
+    # appended to texts; where it ends.
+    cdef const unsigned char *p = data
+    cdef Py_ssize_t n = len(data)
+    cdef int count
+    cdef uint32_t length
+    if at + 2 > n:
+        raise ValueError("truncated tuple data")
+    count = (p[at] << 8) | p[at + 1]
+    at += 2
+    for _ in range(count):
+        if at >= n:
+            raise ValueError("truncated tuple data")
+        kind = p[at]
+        at += 1
+        if kind == b'n':
+            texts.append(None)
+        elif kind == b'u':
+            texts.append(UNCHANGED)
+        elif kind == b't' or kind == b'b':
+            if at + 4 > n:
+                raise ValueError("truncated tuple data")
+            length = pgl_be32(<const char *>p + at)
+            at += 4
+            if at + length > n:
+                raise ValueError("truncated tuple data")
+            texts.append(data[at:at + length])
+            at += length
+        else:
+            raise ValueError(f"unknown tuple data kind {kind!r}")
+    if count != ncols:
+        raise ValueError(f"{count} columns where the table has {ncols}")
+    return at
+
+
+cdef dict _row(Table table, list texts, bint key_only):
+    # Column name -> Python value, by psycopg's loaders.
+    cdef int i
+    cdef list known = [None if t is UNCHANGED else t for t in texts]
+    values = table.loader().load_sequence(known)
+    out = {}
+    for i in range(len(texts)):
+        if key_only and not table.key[i]:
+            continue
+        out[table.columns[i]] = UNCHANGED if texts[i] is UNCHANGED else values[i]
+    return out
+
+
+cdef dict _raw_row(Table table, list texts, bint key_only):
+    cdef int i
+    out = {}
+    for i in range(len(texts)):
+        if key_only and not table.key[i]:
+            continue
+        t = texts[i]
+        out[table.columns[i]] = t.decode("utf-8", "surrogateescape") if type(t) is bytes else t
+    return out
+
+
+@cython.final
+cdef class RawRows:
+    """A change's columns as pgoutput sent them: `new` and `old`, each a mapping of column
+    name to its text (str), None for NULL, UNCHANGED for an unchanged TOASTed value; None
+    where the change has no such row."""
+
+    cdef readonly object new
+    cdef readonly object old
+
+    def __repr__(self):
+        return f"RawRows(new={self.new!r}, old={self.old!r})"
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Change:
+    """One row change of a table in the slot's publication (subscribe_changes).
+
+    `op`: "insert", "update", "delete" or "truncate". `table`: its schema-qualified name.
+    `new`: the row after (insert, update), `old`: the replica identity's columns before
+    (update, delete: the whole row under REPLICA IDENTITY FULL; for an update, only when the
+    key changed or the identity is FULL), each a dict of column name to Python value (by
+    psycopg's loaders for the column's type), or None where pgoutput sends none. A TOASTed
+    column that an update did not change is pglistener.UNCHANGED. `raw` gives the columns'
+    text as sent. Decoded when first asked for.
+
+    `lsn` is where the change stands in its transaction (its WAL record's start; the rows of
+    one multi-row insert count up from it), `commit_lsn` its transaction's commit LSN, `xid`
+    its transaction's id; `position` (commit_lsn, lsn) grows along the stream, and
+    subscribe_changes(..., after=change) resumes exactly after it.
+    """
+
+    cdef readonly str op
+    cdef readonly object lsn
+    cdef readonly object commit_lsn
+    cdef readonly unsigned int xid
+    cdef readonly Table relation       # the table as described when the change was made
+    cdef readonly bytes message        # pgoutput's change message, as sent
+    cdef object _new
+    cdef object _old
+    cdef RawRows _raw
+    cdef bint _decoded
+
+    def __init__(self, Table relation not None, bytes message not None, lsn, commit_lsn,
+                 unsigned int xid=0):
+        if not message or message[0] not in _OPS:
+            raise ValueError("not a pgoutput change message (I, U, D or T)")
+        self.relation = relation
+        self.message = message
+        self.op = _OPS[message[0]]
+        self.lsn = lsn
+        self.commit_lsn = commit_lsn
+        self.xid = xid
+
+    @property
+    def table(self):
+        return self.relation.name
+
+    @property
+    def position(self):
+        """(commit_lsn, lsn): where this change stands in the stream."""
+        return (self.commit_lsn, self.lsn)
+
+    @property
+    def new(self):
+        self._decode()
+        return self._new
+
+    @property
+    def old(self):
+        self._decode()
+        return self._old
+
+    @property
+    def raw(self):
+        self._decode()
+        return self._raw
+
+    cdef int _decode(self) except -1:
+        cdef bytes m = self.message
+        cdef Py_ssize_t at = 5
+        cdef int ncols = len(self.relation.columns)
+        cdef list new_texts = None, old_texts = None
+        cdef bint key_only = False
+        cdef RawRows raw
+        if self._decoded:
+            return 0
+        raw = RawRows.__new__(RawRows)
+        if self.op != "truncate":
+            if len(m) < 6:
+                raise ValueError("truncated change message")
+            kind = m[at]
+            if kind == b'K'[0] or kind == b'O'[0]:
+                key_only = kind == b'K'[0]
+                old_texts = []
+                at = _tuple_data(m, at + 1, ncols, old_texts)
+                kind = m[at] if at < len(m) else 0
+            if kind == b'N'[0]:
+                new_texts = []
+                _tuple_data(m, at + 1, ncols, new_texts)
+        if new_texts is not None:
+            self._new = _row(self.relation, new_texts, False)
+            raw.new = _raw_row(self.relation, new_texts, False)
+        if old_texts is not None:
+            self._old = _row(self.relation, old_texts, key_only)
+            raw.old = _raw_row(self.relation, old_texts, key_only)
+        self._raw = raw
+        self._decoded = True
+        return 0
+
+    def __repr__(self):
+        return (f"Change(op={self.op!r}, table={self.table!r}, lsn={format_lsn(self.lsn)}, "
+                f"commit_lsn={format_lsn(self.commit_lsn)})")
+
+    def __eq__(self, other):
+        if not isinstance(other, Change):
+            return NotImplemented
+        cdef Change o = <Change>other
+        return (self.message == o.message and self.lsn == o.lsn
+                and self.commit_lsn == o.commit_lsn
+                and self.relation.description == o.relation.description)
+
+    def __hash__(self):
+        return hash((self.message, self.lsn, self.commit_lsn))
+
+    def __reduce__(self):
+        return (Change, (self.relation, self.message, self.lsn, self.commit_lsn, self.xid))
+
+
+# ----------------------------------------------------------------------------------------------
 # The reading end of a ring: lives in a worker process, one per subscription.
 
 
@@ -224,6 +511,9 @@ cdef class RingReader:
     cdef char last_raw[64]
     cdef uint16_t last_len
     cdef readonly int wait_errno      # what made poll() fail, with WAIT_FAILED
+    cdef dict tables              # relation version -> Table (row changes)
+    cdef uint32_t last_version
+    cdef Table last_table
 
     def __cinit__(self, int memfd, int efd, int ctrl_fd, int wake_fd=-1):
         """Map the ring in memfd (the descriptor stays the caller's). efd: the eventfd the
@@ -321,6 +611,7 @@ cdef class RingReader:
         cdef uint64_t missed
         cdef Notification note
         cdef Gap gap
+        cdef Change change
         while self._available():
             rec = self.data + (self.head & self.mask)
             length = pgl_rec_length(rec)
@@ -334,6 +625,12 @@ cdef class RingReader:
                 plen = pgl_rec_payload_len(rec)
                 if body + clen + plen > length:
                     raise PGListenerError(f"corrupt ring record (length {length})")
+                if kind == PGL_REC_WAL and pgl_rec_flags(rec) & PGL_WAL_CHANGE:
+                    change = self._change(<const char *>rec + body + clen, plen)
+                    change.lsn = pgl_rec_lsn(rec)
+                    change.commit_lsn = pgl_rec_commit(rec)
+                    self.head += length
+                    return change
                 note = Notification.__new__(Notification)
                 note.channel = self._channel(<const char *>rec + body, clen)
                 note.payload = PyUnicode_DecodeUTF8(<const char *>rec + body + clen, plen,
@@ -355,6 +652,35 @@ cdef class RingReader:
                 return gap
             self.head += length    # padding
         return None
+
+    cdef Change _change(self, const char *content, uint32_t n):
+        # A row change's record content (_ring.h): its table (decoded once per Relation
+        # message) and its message, decoded when asked for.
+        cdef uint32_t version, rlen
+        cdef Change change
+        if n < 12:
+            raise PGListenerError("corrupt row change record")
+        version = (<const uint32_t *>content)[0]
+        rlen = (<const uint32_t *>content)[2]
+        if 12 + rlen >= n:
+            raise PGListenerError("corrupt row change record")
+        if self.last_table is None or version != self.last_version:
+            if self.tables is None:
+                self.tables = {}
+            table = self.tables.get(version)
+            if table is None:
+                table = Table(content[12:12 + rlen])
+                if len(self.tables) >= 1024:
+                    self.tables.clear()
+                self.tables[version] = table
+            self.last_table = <Table>table
+            self.last_version = version
+        change = Change.__new__(Change)
+        change.relation = self.last_table
+        change.message = content[12 + rlen:n]
+        change.op = _OPS[<unsigned char>content[12 + rlen]]
+        change.xid = (<const uint32_t *>content)[1]
+        return change
 
     cdef inline bint _sound(self, uint32_t length) noexcept nogil:
         # Only the supervisor writes here, but a length like this would loop for ever (0) or

@@ -44,6 +44,17 @@
  *   24  8  commit LSN
  *   32  .. channel bytes, then content bytes
  *
+ * A row change (a WAL record with flags bit 1 set; from the slot's publication) has the
+ * same header. Its channel is the route key "\0" + op letter (I, U, D, T) + the table's oid
+ * in decimal, which no message prefix can be (a prefix has no NUL); its content is
+ *
+ *   0   4  relation version: grows each time the table's Relation message comes (the
+ *          reader decodes a Relation once per version)
+ *   4   4  the transaction's xid
+ *   8   4  relation length r
+ *   12  r  pgoutput's Relation message, from its relid on (namespace, name, columns)
+ *   ..     pgoutput's change message, whole (I, U, D: the tuple data; T: its options)
+ *
  * A record never wraps: when it does not fit before the end of the data area the producer
  * writes a padding record over the rest and starts the record at offset 0.
  *
@@ -143,6 +154,7 @@ static inline uint32_t pgl_align8(uint32_t n) { return (n + 7u) & ~7u; }
 #define PGL_REC_LSN_AT 16u          /* WAL message */
 #define PGL_REC_COMMIT_AT 24u       /* WAL message */
 #define PGL_WAL_TRANSACTIONAL 1u
+#define PGL_WAL_CHANGE 2u           /* a row change (see below), not a message */
 
 static inline uint32_t pgl_rec_length(const unsigned char *rec) { return *(const uint32_t *)(rec + PGL_REC_LENGTH_AT); }
 static inline uint16_t pgl_rec_type(const unsigned char *rec) { return *(const uint16_t *)(rec + PGL_REC_TYPE_AT); }

@@ -11,6 +11,7 @@ cdef extern from "_ring.h" nogil:
     const uint32_t PGL_RECORD_HEADER
     const uint32_t PGL_WAL_HEADER
     const uint32_t PGL_WAL_TRANSACTIONAL
+    const uint32_t PGL_WAL_CHANGE
     const uint16_t PGL_REC_NOTIFY
     const uint16_t PGL_REC_GAP
     const uint16_t PGL_REC_PAD

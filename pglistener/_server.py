@@ -20,10 +20,11 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from . import _protocol
+from . import _protocol, _tables
 from ._control_server import Client, ControlServer, OwnerChannel
 from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus, run
 from ._registry import Actions, Sub
@@ -80,6 +81,8 @@ class Server:
         self.epoll = select.epoll()
         # A subscribe's memfd, eventfd and wake eventfd, until they go with its answer.
         self.ring_fds: dict[int, tuple[int, ...]] = {}
+        # subscribe_changes() requests whose tables are being found: (id(client), req).
+        self.finding: dict[tuple[int, Any], tuple[Client, Callable[[], None]]] = {}
         # The most a worker's message may take: a subscribe of every channel it may hold,
         # each escaped at worst (a 63-byte name of control characters as \u00XX).
         self.control = ControlServer(
@@ -184,27 +187,118 @@ class Server:
             raise ValueError(f"unknown operation {op!r}")
 
     def _subscribe(self, client: Client, req: Any, message: dict[str, Any]) -> None:
-        channels = message.get("channels")
+        changes = message.get("changes")
+        channels = message.get("channels") if changes is None else []
         name = message.get("source", "notify")
-        if not isinstance(channels, list) or not channels:
+        if not isinstance(channels, list) or (not channels and changes is None):
             raise ValueError("a subscription needs a list of one or more channels")
         if name not in ("notify", "wal"):
             raise ValueError(f"source is 'notify' or 'wal', not {name!r}")
         source = next((s for s in self.sources if s.name == name), None)
         if source is None:
-            raise ValueError("source='wal' needs a supervisor that reads a slot: "
-                             "Supervisor(dsn, slot='name')")
+            what = "table changes need" if changes is not None else "source='wal' needs"
+            raise ValueError(f"{what} a supervisor that reads a slot: "
+                             f"Supervisor(dsn, slot='name')")
         refused = source.check(message)
         if refused is not None:
             self.control.reply(client, {"req": req, "ok": False, "error": "WalSourceError",
                                         "message": refused})
             return
         position = source.position(message)
+        if changes is not None:
+            self._find_tables(client, req, message, changes)
+            return
         raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
+        self._open(client, req, message, source, list(raws), position)
+
+    def _find_tables(self, client: Client, req: Any, message: dict[str, Any],
+                     changes: Any) -> None:
+        """subscribe_changes(): each table found (and added to the publication when it
+        lacks it) on the LISTEN connection, then subscribed by its changes' routes."""
+        if (not isinstance(changes, dict) or not isinstance(changes.get("tables"), list)
+                or not changes["tables"]):
+            raise ValueError("subscribe_changes needs one or more tables")
+        names = [_tables.qualified(t) for t in changes["tables"]]
+        ops = _tables.op_list(changes.get("ops"))
+        most = self.config.max_channels_per_worker
+        if len(names) * len(ops) > most:
+            raise ValueError(f"{len(names)} tables x {len(ops)} kinds of change is more routes "
+                             f"than max_channels_per_worker ({most})")
+        link = self.notify.shell
+        key = (id(client), req)
+        pub = self.config.publication
+
+        def fail(text: str) -> None:
+            if self.finding.pop(key, None) is not None:
+                self.control.reply(client, {"req": req, "ok": False,
+                                            "error": "WalSourceError", "message": text})
+
+        def subscribe(oids: list[int]) -> None:
+            self.finding.pop(key, None)
+            assert self.wal is not None
+            routes = [_tables.route_key(op, oid) for oid in oids for op in ops]
+            self._open(client, req, message, self.wal, routes, self.wal.position(message))
+
+        def added(error: str | None, tables: list[str], oids: list[int]) -> None:
+            if key not in self.finding:
+                return          # cancelled, or its worker went
+            if error is not None:
+                return fail(f"the publication {pub!r} lacks {', '.join(tables)}, and adding "
+                            f"them failed: {error.strip()} (run as the tables' owner: "
+                            f"{_tables.add_statement(pub, tables)};)")
+            log.info("added %s to publication %r for a subscription to their changes",
+                     ", ".join(tables), pub)
+            subscribe(oids)
+
+        def found(results: Any, error: str | None) -> None:
+            if key not in self.finding:
+                return
+            if error is not None or not results:
+                return fail(f"looking for the tables {', '.join(names)} failed: {error}")
+            rows = results[-1]
+            missing = [n for n, row in zip(names, rows, strict=True) if row[0] is None]
+            if missing:
+                return fail(f"no such table: {', '.join(missing)} (a table that does not "
+                            f"exist cannot be subscribed to: create it first)")
+            odd = [n for n, row in zip(names, rows, strict=True) if row[3] not in (b"r", b"p")]
+            if odd:
+                return fail(f"not a table: {', '.join(odd)} (only tables have row changes in "
+                            f"a publication)")
+            oids = [int(row[0]) for row in rows]
+            blind = [n for n, row in zip(names, rows, strict=True)
+                     if row[4] != b"t" and row[5] != b"t"]
+            if blind:
+                return fail(f"{', '.join(blind)} has no replica identity (no primary key): in "
+                            f"a publication, PostgreSQL would refuse its UPDATEs and DELETEs. "
+                            f"Give it a primary key, or run ALTER TABLE ... REPLICA IDENTITY "
+                            f"FULL (or USING INDEX), then subscribe again")
+            lacking = [f"{_tables.ident(row[1].decode())}.{_tables.ident(row[2].decode())}"
+                       for row in rows if row[4] != b"t"]
+            if not lacking:
+                return subscribe(oids)
+            link.query(_tables.add_query(pub, lacking),
+                       lambda _r, error: added(error, lacking, oids))
+
+        def start() -> None:
+            link.query(_tables.find_query(pub, names), found)
+
+        # Asked on the LISTEN connection; again on the next one if it goes meanwhile.
+        self.finding[key] = (client, start)
+        if link.conn is not None:
+            start()
+
+    def find_again(self) -> None:
+        """The LISTEN connection is new: what it was asked for tables went with the old one."""
+        for _client, start in list(self.finding.values()):
+            start()
+
+    def _open(self, client: Client, req: Any, message: dict[str, Any], source: Source,
+              channels: list[str], position: tuple[int, int, int] | None) -> None:
+        """A subscription of `source` on these routes: its ring made, then placed."""
         ring_bytes = message.get("ring_bytes")
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
             ring_bytes, self.config.max_ring_bytes, "Supervisor(max_ring_bytes=...)")
-        sub = source.registry.new(client, client.pid, req, list(raws), capacity,
+        sub = source.registry.new(client, client.pid, req, channels, capacity,
                                   check_overflow(message.get("overflow", "gap")),
                                   check_group(message.get("group")))
         self.ring_fds[sub.id] = self._make_ring(source.dispatcher, sub.id, capacity,
@@ -279,6 +373,9 @@ class Server:
 
     def _cancel(self, client: Client, req: Any) -> None:
         """The worker gave up waiting for subscribe `req`: drop it, and close the request."""
+        if self.finding.pop((id(client), req), None) is not None:
+            self.control.reply(client, {"req": req, "ok": False, "error": "Cancelled"})
+            return
         for source in self.sources:
             sub, act = source.registry.cancel(client, req)
             if sub is not None:
@@ -288,6 +385,8 @@ class Server:
 
     def _detached(self, client: Client) -> None:
         """A worker's connection went: every subscription of it goes too."""
+        for key in [k for k, (c, _start) in self.finding.items() if c is client]:
+            del self.finding[key]
         for source in self.sources:
             source.apply(source.registry.worker_gone(client))
 

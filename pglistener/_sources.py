@@ -324,6 +324,7 @@ class WalSource(Source):
     # -- the LISTEN connection, asked for what a replication connection cannot answer -------
 
     def query_connected(self) -> None:
+        self.server.find_again()
         if self.config.slot_conninfo is not None:
             # The slot is read elsewhere (a standby cannot create one): the publication
             # pgoutput needs is made here, on the primary, and replicated there.

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 from . import _protocol
 from ._control import check_hello
 from ._reader import EMPTY, AsyncStream
-from ._stream import subscribe_message, timed_out, why_not, wrap_stream
+from ._stream import changes_message, subscribe_message, timed_out, why_not, wrap_stream
 from .errors import SubscriptionClosed, SupervisorGone
 
 _A = TypeVar("_A", bound="AsyncSubscription")
@@ -227,6 +227,21 @@ async def open_async(cls: type[_A], path: str, channel: str | Sequence[str],
         raise TimeoutError(timed_out(message, channels, timeout, await _why_not(
             ctl, message.get("source") == "wal"))) from None
     return wrap_stream(cls, ctl, channels, reply, fds)
+
+
+async def open_changes_async(cls: type[_A], path: str, tables: str | Sequence[str], ops: Any,
+                             timeout: float | None, ring_bytes: int | None, restarted: bool,
+                             overflow: str, group: str | None, key: Any, after: Any) -> _A:
+    """subscribe_changes_async(): as open_async(), for the changes of `tables`."""
+    names, message = changes_message(tables, ops, ring_bytes, restarted, overflow, group,
+                                     key, after)
+    ctl = AsyncControl.get(asyncio.get_running_loop(), path)
+    try:
+        reply, fds = await ctl.request(message, timeout)
+    except TimeoutError:
+        raise TimeoutError(timed_out(message, names, timeout,
+                                     await _why_not(ctl, True))) from None
+    return wrap_stream(cls, ctl, names, reply, fds)
 
 
 async def _why_not(ctl: AsyncControl, wal: bool = False) -> str:

@@ -91,11 +91,13 @@ class Supervisor:
       (The WAL source's blocking readers hold its stream without a limit: the slot keeps
       the rest, so they lose nothing.)
     - slot: read logical decoding messages (pglistener.emit) from this replication slot,
-      beside LISTEN: subscribe(..., source="wal"). The slot (pgoutput) and the publication
-      are created when missing. Needs wal_level = logical and a role with REPLICATION. See
-      the README, "Durable channels".
+      beside LISTEN: subscribe(..., source="wal"), and the row changes of the publication's
+      tables: worker.subscribe_changes(). The slot (pgoutput) and the publication are
+      created when missing. Needs wal_level = logical and a role with REPLICATION. See the
+      README, "Durable channels" and "Table changes".
     - slot_dsn: read the slot from another server than `dsn` (a PostgreSQL 16+ hot standby).
-    - publication: the (empty) publication pgoutput is given (default "pglistener").
+    - publication: the publication pgoutput is given (default "pglistener"): empty for
+      messages; subscribe_changes() adds the tables it is asked for.
     - slot_lag_warning: bytes of WAL the slot may hold before a warning is logged.
     - group_hold: seconds a consumer group on the WAL source keeps its place in the slot
       after its last member went (even killed): a member that joins meanwhile gets what

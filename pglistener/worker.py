@@ -10,15 +10,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._control import Control
-from ._reader import BlockingStream, Gap, Notification
-from ._stream import check_group, check_source, open_stream, request_stop
-from .aio import AsyncJsonSubscription, AsyncSubscription, Opening, open_async
+from ._reader import BlockingStream, Change, Gap, Notification
+from ._stream import check_group, check_source, open_changes, open_stream, request_stop
+from .aio import (
+    AsyncJsonSubscription,
+    AsyncSubscription,
+    Opening,
+    open_async,
+    open_changes_async,
+)
 from .errors import SupervisorGone
 
 log = logging.getLogger("pglistener.worker")
 
 #: What a subscription yields.
-Item = Notification | Gap
+Item = Notification | Change | Gap
 
 __all__ = ["Item", "JsonSubscription", "Subscription", "Worker", "request_stop"]
 
@@ -130,6 +136,61 @@ class Worker:
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
+
+    def subscribe_changes(
+        self,
+        tables: str | Sequence[str],
+        callback: Callable[[Change], Any] | None = None,
+        *,
+        ops: Any = None,
+        group: str | None = None,
+        key: Any = None,
+        after: Any = None,
+        overflow: str = "gap",
+        ring_bytes: int | None = None,
+        timeout: float | None = None,
+        on_gap: Callable[[Gap], Any] | None = None,
+    ) -> Subscription:
+        """Subscribe to the row changes of `tables` ("orders" is "public.orders"; several
+        are read as one stream, in commit order), read from the Supervisor's slot
+        (Supervisor(slot=)): each item a Change (op, table, new, old, lsn, commit_lsn,
+        position) or a Gap. `ops`: a subset of {"insert", "update", "delete", "truncate"}
+        (default: all). The supervisor adds each table to its publication when it lacks it
+        (ALTER PUBLICATION ... ADD TABLE, which needs the table's owner: else the error names
+        the statement to run as the owner); a table that does not exist is an error here.
+
+        What a slot promises messages, it promises changes: none is lost across a reconnect,
+        a server restart or a failover (or a Gap says so where the slot cannot go on), each
+        comes once, in commit order, and the slot is not confirmed past what an open
+        subscription has not consumed. after= (a Change or its position) resumes exactly
+        after it; without it, the stream begins with what commits from now on. overflow,
+        ring_bytes, group, timeout, callback and on_gap are as for subscribe() (a change is
+        a record of its row's size: give ring_bytes room for the largest row).
+        """
+        sub = open_changes(Subscription, self._path, tables, ops, timeout, ring_bytes,
+                           self._restarted, overflow,
+                           self._group if group is None else group, key, after)
+        if callback is not None:
+            sub._start_thread(callback, on_gap)
+        return sub
+
+    def subscribe_changes_async(
+        self,
+        tables: str | Sequence[str],
+        *,
+        ops: Any = None,
+        group: str | None = None,
+        key: Any = None,
+        after: Any = None,
+        overflow: str = "gap",
+        ring_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> Opening[AsyncSubscription]:
+        """subscribe_changes() for asyncio: awaited or entered like subscribe_async()."""
+        return Opening(open_changes_async(AsyncSubscription, self._path, tables, ops, timeout,
+                                          ring_bytes, self._restarted, overflow,
+                                          self._group if group is None else group, key,
+                                          after))
 
     def subscribe_async(
         self,

@@ -1,0 +1,92 @@
+"""Table changes, the supervisor's side: a subscribe_changes() names tables; this finds each
+one (an error when it does not exist), adds to the slot's publication those it lacks, and
+gives the routes its changes come by.
+
+A change is routed by the key "\\0", its op letter and its table's oid (what _pgoutput.pyx
+writes): no message prefix has a NUL, so changes and messages never share a route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: What subscribe_changes(ops=) takes, and the letter of each in pgoutput.
+OPS = {"insert": "I", "update": "U", "delete": "D", "truncate": "T"}
+
+
+def route_key(op: str, oid: int) -> str:
+    """The route of `op`'s changes to the table `oid`."""
+    return f"\0{OPS[op]}{oid}"
+
+
+def literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings is on since PostgreSQL 9.1)."""
+    if "\0" in text:
+        raise ValueError(f"a table name cannot contain NUL: {text!r}")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def find_query(publication: str, names: Sequence[str]) -> bytes:
+    """Each name's table: oid, schema, name, kind, whether the publication has it (its
+    FOR ALL TABLES and FOR TABLES IN SCHEMA count), and whether it has a replica identity
+    (without one, PostgreSQL refuses UPDATE and DELETE on a published table). NULLs where
+    no such table exists."""
+    values = ", ".join(f"({literal(name)}, {i})" for i, name in enumerate(names))
+    return (
+        f"SELECT c.oid, n.nspname, c.relname, c.relkind, "
+        f"EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = {literal(publication)}"
+        f" AND t.schemaname = n.nspname AND t.tablename = c.relname), "
+        f"c.relreplident = 'f' OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index x "
+        f"WHERE x.indrelid = c.oid AND x.indisprimary)) OR (c.relreplident = 'i' AND EXISTS "
+        f"(SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisreplident)) "
+        f"FROM (VALUES {values}) AS w(name, i) "
+        f"LEFT JOIN pg_class c ON c.oid = to_regclass(w.name) "
+        f"LEFT JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY w.i").encode()
+
+
+def add_statement(publication: str, tables: Sequence[str]) -> str:
+    """What adds `tables` (schema-qualified, quoted) to the publication."""
+    return f"ALTER PUBLICATION {ident(publication)} ADD TABLE {', '.join(tables)}"
+
+
+def add_query(publication: str, tables: Sequence[str]) -> bytes:
+    """add_statement(), after making the publication if it does not exist yet (the WAL
+    source may be making it at the same time), in one transaction."""
+    return (f"DO $$BEGIN CREATE PUBLICATION {ident(publication)}; EXCEPTION WHEN "
+            f"duplicate_object OR unique_violation THEN NULL; END$$; "
+            f"{add_statement(publication, tables)}").encode()
+
+
+def qualified(name: object) -> str:
+    """A table as subscribe_changes() takes it: "orders" is "public.orders"; a name with a
+    dot is schema.table, each part as SQL reads it (unquoted parts fold to lower case,
+    "Quoted" ones stay)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a table is named by a str ('orders', 'public.orders'), not "
+                        f"{type(name).__name__}")
+    name = name.strip()
+    if not name or "\0" in name:
+        raise ValueError(f"not a table name: {name!r}")
+    return name if "." in name else f"public.{name}"
+
+
+def table_list(tables: str | Sequence[str]) -> tuple[str, ...]:
+    names = (tables,) if isinstance(tables, str) else tuple(tables)
+    if not names:
+        raise ValueError("subscribe_changes() needs at least one table")
+    return tuple(dict.fromkeys(qualified(name) for name in names))
+
+
+def op_list(ops: object) -> tuple[str, ...]:
+    """ops= as given (None: every kind), checked."""
+    if ops is None:
+        return tuple(OPS)
+    names = (ops,) if isinstance(ops, str) else tuple(ops)     # type: ignore[arg-type]
+    bad = [op for op in names if op not in OPS]
+    if bad or not names:
+        raise ValueError(f"ops is a subset of {set(OPS)}, not {ops!r}")
+    return tuple(op for op in OPS if op in names)

@@ -1,0 +1,432 @@
+"""Table changes from the slot (subscribe_changes) on a real server: each row change of the
+publication's tables arrives once, in commit order, decoded by its columns' types, through
+everything that can happen to the replication connection, the server and the supervisor."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from fix_cluster import Cluster
+from test_wal import FAST, read, walsender
+
+import pglistener
+from fix_supervisor import wait_for
+from pglistener import UNCHANGED, Change, Gap, Supervisor, WalSourceError
+
+
+@pytest.fixture
+def slot(logical_cluster: Cluster) -> Iterator[str]:
+    """A fresh slot and publication name, both dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
+        wait_for(lambda: conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active",
+            (name,)).fetchone() == (0,), "the slot to be released")
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     "WHERE slot_name = %s", (name,))
+        conn.execute(f"DROP PUBLICATION IF EXISTS {name}")
+
+
+def Sup(cluster: Cluster, slot: str, **options: Any) -> Supervisor:
+    """A supervisor reading `slot` with a publication of the same name (each test's own)."""
+    return Supervisor(cluster.dsn, slot=slot, publication=slot, **options)
+
+
+@pytest.fixture
+def pg(logical_cluster: Cluster) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(logical_cluster.dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def table(logical_cluster: Cluster) -> Iterator[str]:
+    """A fresh table `public.<name>` (id serial key, n int, note text)."""
+    name = f"orders_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id serial PRIMARY KEY, n int, note text)")
+    yield name
+    with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:   # a server restart
+        conn.execute(f"DROP TABLE IF EXISTS {name}")                     # ends the others
+
+
+def ns(items: list[Any]) -> list[Any]:
+    """Each change as (op, new n or old id), a Gap as its reason."""
+    out: list[Any] = []
+    for i in items:
+        if isinstance(i, Gap):
+            out.append(f"GAP:{i.reason}")
+        elif i.op == "insert":
+            out.append(i.new["n"])
+        else:
+            out.append((i.op, (i.new or i.old or {}).get("n", (i.old or {}).get("id"))))
+    return out
+
+
+def insert_many(dsn: str, table: str, first: int, count: int, transactions: int = 1) -> None:
+    per = -(-count // transactions)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for start in range(first, first + count, per):
+            stop = min(start + per, first + count)
+            conn.execute(f"INSERT INTO {table} (n) SELECT generate_series(%s::int, %s::int)",
+                         (start, stop - 1))
+
+
+# -- what a change says -----------------------------------------------------------------------
+
+
+def test_every_kind_of_change_with_its_rows(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    with Sup(logical_cluster, slot).start() as sup:
+        sub = sup.worker().subscribe_changes(table, timeout=30)
+        published = pg.execute("SELECT count(*) FROM pg_publication_tables WHERE pubname = %s "
+                               "AND tablename = %s", (slot, table)).fetchone()
+        assert published == (1,)            # added by the supervisor
+        pg.execute(f"INSERT INTO {table} (n, note) VALUES (1, 'one'), (2, NULL)")
+        pg.execute(f"UPDATE {table} SET n = 10 WHERE n = 1")
+        pg.execute(f"UPDATE {table} SET id = 100 WHERE n = 2")      # the key changes
+        pg.execute(f"DELETE FROM {table} WHERE n = 10")
+        pg.execute(f"TRUNCATE {table}")
+        items = read(sub, 6)
+        assert all(isinstance(i, Change) and i.table == f"public.{table}" for i in items)
+        assert [i.op for i in items] == ["insert", "insert", "update", "update", "delete",
+                                         "truncate"]
+        one, two, up, moved, gone, cut = items
+        assert one.new == {"id": 1, "n": 1, "note": "one"} and one.old is None
+        assert two.new == {"id": 2, "n": 2, "note": None}
+        assert up.new == {"id": 1, "n": 10, "note": "one"}
+        assert up.old is None           # REPLICA IDENTITY DEFAULT, key unchanged: none sent
+        assert moved.old == {"id": 2} and moved.new["id"] == 100
+        assert gone.old == {"id": 1} and gone.new is None      # the key's columns only
+        assert cut.new is None and cut.old is None
+        assert one.raw.new == {"id": "1", "n": "1", "note": "one"}
+        assert one.commit_lsn == two.commit_lsn and one.lsn < two.lsn   # one transaction
+        assert [i.position for i in items] == sorted({i.position for i in items})
+        assert all(i.xid for i in items)
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.3)
+
+
+def test_values_by_type_unchanged_toast_and_a_new_column(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    name = f"typed_{uuid.uuid4().hex[:8]}"
+    pg.execute(f"""CREATE TABLE {name} (id int PRIMARY KEY, big bigint, num numeric,
+                   t text, b bytea, ok bool, j jsonb, js json, at timestamptz, u uuid,
+                   arr int[], tags text[], nothing int)""")
+    pg.execute(f"ALTER TABLE {name} ALTER COLUMN t SET STORAGE EXTERNAL")   # TOASTed as is
+    try:
+        with Sup(logical_cluster, slot).start() as sup:
+            sub = sup.worker().subscribe_changes([f"public.{name}"], timeout=30)
+            at = datetime.datetime(2026, 12, 3, 15, 0, 1, 250000, tzinfo=datetime.timezone.utc)
+            u = uuid.uuid4()
+            long_text = "x" * 100_000
+            pg.execute(f"INSERT INTO {name} VALUES (1, 9007199254740993, 1.10, %s, %s, true, "
+                       f"%s, %s, %s, %s, %s, %s, NULL)",
+                       (long_text, b"\x00\xff", psycopg.types.json.Jsonb({"a": [1, 2]}),
+                        psycopg.types.json.Json([1]), at, u, [1, None, 3], ["a", "b c"]))
+            pg.execute(f"UPDATE {name} SET big = 2 WHERE id = 1")   # t not changed: TOASTed
+            pg.execute(f"ALTER TABLE {name} ADD COLUMN extra text DEFAULT 'e'")
+            pg.execute(f"ALTER TABLE {name} DROP COLUMN nothing")
+            pg.execute(f"UPDATE {name} SET big = 3, extra = 'f' WHERE id = 1")
+            first, second, third = read(sub, 3)
+            assert first.new == {"id": 1, "big": 9007199254740993,
+                                 "num": decimal.Decimal("1.10"), "t": long_text,
+                                 "b": b"\x00\xff", "ok": True, "j": {"a": [1, 2]}, "js": [1],
+                                 "at": at, "u": u, "arr": [1, None, 3], "tags": ["a", "b c"],
+                                 "nothing": None}
+            assert second.new["t"] is UNCHANGED and second.new["big"] == 2
+            assert second.raw.new["t"] is UNCHANGED and second.raw.new["num"] == "1.10"
+            assert "extra" not in second.new
+            assert third.new["extra"] == "f" and "nothing" not in third.new
+            assert third.new["t"] is UNCHANGED
+            assert repr(UNCHANGED) == "pglistener.UNCHANGED"
+    finally:
+        pg.execute(f"DROP TABLE {name}")
+
+
+def test_replica_identity_full_gives_the_whole_old_row(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    pg.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    with Sup(logical_cluster, slot).start() as sup:
+        sub = sup.worker().subscribe_changes(table, ops={"update", "delete"}, timeout=30)
+        pg.execute(f"INSERT INTO {table} (n, note) VALUES (1, 'a')")
+        pg.execute(f"UPDATE {table} SET note = 'b'")
+        pg.execute(f"DELETE FROM {table}")
+        up, gone = read(sub, 2)        # ops=: the insert is not sent here
+        assert (up.op, up.old, up.new) == ("update", {"id": 1, "n": 1, "note": "a"},
+                                           {"id": 1, "n": 1, "note": "b"})
+        assert (gone.op, gone.old) == ("delete", {"id": 1, "n": 1, "note": "b"})
+
+
+def test_several_tables_one_stream_in_commit_order_beside_messages(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    other = f"{table}_b"
+    pg.execute(f"CREATE TABLE {other} (id int PRIMARY KEY, n int)")
+    try:
+        with Sup(logical_cluster, slot).start() as sup:
+            worker = sup.worker()
+            both = worker.subscribe_changes([table, other], timeout=30)
+            only = worker.subscribe_changes(other, ops="insert", timeout=30)
+            messages = worker.subscribe(table, source="wal", timeout=30)
+            with pg.transaction():
+                pg.execute(f"INSERT INTO {other} VALUES (1, 1)")
+                pglistener.emit(pg, table, "between")
+                pg.execute(f"INSERT INTO {table} (n) VALUES (2)")
+            pg.execute(f"INSERT INTO {table} (n) VALUES (3)")
+            pg.execute(f"TRUNCATE {table}, {other}")
+            got = read(both, 5)
+            assert [(c.table.split(".")[1], c.op) for c in got] == [
+                (other, "insert"), (table, "insert"), (table, "insert"),
+                (table, "truncate"), (other, "truncate")]
+            assert got[3].commit_lsn == got[4].commit_lsn and got[3].lsn < got[4].lsn
+            assert [c.new["n"] for c in read(only, 1)] == [1]
+            assert [m.payload for m in read(messages, 1)] == ["between"]  # a message apart
+            with pytest.raises(TimeoutError):
+                only.get(timeout=0.3)       # its truncate was not asked for
+    finally:
+        pg.execute(f"DROP TABLE {other}")
+
+
+def test_bad_tables_and_ops_are_errors_that_say_what_to_do(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    with Sup(logical_cluster, slot).start() as sup:
+        worker = sup.worker()
+        with pytest.raises(WalSourceError, match="no such table: public.nope"):
+            worker.subscribe_changes(["nope", table], timeout=30)
+        pg.execute("CREATE OR REPLACE VIEW a_view AS SELECT 1 AS x")
+        with pytest.raises(WalSourceError, match="not a table: public.a_view"):
+            worker.subscribe_changes("a_view", timeout=30)
+        with pytest.raises(ValueError, match="subset of"):
+            worker.subscribe_changes(table, ops={"upsert"})
+        with pytest.raises(ValueError, match="at least one table"):
+            worker.subscribe_changes([])
+        # A role that may not add the table to the publication is told what to run.
+        role = f"r_{uuid.uuid4().hex[:8]}"
+        pg.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+        pg.execute(f"GRANT SELECT ON {table} TO {role}")
+        try:
+            dsn = psycopg.conninfo.make_conninfo(logical_cluster.dsn, user=role)
+            with Supervisor(dsn, slot=f"{slot}_r", publication=f"{slot}_p").start() as weak:
+                with pytest.raises(WalSourceError, match=f"ALTER PUBLICATION .* ADD TABLE "
+                                                         f"\"public\".\"{table}\""):
+                    weak.worker().subscribe_changes(table, timeout=30)
+                sub = sup.worker().subscribe_changes(table, timeout=30)   # the owner's works
+                pg.execute(f"INSERT INTO {table} (n) VALUES (7)")
+                assert ns(read(sub, 1)) == [7]
+        finally:
+            pg.execute(f"SELECT pg_drop_replication_slot('{slot}_r') FROM pg_replication_slots "
+                       f"WHERE slot_name = '{slot}_r'")
+            pg.execute(f"DROP PUBLICATION IF EXISTS {slot}_p")
+            pg.execute(f"DROP OWNED BY {role}")
+            pg.execute(f"DROP ROLE {role}")
+
+
+def test_without_a_slot_changes_are_refused(logical_cluster: Cluster, table: str) -> None:
+    with Supervisor(logical_cluster.dsn).start() as sup:
+        with pytest.raises(ValueError, match="table changes need a supervisor that reads a slot"):
+            sup.worker().subscribe_changes(table, timeout=30)
+
+
+def test_a_10_mb_row_arrives_whole(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    big = os.urandom(5 * 1024 * 1024).hex()       # 10 MiB of text
+    with Sup(logical_cluster, slot, max_ring_bytes=64 << 20).start() as sup:
+        sub = sup.worker().subscribe_changes(table, ring_bytes=32 << 20, timeout=30)
+        pg.execute(f"INSERT INTO {table} (n, note) VALUES (1, %s)", (big,))
+        (change,) = read(sub, 1)
+        assert change.new["note"] == big
+
+
+# -- what a slot promises -----------------------------------------------------------------------
+
+
+def test_killed_walsender_loses_nothing_and_repeats_nothing(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    total = 20_000
+    with Sup(logical_cluster, slot, **FAST).start() as sup:
+        worker = sup.worker()
+        subs = [worker.subscribe_changes(table, timeout=30),
+                worker.subscribe_changes(table, timeout=30, overflow="block",
+                                         ring_bytes=16 * 1024)]
+        producer = threading.Thread(target=insert_many,
+                                    args=(logical_cluster.dsn, table, 0, total, 40))
+        producer.start()
+        got: list[list[Any]] = [[], []]
+        kills = 0
+        while len(got[1]) < total:
+            for i, sub in enumerate(subs):
+                got[i] += sub.get_many(4096, timeout=30)
+            if kills < 3 and len(got[1]) > (kills + 1) * total // 5:
+                pg.execute("SELECT pg_terminate_backend(%s)", (walsender(sup),))
+                kills += 1
+        producer.join()
+        while len(got[0]) < total:
+            got[0] += subs[0].get_many(4096, timeout=30)
+        for items in got:
+            assert ns(items) == list(range(total))
+        assert sup.stats().wal_reconnects >= kills == 3
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_server_restart_loses_nothing(
+    logical_cluster: Cluster, slot: str, table: str, mode: str
+) -> None:
+    with Sup(logical_cluster, slot, **FAST).start() as sup:
+        sub = sup.worker().subscribe_changes(table, timeout=30)
+        insert_many(logical_cluster.dsn, table, 0, 1000, transactions=4)
+        logical_cluster.restart(mode)
+        insert_many(logical_cluster.dsn, table, 1000, 1000, transactions=4)
+        assert ns(read(sub, 2000)) == list(range(2000))
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=1)
+
+
+def test_a_killed_supervisor_resumes_after_the_last_handled_change(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    sup = Sup(logical_cluster, slot).start()
+    try:
+        sub = sup.worker().subscribe_changes(table, timeout=30)
+        insert_many(logical_cluster.dsn, table, 0, 1000)
+        handled = read(sub, 400)
+        assert sup.pid is not None
+        os.kill(sup.pid, signal.SIGKILL)
+    finally:
+        sup.stop()
+    insert_many(logical_cluster.dsn, table, 1000, 500)
+    with Sup(logical_cluster, slot).start() as again:
+        worker = again.worker()
+        resumed = worker.subscribe_changes(table, after=handled[-1], timeout=30)
+        fresh = worker.subscribe_changes(table, timeout=30)
+        assert ns(read(resumed, 1100)) == list(range(400, 1500))
+        pg.execute(f"INSERT INTO {table} (n) VALUES (1500)")
+        assert ns(read(fresh, 1)) == [1500]
+
+
+def test_a_multi_row_insert_record_keeps_every_row(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    """COPY writes many rows in one WAL record (they share its LSN): none is taken for a
+    repeat of the one before."""
+    with Sup(logical_cluster, slot).start() as sup:
+        sub = sup.worker().subscribe_changes(table, timeout=30)
+        with pg.cursor() as cur, cur.copy(f"COPY {table} (n) FROM STDIN") as copy:
+            for n in range(500):
+                copy.write_row((n,))
+        items = read(sub, 500)
+        assert ns(items) == list(range(500))
+        assert len({i.position for i in items}) == 500
+
+
+def test_asyncio_and_pickling(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    import asyncio
+    import pickle
+
+    async def main(worker: pglistener.Worker) -> list[Any]:
+        async with worker.subscribe_changes_async(table, timeout=30) as sub:
+            pg.execute(f"INSERT INTO {table} (n) VALUES (5)")
+            return [await sub.get(timeout=30)]
+
+    with Sup(logical_cluster, slot).start() as sup:
+        (change,) = asyncio.run(main(sup.worker()))
+        again = pickle.loads(pickle.dumps(change))
+        assert again == change and again.new == {"id": 1, "n": 5, "note": None}
+        assert pickle.loads(pickle.dumps(UNCHANGED)) is UNCHANGED
+
+
+def test_snapshot_then_stream_gives_every_change_once(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    """The README's way: subscribe, then read the table in a REPEATABLE READ snapshot, then
+    apply the changes the snapshot does not see. A transaction that commits between the
+    subscribe and the snapshot is in both (skipped); one in progress when the snapshot is
+    taken commits after it (applied); writers run throughout."""
+    pg.execute(f"INSERT INTO {table} (n) SELECT generate_series(0, 99)")
+    stop = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
+            i = 1000
+            while not stop.is_set():
+                conn.execute(f"INSERT INTO {table} (n) VALUES (%s)", (i,))
+                conn.execute(f"UPDATE {table} SET n = n + 1 WHERE id = %s", (i % 100 + 1,))
+                conn.execute(f"DELETE FROM {table} WHERE id = (SELECT min(id) FROM {table} "
+                             f"WHERE n >= 1000)")
+                i += 1
+
+    with Sup(logical_cluster, slot).start() as sup:
+        sub = sup.worker().subscribe_changes(table, timeout=30)
+        writer = threading.Thread(target=write)
+        writer.start()
+        pg.execute(f"INSERT INTO {table} (n) VALUES (-1)")          # in both: skipped
+        pending = psycopg.connect(logical_cluster.dsn)
+        pending.execute(f"INSERT INTO {table} (n) VALUES (-2)")     # seen by neither yet
+        with psycopg.connect(logical_cluster.dsn) as snap_conn:
+            snap_conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            snap = pglistener.Snapshot.of(snap_conn)
+            state = {row[0]: row[1] for row in snap_conn.execute(f"SELECT id, n FROM {table}")}
+            snap_conn.rollback()
+        pending.commit()                                            # after it: applied
+        pending.close()
+        stop.set()
+        writer.join()
+        marker = pg.execute(f"INSERT INTO {table} (n) VALUES (-3) RETURNING id").fetchone()
+        assert marker is not None
+        skipped = applied = 0
+        while True:
+            change = sub.get(timeout=30)
+            assert isinstance(change, Change)
+            if snap.sees(change):
+                skipped += 1
+                continue
+            applied += 1
+            if change.op == "delete":
+                del state[change.old["id"]]
+            else:
+                state[change.new["id"]] = change.new["n"]
+            if change.new and change.new["id"] == marker[0]:
+                break
+        final = dict(pg.execute(f"SELECT id, n FROM {table}").fetchall())
+        assert state == final
+        assert skipped >= 1 and applied >= 2
+        assert -1 in state.values() and -2 in state.values()
+
+
+def test_a_table_without_replica_identity_is_not_added(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """Published without a key, a table's UPDATEs and DELETEs would fail for every writer:
+    the supervisor says so instead of adding it, and adds it once it has an identity."""
+    name = f"keyless_{uuid.uuid4().hex[:8]}"
+    pg.execute(f"CREATE TABLE {name} (n int)")
+    try:
+        with Sup(logical_cluster, slot).start() as sup:
+            with pytest.raises(WalSourceError, match="no replica identity"):
+                sup.worker().subscribe_changes(name, timeout=30)
+            pg.execute(f"INSERT INTO {name} VALUES (1)")
+            pg.execute(f"UPDATE {name} SET n = 2")          # still allowed: not published
+            pg.execute(f"ALTER TABLE {name} REPLICA IDENTITY FULL")
+            sub = sup.worker().subscribe_changes(name, timeout=30)
+            pg.execute(f"UPDATE {name} SET n = 3")
+            (change,) = read(sub, 1)
+            assert (change.old, change.new) == ({"n": 2}, {"n": 3})
+    finally:
+        pg.execute(f"DROP TABLE {name}")
