@@ -82,7 +82,7 @@ class Source:
         """run() said the connection failed (or its stream ended)."""
         conn = self.shell.conn
         if conn is not None:
-            self.shell.lose_now(conn.error_message or self.ended)
+            self.shell.lose_now(conn.error_message or final_error(conn) or self.ended)
 
     def on_result(self) -> None:
         self.shell.on_result(time.monotonic())
@@ -739,6 +739,16 @@ NO_SLOT: dict[str, Any] = dict(
     slot=None, wal_state=None, wal_backend_pid=None, wal_reconnects=0, wal_last_error=None,
     wal_received=0, wal_unrouted=0, wal_confirmed_lsn=0, slot_lag_bytes=None, slot_losses=0,
     slot_failover=None, failover_ready=None)
+
+
+def final_error(conn: PGConnection) -> str | None:
+    """Why the server ended a COPY stream: its error result, when it has come already (a
+    walsender's ERROR, e.g. from pgoutput), without waiting for one."""
+    if conn.consume():
+        got = conn.get_result()
+        if got is not None and not got[0]:
+            return got[2]
+    return None
 
 
 def group_key(sub: Sub) -> tuple[tuple[str, ...], str]:

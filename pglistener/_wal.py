@@ -358,6 +358,12 @@ class WalConnection(ListenConnection):
             publication()
 
         def make() -> None:
+            # The publication first: pgoutput reads it as of each change it decodes, and a
+            # change from before the publication existed fails the stream for good
+            # ("publication ... does not exist"), whatever table it is on.
+            publication(make_slot)
+
+        def make_slot() -> None:
             self.slot_failover = self.wants_failover
             options = "(SNAPSHOT 'nothing', FAILOVER)" if self.slot_failover else \
                 "NOEXPORT_SNAPSHOT"
@@ -375,23 +381,24 @@ class WalConnection(ListenConnection):
             point = _text(results[0][0][1]) if results and results[0] else None
             self.slot_confirmed = parse_lsn(point) if point else outcome.start_lsn
             outcome.created = True
-            publication()
+            start()
 
-        def publication() -> None:
+        def publication(then: Callable[[], None] | None = None) -> None:
+            after = start if then is None else then
             if self.recovery:       # a standby has what its primary has
-                return start()
+                return after()
             self.query(f"SELECT 1 FROM pg_publication WHERE pubname = '{pub}'".encode(),
                        lambda results, error: (
                            fail(f"looking for publication {pub!r} failed: {error}")
-                           if error is not None else start() if results and results[0] else
+                           if error is not None else after() if results and results[0] else
                            self.query(f'CREATE PUBLICATION "{pub}"'.encode(),
-                                      lambda _r, error: publication_made(error))))
+                                      lambda _r, error: publication_made(error, after))))
 
-        def publication_made(error: str | None) -> None:
+        def publication_made(error: str | None, after: Callable[[], None]) -> None:
             if error is not None and "already exists" not in error:
                 return fail(f"creating publication {pub!r} failed: {error} (CREATE "
                             f"PUBLICATION {pub}; as its owner)")
-            start()
+            after()
 
         def start() -> None:
             self.query(f"START_REPLICATION SLOT \"{slot}\" LOGICAL 0/0 (proto_version '1', "

@@ -430,3 +430,29 @@ def test_a_table_without_replica_identity_is_not_added(
             assert (change.old, change.new) == ({"n": 2}, {"n": 3})
     finally:
         pg.execute(f"DROP TABLE {name}")
+
+
+def test_writes_while_the_slot_is_made_do_not_break_it(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    """pgoutput reads the publication as of each change it decodes: a change committed
+    after the slot was made and before its publication would fail the stream for good
+    ("publication ... does not exist"). The supervisor makes the publication first."""
+    stop = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(f"INSERT INTO {table} (n) VALUES (0)")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        with Sup(logical_cluster, slot).start() as sup:
+            sub = sup.worker().subscribe("after-setup", source="wal", timeout=30)
+            pglistener.emit(pg, "after-setup", "arrived")
+            assert read(sub, 1)[0].payload == "arrived"
+            assert sup.stats().wal_reconnects == 0
+    finally:
+        stop.set()
+        writer.join()
