@@ -456,3 +456,36 @@ def test_writes_while_the_slot_is_made_do_not_break_it(
     finally:
         stop.set()
         writer.join()
+
+
+@pytest.mark.parametrize("logical_cluster", ["16", "17"], indirect=True, ids=["pg16", "pg17"])
+def test_reading_changes_on_a_standby_restarted_and_promoted(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    """slot_dsn names a hot standby: the table is added to the publication on the primary,
+    its rows changed there arrive from the standby's slot, through a restart of the standby
+    and its promotion, each once and in order."""
+    standby = logical_cluster.standby(f"standby_{slot}", logical_cluster.port + 1)
+    try:
+        with Supervisor(logical_cluster.dsn, slot=slot, slot_dsn=standby.dsn, publication=slot,
+                        **FAST).start() as sup:
+            sub = sup.worker().subscribe_changes(table, timeout=60)
+            with psycopg.connect(standby.dsn) as s:
+                assert s.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+                assert s.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name "
+                                 "= %s", (slot,)).fetchone() == (1,)
+            insert_many(logical_cluster.dsn, table, 0, 500, transactions=5)
+            assert ns(read(sub, 500)) == list(range(500))
+            standby.restart("fast")
+            insert_many(logical_cluster.dsn, table, 500, 500, transactions=5)
+            assert ns(read(sub, 500)) == list(range(500, 1000))
+            standby.promote()
+            with psycopg.connect(standby.dsn, autocommit=True) as promoted:
+                wait_for(lambda: promoted.execute("SELECT pg_is_in_recovery()").fetchone()
+                         == (False,), "the promotion")
+            insert_many(standby.dsn, table, 1000, 300)      # writes go to the new primary
+            assert ns(read(sub, 300)) == list(range(1000, 1300))
+            with pytest.raises(TimeoutError):
+                sub.get(timeout=1)
+    finally:
+        standby.stop("immediate")

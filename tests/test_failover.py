@@ -147,6 +147,40 @@ def test_a_failover_slot_survives_a_failover_with_nothing_lost(
         assert "read on a new timeline" in caplog.text      # from the point histories part
 
 
+def test_table_changes_survive_a_failover_with_nothing_lost(
+    pair: tuple[Cluster, Cluster]
+) -> None:
+    """The same failover slot carries row changes: those committed on the primary before it
+    died and those on the promoted standby after, each once and in order."""
+    primary, standby = pair
+    slot = f"c_{uuid.uuid4().hex[:12]}"
+    table = f"fo_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id serial PRIMARY KEY, n int)")
+    with Supervisor(both(primary, standby), slot=slot, publication=slot,
+                    **FAST).start() as sup:
+        sub = sup.worker().subscribe_changes(table, timeout=60)
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            for start in range(0, 1000, 100):
+                conn.execute(f"INSERT INTO {table} (n) SELECT generate_series(%s::int, "
+                             f"%s::int)", (start, start + 99))
+        assert [c.new["n"] for c in read(sub, 1000)] == list(range(1000))
+        wait_for(lambda: sup.stats().failover_ready is True, "the slot to be failover-ready")
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.2)
+        wait_synced(primary, standby, slot)
+        primary.stop("immediate")
+        with promote(standby) as conn:
+            conn.execute(f"UPDATE {table} SET n = -n WHERE n < 10")
+            conn.execute(f"INSERT INTO {table} (n) SELECT generate_series(1000, 1999)")
+        got = read(sub, 1010, timeout=60)
+        assert [(c.op, c.new["n"]) for c in got[:10]] == [("update", -n) for n in range(10)]
+        assert [c.new["n"] for c in got[10:]] == list(range(1000, 2000))
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=1)
+        assert sup.stats().slot_losses == 0
+
+
 def test_a_failover_without_a_failover_slot_is_a_gap(pair: tuple[Cluster, Cluster]) -> None:
     """failover=False on the same pair: the promoted standby has no slot, and the stream says
     so before what it reads there."""
