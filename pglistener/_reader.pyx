@@ -13,6 +13,7 @@ from cpython.pythread cimport (
     NOWAIT_LOCK, PY_LOCK_ACQUIRED, PY_LOCK_INTR, PyThread_acquire_lock, PyThread_allocate_lock,
     PyThread_free_lock, PyThread_release_lock, PyThread_type_lock,
 )
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
@@ -321,7 +322,7 @@ cdef Py_ssize_t _tuple_data(bytes data, Py_ssize_t at, int ncols, list texts) ex
             at += 4
             if at + length > n:
                 raise ValueError("truncated tuple data")
-            texts.append(data[at:at + length])
+            texts.append(PyBytes_FromStringAndSize(<const char *>p + at, length))
             at += length
         else:
             raise ValueError(f"unknown tuple data kind {kind!r}")
@@ -332,14 +333,20 @@ cdef Py_ssize_t _tuple_data(bytes data, Py_ssize_t at, int ncols, list texts) ex
 
 cdef dict _row(Table table, list texts, bint key_only):
     # Column name -> Python value, by psycopg's loaders.
-    cdef int i
-    cdef list known = [None if t is UNCHANGED else t for t in texts]
-    values = table.loader().load_sequence(known)
-    out = {}
-    for i in range(len(texts)):
+    cdef Py_ssize_t i, n = len(texts)
+    cdef bint unchanged = UNCHANGED in texts
+    cdef tuple columns = table.columns
+    cdef dict out = {}
+    values = table.loader().load_sequence(
+        [None if t is UNCHANGED else t for t in texts] if unchanged else texts)
+    if not key_only and not unchanged:
+        for i in range(n):
+            out[columns[i]] = values[i]
+        return out
+    for i in range(n):
         if key_only and not table.key[i]:
             continue
-        out[table.columns[i]] = UNCHANGED if texts[i] is UNCHANGED else values[i]
+        out[columns[i]] = UNCHANGED if texts[i] is UNCHANGED else values[i]
     return out
 
 
@@ -396,6 +403,9 @@ cdef class Change:
     cdef object _old
     cdef RawRows _raw
     cdef bint _decoded
+    cdef list _new_texts          # each column as sent, once parsed (raw is made from them)
+    cdef list _old_texts
+    cdef bint _key_only           # old holds the replica identity's columns only
 
     def __init__(self, Table relation not None, bytes message not None, lsn, commit_lsn,
                  unsigned int xid=0):
@@ -429,38 +439,39 @@ cdef class Change:
 
     @property
     def raw(self):
+        cdef RawRows raw
         self._decode()
+        if self._raw is None:
+            raw = RawRows.__new__(RawRows)
+            if self._new_texts is not None:
+                raw.new = _raw_row(self.relation, self._new_texts, False)
+            if self._old_texts is not None:
+                raw.old = _raw_row(self.relation, self._old_texts, self._key_only)
+            self._raw = raw
         return self._raw
 
     cdef int _decode(self) except -1:
         cdef bytes m = self.message
         cdef Py_ssize_t at = 5
         cdef int ncols = len(self.relation.columns)
-        cdef list new_texts = None, old_texts = None
-        cdef bint key_only = False
-        cdef RawRows raw
         if self._decoded:
             return 0
-        raw = RawRows.__new__(RawRows)
         if self.op != "truncate":
             if len(m) < 6:
                 raise ValueError("truncated change message")
             kind = m[at]
             if kind == b'K'[0] or kind == b'O'[0]:
-                key_only = kind == b'K'[0]
-                old_texts = []
-                at = _tuple_data(m, at + 1, ncols, old_texts)
+                self._key_only = kind == b'K'[0]
+                self._old_texts = []
+                at = _tuple_data(m, at + 1, ncols, self._old_texts)
                 kind = m[at] if at < len(m) else 0
             if kind == b'N'[0]:
-                new_texts = []
-                _tuple_data(m, at + 1, ncols, new_texts)
-        if new_texts is not None:
-            self._new = _row(self.relation, new_texts, False)
-            raw.new = _raw_row(self.relation, new_texts, False)
-        if old_texts is not None:
-            self._old = _row(self.relation, old_texts, key_only)
-            raw.old = _raw_row(self.relation, old_texts, key_only)
-        self._raw = raw
+                self._new_texts = []
+                _tuple_data(m, at + 1, ncols, self._new_texts)
+        if self._new_texts is not None:
+            self._new = _row(self.relation, self._new_texts, False)
+        if self._old_texts is not None:
+            self._old = _row(self.relation, self._old_texts, self._key_only)
         self._decoded = True
         return 0
 
