@@ -3,7 +3,8 @@
 
 Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, burst,
 group, idle; and for the WAL source (a server with wal_level = logical; the embedded one is
-set so): produce, wal-drain, wal-tx, wal-latency, wal-fanout, wal-group, wal-hosts.
+set so): produce, wal-drain, wal-tx, wal-latency, wal-fanout, wal-group, wal-hosts,
+changes-drain.
 Systems, all on the same server with the same workload:
 
   raw                  a C loop on one connection (PQconsumeInput + PQnotifies): the ceiling
@@ -25,14 +26,18 @@ Systems, all on the same server with the same workload:
   pglistener-wal(-for) subscribe(..., source="wal") read by get_many, or by for item in sub
   pglistener-wal-group a consumer group on the WAL source
   psycopg2-wal         psycopg2's LogicalReplicationConnection.consume_stream()
+  raw-changes          changes-drain: the C loop counting inserted rows ('I'), decoding nothing
+  pglistener-changes-for  subscribe_changes() read by for change in sub, each row decoded
+  psycopg2-changes     consume_stream() with a Python pgoutput decoder, each row decoded
   pglistener(-wal)-xK  wal-hosts: K supervisors, each with a reader (for item in sub) of
                        NOTIFY, or of a slot of its own (-wal)
   insert+notify, insert+emit, notify, emit, emit-nontx
                        produce: pgbench, 16 clients, each transaction an INSERT and a NOTIFY
                        or a pg_logical_emit_message, or the announcement alone
 
-The WAL peers (raw-wal, psycopg2-wal) read their backlog in a database of their own, so that
-the supervisor's slot (in the bench's database) does not decode it.
+The WAL peers (raw-wal, psycopg2-wal, raw-changes, psycopg2-changes) read their backlog in
+a database of their own, so that the supervisor's slot (in the bench's database) does not
+decode it.
 
 Rounds interleave the systems so that drift on a noisy machine hits all of them alike; each
 figure is the median over rounds with min and max, and ratios are taken round by round.
@@ -66,6 +71,7 @@ from . import report, systems
 from .pg import caught_up, drop_slot, pgbench, start_server, wait_streaming, wal_unusable
 from .scenarios import (
     ONE_PROCESS,
+    PEER_SYSTEMS,
     PRODUCE_SQL,
     SCENARIOS,
     WAL_SYSTEMS,
@@ -73,6 +79,7 @@ from .scenarios import (
     channel_names,
     expected,
     produce_backlog,
+    produce_changes,
     produce_flat_out,
     produce_jobs,
     produce_paced,
@@ -142,7 +149,7 @@ def shaped(scenario: Scenario, args: argparse.Namespace) -> Scenario:
 EXTRA = "pip install 'pglistener[bench]'"
 
 #: Systems that need a package pglistener itself does not depend on.
-NEEDS = {"asyncpg": "asyncpg", "psycopg2-wal": "psycopg2"}
+NEEDS = {"asyncpg": "asyncpg", "psycopg2-wal": "psycopg2", "psycopg2-changes": "psycopg2"}
 
 #: The slot the bench's supervisor reads, and the WAL peers' own database.
 BENCH_SLOT = "pglistener_bench"
@@ -294,6 +301,12 @@ class Bench:
             targets = [(systems.raw_wal_reader, (self.peer_dsn, job(channels)))]
         elif system == "psycopg2-wal":
             targets = [(systems.psycopg2_wal_reader, (self.peer_dsn, job(channels)))]
+        elif system == "raw-changes":
+            targets = [(systems.raw_changes_reader, (self.peer_dsn, job(channels)))]
+        elif system == "psycopg2-changes":
+            targets = [(systems.psycopg2_changes_reader, (self.peer_dsn, job(channels)))]
+        elif system == "pglistener-changes-for":
+            targets = [(systems.pglistener_changes_reader, (worker, job(channels)))]
         elif system in ONE_PROCESS:
             fn = {"raw": systems.raw_reader, "psycopg": systems.psycopg_reader,
                   "asyncpg": systems.asyncpg_reader}[system]
@@ -340,9 +353,11 @@ class Bench:
             channel = channel_names(scenario)[0]
             wal = system in WAL_SYSTEMS
             conn = self.conn
-            if system in ("raw-wal", "psycopg2-wal"):     # they read their own database
+            if system in PEER_SYSTEMS:      # they read their own database
                 conn = psycopg.connect(self.peer_dsn, autocommit=True)
-            if scenario.shared:
+            if scenario.source == "changes":
+                produce_changes(conn, scenario.notifications)
+            elif scenario.shared:
                 (produce_wal_jobs if wal else produce_jobs)(
                     conn, scenario, scenario.notifications, len(procs))
             elif scenario.kind == "count":
@@ -443,10 +458,19 @@ def _wal_setup(conn: psycopg.Connection[Any], dsn: str, stack: ExitStack) -> str
     if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PEER_DB,)).fetchone() is None:
         conn.execute(f"CREATE DATABASE {PEER_DB}")
     peer = make_conninfo(dsn, dbname=PEER_DB)
+    for db in (dsn, peer):      # the changes table: in the peers' publication of its own
+        with psycopg.connect(db, autocommit=True) as pc:
+            pc.execute(f"CREATE TABLE IF NOT EXISTS {systems.CHANGES_TABLE} "
+                       f"(id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, n int)")
     with psycopg.connect(peer, autocommit=True) as pc:
         found = pc.execute("SELECT 1 FROM pg_publication WHERE pubname = 'pglistener'")
         if found.fetchone() is None:
             pc.execute("CREATE PUBLICATION pglistener")
+        found = pc.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
+                           [systems.CHANGES_PUBLICATION])
+        if found.fetchone() is None:
+            pc.execute(f"CREATE PUBLICATION {systems.CHANGES_PUBLICATION} "
+                       f"FOR TABLE {systems.CHANGES_TABLE}")
 
     stack.callback(drop_slot, dsn, BENCH_SLOT)     # runs after the supervisor has stopped
     return peer

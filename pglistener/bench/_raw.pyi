@@ -7,5 +7,6 @@ class Listener:
     ) -> tuple[int, int, int, list[int] | None]: ...
 
 def wal_drain(
-    conninfo: bytes, publication: bytes, expect: int, timeout_ms: int, ready: object
+    conninfo: bytes, publication: bytes, expect: int, timeout_ms: int, ready: object,
+    kind: bytes = b"M",
 ) -> tuple[int, int, int]: ...

@@ -103,11 +103,12 @@ cdef extern from "../_wire.h" nogil:
 
 
 def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_ms,
-              ready):
+              ready, bytes kind=b"M"):
     """The WAL source's ceiling: a C loop on a replication connection of its own (libpq
     directly, conninfo with replication=database), a temporary pgoutput slot, counting the
-    logical decoding messages ('M') and answering keepalives, until `expect` arrived or
-    timeout_ms passed. ready() is called once the stream runs.
+    pgoutput messages of `kind` (b"M": logical decoding messages; b"I": inserted rows) and
+    answering keepalives, until `expect` arrived or timeout_ms passed. ready() is called
+    once the stream runs.
 
     Returns (count, first_ns, end_ns) in CLOCK_MONOTONIC."""
     cdef PGconn *conn = PQconnectdb(conninfo)
@@ -119,6 +120,7 @@ def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_
     cdef int64_t first = 0, end = 0, deadline
     cdef uint64_t wal_end
     cdef pollfd fd
+    cdef char want = kind[0]
     try:
         if PQstatus(conn) != CONNECTION_OK:
             raise RuntimeError(PQerrorMessage(conn).decode())
@@ -139,7 +141,7 @@ def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_
             while count < expect:
                 n = PQgetCopyData(conn, &buf, 1)
                 if n > 0:
-                    if buf[0] == b'w' and n > 25 and buf[25] == b'M':
+                    if buf[0] == b'w' and n > 25 and buf[25] == want:
                         end = _now_ns()
                         if count == 0:
                             first = end

@@ -137,8 +137,8 @@ def _invalid(results: dict[str, Any], scenario: str, systems: list[str], key: An
         if any(r.get("valid") is False for r in _rows(results, scenario, system) or []):
             return (f"a drain shorter than {MIN_DRAIN_SECONDS:g} s (raise --notifications): "
                     f"too short to time")
-    if (reference in ("raw", "raw-wal") and how == "ratio" and key in ("per_reader_per_s",
-                                                          "deliveries_per_s")
+    if (reference in ("raw", "raw-wal", "raw-changes") and how == "ratio"
+            and key in ("per_reader_per_s", "deliveries_per_s")
             and any(v > MAX_RATIO_TO_RAW for v in values)):
         return f"over {MAX_RATIO_TO_RAW:g}x the C loop: mistimed, not faster"
     return None
@@ -215,6 +215,12 @@ TARGETS: list[tuple[str, str, str, str | None, str | tuple[str, str], str, str, 
      "pglistener-wal", None, "exact", "", ">=", 1.0),
     ("wal-group: each job handled exactly once", "wal-group", "pglistener-wal-group", None,
      "exact", "", ">=", 1.0),
+    ("changes-drain: for change in sub >= 2x psycopg2 + a Python decoder", "changes-drain",
+     "pglistener-changes-for", "psycopg2-changes", "per_reader_per_s", "ratio", ">=", 2.0),
+    ("changes-drain: for change in sub >= 0.5x the C loop", "changes-drain",
+     "pglistener-changes-for", "raw-changes", "per_reader_per_s", "ratio", ">=", 0.5),
+    ("changes-drain: each change exactly once, in order", "changes-drain",
+     "pglistener-changes-for", None, "exact", "", ">=", 1.0),
     ("idle: supervisor CPU % (about 0)", "idle", "pglistener", None,
      "supervisor_cpu_percent", "", "<=", 1.0),
     ("idle: blocked reader CPU % (about 0)", "idle", "pglistener", None,

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from .systems import END, JOBS
+from .systems import CHANGES_TABLE, END, JOBS
 
 #: Systems, in the order the tables list them; the first is the reference of the ratios.
 ONE_PROCESS = ("raw", "psycopg", "asyncpg")
@@ -41,8 +41,14 @@ PRODUCERS = tuple(PRODUCE_SQL)
 HOSTS = (1, 2, 4)
 HOST_SYSTEMS = tuple(f"{kind}-x{k}" for k in HOSTS for kind in ("pglistener", "pglistener-wal"))
 
+#: Table changes (the slot's publication): the C loop, psycopg2 with a Python pgoutput
+#: decoder (the peers' way), and `for change in sub`.
+CHANGES_SYSTEMS = ("raw-changes", "psycopg2-changes", "pglistener-changes-for")
+#: The systems that read in a database of their own (a temporary slot each).
+PEER_SYSTEMS = ("raw-wal", "psycopg2-wal", "raw-changes", "psycopg2-changes")
+
 WAL_SYSTEMS = ("raw-wal", "psycopg2-wal", "pglistener-wal", "pglistener-wal-for",
-               "pglistener-wal-group", *HOST_SYSTEMS[1::2])
+               "pglistener-wal-group", *HOST_SYSTEMS[1::2], *CHANGES_SYSTEMS)
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,8 @@ class Scenario:
     pause_s: float = 0.0        # readers sleep this long after each 1000: a bounded rate
     shared: bool = False        # the readers share the backlog (a work queue), not each all
     source: str = "notify"      # what the producer sends: "notify", "wal", or "both" (each
-                                # system gets its own: a "-wal" system WAL messages)
+                                # system gets its own: a "-wal" system WAL messages), or
+                                # "changes" (rows inserted into the changes table)
     per_transaction: bool = False   # count: one notification per transaction, not one for all
 
 
@@ -118,6 +125,11 @@ SCENARIOS = {s.name: s for s in [
              "reader of everything, beside as many NOTIFY supervisors: what each slot costs the "
              "server (its walsender's CPU) and what each supervisor delivers", "hosts",
              HOST_SYSTEMS, notifications=200_000, quick_notifications=50_000, source="both"),
+    Scenario("changes-drain", "1M single-row inserts in one transaction, read as row changes "
+             "from the slot, each row decoded: the C loop (decoding nothing), pglistener's "
+             "`for change in sub`, psycopg2's consume_stream with a Python pgoutput decoder",
+             "count", CHANGES_SYSTEMS, notifications=1_000_000, quick_notifications=200_000,
+             source="changes"),
     Scenario("wal-group", "a backlog of jobs for 4 processes to handle each once, through a "
              "consumer group on the WAL source", "count", ("pglistener-wal-group",),
              many_readers=True, shared=True, notifications=100_000,
@@ -194,6 +206,13 @@ def produce_wal_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: in
             cur.executemany("SELECT pg_logical_emit_message(true, %s, %s)",
                             [(channel, str(i).zfill(scenario.payload_bytes))
                              for i in range(start, min(n, start + 500))])
+
+
+def produce_changes(conn: psycopg.Connection[Any], n: int) -> None:
+    """n rows inserted in one transaction (n = 1 .. n), each a row change; the table is
+    emptied first (its truncate comes before them)."""
+    conn.execute(f"TRUNCATE {CHANGES_TABLE} RESTART IDENTITY")
+    conn.execute(f"INSERT INTO {CHANGES_TABLE} (n) SELECT generate_series(1, %s)", [n])
 
 
 def produce_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: int) -> None:

@@ -26,6 +26,7 @@ import asyncio
 import glob
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -374,25 +375,25 @@ def raw_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
              "deliveries": n, "lat_ns": []})
 
 
-def psycopg2_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
-    """psycopg2's LogicalReplicationConnection and consume_stream(), the Python peer for the
-    WAL source: a temporary pgoutput slot, counting logical decoding messages."""
+def psycopg2_stream(dsn: str, job: Job, ready: Any, out: Any, slot: str,
+                    options: dict[str, str], take: Callable[[bytes], int]) -> None:
+    """psycopg2's LogicalReplicationConnection and consume_stream() on a temporary pgoutput
+    slot: take(payload) for each pgoutput message, returning how many it counted (0 or 1),
+    until job.expect were counted."""
     import psycopg2
     import psycopg2.extras
 
     conn = psycopg2.connect(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
     cur = conn.cursor()
-    cur.execute("CREATE_REPLICATION_SLOT pglistener_bench_pg2 TEMPORARY LOGICAL pgoutput "
-                "NOEXPORT_SNAPSHOT")
-    cur.start_replication(slot_name="pglistener_bench_pg2", decode=False, options={
-        "proto_version": "1", "publication_names": "pglistener", "messages": "true"})
+    cur.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+    cur.start_replication(slot_name=slot, decode=False, options=options)
     tally = Tally(job)
     ready.put(True)
     received = 0
 
     def consume(msg: Any) -> None:
         nonlocal received
-        if msg.payload[:1] == b"M":
+        if take(msg.payload):
             if not received:
                 tally.first = time.monotonic()
             received += 1
@@ -407,6 +408,137 @@ def psycopg2_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
         pass
     tally.finish(received)
     conn.close()
+    out.put(tally.report())
+
+
+def psycopg2_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """psycopg2's consume_stream(), the Python peer for the WAL source: counting logical
+    decoding messages."""
+    psycopg2_stream(dsn, job, ready, out, "pglistener_bench_pg2", {
+        "proto_version": "1", "publication_names": "pglistener", "messages": "true"},
+        lambda payload: payload[:1] == b"M")
+
+
+#: The table the changes scenarios insert into (its changes: one per row, in order).
+CHANGES_TABLE = "bench_changes"
+#: The peers' publication of it, in their own database.
+CHANGES_PUBLICATION = "pglistener_changes"
+
+
+def raw_changes_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """The C loop of _raw counting the inserted rows ('I') of the changes publication: what
+    the slot can deliver on this machine, decoding nothing."""
+    from psycopg.conninfo import make_conninfo
+
+    from pglistener.bench._raw import wal_drain
+
+    timeout_ms = int(max(0.0, job.deadline - time.monotonic()) * 1000)
+    n, first_ns, end_ns = wal_drain(make_conninfo(dsn, replication="database").encode(),
+                                    CHANGES_PUBLICATION.encode(), job.expect, timeout_ms,
+                                    lambda: ready.put(True), b"I")
+    out.put({"first": first_ns / 1e9, "end": end_ns / 1e9, "received": n, "missed": 0,
+             "deliveries": n, "lat_ns": []})
+
+
+class PgoutputDecoder:
+    """The peers' way (pypgoutput, Supabase's and Debezium's Python ports): pgoutput parsed
+    in Python, each row a dict of column name to value, by the column's type for the
+    common ones (int, bool, numeric, text)."""
+
+    CASTS: dict[int, Any] = {20: int, 21: int, 23: int, 26: int, 16: lambda t: t == "t",
+                             700: float, 701: float, 25: str, 1043: str}
+
+    def __init__(self) -> None:
+        self.relations: dict[int, tuple[str, list[tuple[str, Any]]]] = {}
+
+    def relation(self, m: bytes) -> None:
+        import struct
+
+        relid = struct.unpack_from(">I", m, 1)[0]
+        at = 5
+        nsp_end = m.index(b"\0", at)
+        rel_end = m.index(b"\0", nsp_end + 1)
+        name = f"{m[at:nsp_end].decode()}.{m[nsp_end + 1:rel_end].decode()}"
+        at = rel_end + 2
+        (ncols,) = struct.unpack_from(">h", m, at)
+        at += 2
+        columns = []
+        for _ in range(ncols):
+            end = m.index(b"\0", at + 1)
+            column = m[at + 1:end].decode()
+            oid = struct.unpack_from(">I", m, end + 1)[0]
+            columns.append((column, self.CASTS.get(oid, str)))
+            at = end + 9
+        self.relations[relid] = (name, columns)
+
+    def insert(self, m: bytes) -> tuple[str, dict[str, Any]]:
+        import struct
+
+        relid = struct.unpack_from(">I", m, 1)[0]
+        name, columns = self.relations[relid]
+        at = 6
+        (ncols,) = struct.unpack_from(">h", m, at)
+        at += 2
+        row: dict[str, Any] = {}
+        for i in range(ncols):
+            kind = m[at]
+            at += 1
+            column, cast = columns[i]
+            if kind == 0x74:        # 't'
+                (length,) = struct.unpack_from(">i", m, at)
+                at += 4
+                row[column] = cast(m[at:at + length].decode())
+                at += length
+            else:
+                row[column] = None
+        return name, row
+
+
+def psycopg2_changes_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
+    """psycopg2's consume_stream() with a Python pgoutput decoder over the changes
+    publication: each inserted row decoded to a dict, its order checked."""
+    decoder = PgoutputDecoder()
+    counted = [0]
+
+    def take(payload: bytes) -> int:
+        kind = payload[:1]
+        if kind == b"I":
+            _table, row = decoder.insert(payload)
+            counted[0] += 1
+            if row["n"] != counted[0]:
+                raise RuntimeError(f"psycopg2-changes: row {row['n']} came as {counted[0]}")
+            return 1
+        if kind == b"R":
+            decoder.relation(payload)
+        return 0
+
+    psycopg2_stream(dsn, job, ready, out, "pglistener_bench_pg2c", {
+        "proto_version": "1", "publication_names": CHANGES_PUBLICATION}, take)
+
+
+def pglistener_changes_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
+    """The README's table changes loop: `for change in sub`, each row decoded (change.new),
+    its order checked."""
+    from pglistener import Gap
+
+    tally = Tally(job)
+    received = missed = 0
+    with worker.subscribe_changes(CHANGES_TABLE, ops="insert", timeout=60,
+                                  ring_bytes=job.ring_bytes) as sub:
+        ready.put(True)
+        for change in sub:
+            if not received and not missed:
+                tally.first = time.monotonic()
+            if type(change) is Gap:
+                missed += change.missed or 0
+            else:
+                received += 1
+                if change.new["n"] != received + missed:
+                    raise RuntimeError(f"pglistener-changes: row {change.new['n']} came as "
+                                       f"{received + missed}")
+            if received + missed >= job.expect:
+                break
+    tally.finish(received, missed)
     out.put(tally.report())
 
 
