@@ -612,10 +612,14 @@ class WalSource(Source):
 
     def subscribed(self, sub: Sub, position: tuple[int, int, int] | None) -> None:
         sub.resumes = position is not None
-        if position is not None:
+        if sub.group is not None and (self._adopt(sub) or self._rejoin(sub)):
+            # Where its group stood, not where the stream is: a group's kept place comes
+            # before after= (which is where one reader stands), so that what the group was
+            # given while this member was away (an app restarted) is not lost; what was
+            # handed out and not consumed before may come again.
+            sub.resumes = True
+        elif position is not None:
             self._resume(sub, *position)
-        elif sub.group is not None and (self._adopt(sub) or self._rejoin(sub)):
-            sub.resumes = True      # where its group stood, not where the stream is
         if sub.group is not None:
             self.served_groups.add(group_key(sub))
         act = self.registry.add(sub)

@@ -55,6 +55,13 @@ class Snapshot:
         return cls.parse(row[0])
 
     @classmethod
+    async def of_async(cls, conn: Any) -> Snapshot:
+        """of() for a psycopg AsyncConnection (or AsyncCursor)."""
+        cur = await conn.execute("SELECT pg_current_snapshot()::text")
+        row = await cur.fetchone()
+        return cls.parse(row[0])
+
+    @classmethod
     def parse(cls, text: str) -> Snapshot:
         """From pg_snapshot's text form, "xmin:xmax:xip,xip,...". """
         try:

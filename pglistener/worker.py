@@ -127,7 +127,9 @@ class Worker:
         the slot is never confirmed past what an open subscription has not consumed. after=
         (WAL only) resumes: a Notification (or its `position`) resumes exactly after it; an
         int LSN is sought in what the slot still holds (see the README, "Durable channels").
-        Without after=, the stream begins with what commits from now on.
+        Without after=, the stream begins with what commits from now on. In a consumer
+        group whose place is kept (a member left within group_hold, or the supervisor
+        started again), a new member takes that place and after= does not apply.
         """
         sub = open_stream(Subscription, self._path, channel, timeout, ring_bytes,
                           self._restarted, overflow,
