@@ -13,6 +13,18 @@ cdef class PGConnection:
     cdef readonly bint copy_both   # a result said COPY BOTH: the replication stream runs
 
 
+cdef enum:
+    KEY_BUCKETS = 1024         # a keyed group's keys, hashed into this many buckets
+
+
+cdef struct KeyMap:
+    # A keyed consumer group (key=True): which member each bucket of keys goes to, shared
+    # by the group's entries on every route, so that one key's records go to one member
+    # whatever channel or kind they come by. A bucket keeps its member while it lives.
+    Producer *owner[1024]
+    int refs                   # members that point here
+
+
 cdef struct Producer:
     # One ring's writing end: lives in the supervisor process, written only by the loop.
     pgl_ring_header *hdr
@@ -47,6 +59,7 @@ cdef struct Producer:
     size_t pend_first
     size_t pend_n
     size_t pend_cap            # pairs, a power of two
+    KeyMap *keys               # its keyed group's map (NULL: not keyed)
 
 
 cdef struct Position:
@@ -54,7 +67,8 @@ cdef struct Position:
     uint64_t lsn               # its own (the end of its WAL record, as the server gives it)
     uint64_t commit            # its transaction's commit LSN; lsn - 1 if not transactional
     uint64_t hold              # how far the slot may be confirmed while it is not consumed
-    uint32_t flags             # PGL_WAL_TRANSACTIONAL
+    uint32_t flags             # PGL_WAL_TRANSACTIONAL, PGL_WAL_CHANGE
+    uint64_t key               # the hash of its key (a row's replica identity); 0: none
 
 
 cdef struct Entry:
@@ -89,6 +103,7 @@ cdef class Dispatcher:
     cdef bint gaps_pending         # some ring holds a gap that did not fit yet
     cdef readonly int wake_fd
     cdef dict by_id                # ring id -> address of its Producer
+    cdef dict keymaps              # keyed group token -> address of its KeyMap
     cdef readonly uint64_t received
     cdef readonly uint64_t unrouted
     # overflow="block": the record waiting for room in a blocking ring, taken off the

@@ -384,6 +384,38 @@ cdef Producer *_choose(Entry *e, uint32_t n, bint take_turn) noexcept nogil:
     return best
 
 
+cdef inline Producer *_member(Entry *e, uint32_t n, Position *w, bint take) noexcept nogil:
+    # The member of a group a record goes to (see _choose and _keyed).
+    if e.members[0].keys != NULL:
+        return _keyed(e, n, w, take)
+    return _choose(e, n, take)
+
+
+cdef inline size_t _bucket(uint64_t key) noexcept nogil:
+    return <size_t>((key ^ (key >> 29) ^ (key >> 47)) & (KEY_BUCKETS - 1))
+
+
+cdef Producer *_keyed(Entry *e, uint32_t n, Position *w, bint assign) noexcept nogil:
+    # The member of a keyed group a record goes to: its key's, while that member lives; a
+    # key new to the group goes as _choose() says, and stays there (with `assign`). NULL
+    # when the member must wait for room (or, unassigned, every one must).
+    cdef KeyMap *keys = e.members[0].keys
+    cdef Producer *p
+    cdef size_t b
+    if w == NULL or w.key == 0:
+        return _choose(e, n, assign)
+    b = _bucket(w.key)
+    p = keys.owner[b]
+    if p == NULL:
+        p = _choose(e, n, assign)
+        if assign:
+            keys.owner[b] = p
+        return p
+    if (not _room(p, _need(p, n)) and p.block and not p.block_expired and n <= p.cap):
+        return NULL
+    return p
+
+
 cdef inline bint _wants(Entry *e, Position *w) noexcept nogil:
     # Whether an entry is to get this WAL message: one it has not had (positions only grow
     # along the stream; a replay from the slot sends again what came before), past the
@@ -505,6 +537,26 @@ cdef class Dispatcher:
         self.n_rings += 1
         self.by_id[ring_id] = <size_t>p
 
+    def set_keyed(self, ring_id, token):
+        """The ring is a member of a keyed consumer group (`token` names the group): each key
+        goes to one member while that member lives (route(), handover())."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        cdef KeyMap *keys
+        if self.keymaps is None:
+            self.keymaps = {}
+        if p.keys != NULL:
+            return
+        address = self.keymaps.get(token)
+        if address is None:
+            keys = <KeyMap *>calloc(1, sizeof(KeyMap))
+            if keys == NULL:
+                raise MemoryError()
+            self.keymaps[token] = <size_t>keys
+        else:
+            keys = <KeyMap *><size_t>address
+        keys.refs += 1
+        p.keys = keys
+
     def remove_ring(self, ring_id):
         """Drop a ring from every route, unmap it and close its eventfd."""
         cdef Producer *p = <Producer *><size_t>self.by_id.pop(ring_id)
@@ -512,6 +564,7 @@ cdef class Dispatcher:
         cdef int j, k
         cdef Route *r
         cdef Entry *e
+        _unkey(self.keymaps, p)
         for i in range(self.table_size):
             r = &self.table[i]
             if r.state != PGL_ROUTE_LIVE:
@@ -589,8 +642,15 @@ cdef class Dispatcher:
         cdef const char *chan
         cdef const char *payload
         cdef bint lost
+        cdef KeyMap *keys = p.keys
+        cdef uint64_t key
+        cdef size_t b
         if nt == 0:
             return (0, 0)
+        if keys != NULL:        # its keys go to the others, each with its records
+            for b in range(KEY_BUCKETS):
+                if keys.owner[b] == p:
+                    keys.owner[b] = NULL
         # Written over since it was taken: from what the ring still holds, with a gap of
         # unknown count first.
         pos = _unconsumed_from(p, &lost)
@@ -603,12 +663,17 @@ cdef class Dispatcher:
             end = pos + length
             best = NULL
             best_lag = 0
-            for k in range(nt):
+            key = _record_key(rec) if keys != NULL and kind == PGL_REC_WAL else 0
+            if key != 0 and keys.owner[_bucket(key)] != NULL:
+                best = keys.owner[_bucket(key)]
+            for k in range(nt if best == NULL else 0):
                 q = <Producer *><size_t>found[k]
                 q.head_cache = pgl_load_acquire(&q.hdr.head)
                 lag = q.tail - q.head_cache
                 if best == NULL or lag < best_lag:
                     best, best_lag = q, lag
+            if key != 0:
+                keys.owner[_bucket(key)] = best
             if lost:
                 best.gap_reason = PGL_GAP_OVERFLOW
                 best.gap_missed = PGL_MISSED_UNKNOWN
@@ -632,6 +697,7 @@ cdef class Dispatcher:
                         pend += 1
                     w.hold = (p.pend[2 * ((p.pend_first + pend) & (p.pend_cap - 1)) + 1]
                               if pend < p.pend_n else w.commit)
+                    w.key = key
                     wp = &w
                     chan = pgl_wal_channel(rec)
                     payload = pgl_wal_payload(rec)
@@ -831,7 +897,9 @@ cdef class Dispatcher:
             e = &r.entries[i]
             if w != NULL and not _advance(e, w):
                 continue
-            p = e.members[0] if e.size == 1 else _choose(e, n, True)
+            p = e.members[0] if e.size == 1 else _member(e, n, w, True)
+            if p == NULL:
+                p = _choose(e, n, True)     # cannot be, past fits(): never write to NULL
             if _push(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid, w):
                 _mark(self, p)
             elif p.gap_reason != 0:
@@ -853,12 +921,12 @@ cdef class Dispatcher:
                 continue        # a ring that never waits (the usual case): nothing to ask
             if w != NULL and not _wants(e, w):
                 continue        # it has this one already
-            if _choose(e, n, False) != NULL:
+            if _member(e, n, w, False) != NULL:
                 continue
             for j in range(e.size):
                 pgl_store_u32(&e.members[j].hdr.producer_waiting, 1)
             pgl_full_fence()
-            if _choose(e, n, False) != NULL:
+            if _member(e, n, w, False) != NULL:
                 for j in range(e.size):
                     pgl_store_u32(&e.members[j].hdr.producer_waiting, 0)
                 continue
@@ -1232,6 +1300,32 @@ cdef void _remove_ptr(Producer **arr, size_t *n, Producer *p) noexcept nogil:
             arr[i] = arr[n[0] - 1]
             n[0] -= 1
             return
+
+
+cdef void _unkey(dict keymaps, Producer *p):
+    # p leaves its keyed group: its keys are nobody's (handover() gives them out first).
+    cdef KeyMap *keys = p.keys
+    cdef size_t b
+    if keys == NULL:
+        return
+    for b in range(KEY_BUCKETS):
+        if keys.owner[b] == p:
+            keys.owner[b] = NULL
+    p.keys = NULL
+    keys.refs -= 1
+    if keys.refs == 0:
+        for token, address in list(keymaps.items()):
+            if address == <size_t>keys:
+                del keymaps[token]
+        free(keys)
+
+
+cdef inline uint64_t _record_key(const unsigned char *rec) noexcept nogil:
+    # The key hash a row change carries (_ring.h), 0 for anything else.
+    cdef uint64_t key = 0
+    if pgl_rec_flags(rec) & PGL_WAL_CHANGE and pgl_rec_payload_len(rec) >= 20:
+        memcpy(&key, pgl_wal_payload(rec) + 12, 8)
+    return key
 
 
 cdef void _free_producer(Producer *p) noexcept nogil:

@@ -12,7 +12,7 @@ draws the record). It also writes the feedback that tells the server how far the
 confirmed. feed() takes the same bytes from Python, without a connection (tests).
 """
 
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport UINT32_MAX, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcpy
@@ -38,10 +38,12 @@ cdef struct Relation:
     uint16_t klen
     char *body                 # the message from its relid on (malloc)
     uint32_t blen
+    unsigned char *key_cols    # per column, 1 when it is part of the replica identity
+    uint16_t ncols
 
 
 cdef enum:
-    CHANGE_PREFIX = 12         # version, xid, relation length (_ring.h)
+    CHANGE_PREFIX = 20         # version, xid, relation length, key hash (_ring.h)
 
 
 cdef class WalDispatcher(Dispatcher):
@@ -88,6 +90,7 @@ cdef class WalDispatcher(Dispatcher):
         if self.rels != NULL:
             for i in range(self.rels_size):
                 free(self.rels[i].body)
+                free(self.rels[i].key_cols)
             free(self.rels)
             self.rels = NULL
         free(self.scratch)
@@ -213,6 +216,7 @@ cdef class WalDispatcher(Dispatcher):
             if blen < 15:
                 return -1
             self.held_wal.flags = PGL_WAL_TRANSACTIONAL if body[1] & 1 else 0
+            self.held_wal.key = 0
             self.held_wal.lsn = pgl_be64(body + 2)
             if self.held_wal.flags and self.in_txn:
                 # Sent at commit: a slot confirmed up to the commit record's start sends the
@@ -283,24 +287,131 @@ cdef class WalDispatcher(Dispatcher):
 
     cdef int _relation(self, const char *body, size_t blen) noexcept nogil:
         # A table's description, before its first change in this stream (and again when it
-        # changes): kept, and given with every change after it.
+        # changes): kept, and given with every change after it; which columns are its
+        # replica identity, for the key a keyed group routes by.
         cdef Relation *rel
         cdef char *copy
+        cdef unsigned char *cols
+        cdef const char *at
+        cdef const char *end = body + blen
+        cdef const char *nul
+        cdef uint16_t ncols, i, _i
         if blen < 5:
             return -1
+        at = body + 5
+        for _i in range(2):      # namespace and name
+            nul = <const char *>memchr(at, 0, end - at) if at < end else NULL
+            if nul == NULL:
+                return -1
+            at = nul + 1
+        if at + 3 > end:
+            return -1
+        ncols = (<uint16_t>(<unsigned char>at[1]) << 8) | <unsigned char>at[2]
+        at += 3
+        cols = <unsigned char *>malloc(ncols + 1)
+        if cols == NULL:
+            return -1
+        for i in range(ncols):
+            if at >= end:
+                free(cols)
+                return -1
+            cols[i] = (<unsigned char>at[0]) & 1
+            nul = <const char *>memchr(at + 1, 0, end - at - 1) if at + 1 < end else NULL
+            if nul == NULL or nul + 9 > end:
+                free(cols)
+                return -1
+            at = nul + 9
         rel = self._find_rel(pgl_be32(body + 1), True)
         copy = <char *>malloc(blen - 1)
         if rel == NULL or copy == NULL:
             free(copy)
+            free(cols)
             return -1
         memcpy(copy, body + 1, blen - 1)
         free(rel.body)
+        free(rel.key_cols)
         rel.body = copy
         rel.blen = <uint32_t>(blen - 1)
+        rel.key_cols = cols
+        rel.ncols = ncols
         self.rel_versions += 1
         rel.version = self.rel_versions
         rel.klen = <uint16_t>snprintf(rel.key, sizeof(rel.key), "_?%u", rel.relid)
         rel.key[0] = 0
+        return 0
+
+    cdef uint64_t _row_key(self, Relation *rel, const char *at, const char *end) noexcept nogil:
+        # The hash of a TupleData's replica identity columns (at: its column count), 0 when
+        # it has none or cannot be read. FNV-1a over each key column's length and text,
+        # seeded with the table's oid.
+        cdef uint64_t h = 1469598103934665603ULL ^ rel.relid
+        cdef uint16_t n, i
+        cdef uint32_t length, j
+        cdef bint any_key = False
+        cdef char kind
+        if at + 2 > end:
+            return 0
+        n = (<uint16_t>(<unsigned char>at[0]) << 8) | <unsigned char>at[1]
+        at += 2
+        for i in range(n):
+            if at >= end:
+                return 0
+            kind = at[0]
+            at += 1
+            length = UINT32_MAX
+            if kind == b't' or kind == b'b':
+                if at + 4 > end:
+                    return 0
+                length = pgl_be32(at)
+                at += 4
+                if at + length > end:
+                    return 0
+            if i < rel.ncols and rel.key_cols[i]:
+                any_key = True
+                for j in range(4):
+                    h = (h ^ ((length >> (8 * j)) & 0xFF)) * 1099511628211ULL
+                if length != UINT32_MAX:
+                    for j in range(length):
+                        h = (h ^ <unsigned char>at[j]) * 1099511628211ULL
+            if length != UINT32_MAX:
+                at += length
+        if not any_key:
+            return 0
+        return h if h != 0 else 1
+
+    cdef uint64_t _change_key(self, Relation *rel, const char *body,
+                              size_t blen) noexcept nogil:
+        # A change's key: the new row's (insert, update), else the old key's (delete).
+        cdef const char *end = body + blen
+        cdef const char *at = body + 5
+        cdef uint16_t n, _i
+        cdef uint32_t length
+        if at >= end:
+            return 0
+        if at[0] == b'N':
+            return self._row_key(rel, at + 1, end)
+        if at[0] != b'K' and at[0] != b'O':
+            return 0
+        if body[0] == b'D':
+            return self._row_key(rel, at + 1, end)
+        # An update with its old key first: skip that tuple to the new one.
+        at += 1
+        if at + 2 > end:
+            return 0
+        n = (<uint16_t>(<unsigned char>at[0]) << 8) | <unsigned char>at[1]
+        at += 2
+        for _i in range(n):
+            if at >= end:
+                return 0
+            if at[0] == b't' or at[0] == b'b':
+                if at + 5 > end:
+                    return 0
+                length = pgl_be32(at + 1)
+                at += 5 + length
+            else:
+                at += 1
+        if at < end and at[0] == b'N':
+            return self._row_key(rel, at + 1, end)
         return 0
 
     cdef inline void _position_change(self, uint64_t lsn) noexcept nogil:
@@ -326,6 +437,7 @@ cdef class WalDispatcher(Dispatcher):
         (<uint32_t *>self.scratch)[0] = rel.version
         (<uint32_t *>self.scratch)[1] = self.txn_xid
         (<uint32_t *>self.scratch)[2] = rel.blen
+        memcpy(self.scratch + 12, &self.held_wal.key, 8)
         memcpy(self.scratch + CHANGE_PREFIX, rel.body, rel.blen)
         memcpy(self.scratch + CHANGE_PREFIX + rel.blen, change, clen)
         rel.key[1] = op
@@ -341,8 +453,11 @@ cdef class WalDispatcher(Dispatcher):
         if blen < 6:
             return -1
         rel = self._find_rel(pgl_be32(body + 1), False)
-        if rel == NULL or not self._compose(rel, body[0], body, blen):
+        if rel == NULL:
             return -1           # pgoutput sends a table's Relation before its first change
+        self.held_wal.key = self._change_key(rel, body, blen)
+        if not self._compose(rel, body[0], body, blen):
+            return -1
         self._position_change(lsn)
         self.received += 1
         self.changes += 1
@@ -365,6 +480,7 @@ cdef class WalDispatcher(Dispatcher):
                 continue
             opts[0] = b'T'
             opts[1] = self.trunc_body[5]
+            self.held_wal.key = 0           # a table's truncate has no key: any member
             if not self._compose(rel, b'T', opts, 2):
                 self.trunc_n = 0
                 return -1
@@ -483,6 +599,7 @@ cdef class WalDispatcher(Dispatcher):
         w.lsn = lsn
         w.commit = w.hold = commit
         w.flags = PGL_WAL_TRANSACTIONAL if transactional else 0
+        w.key = 0
         self.received += 1
         cdef bint done = self.route(channel, len(channel), payload, len(payload), 0, &w, False)
         if done and commit + 1 > self.last_end:

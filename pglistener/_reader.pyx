@@ -669,18 +669,18 @@ cdef class RingReader:
         # message) and its message, decoded when asked for.
         cdef uint32_t version, rlen
         cdef Change change
-        if n < 12:
+        if n < 20:
             raise PGListenerError("corrupt row change record")
         version = (<const uint32_t *>content)[0]
         rlen = (<const uint32_t *>content)[2]
-        if 12 + rlen >= n:
+        if 20 + rlen >= n:
             raise PGListenerError("corrupt row change record")
         if self.last_table is None or version != self.last_version:
             if self.tables is None:
                 self.tables = {}
             table = self.tables.get(version)
             if table is None:
-                table = Table(content[12:12 + rlen])
+                table = Table(content[20:20 + rlen])
                 if len(self.tables) >= 1024:
                     self.tables.clear()
                 self.tables[version] = table
@@ -688,8 +688,8 @@ cdef class RingReader:
             self.last_version = version
         change = Change.__new__(Change)
         change.relation = self.last_table
-        change.message = content[12 + rlen:n]
-        change.op = _OPS[<unsigned char>content[12 + rlen]]
+        change.message = content[20 + rlen:n]
+        change.op = _OPS[<unsigned char>content[20 + rlen]]
         change.xid = (<const uint32_t *>content)[1]
         return change
 

@@ -41,6 +41,7 @@ class Sub:
     # been compared with it
     after: tuple[int, int, int] | None = None
     died: bool = False          # dropped because its worker went, not unsubscribed
+    keyed: bool = False         # its group sends each key to one member (key=True)
 
 
 @dataclass

@@ -52,7 +52,8 @@
  *          reader decodes a Relation once per version)
  *   4   4  the transaction's xid
  *   8   4  relation length r
- *   12  r  pgoutput's Relation message, from its relid on (namespace, name, columns)
+ *   12  8  key hash: of the row's replica identity columns (0: none), for keyed groups
+ *   20  r  pgoutput's Relation message, from its relid on (namespace, name, columns)
  *   ..     pgoutput's change message, whole (I, U, D: the tuple data; T: its options)
  *
  * A record never wraps: when it does not fit before the end of the data area the producer

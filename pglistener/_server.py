@@ -32,6 +32,7 @@ from ._sizes import check_ring_bytes
 from ._sources import NO_SLOT, NotifySource, Source, WalSource, group_key
 from ._stream import check_group, check_overflow
 from .channels import channel_bytes
+from .errors import PGListenerError
 from .stats import ReaderStats, Stats
 
 log = logging.getLogger("pglistener.supervisor")
@@ -220,6 +221,7 @@ class Server:
             raise ValueError("subscribe_changes needs one or more tables")
         names = [_tables.qualified(t) for t in changes["tables"]]
         ops = _tables.op_list(changes.get("ops"))
+        self._options(message)      # bad options cost no query
         most = self.config.max_channels_per_worker
         if len(names) * len(ops) > most:
             raise ValueError(f"{len(names)} tables x {len(ops)} kinds of change is more routes "
@@ -237,7 +239,11 @@ class Server:
             self.finding.pop(key, None)
             assert self.wal is not None
             routes = [_tables.route_key(op, oid) for oid in oids for op in ops]
-            self._open(client, req, message, self.wal, routes, self.wal.position(message))
+            try:
+                self._open(client, req, message, self.wal, routes, self.wal.position(message))
+            except (PGListenerError, ValueError, KeyError, OSError) as exc:
+                # Answered here, not by the control loop: this runs in a query's callback.
+                self.control.reply_error(client, req, exc)
 
         def added(error: str | None, tables: list[str], oids: list[int]) -> None:
             if key not in self.finding:
@@ -292,17 +298,33 @@ class Server:
         for _client, start in list(self.finding.values()):
             start()
 
-    def _open(self, client: Client, req: Any, message: dict[str, Any], source: Source,
-              channels: list[str], position: tuple[int, int, int] | None) -> None:
-        """A subscription of `source` on these routes: its ring made, then placed."""
+    def _options(self, message: dict[str, Any]) -> tuple[int, str, str | None, bool]:
+        """A subscribe's ring size, overflow policy, group and key=, checked."""
         ring_bytes = message.get("ring_bytes")
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
             ring_bytes, self.config.max_ring_bytes, "Supervisor(max_ring_bytes=...)")
-        sub = source.registry.new(client, client.pid, req, channels, capacity,
-                                  check_overflow(message.get("overflow", "gap")),
-                                  check_group(message.get("group")))
+        group = check_group(message.get("group"))
+        keyed = message.get("key") is True
+        if keyed and group is None:
+            raise ValueError("key=True orders a consumer group's stream by key: give group= "
+                             "too")
+        return capacity, check_overflow(message.get("overflow", "gap")), group, keyed
+
+    def _open(self, client: Client, req: Any, message: dict[str, Any], source: Source,
+              channels: list[str], position: tuple[int, int, int] | None) -> None:
+        """A subscription of `source` on these routes: its ring made, then placed."""
+        capacity, overflow, group, keyed = self._options(message)
+        peer = next((s for s in source.registry.subs.values()
+                     if s.group == group and s.channels == tuple(channels)), None)
+        if group is not None and peer is not None and peer.keyed != keyed:
+            raise ValueError(f"consumer group {group!r} is {'' if peer.keyed else 'not '}keyed:"
+                             f" its members all give key=True, or none does")
+        sub = source.registry.new(client, client.pid, req, channels, capacity, overflow, group)
+        sub.keyed = keyed
         self.ring_fds[sub.id] = self._make_ring(source.dispatcher, sub.id, capacity,
                                                 sub.overflow == "block")
+        if keyed:
+            source.dispatcher.set_keyed(sub.id, group_key(sub))
         if message.get("restart") is True:  # a restarted pool worker: its stream says so
             source.dispatcher.mark_gap([sub.id], "restart")
         source.subscribed(sub, position)

@@ -78,15 +78,18 @@ def changes_message(tables: str | Sequence[str], ops: Any, ring_bytes: int | Non
                     restarted: bool, overflow: str, group: str | None, key: Any,
                     after: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
     """The checked tables and the subscribe request for their changes."""
-    if key is not None:
-        raise NotImplementedError(
-            "key= (per-key order within a consumer group) is not built yet: leave it out; a "
-            "group without it spreads changes over its members in any order")
+    if key not in (None, True, False):
+        raise ValueError(f"key=True sends every change of one row (its replica identity) to "
+                         f"one member of the group; not {key!r}")
+    if key and group is None:
+        raise ValueError("key=True orders a consumer group's stream by key: give group= too")
     names = table_list(tables)
     _, message = subscribe_message(["changes"], ring_bytes, restarted, overflow, group,
                                    "wal", after)
     del message["channels"]
     message["changes"] = {"tables": list(names), "ops": list(op_list(ops))}
+    if key:
+        message["key"] = True
     return names, message
 
 

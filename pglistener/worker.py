@@ -168,6 +168,10 @@ class Worker:
         after it; without it, the stream begins with what commits from now on. overflow,
         ring_bytes, group, timeout, callback and on_gap are as for subscribe() (a change is
         a record of its row's size: give ring_bytes room for the largest row).
+
+        key=True (with group=): every change of one row (its replica identity) goes to the
+        same member while that member lives, so each row's changes are handled in order
+        across the group; a member that leaves hands its rows to the others.
         """
         sub = open_changes(Subscription, self._path, tables, ops, timeout, ring_bytes,
                            self._restarted, overflow,

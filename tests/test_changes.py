@@ -214,6 +214,14 @@ def test_bad_tables_and_ops_are_errors_that_say_what_to_do(
             worker.subscribe_changes(table, ops={"upsert"})
         with pytest.raises(ValueError, match="at least one table"):
             worker.subscribe_changes([])
+        with pytest.raises(ValueError, match="give group= too"):
+            worker.subscribe_changes(table, key=True)
+        keyed = worker.subscribe_changes(table, group="k", key=True, timeout=30)
+        with pytest.raises(ValueError, match="group 'k' is keyed"):    # said once the
+            worker.subscribe_changes(table, group="k", timeout=30)     # table is found
+        keyed.unsubscribe()
+        with pytest.raises(ValueError, match="max_ring_bytes"):
+            worker.subscribe_changes(table, ring_bytes=1 << 30, timeout=30)
         # A role that may not add the table to the publication is told what to run.
         role = f"r_{uuid.uuid4().hex[:8]}"
         pg.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
@@ -489,3 +497,71 @@ def test_reading_changes_on_a_standby_restarted_and_promoted(
                 sub.get(timeout=1)
     finally:
         standby.stop("immediate")
+
+
+def test_a_keyed_group_keeps_each_key_in_order_across_members(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """group=, key=True: every change of one row goes to one member while it lives, so each
+    row's changes are handled in order across the group; a member that leaves hands its
+    rows (and what it had not consumed) to the others, still in order."""
+    import random
+
+    table = f"kv_{uuid.uuid4().hex[:8]}"
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, n int)")
+    keys, rounds = 40, 50
+    try:
+        with Sup(logical_cluster, slot).start() as sup:
+            worker = sup.worker()
+            members = [worker.subscribe_changes(table, group="g", key=True, timeout=30)
+                       for _ in range(4)]
+            logs: list[list[tuple[int, int]]] = [[] for _ in members]
+            done = threading.Event()
+
+            def take(k: int) -> None:
+                try:
+                    while not done.is_set():
+                        try:
+                            item = members[k].get(timeout=0.2)
+                        except TimeoutError:
+                            continue
+                        assert isinstance(item, Change), item
+                        logs[k].append((item.new["id"], item.new["n"]))
+                except pglistener.SubscriptionClosed:
+                    pass
+
+            readers = [threading.Thread(target=take, args=(k,)) for k in range(4)]
+            for t in readers:
+                t.start()
+            pg.execute(f"INSERT INTO {table} SELECT i, 0 FROM generate_series(1, {keys}) i")
+            order = [k for k in range(1, keys + 1) for _ in range(rounds)]
+            random.Random(7).shuffle(order)
+            for i in range(0, len(order), 20):
+                with pg.transaction():
+                    for k in order[i:i + 20]:
+                        pg.execute(f"UPDATE {table} SET n = n + 1 WHERE id = %s", (k,))
+                if i == len(order) // 2:
+                    members[3].unsubscribe()        # its rows go to the others
+            total = keys * (rounds + 1)
+            wait_for(lambda: sum(map(len, logs)) >= total, "every change to be handled")
+            done.set()
+            for t in readers:
+                t.join()
+    finally:
+        pg.execute(f"DROP TABLE {table}")
+    got = sorted(entry for log in logs for entry in log)
+    assert got == [(k, n) for k in range(1, keys + 1) for n in range(rounds + 1)]  # once each
+    holders = []
+    for k in range(1, keys + 1):
+        parts = sorted(([n for key, n in log if key == k] for log in logs), key=lambda p:
+                       p[0] if p else -1)
+        parts = [p for p in parts if p]
+        for p in parts:
+            assert p == sorted(p), f"row {k} out of order at one member: {p}"
+        for before, after in zip(parts, parts[1:]):
+            assert before[-1] < after[0], f"row {k} at two members at once: {parts}"
+        holders.append(len(parts))
+        if not any(key == k for key, _ in logs[3]):
+            assert len(parts) == 1, f"row {k} moved without its member leaving: {parts}"
+    assert sum(1 for log in logs[:3] if log) >= 2         # the rows are spread
+    assert any(n > 1 for n in holders)                    # some moved with member 3
