@@ -69,6 +69,8 @@ cdef struct Position:
     uint64_t hold              # how far the slot may be confirmed while it is not consumed
     uint32_t flags             # PGL_WAL_TRANSACTIONAL, PGL_WAL_CHANGE
     uint64_t key               # the hash of its key (a row's replica identity); 0: none
+    uint16_t route_len         # routed by the channel's first route_len bytes (0: all of
+                               # it): a keyed message's channel is "channel\x1fkey"
 
 
 cdef struct Entry:

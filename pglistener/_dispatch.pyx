@@ -17,7 +17,7 @@ from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.unistd cimport close, getpid, read, write
 
@@ -698,6 +698,7 @@ cdef class Dispatcher:
                     w.hold = (p.pend[2 * ((p.pend_first + pend) & (p.pend_cap - 1)) + 1]
                               if pend < p.pend_n else w.commit)
                     w.key = key
+                    w.route_len = 0
                     wp = &w
                     chan = pgl_wal_channel(rec)
                     payload = pgl_wal_payload(rec)
@@ -868,8 +869,9 @@ cdef class Dispatcher:
         cdef int i, j
         cdef Entry *e
         cdef Producer *p
-        if r == NULL or r.clen != clen or memcmp(r.name, chan, clen) != 0:
-            r = self.find(pgl_hash(chan, clen), chan, clen) if clen < 64 else NULL
+        cdef size_t rlen = w.route_len if w != NULL and w.route_len else clen
+        if r == NULL or r.clen != rlen or memcmp(r.name, chan, rlen) != 0:
+            r = self.find(pgl_hash(chan, rlen), chan, rlen) if rlen < 64 else NULL
             self.last = r
         if w != NULL and _after(w.commit, w.lsn, self.at_commit, self.at_lsn):
             self.at_commit = w.commit
@@ -1321,11 +1323,23 @@ cdef void _unkey(dict keymaps, Producer *p):
 
 
 cdef inline uint64_t _record_key(const unsigned char *rec) noexcept nogil:
-    # The key hash a row change carries (_ring.h), 0 for anything else.
+    # The key hash of a WAL record (_ring.h): the one a row change carries, or a keyed
+    # message's (of what follows \x1f in its channel); 0 for one without a key.
     cdef uint64_t key = 0
-    if pgl_rec_flags(rec) & PGL_WAL_CHANGE and pgl_rec_payload_len(rec) >= 20:
-        memcpy(&key, pgl_wal_payload(rec) + 12, 8)
-    return key
+    cdef const char *chan
+    cdef const char *sep
+    cdef uint16_t clen
+    if pgl_rec_flags(rec) & PGL_WAL_CHANGE:
+        if pgl_rec_payload_len(rec) >= 20:
+            memcpy(&key, pgl_wal_payload(rec) + 12, 8)
+        return key
+    chan = pgl_wal_channel(rec)
+    clen = pgl_rec_channel_len(rec)
+    sep = <const char *>memchr(chan, 0x1f, clen)
+    if sep == NULL:
+        return 0
+    key = pgl_hash(sep + 1, clen - <size_t>(sep - chan) - 1)
+    return key if key != 0 else 1
 
 
 cdef void _free_producer(Producer *p) noexcept nogil:

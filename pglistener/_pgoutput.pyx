@@ -20,7 +20,7 @@ from libc.string cimport memchr, memcpy
 from pglistener._dispatch cimport Dispatcher, PGConnection, Position
 from pglistener._libpq cimport (PGconn, PQflush, PQfreemem, PQgetCopyData, PQputCopyData)
 from pglistener._poll cimport now_ns as _now_ns
-from pglistener._ring cimport PGL_WAL_CHANGE, PGL_WAL_TRANSACTIONAL
+from pglistener._ring cimport PGL_WAL_CHANGE, PGL_WAL_TRANSACTIONAL, pgl_hash
 
 
 cdef extern from "_wire.h" nogil:
@@ -44,6 +44,7 @@ cdef struct Relation:
 
 cdef enum:
     CHANGE_PREFIX = 20         # version, xid, relation length, key hash (_ring.h)
+    MAX_KEYED_CHANNEL = 1088   # a channel (63), \x1f and a key of at most 1024 bytes
 
 
 cdef class WalDispatcher(Dispatcher):
@@ -162,6 +163,7 @@ cdef class WalDispatcher(Dispatcher):
         # keepalive's request for an answer goes unanswered.
         cdef const char *body
         cdef const char *nul
+        cdef const char *sep
         cdef size_t blen, clen
         cdef uint32_t plen
         cdef uint64_t end
@@ -216,7 +218,6 @@ cdef class WalDispatcher(Dispatcher):
             if blen < 15:
                 return -1
             self.held_wal.flags = PGL_WAL_TRANSACTIONAL if body[1] & 1 else 0
-            self.held_wal.key = 0
             self.held_wal.lsn = pgl_be64(body + 2)
             if self.held_wal.flags and self.in_txn:
                 # Sent at commit: a slot confirmed up to the commit record's start sends the
@@ -236,6 +237,19 @@ cdef class WalDispatcher(Dispatcher):
             plen = pgl_be32(nul + 1)
             if <size_t>(nul - body) + 5 + plen > blen:
                 return -1
+            # A keyed message (emit(key=)): "channel\x1fkey", routed by the channel.
+            sep = <const char *>memchr(body + 10, 0x1f, clen)
+            self.held_wal.key = 0
+            self.held_wal.route_len = 0
+            if sep != NULL:
+                # (a channel of 64 bytes or more is no route: routed nowhere)
+                self.held_wal.route_len = <uint16_t>(sep - (body + 10) if sep - (body + 10) < 64
+                                                     else 64)
+                self.held_wal.key = pgl_hash(sep + 1, clen - <size_t>(sep - (body + 10)) - 1)
+                if self.held_wal.key == 0:
+                    self.held_wal.key = 1
+                if clen > MAX_KEYED_CHANNEL:
+                    clen = self.held_wal.route_len     # a key this long is not written
             self.held_chan = body + 10
             self.held_clen = clen
             self.held_payload = nul + 5
@@ -456,6 +470,7 @@ cdef class WalDispatcher(Dispatcher):
         if rel == NULL:
             return -1           # pgoutput sends a table's Relation before its first change
         self.held_wal.key = self._change_key(rel, body, blen)
+        self.held_wal.route_len = 0
         if not self._compose(rel, body[0], body, blen):
             return -1
         self._position_change(lsn)
@@ -481,6 +496,7 @@ cdef class WalDispatcher(Dispatcher):
             opts[0] = b'T'
             opts[1] = self.trunc_body[5]
             self.held_wal.key = 0           # a table's truncate has no key: any member
+            self.held_wal.route_len = 0
             if not self._compose(rel, b'T', opts, 2):
                 self.trunc_n = 0
                 return -1
@@ -600,6 +616,7 @@ cdef class WalDispatcher(Dispatcher):
         w.commit = w.hold = commit
         w.flags = PGL_WAL_TRANSACTIONAL if transactional else 0
         w.key = 0
+        w.route_len = 0
         self.received += 1
         cdef bint done = self.route(channel, len(channel), payload, len(payload), 0, &w, False)
         if done and commit + 1 > self.last_end:

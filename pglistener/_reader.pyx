@@ -17,7 +17,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, strerror
+from libc.string cimport memchr, memcmp, memcpy, strerror
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, read, write
@@ -100,8 +100,10 @@ cdef class Notification:
     cdef readonly int pid
     cdef readonly object lsn
     cdef readonly object commit_lsn
+    cdef readonly object key        # a WAL message's key (emit(key=)), else None
 
-    def __init__(self, str channel, str payload, int pid, lsn=None, commit_lsn=None):
+    def __init__(self, str channel, str payload, int pid, lsn=None, commit_lsn=None,
+                 key=None):
         self.channel = channel
         self.payload = payload
         self.pid = pid
@@ -109,6 +111,7 @@ cdef class Notification:
             raise ValueError("a WAL message has both lsn and commit_lsn; a notification neither")
         self.lsn = lsn
         self.commit_lsn = commit_lsn
+        self.key = key
 
     @property
     def data(self):
@@ -133,13 +136,14 @@ cdef class Notification:
             return NotImplemented
         cdef Notification o = <Notification>other
         return (self.channel == o.channel and self.payload == o.payload and self.pid == o.pid
-                and self.lsn == o.lsn and self.commit_lsn == o.commit_lsn)
+                and self.lsn == o.lsn and self.commit_lsn == o.commit_lsn and self.key == o.key)
 
     def __hash__(self):
         return hash((self.channel, self.payload, self.pid, self.lsn))
 
     def __reduce__(self):
-        return (Notification, (self.channel, self.payload, self.pid, self.lsn, self.commit_lsn))
+        return (Notification, (self.channel, self.payload, self.pid, self.lsn, self.commit_lsn,
+                               self.key))
 
 
 def format_lsn(lsn):
@@ -623,6 +627,8 @@ cdef class RingReader:
         cdef Notification note
         cdef Gap gap
         cdef Change change
+        cdef const char *sep
+        cdef uint16_t klen, clen_name
         while self._available():
             rec = self.data + (self.head & self.mask)
             length = pgl_rec_length(rec)
@@ -643,7 +649,17 @@ cdef class RingReader:
                     self.head += length
                     return change
                 note = Notification.__new__(Notification)
-                note.channel = self._channel(<const char *>rec + body, clen)
+                sep = NULL
+                if kind == PGL_REC_WAL:
+                    sep = <const char *>memchr(<const char *>rec + body, 0x1f, clen)
+                if sep != NULL:         # a keyed message: "channel\x1fkey"
+                    klen = <uint16_t>(sep - (<const char *>rec + body))
+                    note.key = PyUnicode_DecodeUTF8(sep + 1, clen - klen - 1,
+                                                    "surrogateescape")
+                    clen_name = klen
+                else:
+                    clen_name = clen
+                note.channel = self._channel(<const char *>rec + body, clen_name)
                 note.payload = PyUnicode_DecodeUTF8(<const char *>rec + body + clen, plen,
                                                     "surrogateescape")
                 if kind == PGL_REC_NOTIFY:
@@ -699,6 +715,8 @@ cdef class RingReader:
         return length >= 8 and not (length & 7) and length <= self.tail_cache - self.head
 
     cdef str _channel(self, const char *raw, uint16_t clen):
+        if clen > sizeof(self.last_raw):     # no route has such a name: not cached
+            return PyUnicode_DecodeUTF8(raw, clen, "surrogateescape")
         if clen != self.last_len or memcmp(raw, self.last_raw, clen) != 0:
             self.last_channel = PyUnicode_DecodeUTF8(raw, clen, "surrogateescape")
             memcpy(self.last_raw, raw, clen)

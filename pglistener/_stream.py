@@ -45,12 +45,13 @@ _open: weakref.WeakSet[_reader.Stream] = weakref.WeakSet()
 
 def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
                 ring_bytes: int | None, restarted: bool = False, overflow: str = "gap",
-                group: str | None = None, source: str = "notify", after: Any = None) -> _S:
+                group: str | None = None, source: str = "notify", after: Any = None,
+                key: Any = None) -> _S:
     """Subscribe over this process's control connection and wrap the ring in a `cls` (a
     Stream subclass; its `decoder` attribute, if any, decodes payloads). Returns once LISTEN
     is committed: a blocking call (asyncio's way is aio.open_async)."""
     channels, message = subscribe_message(channel, ring_bytes, restarted, overflow, group,
-                                          source, after)
+                                          source, after, key)
     ctl = Control.get(path)
     try:
         reply, fds = ctl.request(message, timeout)
@@ -95,10 +96,17 @@ def changes_message(tables: str | Sequence[str], ops: Any, ring_bytes: int | Non
 
 def subscribe_message(channel: str | Sequence[str], ring_bytes: int | None, restarted: bool,
                       overflow: str, group: str | None, source: str = "notify",
-                      after: Any = None) -> tuple[tuple[str, ...], dict[str, Any]]:
+                      after: Any = None,
+                      key: Any = None) -> tuple[tuple[str, ...], dict[str, Any]]:
     """The checked channels and the subscribe request for them (every argument checked here,
     so that a bad one costs no trip)."""
     channels = channel_list(channel)
+    if key not in (None, True, False):
+        raise ValueError(f"key=True sends every message of one key (emit(key=)) to one "
+                         f"member of the group; not {key!r}")
+    if key and (source != "wal" or group is None):
+        raise ValueError("key=True orders a consumer group's WAL stream by key: give "
+                         "group= and source='wal' too")
     message: dict[str, Any] = {"op": "subscribe", "channels": list(channels)}
     if restarted:
         message["restart"] = True
@@ -109,11 +117,17 @@ def subscribe_message(channel: str | Sequence[str], ring_bytes: int | None, rest
     if check_group(group) is not None:
         message["group"] = group
     if check_source(source) == "wal":
+        for name in channels:
+            if "\x1f" in name:
+                raise InvalidChannelName(f"a WAL channel cannot contain \\x1f (it separates "
+                                         f"a message's key, emit(key=)): {name!r}")
         message["source"] = "wal"
         message.update(after_fields(after))
     elif after is not None:
         raise ValueError("after= resumes a WAL stream: give source='wal' too (NOTIFY keeps "
                          "nothing to resume from)")
+    if key:
+        message["key"] = True
     return channels, message
 
 

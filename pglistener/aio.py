@@ -215,10 +215,10 @@ class AsyncControl:
 async def open_async(cls: type[_A], path: str, channel: str | Sequence[str],
                      timeout: float | None, ring_bytes: int | None, restarted: bool,
                      overflow: str = "gap", group: str | None = None,
-                     source: str = "notify", after: Any = None) -> _A:
+                     source: str = "notify", after: Any = None, key: Any = None) -> _A:
     """Subscribe on the loop's control connection; returns once LISTEN is committed."""
     channels, message = subscribe_message(channel, ring_bytes, restarted, overflow, group,
-                                          source, after)
+                                          source, after, key)
     loop = asyncio.get_running_loop()
     ctl = AsyncControl.get(loop, path)
     try:

@@ -16,7 +16,7 @@ import psycopg
 
 from ._reader import parse_lsn
 from .channels import channel_bytes
-from .errors import PayloadTooLarge
+from .errors import InvalidChannelName, PayloadTooLarge
 
 #: PostgreSQL takes payloads shorter than BLCKSZ - NAMEDATALEN - 128 bytes: 8000 with the
 #: default 8 KiB blocks, so at most 7999.
@@ -108,15 +108,36 @@ def _checked_payload(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any
 
 _EMIT = "SELECT pg_logical_emit_message(%s::boolean, %s::text, %s::bytea)::text"
 
+#: Between a channel and a message's key in its prefix: the supervisor routes by what comes
+#: before it, so readers of the channel get keyed messages as any other.
+KEY_SEPARATOR = "\x1f"
+#: The longest key the supervisor keeps in a message's record (_pgoutput.pyx).
+MAX_KEY_BYTES = 1024
+
+
+def _prefix(channel: str, key: str | None) -> str:
+    _checked_channel(channel)
+    if KEY_SEPARATOR in channel:
+        raise InvalidChannelName(f"a channel emitted to cannot contain \\x1f (it separates a "
+                                 f"message's key): {channel!r}")
+    if key is None:
+        return channel
+    if not isinstance(key, str) or not key or "\x00" in key:
+        raise ValueError(f"a message's key is a non-empty str without NUL, not {key!r}")
+    if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
+        raise ValueError(f"a message's key is at most {MAX_KEY_BYTES} bytes in UTF-8: send an "
+                         f"id, not {key[:20]!r}...")
+    return f"{channel}{KEY_SEPARATOR}{key}"
+
 
 @overload
 def emit(conn: psycopg.Connection[Any], channel: str, payload: str | bytes = b"", *,
-         transactional: bool = True) -> int: ...
+         transactional: bool = True, key: str | None = None) -> int: ...
 
 
 @overload
 def emit(conn: psycopg.AsyncConnection[Any], channel: str, payload: str | bytes = b"", *,
-         transactional: bool = True) -> Coroutine[Any, Any, int]: ...
+         transactional: bool = True, key: str | None = None) -> Coroutine[Any, Any, int]: ...
 
 
 def emit(
@@ -125,6 +146,7 @@ def emit(
     payload: str | bytes = b"",
     *,
     transactional: bool = True,
+    key: str | None = None,
 ) -> Coroutine[Any, Any, int] | int:
     """Send `payload` to subscribe(channel, source="wal") readers: a logical decoding
     message (pg_logical_emit_message) with the channel as its prefix. Returns its LSN (an
@@ -135,8 +157,12 @@ def emit(
     the server decodes it, even if the transaction rolls back.
 
     No cluster-wide lock at commit, unlike NOTIFY, and no 8000-byte limit: bytes go as
-    they are, a str as UTF-8. Raises InvalidChannelName for a channel subscribe() refuses."""
-    params = (bool(transactional), _checked_channel(channel), _content(payload))
+    they are, a str as UTF-8. Raises InvalidChannelName for a channel subscribe() refuses.
+
+    key: the message's key (a str), for a keyed consumer group (subscribe(..., group=,
+    key=True)): every message of one key goes to one member while it lives. It travels in
+    the prefix after the channel and a \\x1f; readers get it as Notification.key."""
+    params = (bool(transactional), _prefix(channel, key), _content(payload))
     if isinstance(conn, psycopg.AsyncConnection):
         return _emit_async(conn, params)
     row = conn.execute(_EMIT, params).fetchone()
@@ -146,12 +172,13 @@ def emit(
 
 @overload
 def emit_json(conn: psycopg.Connection[Any], channel: str, value: Any, *,
-              transactional: bool = True) -> int: ...
+              transactional: bool = True, key: str | None = None) -> int: ...
 
 
 @overload
 def emit_json(conn: psycopg.AsyncConnection[Any], channel: str, value: Any, *,
-              transactional: bool = True) -> Coroutine[Any, Any, int]: ...
+              transactional: bool = True,
+              key: str | None = None) -> Coroutine[Any, Any, int]: ...
 
 
 def emit_json(
@@ -160,10 +187,11 @@ def emit_json(
     value: Any,
     *,
     transactional: bool = True,
+    key: str | None = None,
 ) -> Coroutine[Any, Any, int] | int:
     """emit() with `value` encoded as compact JSON (read it with subscribe_json())."""
     payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return emit(conn, channel, payload, transactional=transactional)
+    return emit(conn, channel, payload, transactional=transactional, key=key)
 
 
 async def _emit_async(conn: psycopg.AsyncConnection[Any], params: tuple[bool, str, bytes]) -> int:

@@ -96,6 +96,7 @@ class Worker:
         group: str | None = None,
         source: str | None = None,
         after: Any = None,
+        key: Any = None,
     ) -> Subscription:
         """Subscribe to `channel` (or to several channels, read as one stream in the server's
         order); returns once the supervisor's LISTEN is committed.
@@ -130,11 +131,16 @@ class Worker:
         Without after=, the stream begins with what commits from now on. In a consumer
         group whose place is kept (a member left within group_hold, or the supervisor
         started again), a new member takes that place and after= does not apply.
+
+        key=True (source="wal", with group=): every message of one key (emit(..., key=))
+        goes to the same member of the group while that member lives; messages without a key
+        go to any. Readers outside the group, keyed or not, get every message of the
+        channel, with `key` set.
         """
         sub = open_stream(Subscription, self._path, channel, timeout, ring_bytes,
                           self._restarted, overflow,
                           self._group if group is None else group,
-                          self._source if source is None else source, after)
+                          self._source if source is None else source, after, key)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -208,6 +214,7 @@ class Worker:
         group: str | None = None,
         source: str | None = None,
         after: Any = None,
+        key: Any = None,
     ) -> Opening[AsyncSubscription]:
         """subscribe() for asyncio: `await` it for an AsyncSubscription, read with
         `await sub.get()` and `async for`; the event loop watches its eventfd. Or enter it:
@@ -217,7 +224,7 @@ class Worker:
         return Opening(open_async(AsyncSubscription, self._path, channel, timeout, ring_bytes,
                                   self._restarted, overflow,
                                   self._group if group is None else group,
-                                  self._source if source is None else source, after))
+                                  self._source if source is None else source, after, key))
 
     def subscribe_json_async(
         self,

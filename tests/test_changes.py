@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import itertools
 import os
 import signal
 import threading
@@ -558,10 +559,67 @@ def test_a_keyed_group_keeps_each_key_in_order_across_members(
         parts = [p for p in parts if p]
         for p in parts:
             assert p == sorted(p), f"row {k} out of order at one member: {p}"
-        for before, after in zip(parts, parts[1:]):
+        for before, after in itertools.pairwise(parts):
             assert before[-1] < after[0], f"row {k} at two members at once: {parts}"
         holders.append(len(parts))
         if not any(key == k for key, _ in logs[3]):
             assert len(parts) == 1, f"row {k} moved without its member leaving: {parts}"
     assert sum(1 for log in logs[:3] if log) >= 2         # the rows are spread
     assert any(n > 1 for n in holders)                    # some moved with member 3
+
+
+def test_keyed_messages_keep_each_key_in_order_in_a_group(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """emit(..., key=) with subscribe(..., group=, key=True): each key's messages go to one
+    member, in order, also after a member leaves; a plain reader of the channel gets every
+    message, its channel as emitted and its key beside it."""
+    import random
+
+    with Sup(logical_cluster, slot).start() as sup:
+        worker = sup.worker()
+        plain = worker.subscribe("jobs", source="wal", timeout=30)
+        members = [worker.subscribe("jobs", source="wal", group="m", key=True, timeout=30)
+                   for _ in range(3)]
+        sent = [(f"k{k}", i) for i in range(30) for k in range(20)]
+        random.Random(3).shuffle(sent)
+        seq: dict[str, int] = {}
+        ordered = []
+        for key, _ in sent:
+            seq[key] = seq.get(key, -1) + 1
+            ordered.append((key, seq[key]))
+        logs: list[list[tuple[str, int]]] = [[] for _ in members]
+
+        def drain(k: int) -> None:
+            while True:
+                try:
+                    item = members[k].get(timeout=0.3)
+                except TimeoutError:
+                    return
+                key, n = item.payload.split(":")
+                assert item.key == key and item.channel == "jobs"
+                logs[k].append((key, int(n)))
+
+        for i in range(0, len(ordered), 50):
+            with pg.transaction():
+                for key, n in ordered[i:i + 50]:
+                    pglistener.emit(pg, "jobs", f"{key}:{n}", key=key)
+            if i == 300:
+                for k in range(3):
+                    drain(k)
+                members[2].unsubscribe()
+        for k in range(2):
+            drain(k)
+        got_plain = read(plain, len(ordered))
+        assert [(n.key, n.payload) for n in got_plain] == [(k, f"{k}:{n}") for k, n in ordered]
+        assert {n.channel for n in got_plain} == {"jobs"}
+        assert sorted(e for log in logs for e in log) == sorted(ordered)    # each once
+        for key in seq:
+            parts = [[n for k, n in log if k == key] for log in logs]
+            parts = sorted((p for p in parts if p), key=lambda p: p[0])
+            flat = [n for p in parts for n in p]
+            assert flat == list(range(seq[key] + 1)), f"{key}: {parts}"
+        with pytest.raises(pglistener.InvalidChannelName, match="x1f"):
+            pglistener.emit(pg, "a\x1fb", "x")
+        with pytest.raises(ValueError, match="give group= and source='wal'"):
+            worker.subscribe("jobs", key=True)
