@@ -481,7 +481,8 @@ def test_bench_wal_scenarios_run_and_account(logical_cluster: Cluster, tmp_path:
         [sys.executable, "-m", "pglistener.bench", "--quick", "--workers", "2", "--no-progress",
          "--dsn", logical_cluster.dsn, "--scenario", "produce", "--scenario", "wal-drain",
          "--scenario", "wal-latency", "--scenario", "wal-group", "--scenario", "wal-hosts",
-         "--scenario", "changes-drain", "--notifications", "2000",
+         "--scenario", "changes-drain", "--scenario", "changes-group",
+         "--notifications", "2000",
          "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -493,6 +494,8 @@ def test_bench_wal_scenarios_run_and_account(logical_cluster: Cluster, tmp_path:
             assert (rounds[0]["received"], rounds[0]["exact"]) == (2000, 1.0), system
     assert set(data["results"]["changes-drain"]) == {"raw-changes", "psycopg2-changes",
                                                      "pglistener-changes-for"}
+    group = data["results"]["changes-group"]["pglistener-changes-group"][0]
+    assert (group["received"], group["exact"], group["processes"]) == (2000, 1.0, 2)
     assert data["results"]["wal-latency"]["pglistener-wal"][0]["samples"] > 0
     assert data["results"]["wal-group"]["pglistener-wal-group"][0]["exact"] == 1.0
     hosts = data["results"]["wal-hosts"]

@@ -4,7 +4,7 @@
 Scenarios (--scenario, default all): drain, fanout, spread, payload200, latency, live, burst,
 group, idle; and for the WAL source (a server with wal_level = logical; the embedded one is
 set so): produce, wal-drain, wal-tx, wal-latency, wal-fanout, wal-group, wal-hosts,
-changes-drain.
+changes-drain, changes-group.
 Systems, all on the same server with the same workload:
 
   raw                  a C loop on one connection (PQconsumeInput + PQnotifies): the ceiling
@@ -28,6 +28,7 @@ Systems, all on the same server with the same workload:
   psycopg2-wal         psycopg2's LogicalReplicationConnection.consume_stream()
   raw-changes          changes-drain: the C loop counting inserted rows ('I'), decoding nothing
   pglistener-changes-for  subscribe_changes() read by for change in sub, each row decoded
+  pglistener-changes-group  changes-group: 4 members of a keyed group (key=True)
   psycopg2-changes     consume_stream() with a Python pgoutput decoder, each row decoded
   pglistener(-wal)-xK  wal-hosts: K supervisors, each with a reader (for item in sub) of
                        NOTIFY, or of a slot of its own (-wal)
@@ -80,6 +81,7 @@ from .scenarios import (
     expected,
     produce_backlog,
     produce_changes,
+    produce_changes_updates,
     produce_flat_out,
     produce_jobs,
     produce_paced,
@@ -263,6 +265,9 @@ class Bench:
                                       else sum(c or 0 for c in supervisors) / k / n)}
 
     def _run(self, scenario: Scenario, system: str, sup: Supervisor) -> dict[str, Any]:
+        if system == "pglistener-changes-group":     # what its producer writes for about n
+            scenario = Scenario(**{**scenario.__dict__, "notifications":
+                                   systems.changes_group_total(scenario.notifications)})
         if scenario.kind == "hosts":
             return self._hosts(scenario, system)
         if scenario.kind == "idle":
@@ -290,6 +295,10 @@ class Bench:
         if system in ("pglistener-group", "pglistener-wal-group"):
             total = self.ctx.Value("q", 0)      # what the group handled, in all
             targets = [(systems.pglistener_group_reader, (worker, job(c), total))
+                       for c in share]
+        elif system == "pglistener-changes-group":
+            total = self.ctx.Value("q", 0)
+            targets = [(systems.pglistener_changes_group_reader, (worker, job(c), total))
                        for c in share]
         elif system in WORKER_READERS:
             targets = [(WORKER_READERS[system], (worker, job(c))) for c in share]
@@ -334,6 +343,10 @@ class Bench:
                 backend = sup.stats().wal_backend_pid
             watch = {"supervisor": sup.pid, "backend": backend}
         reports, produced, cpu = self._drive(scenario, targets, watch, system)
+        if system == "pglistener-changes-group":    # each row at one member only
+            rows = [row for r in reports for row in r.pop("rows")]
+            if len(rows) != len(set(rows)):
+                raise RuntimeError("changes-group: a row's changes went to two members")
         return report.figures(scenario, reports, produced, readers, in_process, cpu)
 
     def _drive(self, scenario: Scenario, targets: list[tuple[Callable[..., None], tuple[Any, ...]]],
@@ -355,7 +368,9 @@ class Bench:
             conn = self.conn
             if system in PEER_SYSTEMS:      # they read their own database
                 conn = psycopg.connect(self.peer_dsn, autocommit=True)
-            if scenario.source == "changes":
+            if system == "pglistener-changes-group":
+                produce_changes_updates(conn, scenario.notifications)
+            elif scenario.source == "changes":
                 produce_changes(conn, scenario.notifications)
             elif scenario.shared:
                 (produce_wal_jobs if wal else produce_jobs)(

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from .systems import CHANGES_TABLE, END, JOBS
+from .systems import CHANGES_GROUP_ROWS, CHANGES_TABLE, END, JOBS, changes_group_total
 
 #: Systems, in the order the tables list them; the first is the reference of the ratios.
 ONE_PROCESS = ("raw", "psycopg", "asyncpg")
@@ -48,7 +48,8 @@ CHANGES_SYSTEMS = ("raw-changes", "psycopg2-changes", "pglistener-changes-for")
 PEER_SYSTEMS = ("raw-wal", "psycopg2-wal", "raw-changes", "psycopg2-changes")
 
 WAL_SYSTEMS = ("raw-wal", "psycopg2-wal", "pglistener-wal", "pglistener-wal-for",
-               "pglistener-wal-group", *HOST_SYSTEMS[1::2], *CHANGES_SYSTEMS)
+               "pglistener-wal-group", *HOST_SYSTEMS[1::2], *CHANGES_SYSTEMS,
+               "pglistener-changes-group")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,11 @@ SCENARIOS = {s.name: s for s in [
              "`for change in sub`, psycopg2's consume_stream with a Python pgoutput decoder",
              "count", CHANGES_SYSTEMS, notifications=1_000_000, quick_notifications=200_000,
              source="changes"),
+    Scenario("changes-group", "1000 rows updated over and over in one transaction, their "
+             "changes shared by 4 processes in a keyed consumer group (key=True): each row's "
+             "changes at one member, in order, each once", "count",
+             ("pglistener-changes-group",), many_readers=True, shared=True,
+             notifications=200_000, quick_notifications=50_000, source="changes"),
     Scenario("wal-group", "a backlog of jobs for 4 processes to handle each once, through a "
              "consumer group on the WAL source", "count", ("pglistener-wal-group",),
              many_readers=True, shared=True, notifications=100_000,
@@ -206,6 +212,18 @@ def produce_wal_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: in
             cur.executemany("SELECT pg_logical_emit_message(true, %s, %s)",
                             [(channel, str(i).zfill(scenario.payload_bytes))
                              for i in range(start, min(n, start + 500))])
+
+
+def produce_changes_updates(conn: psycopg.Connection[Any], n: int) -> None:
+    """changes-group: the rows inserted, then every row updated (n + 1) a whole number of
+    times, in one transaction: changes_group_total(n) changes."""
+    rounds = changes_group_total(n) // CHANGES_GROUP_ROWS - 1
+    conn.execute(f"TRUNCATE {CHANGES_TABLE} RESTART IDENTITY")
+    with conn.transaction():
+        conn.execute(f"INSERT INTO {CHANGES_TABLE} (n) SELECT 0 FROM generate_series(1, %s)",
+                     [CHANGES_GROUP_ROWS])
+        for _ in range(rounds):
+            conn.execute(f"UPDATE {CHANGES_TABLE} SET n = n + 1")
 
 
 def produce_changes(conn: psycopg.Connection[Any], n: int) -> None:

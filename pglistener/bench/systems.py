@@ -708,6 +708,62 @@ def pglistener_group_reader(worker: Any, job: Job, total: Any, ready: Any, out: 
     out.put(tally.report())
 
 
+#: changes-group: the rows the producer updates over and over (each a key of the group).
+CHANGES_GROUP_ROWS = 1000
+
+
+def changes_group_total(n: int) -> int:
+    """What the changes-group producer writes for about n changes: the rows inserted, then
+    updated a whole number of times."""
+    rounds = max(1, n // CHANGES_GROUP_ROWS - 1)
+    return CHANGES_GROUP_ROWS * (rounds + 1)
+
+
+def pglistener_changes_group_reader(worker: Any, job: Job, total: Any, ready: Any,
+                                    out: Any) -> None:
+    """One member of a keyed consumer group on the changes table (key=True, overflow=
+    "block"): checks that each row's changes come to it in order, and reports the rows it
+    had, so that the bench can check no row went to two members."""
+    from pglistener import Gap
+
+    tally = Tally(job)
+    sub = worker.subscribe_changes(CHANGES_TABLE, group="bench", key=True, overflow="block",
+                                   ring_bytes=job.ring_bytes, timeout=60)
+    ready.put(True)
+    claimed = 0
+    last: dict[int, int] = {}
+    while not tally.timed_out():
+        try:
+            items = sub.get_many(4096, timeout=0.05)
+        except TimeoutError:
+            items = []
+        mine = 0
+        for item in items:
+            if type(item) is Gap:
+                tally.missed += item.missed or 0
+                continue
+            if item.op == "truncate":
+                continue
+            row, n = item.new["id"], item.new["n"]
+            if n <= last.get(row, -1):
+                raise RuntimeError(f"changes-group: row {row} came with n={n} after "
+                                   f"n={last[row]}")
+            last[row] = n
+            mine += 1
+        if mine:
+            if not claimed:
+                tally.first = time.monotonic()
+            claimed += mine
+            tally.end = time.monotonic()
+        with total.get_lock():
+            total.value += mine
+            if total.value >= job.expect:
+                break
+    sub.unsubscribe()
+    tally.received = tally.deliveries = claimed
+    out.put({**tally.report(), "rows": sorted(last)})
+
+
 def skip_locked_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
     """The usual way: every listener wakes on every notification and races the others for
     one job with `FOR UPDATE SKIP LOCKED`; after the end marker it claims until none is
