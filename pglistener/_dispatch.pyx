@@ -482,6 +482,8 @@ cdef class Dispatcher:
         for i in range(self.n_rings):
             _free_producer(self.rings[i])
         free(self.rings)
+        for address in (self.keymaps or {}).values():
+            free(<KeyMap *><size_t>address)
         free(self.dirty)
         if self.wake_fd >= 0:
             close(self.wake_fd)
