@@ -623,3 +623,24 @@ def test_keyed_messages_keep_each_key_in_order_in_a_group(
             pglistener.emit(pg, "a\x1fb", "x")
         with pytest.raises(ValueError, match="give group= and source='wal'"):
             worker.subscribe("jobs", key=True)
+
+
+def test_many_subscribes_to_a_new_table_at_once_all_succeed(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
+) -> None:
+    """Each finds the table missing from the publication and adds it: the ones that lose
+    the race ("already member of publication") are answered as subscribed all the same."""
+    import asyncio
+
+    async def main(worker: pglistener.Worker) -> list[Any]:
+        subs = await asyncio.gather(*(worker.subscribe_changes_async(table, timeout=30)
+                                      for _ in range(6)))
+        pg.execute(f"INSERT INTO {table} (n) VALUES (9)")
+        got = [await sub.get(timeout=30) for sub in subs]
+        for sub in subs:
+            await sub.unsubscribe()
+        return got
+
+    with Sup(logical_cluster, slot).start() as sup:
+        got = asyncio.run(main(sup.worker()))
+        assert [c.new["n"] for c in got] == [9] * 6
