@@ -248,8 +248,7 @@ class Server:
         def added(error: str | None, tables: list[str], oids: list[int]) -> None:
             if key not in self.finding:
                 return          # cancelled, or its worker went
-            if error is not None and "already member of publication" not in error:
-                # (another subscribe added the same table meanwhile: that is success)
+            if error is not None:
                 return fail(f"the publication {pub!r} lacks {', '.join(tables)}, and adding "
                             f"them failed: {error.strip()} (run as the tables' owner: "
                             f"{_tables.add_statement(pub, tables)};)")

@@ -54,11 +54,16 @@ def add_statement(publication: str, tables: Sequence[str]) -> str:
 
 
 def add_query(publication: str, tables: Sequence[str]) -> bytes:
-    """add_statement(), after making the publication if it does not exist yet (the WAL
-    source may be making it at the same time), in one transaction."""
-    return (f"DO $$BEGIN CREATE PUBLICATION {ident(publication)}; EXCEPTION WHEN "
-            f"duplicate_object OR unique_violation THEN NULL; END$$; "
-            f"{add_statement(publication, tables)}").encode()
+    """add_statement() for each table, after making the publication if it does not exist yet
+    (the WAL source may be making it at the same time), in one transaction. A table another
+    subscribe added meanwhile, or the publication made meanwhile, is no error (by SQLSTATE,
+    whatever the server's language); a role that may not add one fails it."""
+    pub = ident(publication)
+    adds = " ".join(f"BEGIN ALTER PUBLICATION {pub} ADD TABLE {table}; EXCEPTION WHEN "
+                    f"duplicate_object THEN NULL; END;" for table in tables)
+    return (f"DO $pglistener$BEGIN BEGIN CREATE PUBLICATION {pub}; EXCEPTION WHEN "
+            f"duplicate_object OR unique_violation THEN NULL; END; {adds} END$pglistener$"
+            ).encode()
 
 
 def qualified(name: object) -> str:
