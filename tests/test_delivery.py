@@ -94,6 +94,9 @@ def test_one_server_connection_and_one_listen_per_channel(
     for sub in subs[2:4]:
         sub.unsubscribe()
     assert supervisor.stats().channels == ("b", "c")
+    # unsubscribe() returns before the UNLISTEN is committed; a LISTEN queued after it on the
+    # supervisor's connection is committed after it, and subscribe() waits for that.
+    w.subscribe("d", timeout=30).unsubscribe()
     before = supervisor.stats().received
     notify(conn, "a", ["nobody"])
     notify(conn, "b", ["marker"])
