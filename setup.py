@@ -1,5 +1,6 @@
 """Declares the compiled extension; libpq's include and lib dirs come from pg_config."""
 
+import re
 import shutil
 import subprocess
 
@@ -16,10 +17,18 @@ def pg_config(flag: str) -> str:
     return subprocess.check_output([exe, flag], text=True).strip()
 
 
+def version_num(text: str) -> int:
+    """pg_config --version as PQlibVersion() gives it: "PostgreSQL 15.18" -> 150018; a
+    pre-release counts as its major's first ("PostgreSQL 19rc1", "19beta2", "19devel" ->
+    190000); the old three-part form keeps its first two ("PostgreSQL 9.6.24" -> 90006)."""
+    found = re.search(r"PostgreSQL (\d+)(?:\.(\d+))?", text)
+    if found is None:
+        raise SystemExit(f"cannot read a PostgreSQL version from pg_config --version: {text!r}")
+    return int(found[1]) * 10000 + int(found[2] or 0)
+
+
 def libpq_version_num() -> int:
-    # "PostgreSQL 15.18" -> 150018, the form PQlibVersion() returns.
-    major, minor = pg_config("--version").split()[1].split(".")[:2]
-    return int(major) * 10000 + int("".join(c for c in minor if c.isdigit()) or 0)
+    return version_num(pg_config("--version"))
 
 
 def libpq_extension(name: str, source: str) -> Extension:
@@ -34,23 +43,26 @@ def libpq_extension(name: str, source: str) -> Extension:
     )
 
 
-extensions = [
-    # The supervisor's side: the dispatch core (its connections, the rings' writing end, the
-    # loop) and each source's decoder beside it.
-    libpq_extension("pglistener._dispatch", "pglistener/_dispatch.pyx"),
-    libpq_extension("pglistener._notify", "pglistener/_notify.pyx"),
-    libpq_extension("pglistener._pgoutput", "pglistener/_pgoutput.pyx"),
-    # The readers' side: no libpq, imported by every worker process.
-    Extension("pglistener._reader", ["pglistener/_reader.pyx"],
-              extra_compile_args=["-O2", "-Wall"]),
-    # The benchmark's `raw` system: the C ceiling of one connection.
-    libpq_extension("pglistener.bench._raw", "pglistener/bench/_raw.pyx"),
-]
+def extensions() -> list[Extension]:
+    return [
+        # The supervisor's side: the dispatch core (its connections, the rings' writing end, the
+        # loop) and each source's decoder beside it.
+        libpq_extension("pglistener._dispatch", "pglistener/_dispatch.pyx"),
+        libpq_extension("pglistener._notify", "pglistener/_notify.pyx"),
+        libpq_extension("pglistener._pgoutput", "pglistener/_pgoutput.pyx"),
+        # The readers' side: no libpq, imported by every worker process.
+        Extension("pglistener._reader", ["pglistener/_reader.pyx"],
+                  extra_compile_args=["-O2", "-Wall"]),
+        # The benchmark's `raw` system: the C ceiling of one connection.
+        libpq_extension("pglistener.bench._raw", "pglistener/bench/_raw.pyx"),
+    ]
 
-setup(
-    ext_modules=cythonize(
-        extensions,
-        language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+
+if __name__ == "__main__":     # as setuptools runs it (a test imports version_num alone)
+    setup(
+        ext_modules=cythonize(
+            extensions(),
+            language_level=3,
+            compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+        )
     )
-)

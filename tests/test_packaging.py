@@ -3,6 +3,7 @@ prebuilt wheel exists: the extension needs the system libpq), imported and run."
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -72,3 +73,17 @@ def test_the_sdist_installs_in_a_fresh_venv_and_runs(tmp_path: Path, dsn: str) -
     assert "== drain" in out and "== targets" in out
     assert "skipped: asyncpg: asyncpg is not installed" in out
     assert secret not in out and secret not in (tmp_path / "bench.json").read_text()
+
+
+def test_a_pre_release_libpq_builds() -> None:
+    """setup.py reads pg_config's version as PQlibVersion() gives it, a pre-release too
+    (wherever PostgreSQL 19's client is the newest installed it says "19rc1")."""
+    version_num = runpy.run_path(str(ROOT / "setup.py"), run_name="setup")["version_num"]
+    assert version_num("PostgreSQL 15.18") == 150018
+    assert version_num("PostgreSQL 18.6 (Debian 18.6-3)") == 180006
+    assert version_num("PostgreSQL 19rc1 (Debian 19~rc1-1)") == 190000
+    assert version_num("PostgreSQL 19beta2") == 190000
+    assert version_num("PostgreSQL 19devel") == 190000
+    assert version_num("PostgreSQL 9.6.24") == 90006
+    with pytest.raises(SystemExit, match="cannot read a PostgreSQL version"):
+        version_num("pg_config: command not found")
