@@ -81,6 +81,28 @@ def is_permanent_failure(cause: str) -> bool:
     return is_permanent(cause) or "REPLICATION attribute" in cause or "wal_level" in cause
 
 
+#: What the server's invalidation_reason (pg_replication_slots, PostgreSQL 17+) means.
+INVALIDATIONS = {
+    "wal_removed": "it removed WAL the slot still needed (max_slot_wal_keep_size)",
+    "idle_timeout": "the slot was unread for longer than idle_replication_slot_timeout",
+    "rows_removed": "rows the slot still needed were removed (on a standby: "
+                    "hot_standby_feedback off, or no physical slot on the primary)",
+    "wal_level_insufficient": "wal_level fell below logical on the primary",
+    "conflicting": "it conflicted with recovery on this standby (rows it needed were "
+                   "removed, or wal_level fell below logical on the primary)",
+}
+
+
+def invalidation(reason: str | None) -> str:
+    """Why the server invalidated a slot, naming its own reason where it gives one (none
+    before PostgreSQL 16, where only max_slot_wal_keep_size invalidates a slot)."""
+    if reason is None:
+        return f"the server invalidated it: {INVALIDATIONS['wal_removed']}"
+    meaning = INVALIDATIONS.get(reason)
+    return (f"the server invalidated it ({reason})" +
+            (f": {meaning}" if meaning is not None else ""))
+
+
 @dataclass
 class Started:
     """How a setup that started the stream found the slot."""
@@ -232,7 +254,8 @@ class WalConnection(ListenConnection):
         def checked(results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:
             if error is not None:
                 return fail(f"checking the server failed: {error}")
-            level, recovery, version, position, sync_slots = (_text(v) for v in results[0][0])
+            level, recovery, version, position, sync_slots, effective = (
+                _text(v) for v in results[0][0])
             outcome.start_lsn = parse_lsn(position) if position else 0
             self.recovery = recovery == "t"
             self.server_version = int(version or 0)
@@ -240,11 +263,16 @@ class WalConnection(ListenConnection):
             if self.server_version < 140000:
                 return fail(f"the WAL source needs PostgreSQL 14 or later (messages in "
                             f"pgoutput); the server is {version}", True)
-            if level != "logical":
+            # PostgreSQL 19 decodes with wal_level = replica: making the first logical slot
+            # turns logical decoding on (effective_wal_level becomes logical).
+            if (effective or level) != "logical" and \
+                    not (self.server_version >= 190000 and level == "replica"):
                 where = "; on a standby, on the primary" if self.recovery else ""
+                need = ("wal_level = replica or logical" if self.server_version >= 190000
+                        else "wal_level = logical")
                 return fail(f"wal_level is {level!r} on {self.safe_target}: the WAL source "
-                            f"needs wal_level = logical (set it in postgresql.conf and restart "
-                            f"the server{where})", True)
+                            f"needs {need} (set it in postgresql.conf and restart the "
+                            f"server{where})", True)
             if self.recovery and self.server_version < 160000:
                 return fail(f"{self.safe_target} is a standby running PostgreSQL {version}: "
                             f"a slot can be read on a standby from PostgreSQL 16 on; read it "
@@ -296,7 +324,9 @@ class WalConnection(ListenConnection):
             look()
 
         def look() -> None:
-            extra = ", failover, synced" if self.server_version >= 170000 else ", NULL, NULL"
+            extra = (", failover, synced, invalidation_reason" if self.server_version >= 170000
+                     else ", NULL, NULL, CASE WHEN conflicting THEN 'conflicting' END"
+                     if self.server_version >= 160000 else ", NULL, NULL, NULL")
             self.query(f"SELECT plugin, active_pid, wal_status, confirmed_flush_lsn, "
                        f"database = current_database(){extra} FROM pg_replication_slots "
                        f"WHERE slot_name = '{slot}'".encode(), found)
@@ -313,7 +343,7 @@ class WalConnection(ListenConnection):
                     log.info("creating replication slot %r (pgoutput) on %s", slot,
                              self.safe_target)
                 return make()
-            plugin, active, status, confirmed, same_db, failover, synced = (
+            plugin, active, status, confirmed, same_db, failover, synced, invalidated = (
                 _text(v) for v in rows[0])
             if plugin != "pgoutput" or same_db != "t":
                 return fail(f"replication slot {slot!r} exists for another use (plugin "
@@ -328,9 +358,8 @@ class WalConnection(ListenConnection):
                 return fail(f"replication slot {slot!r} is in use by server process {active} "
                             f"(another supervisor?): a slot is read by one supervisor at a "
                             f"time; retrying")
-            if status == "lost":
-                outcome.loss = ("the server invalidated it: it removed WAL the slot still "
-                                "needed (max_slot_wal_keep_size)")
+            if status == "lost" or invalidated is not None:
+                outcome.loss = invalidation(invalidated)
                 return self.query(f'DROP_REPLICATION_SLOT "{slot}"'.encode(),
                                   lambda results, error: (
                                       fail(f"dropping the invalidated slot failed: {error}")
@@ -419,7 +448,8 @@ class WalConnection(ListenConnection):
 
         self.query(f"SELECT current_setting('wal_level'), pg_is_in_recovery(), "
                    f"current_setting('server_version_num'), {WAL_POSITION}, "
-                   f"current_setting('synchronized_standby_slots', true)".encode(), checked)
+                   f"current_setting('synchronized_standby_slots', true), "
+                   f"current_setting('effective_wal_level', true)".encode(), checked)
 
     @property
     def wants_failover(self) -> bool:

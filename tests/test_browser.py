@@ -21,7 +21,6 @@ import psycopg
 import pytest
 from fix_cluster import Cluster
 from test_examples import ROOT, answers, free_port
-from test_wal import DEFAULT_SERVER_ONLY
 
 from fix_supervisor import wait_for
 
@@ -89,7 +88,6 @@ def logged(op: str, row: dict[str, Any]) -> str:
     return f"{op} {json.dumps(row, separators=(',', ':'))}"
 
 
-@DEFAULT_SERVER_ONLY
 def test_a_live_page_loses_nothing_across_an_app_restart(
     logical_cluster: Cluster, browser: Any
 ) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from fix_cluster import Cluster
-from test_wal import FAST, read, walsender
+from test_wal import FAST, on_server, read, walsender
 
 import pglistener
 from fix_supervisor import wait_for
@@ -85,6 +85,7 @@ def insert_many(dsn: str, table: str, first: int, count: int, transactions: int 
 # -- what a change says -----------------------------------------------------------------------
 
 
+@pytest.mark.every_server
 def test_every_kind_of_change_with_its_rows(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
 ) -> None:
@@ -152,6 +153,32 @@ def test_values_by_type_unchanged_toast_and_a_new_column(
             assert third.new["extra"] == "f" and "nothing" not in third.new
             assert third.new["t"] is UNCHANGED
             assert repr(UNCHANGED) == "pglistener.UNCHANGED"
+    finally:
+        pg.execute(f"DROP TABLE {name}")
+
+
+@on_server("18")
+def test_generated_columns_come_as_the_server_sends_them(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """PostgreSQL 18 makes generated columns virtual by default, and never publishes those;
+    a stored one is published once the publication says publish_generated_columns."""
+    name = f"gen_{uuid.uuid4().hex[:8]}"
+    pg.execute(f"""CREATE TABLE {name} (id int PRIMARY KEY, a int,
+                   v int GENERATED ALWAYS AS (a * 2) VIRTUAL,
+                   s int GENERATED ALWAYS AS (a * 3) STORED)""")
+    try:
+        with Sup(logical_cluster, slot).start() as sup:
+            sub = sup.worker().subscribe_changes(name, timeout=30)
+            pg.execute(f"INSERT INTO {name} (id, a) VALUES (1, 5)")
+            pg.execute(f"ALTER PUBLICATION {slot} SET (publish_generated_columns = stored)")
+            pg.execute(f"INSERT INTO {name} (id, a) VALUES (2, 7)")
+            pg.execute(f"UPDATE {name} SET a = 8 WHERE id = 2")
+            first, second, third = read(sub, 3)
+            assert first.new == {"id": 1, "a": 5}
+            assert second.new == {"id": 2, "a": 7, "s": 21}
+            assert third.new == {"id": 2, "a": 8, "s": 24}
+            assert second.raw.new == {"id": "2", "a": "7", "s": "21"}
     finally:
         pg.execute(f"DROP TABLE {name}")
 
@@ -264,6 +291,7 @@ def test_a_10_mb_row_arrives_whole(
 # -- what a slot promises -----------------------------------------------------------------------
 
 
+@pytest.mark.every_server
 def test_killed_walsender_loses_nothing_and_repeats_nothing(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
 ) -> None:
@@ -292,6 +320,7 @@ def test_killed_walsender_loses_nothing_and_repeats_nothing(
         assert sup.stats().wal_reconnects >= kills == 3
 
 
+@pytest.mark.every_server
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_server_restart_loses_nothing(
     logical_cluster: Cluster, slot: str, table: str, mode: str
@@ -306,6 +335,7 @@ def test_server_restart_loses_nothing(
             sub.get(timeout=1)
 
 
+@pytest.mark.every_server
 def test_a_killed_supervisor_resumes_after_the_last_handled_change(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
 ) -> None:

@@ -128,10 +128,12 @@ def test_tcp_liveness_settings_are_defaults_the_dsn_can_override() -> None:
     assert idle + interval * count <= 15
 
 
+@pytest.mark.every_server
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_server_restart_gives_one_gap_then_the_stream_resumes(
-    cluster: Cluster, mode: str
+    logical_cluster: Cluster, mode: str
 ) -> None:
+    cluster = logical_cluster      # one of each version (its wal_level is no matter here)
     with Supervisor(cluster.dsn, **FAST_RETRY).start() as sup, \
             psycopg.connect(cluster.dsn, autocommit=True) as conn:
         w = sup.worker()

@@ -25,10 +25,10 @@ from pglistener import Gap, Notification, Supervisor, WalSourceError
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.2}
 
-#: For a test of our own code that no server version changes (the bench, the CLI): run on
-#: the default server (16) only, not on each that logical_cluster is made with.
-DEFAULT_SERVER_ONLY = pytest.mark.parametrize("logical_cluster", ["16"], indirect=True,
-                                              ids=["pg16"])
+#: A test of what differs between versions, on the one where it differs.
+def on_server(version: str) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize("logical_cluster", [version], indirect=True,
+                                   ids=[f"pg{version}"])
 
 
 @pytest.fixture
@@ -140,7 +140,6 @@ def test_every_read_path_and_asyncio(
         assert numbers(got) == list(range(100))
 
 
-@DEFAULT_SERVER_ONLY
 def test_bad_source_and_after_are_refused_before_anything_is_sent(
     logical_cluster: Cluster, slot: str, dsn: str
 ) -> None:
@@ -163,6 +162,7 @@ def test_bad_source_and_after_are_refused_before_anything_is_sent(
 # -- promise 1: no gap on reconnect -----------------------------------------------------------
 
 
+@pytest.mark.every_server
 def test_killed_walsender_loses_nothing_and_repeats_nothing(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection
 ) -> None:
@@ -199,6 +199,7 @@ def test_killed_walsender_loses_nothing_and_repeats_nothing(
         assert stats.reconnects == 0        # the LISTEN connection was not touched
 
 
+@pytest.mark.every_server
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_server_restart_loses_nothing(
     logical_cluster: Cluster, slot: str, mode: str
@@ -288,6 +289,7 @@ def test_a_blocking_reader_loses_nothing_and_the_wal_holds_the_backlog(
 # -- promise 3: crashes -------------------------------------------------------------------------
 
 
+@pytest.mark.every_server
 def test_a_killed_supervisor_resumes_after_the_last_handled_message(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection
 ) -> None:
@@ -370,6 +372,27 @@ def test_wal_level_replica_fails_the_first_subscribe(cluster: Cluster) -> None:
         assert stats.wal_state != "streaming" and "wal_level" in str(stats.wal_last_error)
 
 
+def test_postgresql_19_decodes_with_wal_level_replica(replica19: Cluster) -> None:
+    """From 19 on, the first logical slot turns logical decoding on: no restart needed."""
+    slot = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(replica19.dsn, autocommit=True) as pg:
+        assert pg.execute("SELECT current_setting('wal_level'), "
+                          "current_setting('effective_wal_level')").fetchone() == \
+            ("replica", "replica")
+        try:
+            with Supervisor(replica19.dsn, slot=slot, **FAST).start() as sup:
+                sub = sup.worker().subscribe("r19", source="wal", timeout=30)
+                emit_many(pg, "r19", 1, 100)
+                assert numbers(read(sub, 100)) == list(range(1, 101))
+                assert pg.execute("SELECT current_setting('effective_wal_level')"
+                                  ).fetchone() == ("logical",)
+        finally:
+            wait_for(lambda: slot_row(pg, slot) is None or slot_row(pg, slot)[0] is None,
+                     "the slot to be released")
+            pg.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                       "WHERE slot_name = %s", (slot,))
+
+
 def test_a_role_without_replication_fails_the_first_subscribe(
     logical_cluster: Cluster, pg: psycopg.Connection
 ) -> None:
@@ -395,7 +418,8 @@ def test_two_supervisors_on_one_slot_get_an_error_not_a_fight(
 
 
 def test_an_invalidated_slot_is_made_again_and_says_so(
-    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection,
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     with Supervisor(logical_cluster.dsn, slot=slot, **FAST).start() as sup:
         sub = sup.worker().subscribe("i", source="wal", timeout=30)
@@ -418,6 +442,41 @@ def test_an_invalidated_slot_is_made_again_and_says_so(
         wait_for(lambda: sup.stats().wal_state == "streaming", "the slot to be made again")
         pglistener.emit(pg, "i", "2")
         assert numbers(read(sub, 2)) == ["GAP:slot", 2]
+    # The log names the server's own reason (PostgreSQL 17+), and what it means.
+    assert "invalidated it (wal_removed)" in caplog.text
+    assert "max_slot_wal_keep_size" in caplog.text
+
+
+@on_server("18")
+def test_an_idle_timeout_invalidation_is_a_gap_that_names_its_reason(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL 18 invalidates a slot unread for idle_replication_slot_timeout (at a
+    checkpoint): here while the supervisor is frozen and its walsender gone."""
+    with Supervisor(logical_cluster.dsn, slot=slot, **FAST).start() as sup:
+        sub = sup.worker().subscribe("it", source="wal", timeout=30)
+        emit_many(pg, "it", 1, 10)
+        assert numbers(read(sub, 10)) == list(range(1, 11))
+        pg.execute("ALTER SYSTEM SET idle_replication_slot_timeout = '1s'")
+        pg.execute("SELECT pg_reload_conf()")
+
+        def invalidated() -> bool:
+            time.sleep(0.2)
+            pg.execute("CHECKPOINT")
+            return pg.execute("SELECT invalidation_reason FROM pg_replication_slots "
+                              "WHERE slot_name = %s", (slot,)).fetchone() == ("idle_timeout",)
+
+        try:
+            with frozen(sup, pg, slot):
+                emit_many(pg, "it", 11, 10)          # lost with the slot
+                wait_for(invalidated, "the server to invalidate the idle slot", timeout=60)
+        finally:
+            pg.execute("ALTER SYSTEM RESET idle_replication_slot_timeout")
+            pg.execute("SELECT pg_reload_conf()")
+        made_again_after_one_gap(sup, sub, pg, "it", 21, 10)
+    assert "invalidated it (idle_timeout)" in caplog.text
+    assert "idle_replication_slot_timeout" in caplog.text
 
 
 # -- promise 6: feedback --------------------------------------------------------------------------
@@ -447,7 +506,6 @@ def test_feedback_keeps_the_walsender_and_moves_an_idle_slot(
 # -- seeing and dropping slots -------------------------------------------------------------------
 
 
-@DEFAULT_SERVER_ONLY
 def test_slot_list_and_drop(logical_cluster: Cluster, slot: str,
                             capsys: pytest.CaptureFixture[str]) -> None:
     from pglistener.__main__ import main
@@ -470,7 +528,6 @@ def test_slot_list_and_drop(logical_cluster: Cluster, slot: str,
 # -- the benchmark and the soak run end to end on this source ------------------------------------
 
 
-@DEFAULT_SERVER_ONLY
 def test_bench_wal_scenarios_run_and_account(logical_cluster: Cluster, tmp_path: Any) -> None:
     import json
     import subprocess
@@ -511,7 +568,6 @@ def test_bench_wal_scenarios_run_and_account(logical_cluster: Cluster, tmp_path:
                             "'pglistener_bench'").fetchone() == (0,)
 
 
-@DEFAULT_SERVER_ONLY
 def test_soak_accounts_for_both_sources(logical_cluster: Cluster) -> None:
     import subprocess
     import sys
@@ -653,6 +709,19 @@ def frozen(sup: Supervisor, pg: psycopg.Connection, slot: str) -> Iterator[None]
         os.kill(sup.pid, signal.SIGCONT)
 
 
+def made_again_after_one_gap(sup: Supervisor, sub: Any, pg: psycopg.Connection, channel: str,
+                             first: int, count: int) -> None:
+    """The supervisor saw the slot lost once and made it again: what is sent now comes after
+    one Gap("slot"), and nothing else."""
+    wait_for(lambda: sup.stats().slot_losses == 1, "the supervisor to see the loss")
+    wait_for(lambda: sup.stats().wal_state == "streaming", "the slot to be made again")
+    emit_many(pg, channel, first, count)
+    assert numbers(read(sub, count + 1)) == ["GAP:slot"] + list(range(first, first + count))
+    with pytest.raises(TimeoutError):
+        sub.get(timeout=0.5)
+
+
+@pytest.mark.every_server
 def test_a_slot_dropped_under_a_frozen_supervisor_is_a_gap(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection
 ) -> None:
@@ -663,12 +732,7 @@ def test_a_slot_dropped_under_a_frozen_supervisor_is_a_gap(
         with frozen(sup, pg, slot):
             pg.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             emit_many(pg, "d", 101, 100)          # nobody keeps these: lost
-        wait_for(lambda: sup.stats().slot_losses == 1, "the supervisor to see the loss")
-        wait_for(lambda: sup.stats().wal_state == "streaming", "the slot to be made again")
-        emit_many(pg, "d", 201, 100)
-        assert numbers(read(sub, 101)) == ["GAP:slot"] + list(range(201, 301))
-        with pytest.raises(TimeoutError):
-            sub.get(timeout=0.5)
+        made_again_after_one_gap(sup, sub, pg, "d", 201, 100)
 
 
 def test_a_slot_advanced_by_someone_else_is_a_gap(
