@@ -143,7 +143,15 @@ def _supervise(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             return 127
         if stop.is_set():       # a signal came while it was being started
             child.send_signal(signal.SIGTERM)
-        status = child.wait()
+        # Waited for in short steps: a signal that comes just before a blocking waitpid()
+        # leaves its Python handler (the forward) pending until this thread runs Python
+        # again, which a plain wait() would not do before the command exits.
+        while True:
+            try:
+                status = child.wait(0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
     return status if status >= 0 else 128 - status
 
 

@@ -29,11 +29,15 @@ READER = textwrap.dedent("""
     sys.exit(3)
 """)
 
+# Sleeps in steps: a signal that comes between print() and a single long sleep() would leave
+# its handler pending for the whole sleep (Python runs handlers between bytecodes, and the
+# sleep's system call began after the signal: seen on 3.14 under load).
 WAITER = textwrap.dedent("""
     import signal, sys, time
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
     print("ready", flush=True)
-    time.sleep(60)
+    for _ in range(600):
+        time.sleep(0.1)
 """)
 
 
