@@ -93,8 +93,8 @@ class Supervisor:
     - slot: read logical decoding messages (pglistener.emit) from this replication slot,
       beside LISTEN: subscribe(..., source="wal"), and the row changes of the publication's
       tables: worker.subscribe_changes(). The slot (pgoutput) and the publication are
-      created when missing. Needs wal_level = logical and a role with REPLICATION. See the
-      README, "Durable channels" and "Table changes".
+      created when missing. Needs wal_level = logical (replica is enough on PostgreSQL 19)
+      and a role with REPLICATION. See the README, "Durable channels" and "Table changes".
     - slot_dsn: read the slot from another server than `dsn` (a PostgreSQL 16+ hot standby).
     - publication: the publication pgoutput is given (default "pglistener"): empty for
       messages; subscribe_changes() adds the tables it is asked for.
