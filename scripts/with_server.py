@@ -11,7 +11,6 @@ import logging
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,9 +55,7 @@ def with_initdb(argv: list[str]) -> int:
         d.mkdir(mode=0o700)
         if user is not None:
             os.chown(d, user, -1)
-    with socket.socket() as s:      # a free port for the socket's name
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = 5432     # it names the socket in a directory of its own: no TCP, no clash
 
     def tool(*args: str) -> None:
         subprocess.run([str(bindir / args[0]), *args[1:]], user=user, cwd="/", check=True,

@@ -13,6 +13,7 @@ pgserver's own system user (the root's postgres user in the sid root).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -233,19 +234,25 @@ def logical_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     yield from _cluster(5442 + 10 * VERSIONS.index(version), LOGICAL, version)
 
 
-def _cluster(port: int, settings: dict[str, str], version: str = "16") -> Iterator[Cluster]:
-    # In the sid root for 19: its binaries see the cluster's files there.
-    base = SIDROOT / "tmp" if version == "19" else None
+@contextlib.contextmanager
+def clusters(base: Path | None = None) -> Iterator[tuple[Path, list[Cluster]]]:
+    """A directory for clusters (in `base`: the sid root's /tmp for 19), and the list of
+    those made there: each stopped (immediate) at the end, and the directory removed."""
     root = Path(tempfile.mkdtemp(prefix="pglistener-cluster-", dir=base))
     root.chmod(0o755)
     made: list[Cluster] = []
     try:
+        yield root, made
+    finally:
+        for c in made:
+            c.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _cluster(port: int, settings: dict[str, str], version: str = "16") -> Iterator[Cluster]:
+    with clusters(SIDROOT / "tmp" if version == "19" else None) as (root, made):
         primary = Cluster(root, "primary", port, version).init()
         primary.settings = dict(settings)
         made.append(primary)
         primary.start()
         yield primary
-    finally:
-        for c in made:
-            c.kill()
-        shutil.rmtree(root, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from fix_cluster import Cluster
-from test_wal import FAST, on_server, read, walsender
+from test_wal import FAST, drop_slot, on_server, read, walsender
 
 import pglistener
 from fix_supervisor import wait_for
@@ -30,11 +30,7 @@ def slot(logical_cluster: Cluster) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
     with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
-        wait_for(lambda: conn.execute(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active",
-            (name,)).fetchone() == (0,), "the slot to be released")
-        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                     "WHERE slot_name = %s", (name,))
+        drop_slot(conn, name)
         conn.execute(f"DROP PUBLICATION IF EXISTS {name}")
 
 

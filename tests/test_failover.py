@@ -4,10 +4,6 @@ and what a server that cannot keep a slot says instead."""
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,27 +11,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fix_cluster import LOGICAL, Cluster
+from fix_cluster import LOGICAL, Cluster, clusters
 from test_wal import FAST, emit_many, numbers, read
 
 from fix_supervisor import wait_for
 from pglistener import Supervisor, WalSourceError
-
-
-@contextlib.contextmanager
-def clusters() -> Iterator[tuple[Path, list[Cluster]]]:
-    """A directory for clusters, and the list of those made there: each stopped (immediate)
-    at the end, and the directory removed."""
-    root = Path(tempfile.mkdtemp(prefix="pglistener-failover-"))
-    root.chmod(0o755)
-    made: list[Cluster] = []
-    try:
-        yield root, made
-    finally:
-        for c in made:
-            subprocess.run([str(c.bin / "pg_ctl"), "-D", str(c.data), "-m", "immediate",
-                            "stop"], user=c.uid, cwd="/", capture_output=True, check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def logical_primary(root: Path, made: list[Cluster], port: int, version: str) -> Cluster:

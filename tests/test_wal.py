@@ -38,11 +38,16 @@ def slot(logical_cluster: Cluster) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
     with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
-        wait_for(lambda: conn.execute(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active",
-            (name,)).fetchone() == (0,), "the slot to be released")
-        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                     "WHERE slot_name = %s", (name,))
+        drop_slot(conn, name)
+
+
+def drop_slot(conn: psycopg.Connection, name: str) -> None:
+    """Drop slot `name`, if it exists, once no walsender holds it."""
+    wait_for(lambda: conn.execute(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active",
+        (name,)).fetchone() == (0,), "the slot to be released")
+    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                 "WHERE slot_name = %s", (name,))
 
 
 @pytest.fixture
@@ -387,10 +392,7 @@ def test_postgresql_19_decodes_with_wal_level_replica(replica19: Cluster) -> Non
                 assert pg.execute("SELECT current_setting('effective_wal_level')"
                                   ).fetchone() == ("logical",)
         finally:
-            wait_for(lambda: slot_row(pg, slot) is None or slot_row(pg, slot)[0] is None,
-                     "the slot to be released")
-            pg.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                       "WHERE slot_name = %s", (slot,))
+            drop_slot(pg, slot)
 
 
 def test_a_role_without_replication_fails_the_first_subscribe(
