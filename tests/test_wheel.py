@@ -68,10 +68,11 @@ def test_the_wheel_installs_with_binary_and_runs_where_nothing_compiles(tmp_path
     assert "manylinux" in wheel.name and f"cp{version.replace('.', '')}" in wheel.name
 
     work = Path("/tmp") / f"pglistener-wheel-{uuid.uuid4().hex[:8]}"     # in the root
-    (bare / work.relative_to("/")).mkdir()
+    here = bare / work.relative_to("/")                                   # and from here
+    here.mkdir()
     try:
-        shutil.copy(wheel, bare / work.relative_to("/") / wheel.name)
-        (bare / work.relative_to("/") / "example.py").write_text(EXAMPLE)
+        shutil.copy(wheel, here / wheel.name)
+        (here / "example.py").write_text(EXAMPLE)
         venv = work / "venv"
         run(*inside, "python3", "-m", "venv", venv)
         run(*inside, venv / "bin/pip", "install", "--quiet", f"{work / wheel.name}[binary]")
@@ -89,4 +90,4 @@ def test_the_wheel_installs_with_binary_and_runs_where_nothing_compiles(tmp_path
         assert "/site-packages/pglistener/../pglistener.libs/libpq-" in libpq
         assert "not found" not in libs
     finally:
-        shutil.rmtree(bare / work.relative_to("/"), ignore_errors=True)
+        shutil.rmtree(here, ignore_errors=True)
