@@ -328,7 +328,8 @@ if __name__ == "__main__":
     sup = Supervisor(sys.argv[1]).start()
     sub = sup.worker().subscribe("orphan", timeout=30)
     print(sup.pid, sup.worker()._path, flush=True)
-    time.sleep(600)
+    for _ in range(6000):       # in steps: a SIGINT just before one long sleep would wait it out
+        time.sleep(0.1)
 """
 
 

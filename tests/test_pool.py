@@ -150,7 +150,8 @@ if __name__ == "__main__":
 
 POOL_OWNER = PREAMBLE + """
         print(sup.pid, sup.worker()._path, *pool.pids, flush=True)
-        time.sleep(600)
+        for _ in range(6000):   # in steps: a SIGINT just before one long sleep would wait it out
+            time.sleep(0.1)
 """
 
 
