@@ -27,6 +27,7 @@ cdef extern from "_wire.h" nogil:
     uint64_t pgl_be64(const char *p)
     uint32_t pgl_be32(const char *p)
     void pgl_put_be64(char *p, uint64_t v)
+    void pgl_put_be32(char *p, uint32_t v)
     int64_t pgl_pg_now_us()
 
 
@@ -69,6 +70,10 @@ cdef class WalDispatcher(Dispatcher):
     cdef size_t rels_size
     cdef size_t rels_used
     cdef uint32_t rel_versions
+    # A domain's base type, by the domain's oid: (oid, base) pairs sorted by oid. pgoutput
+    # names a column's declared type, a SELECT's result its base type, which psycopg loads.
+    cdef uint32_t *bases
+    cdef size_t n_bases
     # A change's record content is put together here (_ring.h: its prefix, the Relation and
     # the change message), and stays while it is held.
     cdef char *scratch
@@ -96,6 +101,8 @@ cdef class WalDispatcher(Dispatcher):
             self.rels = NULL
         free(self.scratch)
         self.scratch = NULL
+        free(self.bases)
+        self.bases = NULL
 
     # The replication stream is COPY BOTH data (docs: "Streaming Replication Protocol";
     # pg_recvlogical.c reads it the same way). From the server, big-endian:
@@ -299,10 +306,40 @@ cdef class WalDispatcher(Dispatcher):
         free(old)
         return True
 
+    cdef uint32_t _base(self, uint32_t oid) noexcept nogil:
+        # A domain's base type (set_base_types); any other type as it is.
+        cdef size_t lo = 0, hi = self.n_bases, mid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.bases[2 * mid] < oid:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.n_bases and self.bases[2 * lo] == oid:
+            return self.bases[2 * lo + 1]
+        return oid
+
+    def set_base_types(self, dict bases):
+        """Domains by their base types ({domain oid: base oid}): the Relation messages from
+        now on name the base type of each such column, so that readers load it as a SELECT
+        would."""
+        cdef list pairs = sorted(bases.items())
+        cdef Py_ssize_t i, n = len(pairs)
+        cdef uint32_t *made = <uint32_t *>malloc((2 * n + 1) * sizeof(uint32_t))
+        if made == NULL:
+            raise MemoryError()
+        for i in range(n):
+            made[2 * i] = pairs[i][0]
+            made[2 * i + 1] = pairs[i][1]
+        free(self.bases)
+        self.bases = made
+        self.n_bases = len(pairs)
+
     cdef int _relation(self, const char *body, size_t blen) noexcept nogil:
         # A table's description, before its first change in this stream (and again when it
-        # changes): kept, and given with every change after it; which columns are its
-        # replica identity, for the key a keyed group routes by.
+        # changes): kept, with each domain column's type given as its base type, and given
+        # with every change after it; which columns are its replica identity, for the key a
+        # keyed group routes by.
         cdef Relation *rel
         cdef char *copy
         cdef unsigned char *cols
@@ -310,6 +347,7 @@ cdef class WalDispatcher(Dispatcher):
         cdef const char *end = body + blen
         cdef const char *nul
         cdef uint16_t ncols, i, _i
+        cdef uint32_t oid, base
         if blen < 5:
             return -1
         at = body + 5
@@ -323,25 +361,34 @@ cdef class WalDispatcher(Dispatcher):
         ncols = (<uint16_t>(<unsigned char>at[1]) << 8) | <unsigned char>at[2]
         at += 3
         cols = <unsigned char *>malloc(ncols + 1)
-        if cols == NULL:
+        copy = <char *>malloc(blen - 1)
+        if cols == NULL or copy == NULL:
+            free(cols)
+            free(copy)
             return -1
+        memcpy(copy, body + 1, blen - 1)
         for i in range(ncols):
             if at >= end:
                 free(cols)
+                free(copy)
                 return -1
             cols[i] = (<unsigned char>at[0]) & 1
             nul = <const char *>memchr(at + 1, 0, end - at - 1) if at + 1 < end else NULL
             if nul == NULL or nul + 9 > end:
                 free(cols)
+                free(copy)
                 return -1
+            if self.n_bases:
+                oid = pgl_be32(nul + 1)
+                base = self._base(oid)
+                if base != oid:     # the copy starts at body + 1
+                    pgl_put_be32(copy + (nul + 1 - body - 1), base)
             at = nul + 9
         rel = self._find_rel(pgl_be32(body + 1), True)
-        copy = <char *>malloc(blen - 1)
-        if rel == NULL or copy == NULL:
+        if rel == NULL:
             free(copy)
             free(cols)
             return -1
-        memcpy(copy, body + 1, blen - 1)
         free(rel.body)
         free(rel.key_cols)
         rel.body = copy

@@ -228,8 +228,9 @@ _OPS = {b"I"[0]: "insert", b"U"[0]: "update", b"D"[0]: "delete", b"T"[0]: "trunc
 @cython.final
 cdef class Table:
     """A table as pgoutput described it (its Relation message): what the changes after it
-    are decoded by. `name` is schema-qualified; `columns`, `type_oids` and `key` (True for
-    each column of the replica identity) are in the table's order; `replica_identity` is
+    are decoded by. `name` is schema-qualified; `columns`, `type_oids` (a domain's column
+    by its base type, as a SELECT names it) and `key` (True for each column of the replica
+    identity) are in the table's order; `replica_identity` is
     "default", "nothing", "full" or "index"."""
 
     cdef readonly str name
@@ -240,6 +241,7 @@ cdef class Table:
     cdef readonly unsigned int relid
     cdef readonly bytes description    # the Relation message from its relid on
     cdef object _loader                # psycopg's Transformer for the columns' types
+    cdef set _undecodable              # columns whose text did not load (said once)
 
     def __init__(self, bytes description not None):
         cdef const unsigned char *p = description
@@ -248,6 +250,7 @@ cdef class Table:
         if n < 7:
             raise ValueError("not a Relation message")
         self.description = description
+        self._undecodable = set()
         self.relid = pgl_be32(<const char *>p)
         at = 4
         names = []
@@ -335,14 +338,45 @@ cdef Py_ssize_t _tuple_data(bytes data, Py_ssize_t at, int ncols, list texts) ex
     return at
 
 
+cdef list _each(Table table, list texts):
+    # Each column by its own loader, when the row's did not load: one that cannot load its
+    # text (a timestamp 'infinity', a value its loader refuses) gives that text, as a str,
+    # and is said in the log once per table and column; the others load as they would.
+    from psycopg.pq import Format
+    cdef object loader = table.loader()
+    cdef list values = []
+    cdef Py_ssize_t i
+    for i in range(len(texts)):
+        t = texts[i]
+        if t is None or t is UNCHANGED:
+            values.append(None)
+            continue
+        try:
+            values.append(loader.get_loader(table.type_oids[i], Format.TEXT).load(t))
+        except Exception as exc:
+            text = t.decode("utf-8", "surrogateescape")
+            values.append(text)
+            if table.columns[i] not in table._undecodable:
+                table._undecodable.add(table.columns[i])
+                import logging
+                logging.getLogger("pglistener").warning(
+                    "column %s of %s (type oid %d) did not load from %r: %s: it comes as its "
+                    "text (register a loader for the type on psycopg.adapters to change that)",
+                    table.columns[i], table.name, table.type_oids[i], text[:80], exc)
+    return values
+
+
 cdef dict _row(Table table, list texts, bint key_only):
     # Column name -> Python value, by psycopg's loaders.
     cdef Py_ssize_t i, n = len(texts)
     cdef bint unchanged = UNCHANGED in texts
     cdef tuple columns = table.columns
     cdef dict out = {}
-    values = table.loader().load_sequence(
-        [None if t is UNCHANGED else t for t in texts] if unchanged else texts)
+    try:
+        values = table.loader().load_sequence(
+            [None if t is UNCHANGED else t for t in texts] if unchanged else texts)
+    except Exception:
+        values = _each(table, texts)
     if not key_only and not unchanged:
         for i in range(n):
             out[columns[i]] = values[i]

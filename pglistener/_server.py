@@ -261,7 +261,10 @@ class Server:
                 return
             if error is not None or not results:
                 return fail(f"looking for the tables {', '.join(names)} failed: {error}")
-            rows = results[-1]
+            rows = results[-2]
+            if self.wal is not None:
+                # Domains made since the slot's stream began: their columns load by base type.
+                self.wal.dispatcher.set_base_types(_tables.base_types(results[-1]))
             missing = [n for n, row in zip(names, rows, strict=True) if row[0] is None]
             if missing:
                 return fail(f"no such table: {', '.join(missing)} (a table that does not "
@@ -286,7 +289,7 @@ class Server:
                        lambda _r, error: added(error, lacking, oids))
 
         def start() -> None:
-            link.query(_tables.find_query(pub, names), found)
+            link.query(_tables.find_query(pub, names) + b"; " + _tables.DOMAINS_QUERY, found)
 
         # Asked on the LISTEN connection; again on the next one if it goes meanwhile.
         self.finding[key] = (client, start)

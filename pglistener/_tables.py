@@ -48,6 +48,22 @@ def find_query(publication: str, names: Sequence[str]) -> bytes:
         f"LEFT JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY w.i").encode()
 
 
+#: Every domain's base type (a domain over a domain to the type under both): pgoutput names
+#: a column's declared type, where a SELECT's result names the base type. (An array of a
+#: domain is named as itself by both: psycopg gives its text, and so do we.)
+DOMAINS_QUERY = (
+    b"WITH RECURSIVE d(oid, base) AS (SELECT oid, typbasetype FROM pg_catalog.pg_type "
+    b"WHERE typtype = 'd' UNION ALL SELECT d.oid, t.typbasetype FROM d JOIN pg_catalog.pg_type "
+    b"t ON t.oid = d.base WHERE t.typtype = 'd') "
+    b"SELECT d.oid, d.base FROM d JOIN pg_catalog.pg_type b ON b.oid = d.base "
+    b"AND b.typtype <> 'd'")
+
+
+def base_types(rows: Sequence[tuple[bytes | None, ...]]) -> dict[int, int]:
+    """DOMAINS_QUERY's rows as {domain oid: base oid}."""
+    return {int(oid or 0): int(base or 0) for oid, base in rows}
+
+
 def add_statement(publication: str, tables: Sequence[str]) -> str:
     """What adds `tables` (schema-qualified, quoted) to the publication."""
     return f"ALTER PUBLICATION {ident(publication)} ADD TABLE {', '.join(tables)}"

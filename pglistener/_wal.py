@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from . import _tables
 from ._connection import Phase, Step, Timing
 from ._dispatch import Dispatcher
 from ._listen import WAL_POSITION, ListenConnection, is_permanent
@@ -43,6 +44,18 @@ FEEDBACK_INTERVAL = 0.1
 #: nothing is read (the server's keepalives wait), and a walsender that hears nothing for
 #: wal_sender_timeout drops the connection.
 FEEDBACK_ANYWAY = 1.0
+
+#: pgoutput writes each value as its type's text output under the walsender's settings,
+#: which it takes from the database and the role (ALTER DATABASE ... SET DateStyle): these
+#: four change that text (a date in 'SQL, DMY', an interval in 'sql_standard', a float8 cut to
+#: 15 digits at extra_float_digits 0, a bytea in 'escape'), and TimeZone the offset a
+#: timestamptz is written in. A client's startup options outrank the database's and the
+#: role's settings, so the replication connection asks for the forms readers load exactly
+#: (psycopg's loaders read these; extra_float_digits above 0 writes the shortest text that
+#: reads back to the same bits). lc_monetary is left alone: money's text is the database's,
+#: as a SELECT there gives it.
+OUTPUT_SETTINGS = ("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 "
+                   "-c bytea_output=hex -c TimeZone=UTC")
 
 
 def check_name(what: str, name: object) -> str:
@@ -140,6 +153,7 @@ class WalConnection(ListenConnection):
                  failover: bool | None = None) -> None:
         params = conninfo_to_dict(conninfo)
         params["replication"] = "database"
+        params["options"] = f"{params.get('options') or ''} {OUTPUT_SETTINGS}".strip()
         super().__init__(make_conninfo("", **params), safe_target, timing, dispatcher, now,
                          on_connected, on_down)
         self.slot = slot
@@ -430,6 +444,12 @@ class WalConnection(ListenConnection):
             after()
 
         def start() -> None:
+            self.query(_tables.DOMAINS_QUERY, domains)
+
+        def domains(results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:
+            if error is not None:
+                return fail(f"reading the domains' base types failed: {error}")
+            self.dispatcher.set_base_types(_tables.base_types(results[-1] if results else []))
             self.query(f"START_REPLICATION SLOT \"{slot}\" LOGICAL 0/0 (proto_version '1', "
                        f"publication_names '\"{pub}\"', messages 'true')".encode(), started)
 

@@ -27,6 +27,11 @@ static inline void pgl_put_be64(char *p, uint64_t v) {
     memcpy(p, &v, 8);
 }
 
+static inline void pgl_put_be32(char *p, uint32_t v) {
+    v = __builtin_bswap32(v);
+    memcpy(p, &v, 4);
+}
+
 /* Microseconds since 2000-01-01 00:00 UTC, PostgreSQL's timestamp epoch. */
 static inline int64_t pgl_pg_now_us(void) {
     struct timeval tv;

@@ -153,6 +153,107 @@ def test_values_by_type_unchanged_toast_and_a_new_column(
         pg.execute(f"DROP TABLE {name}")
 
 
+#: A database as one migrated from elsewhere may have it: each of these changes the text a
+#: walsender writes a value in (it takes the database's settings), TimeZone the offset.
+ODD_SETTINGS = {"DateStyle": "SQL, DMY", "IntervalStyle": "sql_standard",
+                "extra_float_digits": "0", "bytea_output": "escape",
+                "TimeZone": "Pacific/Kiritimati"}
+
+#: Each column: its type and the value written, as SQL.
+TYPED = {
+    "i2": ("int2", "-32768"), "i4": ("int4", "2147483647"), "i8": ("int8", "-9007199254740993"),
+    "num": ("numeric", "'123456789.000000001'"), "num_nan": ("numeric", "'NaN'"),
+    "f4": ("float4", "'0.1'"), "f4_max": ("float4", "'3.4028235e38'"),
+    "f8": ("float8", "0.1::float8 + 0.2::float8"), "f8_sub": ("float8", "'5e-324'"),
+    "f8_17": ("float8", "'0.30000000000000004'"), "f8_nan": ("float8", "'NaN'"),
+    "f8_inf": ("float8", "'-Infinity'"), "t": ("text", "E'quote \" back\\\\slash \\t'"),
+    "b": ("bytea", "'\\x00ff5c27'"), "ok": ("bool", "false"),
+    "js": ("json", "'{\"a\": [1, 2.5, null]}'"), "jb": ("jsonb", "'{\"b\": {\"c\": \"d\"}}'"),
+    "d": ("date", "'2026-03-04'"), "tm": ("time", "'23:59:59.999999'"),
+    "tz": ("timetz", "'12:34:56+05:30'"), "ts": ("timestamp", "'1999-12-31 23:59:59.5'"),
+    "tstz": ("timestamptz", "'2026-03-04 05:06:07.08+00'"),
+    "tstz_old": ("timestamptz", "'1850-01-01 00:00:00+00'"),
+    "iv": ("interval", "'-1 year 2 mons -3 days 04:05:06.7'"), "u": ("uuid", "gen_random_uuid()"),
+    "ip": ("inet", "'2001:db8::1/64'"), "cash": ("money", "'1234.56'"),
+    "arr": ("int[]", "ARRAY[1, NULL, 3]"), "tarr": ("text[]", "ARRAY['a \"q\"', NULL, 'NULL']"),
+    "mood": ("mood", "'happy'"), "dom": ("pos", "7"), "dom2": ("pos2", "8"),
+    "doms": ("pos[]", "ARRAY[1, 2]::pos[]"),
+    "pair": ("pair", "ROW(1, 'x y')"), "r": ("int4range", "'[1,5)'"),
+    "tr": ("tstzrange", "'[2026-01-01 00:00+00, 2026-02-01 00:00+00)'"),
+    "num_inf": ("numeric", "'Infinity'"), "nothing": ("int", "NULL"),
+}
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, with a NaN equal to a NaN (float or Decimal)."""
+    if isinstance(a, (float, decimal.Decimal)) and type(a) is type(b) and a != a and b != b:
+        return True
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.every_server
+def test_values_are_the_values_written_whatever_the_databases_settings(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """A database whose settings change the text of a value (ODD_SETTINGS): every change's
+    values are what psycopg's own SELECT of the row gives (a SELECT with settings psycopg
+    can read: it parses neither another DateStyle's timestamps nor another IntervalStyle),
+    a domain's by its base type's loader; a timestamp psycopg cannot hold comes as its text,
+    the rest of the row loaded."""
+    db = f"odd_{uuid.uuid4().hex[:8]}"
+    pg.execute(f"CREATE DATABASE {db}")
+    for name, value in ODD_SETTINGS.items():
+        pg.execute(f"ALTER DATABASE {db} SET {name} = '{value}'")
+    dsn = logical_cluster.dsn.replace("dbname=postgres", f"dbname={db}")
+    readable = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+    try:
+        with psycopg.connect(dsn, autocommit=True) as odd, \
+                psycopg.connect(dsn, autocommit=True, options=readable) as plain:
+            assert odd.execute("SHOW DateStyle").fetchone() == ("SQL, DMY",)
+            odd.execute("CREATE TYPE mood AS ENUM ('sad', 'happy'); "
+                        "CREATE DOMAIN pos AS int CHECK (VALUE > 0); CREATE DOMAIN pos2 AS pos; "
+                        "CREATE TYPE pair AS (a int, b text)")
+            columns = ", ".join(f"{c} {t}" for c, (t, _v) in TYPED.items())
+            odd.execute(f"CREATE TABLE vals (id int PRIMARY KEY, {columns}, long text, "
+                        f"ts_inf timestamp, tstz_inf timestamptz)")
+            odd.execute("ALTER TABLE vals ALTER COLUMN long SET STORAGE EXTERNAL")
+            with Supervisor(dsn, slot=slot, publication=slot).start() as sup:
+                sub = sup.worker().subscribe_changes("vals", timeout=30)
+                values = ", ".join(v for _t, v in TYPED.values())
+                odd.execute(f"INSERT INTO vals VALUES (1, {values}, repeat('x', 100000), "
+                            f"'infinity', '-infinity')")
+                odd.execute("UPDATE vals SET i4 = 1 WHERE id = 1")     # long: unchanged
+                inserted, updated = read(sub, 2)
+                with plain.cursor(row_factory=psycopg.rows.dict_row) as cur:
+                    row = cur.execute(f"SELECT id, {', '.join(TYPED)}, long FROM vals").fetchone()
+                    assert row is not None
+                    with pytest.raises(psycopg.DataError):      # psycopg cannot hold them
+                        cur.execute("SELECT ts_inf FROM vals").fetchone()
+                for column, value in row.items():
+                    if column == "i4":
+                        assert inserted.new[column] == 2147483647 and updated.new[column] == 1
+                        continue
+                    assert same(inserted.new[column], value), (column, inserted.new[column],
+                                                               value)
+                    if column != "long":
+                        assert same(updated.new[column], value), column
+                assert updated.new["long"] is UNCHANGED
+                assert inserted.new["dom"] == 7 and inserted.new["dom2"] == 8
+                assert inserted.new["f8"] == 0.1 + 0.2 and inserted.new["f8_sub"] == 5e-324
+                assert inserted.new["d"] == datetime.date(2026, 3, 4)
+                assert inserted.new["b"] == b"\x00\xff\\'"
+                # What psycopg cannot load comes as its text, as the server wrote it.
+                assert inserted.new["ts_inf"] == "infinity"
+                assert inserted.new["tstz_inf"] == "-infinity"
+                assert inserted.raw.new["ts_inf"] == "infinity"
+                assert inserted.raw.new["d"] == "2026-03-04"        # what raw gives: ISO text
+                assert inserted.raw.new["tstz"] == "2026-03-04 05:06:07.08+00"      # in UTC
+                assert inserted.raw.new["iv"] == "-10 mons -3 days +04:05:06.7"
+    finally:
+        drop_slot(pg, slot)
+        pg.execute(f"DROP DATABASE {db} WITH (FORCE)")
+
+
 @on_server("18")
 def test_generated_columns_come_as_the_server_sends_them(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection
