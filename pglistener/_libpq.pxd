@@ -72,6 +72,14 @@ cdef extern from "libpq-fe.h" nogil:
     int PQputCopyData(PGconn *conn, const char *buffer, int nbytes)
     int PQgetCopyData(PGconn *conn, char **buffer, int async)
 
+    # 34.13 Notice processing
+    ctypedef void (*PQnoticeReceiver)(void *arg, const PGresult *res)
+    PQnoticeReceiver PQsetNoticeReceiver(PGconn *conn, PQnoticeReceiver proc, void *arg)
+    char *PQresultErrorField(const PGresult *res, int fieldcode)
+    const int PG_DIAG_SQLSTATE
+    const int PG_DIAG_MESSAGE_PRIMARY
+    const int PG_DIAG_SEVERITY_NONLOCALIZED
+
     # 34.9 Asynchronous notification
     PGnotify *PQnotifies(PGconn *conn)
     void PQfreemem(void *ptr)

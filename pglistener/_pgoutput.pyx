@@ -15,12 +15,16 @@ confirmed. feed() takes the same bytes from Python, without a connection (tests)
 from libc.stdint cimport UINT32_MAX, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcpy, strcmp
 
-from pglistener._dispatch cimport Dispatcher, PGConnection, Position
-from pglistener._libpq cimport (PGconn, PQflush, PQfreemem, PQgetCopyData, PQputCopyData)
+from pglistener._dispatch cimport Dispatcher, PGConnection, Position, Producer
+from pglistener._libpq cimport (PG_DIAG_MESSAGE_PRIMARY, PG_DIAG_SEVERITY_NONLOCALIZED,
+                                PG_DIAG_SQLSTATE, PGconn, PGresult,
+                                PQflush, PQfreemem, PQgetCopyData, PQputCopyData,
+                                PQresultErrorField, PQsetNoticeReceiver)
 from pglistener._poll cimport now_ns as _now_ns
-from pglistener._ring cimport PGL_WAL_CHANGE, PGL_WAL_TRANSACTIONAL, pgl_hash
+from pglistener._ring cimport (PGL_GAP_SLOT, PGL_MISSED_UNKNOWN, PGL_WAL_CHANGE,
+                               PGL_WAL_TRANSACTIONAL, pgl_hash)
 
 
 cdef extern from "_wire.h" nogil:
@@ -41,6 +45,30 @@ cdef struct Relation:
     uint32_t blen
     unsigned char *key_cols    # per column, 1 when it is part of the replica identity
     uint16_t ncols
+
+
+cdef struct Notices:
+    # What the walsender said beside the stream (NoticeResponse: WARNING, NOTICE), counted
+    # by libpq's notice receiver as the stream is read, in its place.
+    uint64_t count             # every notice
+    uint64_t skips             # PostgreSQL 18+: "skipped loading publication"
+    char text[512]             # the last one's message
+
+
+cdef void _on_notice(void *arg, const PGresult *res) noexcept nogil:
+    cdef Notices *box = <Notices *>arg
+    cdef const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE)
+    cdef const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED)
+    cdef const char *text = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
+    box.count += 1
+    # pgoutput's "skipped loading publication": a WARNING object_not_in_prerequisite_state,
+    # the one a walsender sends while it streams (by code: the text may be translated).
+    if state != NULL and strcmp(state, "55000") == 0 and severity != NULL and \
+            strcmp(severity, "WARNING") == 0:
+        box.skips += 1
+    if text == NULL:
+        text = ""
+    snprintf(box.text, sizeof(box.text), "%s", text)
 
 
 cdef enum:
@@ -83,6 +111,8 @@ cdef class WalDispatcher(Dispatcher):
     cdef uint32_t trunc_n
     cdef uint32_t trunc_next
     cdef readonly uint64_t changes     # row changes taken off the stream
+    cdef Notices notices               # what the walsender said beside the stream
+    cdef uint64_t skips_seen           # notices.skips that have their Gap
 
     def __cinit__(self, *args, **kwargs):
         self.hold_forever = True
@@ -136,6 +166,11 @@ cdef class WalDispatcher(Dispatcher):
             if not self._offer_held():
                 return 0
             n = PQgetCopyData(conn, &buf, 1)
+            if self.notices.skips != self.skips_seen:
+                # Said before what comes next: pgoutput skipped a change (its publication
+                # did not exist as of it), so every stream gets its Gap here.
+                self.skips_seen = self.notices.skips
+                self._gap_everywhere()
             if n == 0:
                 return 0
             if n < 0:
@@ -148,6 +183,38 @@ cdef class WalDispatcher(Dispatcher):
             PQfreemem(buf)
             if rc < 0:
                 return -1
+
+    cdef void _gap_everywhere(self) noexcept nogil:
+        # Gap("slot") on every ring, before anything routed from now on (as mark_gap()).
+        cdef size_t i
+        cdef Producer *p
+        for i in range(self.n_rings):
+            p = self.rings[i]
+            if p.gap_reason == 0 and p.unknown_gap_last:
+                continue
+            p.gap_reason = PGL_GAP_SLOT
+            p.gap_missed = PGL_MISSED_UNKNOWN
+        self.gaps_pending = True
+        self.flush_gaps()
+
+    def watch_notices(self, PGConnection conn):
+        """What the walsender says beside the stream on `conn` is counted here (libpq
+        prints it to stderr otherwise): notices, and skipped publications, each of which
+        gives every ring a Gap("slot") at its place in the stream."""
+        if conn.conn != NULL:
+            PQsetNoticeReceiver(conn.conn, _on_notice, &self.notices)
+
+    @property
+    def notice_count(self):
+        return self.notices.count
+
+    @property
+    def publication_skips(self):
+        return self.notices.skips
+
+    @property
+    def last_notice(self):
+        return self.notices.text.decode("utf-8", "replace")
 
     cdef bint _offer_held(self) noexcept nogil:
         # The held message again, if there is one: False while it still has no room.

@@ -429,6 +429,10 @@ class Server:
         fields: dict[str, Any] = dict(NO_SLOT)
         for source in self.sources:
             fields.update(source.stats())
+        if self.wal is not None and self.wal.shell.failing is not None:
+            # last_error says why any source fails, the WAL source's too.
+            fields["last_error"] = "; ".join(
+                e for e in (fields["last_error"], f"WAL source: {self.wal.shell.failing}") if e)
         return Stats(
             workers=self.control.processes(),
             connections=len(self.control.clients),

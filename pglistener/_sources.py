@@ -296,6 +296,8 @@ class WalSource(Source):
         self.failover_warned: str | None = None
         self.failover_ready: bool | None = None
         self.failover_checked = 0.0
+        self.notices_seen = 0       # the decoder's notice counts, as logged
+        self.skips_seen = 0
 
     # -- what the loop asks -------------------------------------------------------------------
 
@@ -307,6 +309,7 @@ class WalSource(Source):
         if wal.streaming and now - self.failover_checked >= FAILOVER_CHECK:
             self.failover_checked = now
             self._check_failover()
+        self._heed_notices()
         wait = wal.step(now)
         if self.probe is not None:
             wait = min(wait, self.probe.step(now))
@@ -356,7 +359,28 @@ class WalSource(Source):
 
     def _on_connected(self) -> None:
         self.shell.setup_permanent = False
+        assert self.shell.conn is not None
+        self.dispatcher.watch_notices(self.shell.conn)
         self.shell.setup(self._on_setup)
+
+    def _heed_notices(self) -> None:
+        """What the walsender said beside the stream, in the log: a skipped publication
+        (PostgreSQL 18+) is a loss, already a Gap in every stream where it stood."""
+        disp = self.dispatcher
+        if disp.notice_count == self.notices_seen:
+            return
+        skips = disp.publication_skips - self.skips_seen
+        self.notices_seen, self.skips_seen = disp.notice_count, disp.publication_skips
+        if skips:
+            self.slot_losses += 1
+            log.error("slot %r on %s: the server skipped changes it could not decode (%s: "
+                      "publication %r did not exist as of them, dropped and made again?); "
+                      "every WAL subscription gets Gap('slot') where they stood",
+                      self.shell.slot, self.shell.safe_target, disp.last_notice,
+                      self.config.publication)
+        else:
+            log.warning("slot %r on %s: the server says: %s", self.shell.slot,
+                        self.shell.safe_target, disp.last_notice)
 
     def _on_setup(self, error: SetupError | None, started: Started | None) -> None:
         wal, disp = self.shell, self.dispatcher

@@ -18,6 +18,7 @@ for each reader what it had already.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -54,6 +55,15 @@ FEEDBACK_ANYWAY = 1.0
 #: (psycopg's loaders read these; extra_float_digits above 0 writes the shortest text that
 #: reads back to the same bits). lc_monetary is left alone: money's text is the database's,
 #: as a SELECT there gives it.
+#: A replication stream that has run this long (seconds) is no longer failing.
+STEADY = 1.0
+
+#: What PostgreSQL 15-17 say when pgoutput cannot decode a change because the publication
+#: did not exist as of it (dropped, then made again): the stream fails there for good.
+#: (The server's message, in English: a translated one is not recognised.)
+PUBLICATION_GONE = re.compile(r'publication "(?P<pub>[^"]+)" does not exist.*?associated LSN '
+                              r'(?P<lsn>[0-9A-Fa-f]+/[0-9A-Fa-f]+)')
+
 OUTPUT_SETTINGS = ("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 "
                    "-c bytea_output=hex -c TimeZone=UTC")
 
@@ -174,6 +184,14 @@ class WalConnection(ListenConnection):
         # (a missing one is then a loss, not a first start) and the cluster and timeline.
         self.has_read = False
         self.system: tuple[str, int] | None = None
+        # A change pgoutput could not decode, as the stream's last failure said: (the
+        # publication, the change's LSN); the next setup moves the slot past its transaction.
+        self.undecodable: tuple[str, int] | None = None
+        # The last failure, until the stream has run for STEADY seconds: a stream that
+        # starts and fails over and over (machine.last_error is None while it runs) says why
+        # in stats().last_error all the while.
+        self.failing: str | None = None
+        self._up_since = 0.0
 
     @property
     def streaming(self) -> bool:
@@ -197,6 +215,8 @@ class WalConnection(ListenConnection):
                 self.machine.heard(now, held)
         if self.streaming:
             self.feedback(now)
+            if self.failing is not None and now - self._up_since >= STEADY:
+                self.failing = None
         elif self._nudged_at is not None and now - self._nudged_at >= 1.0:
             # The primary's snapshot must come after the standby began to wait for one.
             self._nudged_at = now
@@ -260,6 +280,7 @@ class WalConnection(ListenConnection):
         the same cluster (a standby promoted, its slot synced or made there) goes on, from
         the point where the histories part (started.rewind_to)."""
         slot, pub = self.slot, self.publication
+        temporary = f"pglistener_skip_{os.getpid()}"
         outcome = Started(start_lsn=0)
 
         def fail(message: str, permanent: bool = False) -> None:
@@ -427,7 +448,7 @@ class WalConnection(ListenConnection):
             start()
 
         def publication(then: Callable[[], None] | None = None) -> None:
-            after = start if then is None else then
+            after = skip if then is None else then
             if self.recovery:       # a standby has what its primary has
                 return after()
             self.query(f"SELECT 1 FROM pg_publication WHERE pubname = '{pub}'".encode(),
@@ -442,6 +463,92 @@ class WalConnection(ListenConnection):
                 return fail(f"creating publication {pub!r} failed: {error} (CREATE "
                             f"PUBLICATION {pub}; as its owner)")
             after()
+
+        def skip() -> None:
+            # The stream failed at a change pgoutput could not decode: the publication did
+            # not exist as of it (PostgreSQL 15-17; 18 on skips such a change itself, and
+            # says so in a WARNING, which the decoder turns into a Gap). Read every time from
+            # before it, it fails every time: the slot must pass its transaction. Where it
+            # ends is found on a temporary copy of the slot decoded by test_decoding (which
+            # reads no publication), from that change on: the commit of the change's
+            # transaction, and of the one that made the publication again when that came
+            # later (what committed between could not be decoded either). Without
+            # test_decoding on the server, the slot passes everything up to now.
+            if self.undecodable is None:
+                return start()
+            gone, at = self.undecodable
+            self.undecodable = None
+            self.query(f"SELECT {WAL_POSITION}, (SELECT xmin::text FROM pg_publication WHERE "
+                       f"pubname = '{pub}')".encode(),
+                       lambda results, error: copy(gone, at, results, error))
+
+        def copy(gone: str, at: int, results: list[list[tuple[bytes | None, ...]]],
+                 error: str | None) -> None:
+            if error is not None:
+                return fail(f"reading the WAL position failed: {error}")
+            now, made = (_text(v) for v in results[0][0])
+            target = parse_lsn(now) if now else 0
+            why = (f"a change at {format_lsn(at)} could not be decoded: publication {gone!r} "
+                   f"did not exist as of it (dropped, and made again later?)")
+            self.query(f"SELECT pg_copy_logical_replication_slot('{slot}', '{temporary}', true, "
+                       f"'test_decoding')".encode(),
+                       lambda _results, error: (
+                           passed(target, f"{why}; everything up to {format_lsn(target)} is "
+                                  f"passed (test_decoding, which finds where its transaction "
+                                  f"ends, is not on the server: {error})")
+                           if error is not None else
+                           find(at, made, why, target, None, None)))
+
+        def find(at: int, made: str | None, why: str, now: int, xid: str | None,
+                 end: int | None, made_end: int | None = None) -> None:
+            if xid is not None and end is not None and (made is None or made_end is not None):
+                return dropped(max(end, made_end or 0), why)
+            self.query(f"SELECT lsn::text, xid::text, data FROM pg_logical_slot_get_changes("
+                       f"'{temporary}', '{format_lsn(now)}', 10000, 'include-xids', '1', "
+                       f"'skip-empty-xacts', '0')".encode(),
+                       lambda results, error: found_rows(at, made, why, now, xid, end,
+                                                         made_end, results, error))
+
+        def found_rows(at: int, made: str | None, why: str, now: int, xid: str | None,
+                       end: int | None, made_end: int | None,
+                       results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:
+            if error is not None:
+                return fail(f"decoding a copy of slot {slot!r} failed: {error}")
+            rows = results[0] if results else []
+            for lsn, row_xid, data in ((_text(a), _text(b), _text(c)) for a, b, c in rows):
+                if xid is None and lsn and parse_lsn(lsn) == at:
+                    xid = row_xid
+                if data is not None and lsn and data.startswith("COMMIT "):
+                    if row_xid == xid and end is None:
+                        end = parse_lsn(lsn)
+                    if row_xid == made and made_end is None:
+                        made_end = parse_lsn(lsn)
+            if not rows:        # decoded up to `now`: what was not found is not there
+                if xid is None:
+                    return dropped(now, f"{why}; its transaction was not found, so everything "
+                                        f"up to {format_lsn(now)} is passed")
+                return dropped(max(end or now, made_end or 0), why)
+            find(at, made, why, now, xid, end, made_end)
+
+        def dropped(target: int, why: str) -> None:
+            self.query(f"SELECT pg_drop_replication_slot('{temporary}')".encode(),
+                       lambda _results, error: (
+                           fail(f"dropping the temporary slot {temporary!r} failed: {error}")
+                           if error is not None else passed(target, why)))
+
+        def passed(target: int, why: str) -> None:
+            self.query(f"SELECT pg_replication_slot_advance('{slot}', '{format_lsn(target)}')"
+                       .encode(),
+                       lambda _results, error: advanced(target, why, error))
+
+        def advanced(target: int, why: str, error: str | None) -> None:
+            if error is not None:
+                return fail(f"moving slot {slot!r} past what could not be decoded failed: "
+                            f"{error}")
+            if outcome.loss is None:
+                outcome.loss = f"{why}; the slot goes on from {format_lsn(target)}"
+            self.slot_confirmed = max(self.slot_confirmed, target)
+            start()
 
         def start() -> None:
             self.query(_tables.DOMAINS_QUERY, domains)
@@ -485,6 +592,7 @@ class WalConnection(ListenConnection):
         self._outage_logged = False      # the base class logs "listening": we say our own
         self.last_error_permanent = self.setup_permanent = False
         self.machine.ready(now)
+        self._up_since = now
         self._heard_copy = self.dispatcher.copy_messages
         (log.warning if was_out else log.info)(
             "reading slot %r on %s (backend pid %d) from %s", self.slot, self.safe_target,
@@ -495,6 +603,10 @@ class WalConnection(ListenConnection):
 
     def _failed(self, now: float, cause: str) -> None:
         self._nudged_at = None
+        self.failing = explain(cause)
+        gone = PUBLICATION_GONE.search(cause)
+        if gone is not None and self.has_read:
+            self.undecodable = (gone["pub"], parse_lsn(gone["lsn"]))
         super()._failed(now, explain(cause))
 
     def permanent(self, cause: str) -> bool:

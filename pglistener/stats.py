@@ -70,6 +70,9 @@ class Stats:
     # total time spent in outages (from the loss of a working connection to every LISTEN
     # back), the current one too
     outage_seconds: float = metric(COUNTER, "Time spent in outages")
+    # the listening connection's, and the WAL source's while it fails ("WAL source: ...":
+    # held until its stream has run for a second, so a stream that fails over and over
+    # says why all the while)
     last_error: str | None = metric(INFO, "The cause of the current outage")
     # it is one that retrying alone will not mend (bad credentials, an unknown role or
     # database)

@@ -418,6 +418,61 @@ def test_killed_walsender_loses_nothing_and_repeats_nothing(
 
 
 @pytest.mark.every_server
+def test_a_publication_made_again_is_a_gap_not_a_stall(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A migration drops the publication and makes it again, with a row written between:
+    pgoutput cannot decode that row (15-17 fail the stream at it for good, 18 on skip it).
+    Every subscription of the slot gets Gap("slot") where it stood, the log names the
+    publication, and what is written once the publication is back arrives: at once on 18
+    on, and on 15-17 where test_decoding is on the server (it finds the end of the row's
+    transaction; pgserver's PostgreSQL 16 lacks it, and then the slot passes everything up
+    to when the supervisor looked: the Gap covers what was written meanwhile)."""
+    with pg.cursor() as cur:
+        try:
+            cur.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding', true)",
+                        (f"{slot}_probe",))
+            exact = True
+        except psycopg.errors.UndefinedFile:
+            exact = False
+    pg.execute(f"SELECT pg_drop_replication_slot('{slot}_probe')") if exact else None
+    exact = exact or logical_cluster.version >= "18"
+    with Sup(logical_cluster, slot, **FAST).start() as sup:
+        worker = sup.worker()
+        sub = worker.subscribe_changes(table, timeout=30)
+        messages = worker.subscribe("acc", source="wal", timeout=30)
+        insert_many(logical_cluster.dsn, table, 1, 10)
+        pglistener.emit(pg, "acc", "before")
+        assert ns(read(sub, 10)) == list(range(1, 11))
+        assert [m.payload for m in read(messages, 1)] == ["before"]
+        pg.execute(f"DROP PUBLICATION {slot}")
+        insert_many(logical_cluster.dsn, table, 11, 1)
+        pg.execute(f"CREATE PUBLICATION {slot} FOR TABLE {table}")
+        insert_many(logical_cluster.dsn, table, 12, 9, transactions=9)
+        pglistener.emit(pg, "acc", "after")
+        assert ns(read(sub, 1)) == ["GAP:slot"]
+        got = read(messages, 1)
+        assert isinstance(got[0], Gap) and got[0].reason == "slot"
+        if exact:
+            assert ns(read(sub, 9)) == list(range(12, 21))
+            assert [m.payload for m in read(messages, 1)] == ["after"]
+        insert_many(logical_cluster.dsn, table, 21, 5, transactions=5)
+        got = []
+        while not got or got[-1] != 25:
+            got += ns(read(sub, 1))
+        # Without test_decoding: of what was written before the supervisor looked, none
+        # or a tail (the Gap said so); all of what came after, each once and in order.
+        assert got == list(range(26 - len(got), 26)) and len(got) >= 5
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.3)
+        assert sup.stats().slot_losses >= 1
+    assert f"publication {slot!r}" in caplog.text
+    if not exact:
+        assert "test_decoding" in caplog.text
+
+
+@pytest.mark.every_server
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_server_restart_loses_nothing(
     logical_cluster: Cluster, slot: str, table: str, mode: str

@@ -414,6 +414,10 @@ def test_two_supervisors_on_one_slot_get_an_error_not_a_fight(
         with Supervisor(logical_cluster.dsn, slot=slot, **FAST).start() as second:
             with pytest.raises(WalSourceError, match="in use"):
                 second.worker().subscribe("t", source="wal", timeout=30)
+            # It goes on trying, and says why in last_error, not in wal_last_error alone.
+            stats = second.stats()
+            assert stats.wal_state != "streaming"
+            assert "WAL source: " in str(stats.last_error) and "in use" in str(stats.last_error)
         pglistener.emit(pg, "t", "1")
         assert numbers(read(sub, 1)) == [1]
         assert first.stats().wal_reconnects == 0
