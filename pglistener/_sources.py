@@ -19,6 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from . import _tables
 from ._connection import Phase, Timing
 from ._control_server import Client
 from ._dispatch import Dispatcher, PGConnection
@@ -27,7 +28,7 @@ from ._notify import NotifyDispatcher
 from ._pgoutput import WalDispatcher
 from ._reader import format_lsn, parse_lsn
 from ._registry import Actions, Registry, Sub
-from ._wal import SetupError, SlotProbe, Started, WalConnection
+from ._wal import PUBLICATION_GRACE, SetupError, SlotProbe, Started, WalConnection
 
 if TYPE_CHECKING:
     from ._server import Config, Server
@@ -268,7 +269,8 @@ class WalSource(Source):
         self.shell = WalConnection(
             config.slot_conninfo or config.conninfo, config.slot_safe_target, timing(config),
             self.dispatcher, time.monotonic(), config.slot, config.publication,
-            self._on_connected, self._on_down, self._nudge_standby, config.failover)
+            self._on_connected, self._on_down, self._nudge_standby, config.failover,
+            lambda: _tables.table_oids(list(self.registry.routes)))
         self.probe: SlotProbe | None = None     # slot_dsn: samples the slot where it lives
         if config.slot_conninfo is None:
             notify.shell.watch_slot(config.slot)
@@ -298,6 +300,7 @@ class WalSource(Source):
         self.failover_checked = 0.0
         self.notices_seen = 0       # the decoder's notice counts, as logged
         self.skips_seen = 0
+        self.remake_at: float | None = None     # the publication made again then, if gone
 
     # -- what the loop asks -------------------------------------------------------------------
 
@@ -310,7 +313,15 @@ class WalSource(Source):
             self.failover_checked = now
             self._check_failover()
         self._heed_notices()
+        if self.remake_at is not None and now >= self.remake_at \
+                and self.notify.shell.conn is not None:
+            self.remake_at = None
+            self.notify.shell.query(
+                f"SELECT 1 FROM pg_publication WHERE pubname = "
+                f"{_tables.literal(self.config.publication)}".encode(), self._remake)
         wait = wal.step(now)
+        if self.remake_at is not None:
+            wait = min(wait, max(0.0, self.remake_at - now))
         if self.probe is not None:
             wait = min(wait, self.probe.step(now))
         self._check_lag()
@@ -348,6 +359,18 @@ class WalSource(Source):
                         "it there: CREATE PUBLICATION %s;)", pub, self.config.safe_target,
                         error, pub)
 
+    def _remake(self, results: Rows, error: str | None) -> None:
+        """The publication, looked for after the server skipped changes for want of it: made
+        again with the tables subscribed to if it is still gone."""
+        if error is not None or (results and results[-1]):
+            return
+        tables = _tables.table_oids(list(self.registry.routes))
+        log.warning("publication %r is gone from %s (dropped?): making it again with the %d "
+                    "tables subscribed to", self.config.publication, self.config.safe_target,
+                    len(tables))
+        self.notify.shell.query(_tables.remake_query(self.config.publication, tables),
+                                lambda _results, error: self._on_publication(error))
+
     def _nudge_standby(self) -> None:
         """A slot being made on a standby waits for the primary to log its running
         transactions, which an idle primary does not do soon: ask it to (PostgreSQL 16+)."""
@@ -373,6 +396,10 @@ class WalSource(Source):
         self.notices_seen, self.skips_seen = disp.notice_count, disp.publication_skips
         if skips:
             self.slot_losses += 1
+            # Dropped and not made again, it would skip every change from here on: made
+            # again if it is still gone after PUBLICATION_GRACE (a migration making it again
+            # itself would fail if we made it first).
+            self.remake_at = time.monotonic() + PUBLICATION_GRACE
             log.error("slot %r on %s: the server skipped changes it could not decode (%s: "
                       "publication %r did not exist as of them, dropped and made again?); "
                       "every WAL subscription gets Gap('slot') where they stood",

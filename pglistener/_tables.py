@@ -64,6 +64,23 @@ def base_types(rows: Sequence[tuple[bytes | None, ...]]) -> dict[int, int]:
     return {int(oid or 0): int(base or 0) for oid, base in rows}
 
 
+def table_oids(routes: Sequence[str]) -> list[int]:
+    """The tables whose changes these routes (channels and route_key()s) carry."""
+    return sorted({int(r[2:]) for r in routes if r.startswith("\0") and r[2:].isdigit()})
+
+
+def remake_query(publication: str, oids: Sequence[int]) -> bytes:
+    """Make the publication again, with these tables (by oid), if it does not exist: it was
+    dropped under the supervisor's subscriptions to their changes."""
+    adds = "" if not oids else (
+        f" FOR r IN SELECT oid::regclass AS t FROM pg_class WHERE oid IN "
+        f"({', '.join(str(int(o)) for o in oids)}) LOOP EXECUTE format('ALTER PUBLICATION %s "
+        f"ADD TABLE %s', {literal(ident(publication))}, r.t); END LOOP;")
+    return (f"DO $pglistener$DECLARE r record; BEGIN IF NOT EXISTS (SELECT 1 FROM "
+            f"pg_publication WHERE pubname = {literal(publication)}) THEN CREATE PUBLICATION "
+            f"{ident(publication)};{adds} END IF; END$pglistener$").encode()
+
+
 def add_statement(publication: str, tables: Sequence[str]) -> str:
     """What adds `tables` (schema-qualified, quoted) to the publication."""
     return f"ALTER PUBLICATION {ident(publication)} ADD TABLE {', '.join(tables)}"

@@ -55,6 +55,15 @@ FEEDBACK_ANYWAY = 1.0
 #: (psycopg's loaders read these; extra_float_digits above 0 writes the shortest text that
 #: reads back to the same bits). lc_monetary is left alone: money's text is the database's,
 #: as a SELECT there gives it.
+#: A publication found gone (dropped) is made again only after this long (seconds): a
+#: migration that drops it and makes it again would fail if the supervisor made it between.
+PUBLICATION_GRACE = 5.0
+
+#: How often (seconds) a standby is asked whether the publication has reached it, and for
+#: how long before the setup fails (and is tried again).
+PUBLICATION_POLL = 0.1
+PUBLICATION_REPLAY = 60.0
+
 #: A replication stream that has run this long (seconds) is no longer failing.
 STEADY = 1.0
 
@@ -160,7 +169,8 @@ class WalConnection(ListenConnection):
                  dispatcher: WalDispatcher, now: float, slot: str, publication: str,
                  on_connected: Callable[[], None], on_down: Callable[[str], None],
                  nudge: Callable[[], None] = lambda: None,
-                 failover: bool | None = None) -> None:
+                 failover: bool | None = None,
+                 tables: Callable[[], list[int]] = list) -> None:
         params = conninfo_to_dict(conninfo)
         params["replication"] = "database"
         params["options"] = f"{params.get('options') or ''} {OUTPUT_SETTINGS}".strip()
@@ -169,6 +179,8 @@ class WalConnection(ListenConnection):
         self.slot = slot
         self.publication = publication
         self.nudge = nudge          # a standby makes a slot once the primary logs a snapshot
+        self.tables = tables        # the oids of the tables whose changes are subscribed to
+        self.publication_gone: float | None = None    # found missing since (monotonic)
         self._heard_copy = 0
         self._fed_at = 0.0
         self.slot_confirmed = 0     # the slot's confirmed_flush_lsn when the setup read it
@@ -449,14 +461,58 @@ class WalConnection(ListenConnection):
 
         def publication(then: Callable[[], None] | None = None) -> None:
             after = skip if then is None else then
-            if self.recovery:       # a standby has what its primary has
-                return after()
+            if self.recovery:
+                # A standby has what its primary has, once it has replayed it: a slot made
+                # before the publication arrives would fail at the changes between.
+                return self.query(f"SELECT EXISTS (SELECT 1 FROM pg_publication WHERE "
+                                  f"pubname = '{pub}')".encode(),
+                                  lambda results, error: replayed(after, 0, results, error))
             self.query(f"SELECT 1 FROM pg_publication WHERE pubname = '{pub}'".encode(),
                        lambda results, error: (
                            fail(f"looking for publication {pub!r} failed: {error}")
-                           if error is not None else after() if results and results[0] else
-                           self.query(f'CREATE PUBLICATION "{pub}"'.encode(),
-                                      lambda _r, error: publication_made(error, after))))
+                           if error is not None else found_publication(after)
+                           if results and results[0] else remake(after)))
+
+        def replayed(after: Callable[[], None], waited: int,
+                     results: list[list[tuple[bytes | None, ...]]], error: str | None) -> None:
+            if error is not None:
+                return fail(f"looking for publication {pub!r} failed: {error}")
+            if results and results[-1] and results[-1][0][-1] == b"t":
+                return after()
+            if waited == 0:
+                log.info("waiting for publication %r to reach the standby %s", pub,
+                         self.safe_target)
+            if waited * PUBLICATION_POLL >= PUBLICATION_REPLAY:
+                return fail(f"publication {pub!r} is not on the standby {self.safe_target} "
+                            f"(it is made on the primary, and replicates: is the standby "
+                            f"replaying?)")
+            self.query(f"SELECT pg_sleep({PUBLICATION_POLL}), EXISTS (SELECT 1 FROM "
+                       f"pg_publication WHERE pubname = '{pub}')".encode(),
+                       lambda results, error: replayed(after, waited + 1, results, error))
+
+        def found_publication(after: Callable[[], None]) -> None:
+            self.publication_gone = None
+            after()
+
+        def remake(after: Callable[[], None]) -> None:
+            # Missing: made, or made again (dropped under this supervisor) with the tables
+            # whose changes are subscribed to; not at once, as a migration that drops it and
+            # makes it again would then fail to.
+            tables = self.tables()
+            if self.has_read:
+                now = time.monotonic()
+                if self.publication_gone is None:
+                    self.publication_gone = now
+                if now - self.publication_gone < PUBLICATION_GRACE:
+                    return fail(f"publication {pub!r} is gone from {self.safe_target} (dropped?):"
+                                f" it is made again after {PUBLICATION_GRACE:g} s unless it "
+                                f"comes back")
+                self.publication_gone = None
+                log.warning("publication %r is gone from %s (dropped?): making it again%s",
+                            pub, self.safe_target,
+                            f" with the {len(tables)} tables subscribed to" if tables else "")
+            self.query(_tables.remake_query(pub, tables),
+                       lambda _r, error: publication_made(error, after))
 
         def publication_made(error: str | None, after: Callable[[], None]) -> None:
             if error is not None and "already exists" not in error:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import itertools
+import logging
 import os
 import signal
 import threading
@@ -472,6 +473,32 @@ def test_a_publication_made_again_is_a_gap_not_a_stall(
         assert "test_decoding" in caplog.text
 
 
+@pytest.mark.parametrize("logical_cluster", ["17", "18"], indirect=True, ids=["pg17", "pg18"])
+def test_a_publication_dropped_for_good_is_made_again_with_its_tables(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dropped and not made again: 17 fails the stream at the next change, 18 skips every
+    change from then on. After a grace (a migration may be making it again itself), the
+    supervisor makes it again with the tables subscribed to; the streams get their Gap, and
+    what is written after it is back arrives."""
+    with Sup(logical_cluster, slot, **FAST).start() as sup:
+        sub = sup.worker().subscribe_changes(table, timeout=30)
+        insert_many(logical_cluster.dsn, table, 1, 3)
+        assert ns(read(sub, 3)) == [1, 2, 3]
+        pg.execute(f"DROP PUBLICATION {slot}")
+        insert_many(logical_cluster.dsn, table, 4, 1)
+        assert ns(read(sub, 1)) == ["GAP:slot"]
+        wait_for(lambda: pg.execute("SELECT count(*) FROM pg_publication_tables WHERE pubname "
+                                    "= %s AND tablename = %s", (slot, table)).fetchone() == (1,),
+                 "the publication made again with the table", timeout=60)
+        insert_many(logical_cluster.dsn, table, 5, 3, transactions=3)
+        assert ns(read(sub, 3)) == [5, 6, 7]
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.3)
+    assert f"publication {slot!r} is gone" in caplog.text
+
+
 @pytest.mark.every_server
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_server_restart_loses_nothing(
@@ -678,6 +705,39 @@ def test_reading_changes_on_a_standby_restarted_and_promoted(
             assert ns(read(sub, 300)) == list(range(1000, 1300))
             with pytest.raises(TimeoutError):
                 sub.get(timeout=1)
+    finally:
+        standby.stop("immediate")
+
+
+def test_a_slot_on_a_standby_is_made_once_the_publication_is_there(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """slot_dsn: the publication is made on the primary, the slot on the standby. While the
+    standby has not replayed the publication, the supervisor waits for it before making the
+    slot (a slot made first fails at what comes between); then every row arrives, no Gap."""
+    caplog.set_level(logging.INFO, logger="pglistener")
+    standby = logical_cluster.standby(f"standby_{slot}", logical_cluster.port + 1)
+    try:
+        with psycopg.connect(standby.dsn, autocommit=True) as s:
+            s.execute("SELECT pg_wal_replay_pause()")
+            with Supervisor(logical_cluster.dsn, slot=slot, slot_dsn=standby.dsn,
+                            publication=slot, **FAST).start() as sup:
+                worker = sup.worker()
+                subs: list[Any] = []
+                subscriber = threading.Thread(
+                    target=lambda: subs.append(worker.subscribe_changes(table, timeout=60)))
+                subscriber.start()
+                wait_for(lambda: "to reach the standby" in caplog.text,
+                         "the supervisor to wait for the publication")
+                assert s.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name "
+                                 "= %s", (slot,)).fetchone() == (0,)
+                s.execute("SELECT pg_wal_replay_resume()")
+                subscriber.join()
+                insert_many(logical_cluster.dsn, table, 0, 100, transactions=4)
+                assert ns(read(subs[0], 100)) == list(range(100))
+                with pytest.raises(TimeoutError):
+                    subs[0].get(timeout=0.3)
     finally:
         standby.stop("immediate")
 
