@@ -60,6 +60,10 @@ cdef struct Producer:
     size_t pend_n
     size_t pend_cap            # pairs, a power of two
     KeyMap *keys               # its keyed group's map (NULL: not keyed)
+    # A group member's after=: what stands at or before (done_commit, done_lsn) it has
+    # handled, and goes to another member (or to none); 0: none.
+    uint64_t done_commit
+    uint64_t done_lsn
 
 
 cdef struct Position:

@@ -384,6 +384,30 @@ cdef Producer *_choose(Entry *e, uint32_t n, bint take_turn) noexcept nogil:
     return best
 
 
+cdef inline bint _handled(Producer *p, Position *w) noexcept nogil:
+    # Whether a group member's after= (done_*) says it had this record; past it, the
+    # member has no more after= to heed.
+    if _after(w.commit, w.lsn, p.done_commit, p.done_lsn):
+        p.done_commit = p.done_lsn = 0
+        return False
+    return True
+
+
+cdef Producer *_unhandled(Entry *e, Position *w) noexcept nogil:
+    # A member of the group that has not had this record (by its after=), the least lagging;
+    # NULL when every member had it.
+    cdef Producer *best = NULL
+    cdef Producer *p
+    cdef int j
+    for j in range(e.size):
+        p = e.members[j]
+        if p.done_commit != 0 and _handled(p, w):
+            continue
+        if best == NULL or p.tail - p.head_cache < best.tail - best.head_cache:
+            best = p
+    return best
+
+
 cdef inline Producer *_member(Entry *e, uint32_t n, Position *w, bint take) noexcept nogil:
     # The member of a group a record goes to (see _choose and _keyed).
     if e.members[0].keys != NULL:
@@ -904,6 +928,10 @@ cdef class Dispatcher:
             p = e.members[0] if e.size == 1 else _member(e, n, w, True)
             if p == NULL:
                 p = _choose(e, n, True)     # cannot be, past fits(): never write to NULL
+            if w != NULL and p.done_commit != 0 and _handled(p, w):
+                p = _unhandled(e, w)        # a group member's after= says it had this one
+                if p == NULL:
+                    continue
             if _push(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid, w):
                 _mark(self, p)
             elif p.gap_reason != 0:
@@ -990,6 +1018,13 @@ cdef class Dispatcher:
         p.at_commit = commit
         p.at_lsn = lsn
         p.seek_lsn = seek_lsn
+
+    def set_handled(self, ring_id, uint64_t commit, uint64_t lsn):
+        """A group member's after=: what stands at or before (commit, lsn) in the stream it
+        has handled; its group's records there go to another member, or to none."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        p.done_commit = commit
+        p.done_lsn = lsn
 
     def set_stream_position(self, uint64_t commit, uint64_t lsn):
         """Where the stream stands, as far as new rings are concerned: a ring added from now

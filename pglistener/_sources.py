@@ -664,11 +664,20 @@ class WalSource(Source):
     def subscribed(self, sub: Sub, position: tuple[int, int, int] | None) -> None:
         sub.resumes = position is not None
         if sub.group is not None and (self._adopt(sub) or self._rejoin(sub)):
-            # Where its group stood, not where the stream is: a group's kept place comes
-            # before after= (which is where one reader stands), so that what the group was
-            # given while this member was away (an app restarted) is not lost; what was
-            # handed out and not consumed before may come again.
+            # Where its group stood, not where the stream is: what the group was given while
+            # this member was away (an app restarted) is not lost. The member's after= (an
+            # exact position) composes with it: what stands at or before it, the member had,
+            # and it goes to another member of the group, or to none; what other members
+            # left is handed over as ever.
             sub.resumes = True
+            if position is not None and not position[2]:
+                self.dispatcher.set_handled(sub.id, position[0], position[1])
+        elif sub.group is not None and position is not None and not position[2] and any(
+                group_key(s) == group_key(sub) for s in self.registry.subs.values()):
+            # A member back to a group that has members: the group's place stands, and the
+            # member's after= says what it had.
+            sub.resumes = True
+            self.dispatcher.set_handled(sub.id, position[0], position[1])
         elif position is not None:
             self._resume(sub, *position)
         if sub.group is not None:

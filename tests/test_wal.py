@@ -5,6 +5,7 @@ replication connection; the slot is never confirmed past what a reader holds."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -315,6 +316,59 @@ def test_a_killed_supervisor_resumes_after_the_last_handled_message(
         assert numbers(read(resumed, 1100)) == list(range(400, 1500))
         pglistener.emit(pg, "s", "1500")
         assert numbers(read(fresh, 1)) == [1500]    # without after=: what commits from now
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_group_member_resumes_after_its_own_position_across_a_killed_supervisor(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection, members: int
+) -> None:
+    """The README's pattern in a consumer group: each member saves its last item's position
+    and comes back with after= it, to a new supervisor (the old one SIGKILLed halfway
+    through a 10,000-message transaction). The group's kept place and each member's after=
+    compose: what stands at or before a member's after= does not come to it again; what is
+    at or before every member's goes to none (each had what came to it, in order), the rest
+    to one of them. One member: exactly once. Two: nothing lost, and a message comes twice
+    only between the two members' after= (one had it, the other may not have)."""
+    sup = Supervisor(logical_cluster.dsn, slot=slot).start()
+    try:
+        worker = sup.worker()
+        subs = [worker.subscribe("g", source="wal", group="billing", timeout=30)
+                for _ in range(members)]
+        emit_many(pg, "g", 0, 10_000)
+        handled: list[list[Any]] = [[] for _ in subs]
+        while sum(map(len, handled)) < 5_000:
+            for i, sub in enumerate(subs):
+                handled[i] += sub.get_many(100, timeout=0.05)
+        assert sup.pid is not None
+        os.kill(sup.pid, signal.SIGKILL)
+    finally:
+        sup.stop()
+    emit_many(pg, "g", 10_000, 100)
+    had = [numbers(h) for h in handled]
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as again:
+        worker = again.worker()
+        back = [worker.subscribe("g", source="wal", group="billing", after=h[-1], timeout=30)
+                for h in handled]
+        got: list[list[Any]] = [[] for _ in back]
+        while set(range(10_100)) - {n for items in had + [numbers(g) for g in got]
+                                    for n in items}:
+            for i, sub in enumerate(back):
+                got[i] += sub.get_many(1000, timeout=0.05)
+        for i, sub in enumerate(back):
+            with pytest.raises(TimeoutError):
+                got[i].append(sub.get(timeout=0.5))
+    after = [numbers(g) for g in got]
+    for i, items in enumerate(after):
+        assert items == sorted(items), "a member's stream is in order"
+        assert all(isinstance(n, int) and n > had[i][-1] for n in items)
+    everything = sorted(n for items in had + after for n in items)
+    assert set(everything) == set(range(10_100))
+    twice = [n for n, count in collections.Counter(everything).items() if count > 1]
+    if members == 1:
+        assert not twice
+    else:
+        low, high = sorted(h[-1] for h in had)
+        assert all(low < n <= high for n in twice)
 
 
 def test_resume_in_the_middle_of_a_transaction_that_overlapped_another(
