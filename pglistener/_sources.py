@@ -16,13 +16,18 @@ primary).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import _tables
 from ._connection import Phase, Timing
 from ._control_server import Client
 from ._dispatch import Dispatcher, PGConnection
+from ._dsn import safe_target
 from ._listen import ListenConnection
 from ._notify import NotifyDispatcher
 from ._pgoutput import WalDispatcher
@@ -298,6 +303,14 @@ class WalSource(Source):
         self.failover_warned: str | None = None
         self.failover_ready: bool | None = None
         self.failover_checked = 0.0
+        self.failover_reason: str | None = None
+        # The standbys the DSN names besides the primary ((conninfo, where) of each host),
+        # asked whether their copy of the slot is one a promotion keeps.
+        self.standbys = standby_conninfos(config.conninfo) if config.slot_conninfo is None \
+            else []
+        self.asking = False
+        self.standby_answer: list[tuple[str, str | None]] | None = None
+        self.nudge_refused = False
         self.notices_seen = 0       # the decoder's notice counts, as logged
         self.skips_seen = 0
         self.remake_at: float | None = None     # the publication made again then, if gone
@@ -308,6 +321,8 @@ class WalSource(Source):
         wal = self.shell
         if self.orphans:
             self._expire_orphans(now)
+        if self.standby_answer is not None:
+            self._heed_standbys(now)
         wal.extra_hold = self._orphan_hold()
         if wal.streaming and now - self.failover_checked >= FAILOVER_CHECK:
             self.failover_checked = now
@@ -602,8 +617,79 @@ class WalSource(Source):
                 f"the standby's slot {', '.join(inactive)} (synchronized_standby_slots) is "
                 f"not in use: no standby receives through it, and every logical reader on the "
                 f"primary waits for it"))
-        else:
+        elif len(self.standbys) == 0:
+            # The DSN names one server: its standbys cannot be asked; the primary's
+            # settings are what can be judged.
             self.failover_ready = True
+        else:
+            self._ask_standbys()
+
+    def _ask_standbys(self) -> None:
+        """Whether each standby the DSN names holds a synchronised copy of the slot that a
+        promotion keeps (synced, not temporary): asked in a thread (a connection to each
+        may take its connect_timeout), answered to step() in standby_answer."""
+        if self.asking:
+            return
+        self.asking = True
+        slot, standbys = self.config.slot, list(self.standbys)
+
+        def ask() -> None:
+            answers: list[tuple[str, str | None]] = []
+            for conninfo, target in standbys:
+                try:
+                    with psycopg.connect(conninfo, autocommit=True) as conn:
+                        row = conn.execute(
+                            "SELECT pg_is_in_recovery(), (SELECT synced AND NOT temporary FROM "
+                            "pg_replication_slots WHERE slot_name = %s)", (slot,)).fetchone()
+                except psycopg.Error as exc:
+                    answers.append((target, f"did not answer ({str(exc).strip()})"))
+                    continue
+                if row is None or not row[0]:
+                    continue            # the primary (or not a standby): nothing to ask
+                answers.append((target, None if row[1] else
+                                "holds no synchronised copy of the slot that a promotion "
+                                "keeps yet" if row[1] is None else
+                                "holds a synchronised copy of the slot that is still "
+                                "temporary (a promotion drops it)"))
+            self.standby_answer = answers
+            self.asking = False
+
+        threading.Thread(target=ask, name="pglistener-standbys", daemon=True).start()
+
+    def _heed_standbys(self, now: float) -> None:
+        """The standbys' answer: ready only when every one holds a copy a promotion keeps.
+        While one does not, the primary is nudged to log its running transactions (a copy
+        stays temporary until the slot passes such a record, which a quiet primary writes
+        only every 15 s or at a checkpoint), and asked again in a second."""
+        answers, self.standby_answer = self.standby_answer, None
+        if answers is None:
+            return
+        lacking = [f"{target} {why}" for target, why in answers if why is not None]
+        if not answers:
+            lacking = ["no server the DSN names is a standby now"]
+        if not lacking:
+            self.failover_ready = True
+            self.failover_reason = None
+            return
+        self.failover_ready = False
+        self.failover_reason = "; ".join(lacking)
+        if self.failover_reason != self.failover_warned:
+            log.info("slot %r is not ready for a failover yet: %s", self.config.slot,
+                     self.failover_reason)
+            self.failover_warned = self.failover_reason
+        self.failover_checked = now - FAILOVER_CHECK + 1.0
+        if self.notify.shell.conn is not None:
+            self.notify.shell.query(b"SELECT pg_log_standby_snapshot()", self._nudged)
+
+    def _nudged(self, _results: Rows, error: str | None) -> None:
+        if error is not None and not self.nudge_refused:
+            self.nudge_refused = True
+            log.warning("cannot ask the primary to log its running transactions (%s): a "
+                        "standby's copy of slot %r becomes one a promotion keeps only once "
+                        "the primary does so itself (every 15 s while it writes, or at a "
+                        "checkpoint); GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() "
+                        "to the supervisor's role to have it sooner", error.strip(),
+                        self.config.slot)
 
     def _failover_needs(self, what: str) -> str:
         return (f"slot {self.config.slot!r} is a failover slot, but a failover would not "
@@ -616,6 +702,7 @@ class WalSource(Source):
         """A failover would lose the slot: stats() says so, and a warning names why (once
         for each reason)."""
         self.failover_ready = False
+        self.failover_reason = message
         if message != self.failover_warned:
             log.warning("%s", message)
             self.failover_warned = message
@@ -795,14 +882,38 @@ class WalSource(Source):
             slot_lag_bytes=self.slot_lag,
             slot_losses=self.slot_losses,
             slot_failover=wal.slot_failover if wal.has_read else None,
-            failover_ready=self.failover_ready)
+            failover_ready=self.failover_ready,
+            failover_reason=None if self.failover_ready is not False else self.failover_reason)
 
 
 #: The WAL source's fields of Stats, for a supervisor without one.
 NO_SLOT: dict[str, Any] = dict(
     slot=None, wal_state=None, wal_backend_pid=None, wal_reconnects=0, wal_last_error=None,
     wal_received=0, wal_unrouted=0, wal_confirmed_lsn=0, slot_lag_bytes=None, slot_losses=0,
-    slot_failover=None, failover_ready=None)
+    slot_failover=None, failover_ready=None, failover_reason=None)
+
+
+def standby_conninfos(conninfo: str) -> list[tuple[str, str]]:
+    """Each server a DSN with several hosts names, as a conninfo of its own that takes any
+    (read-only too), with where it is for the log; none for a DSN of one host."""
+    params = conninfo_to_dict(conninfo)
+    hosts = str(params.get("host") or "").split(",")
+    addrs = str(params.get("hostaddr") or "").split(",")
+    ports = str(params.get("port") or "").split(",")
+    count = max(len(hosts), len(addrs))
+    if count < 2:
+        return []
+    out = []
+    for i in range(count):
+        one = dict(params)
+        for key, values in (("host", hosts), ("hostaddr", addrs), ("port", ports)):
+            if key in params:
+                one[key] = values[i] if len(values) > 1 else values[0]
+        one.pop("target_session_attrs", None)
+        one.pop("load_balance_hosts", None)
+        one.setdefault("connect_timeout", "5")
+        out.append((make_conninfo("", **one), safe_target(one)))
+    return out
 
 
 def final_error(conn: PGConnection) -> str | None:

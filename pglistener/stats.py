@@ -118,11 +118,16 @@ class Stats:
     slot_losses: int = metric(COUNTER, "Times the replication slot was lost (a Gap('slot'))")
     # the slot is a failover slot (PostgreSQL 17+), when the setup has seen it
     slot_failover: bool | None = metric(GAUGE, "1 when the replication slot is a failover slot")
-    # a failover keeps the slot: a failover slot, and the primary names in
-    # synchronized_standby_slots physical slots that exist and are in use (False: a failover
-    # loses the slot, see the supervisor's warning; None: not known, or read on a standby)
+    # a failover keeps the slot: a failover slot, the primary names in
+    # synchronized_standby_slots physical slots that exist and are in use, and where the DSN
+    # names the standbys (several hosts), each holds a synchronised copy of the slot that a
+    # promotion keeps (synced, not temporary) (False: a failover loses the slot, see
+    # failover_reason; None: not known, or read on a standby)
     failover_ready: bool | None = metric(
         GAUGE, "1 when a failover of the primary keeps the replication slot")
+    # why failover_ready is False: what is missing, or, where the DSN names the standbys,
+    # which of them holds no copy of the slot that a promotion keeps yet
+    failover_reason: str | None = metric(INFO, "Why a failover would not keep the slot")
 
     @property
     def connected(self) -> bool:
