@@ -33,7 +33,7 @@ from ._notify import NotifyDispatcher
 from ._pgoutput import WalDispatcher
 from ._reader import format_lsn, parse_lsn
 from ._registry import Actions, Registry, Sub
-from ._wal import PUBLICATION_GRACE, SetupError, SlotProbe, Started, WalConnection
+from ._wal import KEEP_TABLE, PUBLICATION_GRACE, SetupError, SlotProbe, Started, WalConnection
 
 if TYPE_CHECKING:
     from ._server import Config, Server
@@ -42,6 +42,10 @@ log = logging.getLogger("pglistener.supervisor")
 
 #: How often the WAL source looks again at what a failover needs (WalSource.check_failover).
 FAILOVER_CHECK = 30.0
+
+#: At most this often (seconds) what the supervisor saw on each channel is written to
+#: KEEP_TABLE (only when it moved): the slot waits for it that long at most.
+KEEP_INTERVAL = 0.5
 
 #: Channels nobody reads any more that the WAL source goes on watching (WalSource.watch).
 MAX_WATCHED = 4096
@@ -311,6 +315,17 @@ class WalSource(Source):
         self.asking = False
         self.standby_answer: list[tuple[str, str | None]] | None = None
         self.nudge_refused = False
+        # What this supervisor keeps on the server for the next one (KEEP_TABLE), and what
+        # the one before kept: see _keep().
+        self.kept: dict[str, tuple[tuple[int, int], tuple[int, int] | None]] = {}
+        self.keeping = True             # False once writing the table failed
+        self.kept_written: dict[str, tuple[tuple[int, int], tuple[int, int] | None]] = {}
+        self.kept_once = False          # the table was written by this process
+        self.keep_upto = 0              # what the slot may be confirmed to, as last written
+        self.keep_cap = 0               # ... held there while something is unwritten
+        self.keep_busy = False
+        self.kept_at = 0.0
+        self.keep_stamp: tuple[int, int, int] | None = None   # what the stream had, last look
         self.notices_seen = 0       # the decoder's notice counts, as logged
         self.skips_seen = 0
         self.remake_at: float | None = None     # the publication made again then, if gone
@@ -323,7 +338,9 @@ class WalSource(Source):
             self._expire_orphans(now)
         if self.standby_answer is not None:
             self._heed_standbys(now)
-        wal.extra_hold = self._orphan_hold()
+        self._keep(now)
+        holds = [h for h in (self._orphan_hold(), self.keep_cap) if h]
+        wal.extra_hold = min(holds) if holds else 0
         if wal.streaming and now - self.failover_checked >= FAILOVER_CHECK:
             self.failover_checked = now
             self._check_failover()
@@ -455,6 +472,10 @@ class WalSource(Source):
             disp.reset_positions(started.rewind_to)
             back = (started.rewind_to, 0)
             self.watched = {ch: min(since, back) for ch, since in self.watched.items()}
+        if first and started.loss is None and not started.created and started.kept:
+            self.kept = started.kept
+        elif started.loss is not None or started.rewind_to is not None:
+            self.kept = {}          # what it says is of a stream that did not go on
         if first or started.loss is not None:
             self.read_from = wal.slot_confirmed
             # What a subscription without after= gets: what commits from now on. After a
@@ -828,12 +849,117 @@ class WalSource(Source):
         if all(since is not None and since <= (commit, lsn) and at is not None
                and at <= (commit, lsn) for since, at in zip(watched, last, strict=True)):
             return commit, lsn, seek    # nothing came on its channels after it
+        if all(self._kept_quiet(ch, (commit, lsn)) for ch in sub.channels):
+            return commit, lsn, seek    # nor, the supervisor before this one kept, before
         log.warning("a subscription to %s resumes after %s, but slot %r is confirmed past "
                     "it (at %s): what came between may be gone from the slot; its stream "
                     "begins with Gap('slot')", ", ".join(sub.channels), format_lsn(lsn),
                     wal.slot, format_lsn(confirmed))
         disp.mark_gap([sub.id], "slot")
         return commit, lsn, seek
+
+    def _kept_quiet(self, channel: str, after: tuple[int, int]) -> bool:
+        """Whether the supervisor before this one watched `channel` from before `after` and
+        saw nothing on it after, up to where it confirmed the slot (this one reads on from
+        there): what it kept says so."""
+        kept = self.kept.get(channel)
+        if kept is None or not (kept[0] <= after and (kept[1] is None or kept[1] <= after)):
+            return False
+        if self.read_from is None or max(self.shell.slot_confirmed,
+                                         self.dispatcher.confirmed) <= self.read_from:
+            return True     # and this one has confirmed nothing further: the slot has the rest
+        # This one confirmed further: it must have watched the channel since it began, and
+        # seen nothing on it since.
+        since = self.watched.get(channel)
+        at = self.dispatcher.route_position(channel.encode())
+        return since is not None and since <= (self.read_from, 0) and at is not None and (
+            at == (0, 0) or at <= after)
+
+    def _positions(self) -> dict[str, tuple[tuple[int, int], tuple[int, int] | None]]:
+        """Per watched channel: since when every message on it has been seen (carried on
+        from what the supervisor before kept), and the last one (None: none since)."""
+        disp = self.dispatcher
+        out: dict[str, tuple[tuple[int, int], tuple[int, int] | None]] = {}
+        for channel in self.watched:
+            since = self._watched_since(channel)
+            if since is None:
+                continue
+            at = disp.route_position(channel.encode())
+            last = None if at is None or at == (0, 0) else at
+            kept = self.kept.get(channel)
+            if kept is not None and self.read_from is not None and since <= (self.read_from, 0):
+                since = min(since, kept[0])     # watched before, by the supervisor before
+                last = last or kept[1]
+            out[channel] = (since, last)
+        return out
+
+    def _keep(self, now: float) -> None:
+        """Keep on the server (KEEP_TABLE, on the LISTEN connection: the primary) what this
+        supervisor has seen on each watched channel, so that the next one can tell a reader
+        resuming after= a position the slot is confirmed past whether its channels had
+        anything since. While something is not written yet the slot is not confirmed past
+        what was (keep_cap); so what the table says holds up to where the slot stands. At
+        most every KEEP_INTERVAL, and only when a channel's last message moved: an idle
+        slot writes nothing."""
+        if not self.keeping or self.read_from is None or not self.shell.streaming:
+            return
+        disp = self.dispatcher
+        stamp = (disp.received, disp.changes, len(self.watched))
+        if stamp != self.keep_stamp or not self.kept_once:
+            self.keep_cap = self.keep_upto or self.shell.slot_confirmed or 1   # until looked
+        if self.keep_cap == 0:
+            return
+        link = self.notify.shell
+        if self.keep_busy or link.conn is None or now - self.kept_at < KEEP_INTERVAL:
+            return
+        self.keep_stamp = stamp
+        positions = self._positions()
+        changed = {ch: v for ch, v in positions.items() if self.kept_written.get(ch) != v}
+        gone = [ch for ch in self.kept_written if ch not in positions]
+        if self.kept_once and not changed and not gone:
+            self.keep_cap = 0
+            return
+        self.keep_busy, self.kept_at = True, now
+        upto = disp.confirmable()
+        slot = _tables.literal(self.config.slot or "")
+        rows = ", ".join(
+            f"({slot}, '\\x{ch.encode().hex()}', {since[0]}, {since[1]}, "
+            f"{'NULL' if last is None else last[0]}, {'NULL' if last is None else last[1]})"
+            for ch, (since, last) in changed.items())
+        statements = [] if self.kept_once else [
+            f"CREATE TABLE IF NOT EXISTS {KEEP_TABLE} (slot text, channel bytea, since_commit "
+            f"bigint, since_lsn bigint, last_commit bigint, last_lsn bigint, PRIMARY KEY "
+            f"(slot, channel))",
+            f"DELETE FROM {KEEP_TABLE} WHERE slot = {slot}"]
+        if gone and self.kept_once:
+            statements.append(f"DELETE FROM {KEEP_TABLE} WHERE slot = {slot} AND channel IN ("
+                              + ", ".join(f"'\\x{ch.encode().hex()}'" for ch in gone) + ")")
+        if rows:
+            statements.append(
+                f"INSERT INTO {KEEP_TABLE} VALUES {rows} ON CONFLICT (slot, channel) DO UPDATE "
+                f"SET since_commit = EXCLUDED.since_commit, since_lsn = EXCLUDED.since_lsn, "
+                f"last_commit = EXCLUDED.last_commit, last_lsn = EXCLUDED.last_lsn")
+        link.query("; ".join(statements).encode(),
+                   lambda _results, error: self._kept(changed, gone, upto, error))
+
+    def _kept(self, changed: dict[str, tuple[tuple[int, int], tuple[int, int] | None]],
+              gone: list[str], upto: int, error: str | None) -> None:
+        self.keep_busy = False
+        if error is not None:
+            self.keeping = False
+            self.keep_cap = 0
+            log.warning("cannot keep what the supervisor saw on each channel in table %s "
+                        "(%s): a reader that resumes with after= across a supervisor restart "
+                        "will get Gap('slot') wherever the slot was confirmed past its "
+                        "position (grant the supervisor's role CREATE on the schema, or create "
+                        "the table for it)", KEEP_TABLE, error.strip())
+            return
+        self.kept_once = True
+        for channel in gone:
+            self.kept_written.pop(channel, None)
+        self.kept_written.update(changed)
+        self.keep_upto = max(self.keep_upto, upto)
+        self.keep_cap = self.keep_upto      # lifted by the next look, if nothing moved since
 
     def _watched_since(self, channel: str) -> tuple[int, int] | None:
         """From where in the stream every message on `channel` has been seen (the route

@@ -55,6 +55,11 @@ FEEDBACK_ANYWAY = 1.0
 #: (psycopg's loaders read these; extra_float_digits above 0 writes the shortest text that
 #: reads back to the same bits). lc_monetary is left alone: money's text is the database's,
 #: as a SELECT there gives it.
+#: Where a supervisor keeps, for the next one, what it has seen on each channel of its slot
+#: (in the DSN's database, its search_path's first schema): so that a reader resuming with
+#: after= across a supervisor restart gets a Gap only where its channels had something.
+KEEP_TABLE = "pglistener_positions"
+
 #: A publication found gone (dropped) is made again only after this long (seconds): a
 #: migration that drops it and makes it again would fail if the supervisor made it between.
 PUBLICATION_GRACE = 5.0
@@ -143,6 +148,9 @@ class Started:
     loss: str | None = None         # why the stream cannot go on from where it stood
     rewind_to: int | None = None    # a new timeline: where its history left the one read
     created: bool = False           # the slot was made by this setup
+    # What the supervisor before this one kept (KEEP_TABLE): per channel, since when it
+    # watched it and its last message then ((commit, lsn) each; None: none).
+    kept: dict[str, tuple[tuple[int, int], tuple[int, int] | None]] | None = None
 
 
 def switch_point(history: str, timeline: int) -> int | None:
@@ -420,6 +428,31 @@ class WalConnection(ListenConnection):
                                 f"advanced, by someone else)")
             self.slot_confirmed = at
             self.slot_failover = failover == "t"
+            if not self.has_read:
+                # First read by this process: what the one before kept, if it did.
+                return self.query(f"SELECT to_regclass('{KEEP_TABLE}') IS NOT NULL".encode(),
+                                  lambda results, error: keeping(results, error))
+            failed_over()
+
+        def keeping(results: list[list[tuple[bytes | None, ...]]],
+                    error: str | None) -> None:
+            if error is not None or not results or results[0][0][0] != b"t":
+                return failed_over()
+            self.query(f"SELECT encode(channel, 'hex'), since_commit, since_lsn, last_commit, "
+                       f"last_lsn FROM {KEEP_TABLE} WHERE slot = '{slot}'".encode(),
+                       lambda results, error: kept(results, error))
+
+        def kept(results: list[list[tuple[bytes | None, ...]]],
+                 error: str | None) -> None:
+            if error is None and results:
+                outcome.kept = {}
+                for channel, s_commit, s_lsn, l_commit, l_lsn in results[0]:
+                    name = bytes.fromhex((channel or b"").decode()).decode("utf-8", "replace")
+                    last = None if l_commit is None else (int(l_commit), int(l_lsn or 0))
+                    outcome.kept[name] = ((int(s_commit or 0), int(s_lsn or 0)), last)
+            failed_over()
+
+        def failed_over() -> None:
             if self.failover is not None and self.server_version >= 170000 \
                     and not self.recovery and self.slot_failover != self.failover:
                 want = "true" if self.failover else "false"

@@ -371,6 +371,46 @@ def test_a_group_member_resumes_after_its_own_position_across_a_killed_superviso
         assert all(low < n <= high for n in twice)
 
 
+def test_resume_across_a_restart_gives_a_gap_only_where_something_may_be_missing(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """Two readers have everything, and the slot is confirmed past both (a third channel
+    moved it); the supervisor is SIGKILLed. Back with after= their last items on a new one:
+    the reader whose channel had nothing since gets no Gap (the supervisor before kept, in
+    pglistener_positions, what it saw on each channel); the one that resumes from earlier
+    than its last item, on a channel that had more since, gets Gap("slot")."""
+    sup = Supervisor(logical_cluster.dsn, slot=slot).start()
+    try:
+        worker = sup.worker()
+        quiet = worker.subscribe("quiet", source="wal", timeout=30)
+        busy = worker.subscribe("busy", source="wal", timeout=30)
+        mover = worker.subscribe("mover", source="wal", timeout=30)
+        emit_many(pg, "quiet", 0, 100)
+        emit_many(pg, "busy", 0, 100)
+        had_quiet, had_busy = read(quiet, 100), read(busy, 100)
+        emit_many(pg, "mover", 0, 10)
+        moved = read(mover, 10)
+        for sub in (quiet, busy, mover):
+            with pytest.raises(TimeoutError):
+                sub.get(timeout=0.2)        # asked past the last: the slot may move on
+        wait_for(lambda: pg.execute(
+            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE "
+            "slot_name = %s", (pglistener.format_lsn(moved[-1].commit_lsn), slot)
+        ).fetchone() == (True,), "the slot to be confirmed past every reader")
+        assert sup.pid is not None
+        os.kill(sup.pid, signal.SIGKILL)
+    finally:
+        sup.stop()
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as again:
+        worker = again.worker()
+        quiet = worker.subscribe("quiet", source="wal", after=had_quiet[-1], timeout=30)
+        busy = worker.subscribe("busy", source="wal", after=had_busy[49], timeout=30)
+        emit_many(pg, "quiet", 100, 5)
+        emit_many(pg, "busy", 100, 5)
+        assert numbers(read(quiet, 5)) == list(range(100, 105))
+        assert numbers(read(busy, 6)) == ["GAP:slot", *range(100, 105)]
+
+
 def test_resume_in_the_middle_of_a_transaction_that_overlapped_another(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection
 ) -> None:
