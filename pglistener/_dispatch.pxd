@@ -23,6 +23,11 @@ cdef struct KeyMap:
     # whatever channel or kind they come by. A bucket keeps its member while it lives.
     Producer *owner[1024]
     int refs                   # members that point here
+    # A member that joined takes buckets from the others (rebalance()): a bucket moves to
+    # moving[b] once its owner has consumed its last record there, which ends at
+    # last_pos[b] in the owner's ring; until then it stays, so each key's order holds.
+    Producer *moving[1024]
+    uint64_t last_pos[1024]
 
 
 cdef struct Producer:

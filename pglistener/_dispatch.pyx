@@ -430,6 +430,16 @@ cdef Producer *_keyed(Entry *e, uint32_t n, Position *w, bint assign) noexcept n
         return _choose(e, n, assign)
     b = _bucket(w.key)
     p = keys.owner[b]
+    if p != NULL and keys.moving[b] != NULL and \
+            pgl_load_acquire(&p.hdr.consumed) >= keys.last_pos[b]:
+        # Its owner has handled all it had of the bucket: it may go to the member taking it,
+        # when that one has room for this record (a blocking ring waits on the owner).
+        if _room(keys.moving[b], _need(keys.moving[b], n)):
+            p = keys.moving[b]
+            if assign:
+                keys.owner[b] = p
+                keys.moving[b] = NULL
+            return p
     if p == NULL:
         p = _choose(e, n, assign)
         if assign:
@@ -583,6 +593,41 @@ cdef class Dispatcher:
         keys.refs += 1
         p.keys = keys
 
+    def rebalance(self, ring_id):
+        """A member joined its keyed group: it takes a fair share of the buckets of keys the
+        others hold (the group's held buckets over its members), from the richest first.
+        Each moves once its owner has consumed what it had of it (route()): what the old
+        member took is handled before the new one gets the key. Returns how many move."""
+        cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
+        cdef KeyMap *keys = p.keys
+        cdef size_t b
+        cdef Py_ssize_t mine = 0, held = 0, share
+        cdef Producer *rich
+        if keys == NULL or keys.refs < 2:
+            return 0
+        counts = {}
+        for b in range(KEY_BUCKETS):
+            q = keys.moving[b] if keys.moving[b] != NULL else keys.owner[b]
+            if q != NULL:
+                held += 1
+                counts[<size_t>q] = counts.get(<size_t>q, 0) + 1
+        mine = counts.pop(<size_t>p, 0)
+        share = held // keys.refs
+        moved = 0
+        while mine < share and counts:
+            address = max(counts, key=counts.get)
+            if counts[address] <= share:
+                break
+            rich = <Producer *><size_t>address
+            for b in range(KEY_BUCKETS):
+                if (keys.moving[b] if keys.moving[b] != NULL else keys.owner[b]) == rich:
+                    keys.moving[b] = p      # (a move still pending goes here instead)
+                    break
+            counts[address] -= 1
+            mine += 1
+            moved += 1
+        return moved
+
     def remove_ring(self, ring_id):
         """Drop a ring from every route, unmap it and close its eventfd."""
         cdef Producer *p = <Producer *><size_t>self.by_id.pop(ring_id)
@@ -675,8 +720,11 @@ cdef class Dispatcher:
             return (0, 0)
         if keys != NULL:        # its keys go to the others, each with its records
             for b in range(KEY_BUCKETS):
+                if keys.moving[b] == p:
+                    keys.moving[b] = NULL
                 if keys.owner[b] == p:
-                    keys.owner[b] = NULL
+                    keys.owner[b] = keys.moving[b]  # to the one taking it, if one was
+                    keys.moving[b] = NULL
         # Written over since it was taken: from what the ring still holds, with a gap of
         # unknown count first.
         pos = _unconsumed_from(p, &lost)
@@ -735,6 +783,8 @@ cdef class Dispatcher:
                          pgl_rec_payload_len(rec), pgl_rec_pid(rec) if wp == NULL else 0, wp):
                     moved += 1
                     _mark(self, best)
+                    if key != 0:
+                        keys.last_pos[_bucket(key)] = best.tail
                 else:
                     missed += 1
                     self.gaps_pending = True
@@ -925,7 +975,9 @@ cdef class Dispatcher:
             e = &r.entries[i]
             if w != NULL and not _advance(e, w):
                 continue
-            p = e.members[0] if e.size == 1 else _member(e, n, w, True)
+            # (A keyed group of one still takes its keys: they stay with it when more join.)
+            p = e.members[0] if e.size == 1 and e.members[0].keys == NULL else \
+                _member(e, n, w, True)
             if p == NULL:
                 p = _choose(e, n, True)     # cannot be, past fits(): never write to NULL
             if w != NULL and p.done_commit != 0 and _handled(p, w):
@@ -934,6 +986,8 @@ cdef class Dispatcher:
                     continue
             if _push(p, chan, <uint32_t>clen, payload, <uint32_t>plen, pid, w):
                 _mark(self, p)
+                if p.keys != NULL and w != NULL and w.key != 0:
+                    p.keys.last_pos[_bucket(w.key)] = p.tail
             elif p.gap_reason != 0:
                 self.gaps_pending = True
         return True
@@ -1350,6 +1404,8 @@ cdef void _unkey(dict keymaps, Producer *p):
     for b in range(KEY_BUCKETS):
         if keys.owner[b] == p:
             keys.owner[b] = NULL
+        if keys.moving[b] == p:
+            keys.moving[b] = NULL
     p.keys = NULL
     keys.refs -= 1
     if keys.refs == 0:

@@ -102,6 +102,11 @@ cdef class WalDispatcher(Dispatcher):
     # names a column's declared type, a SELECT's result its base type, which psycopg loads.
     cdef uint32_t *bases
     cdef size_t n_bases
+    # Tables with REPLICA IDENTITY FULL and a primary key: a keyed group routes their rows
+    # by the primary key's columns, not by every column (whose values change). Per table,
+    # by relid: its key columns' names, each NUL-terminated, one after another.
+    cdef dict key_names
+    cdef bint has_key_names
     # A change's record content is put together here (_ring.h: its prefix, the Relation and
     # the change message), and stays while it is held.
     cdef char *scratch
@@ -386,6 +391,44 @@ cdef class WalDispatcher(Dispatcher):
             return self.bases[2 * lo + 1]
         return oid
 
+    def set_key_columns(self, unsigned int relid, list names):
+        """A table with REPLICA IDENTITY FULL and a primary key (`names`, its columns, as
+        str): a keyed group routes its rows by these columns (a row's every column is its
+        replica identity then, and an update changes them). From its next Relation message
+        on, and at once if it has come."""
+        cdef Relation *rel
+        if self.key_names is None:
+            self.key_names = {}
+        self.has_key_names = True
+        self.key_names[relid] = frozenset(n.encode() for n in names)
+        rel = self._find_rel(relid, False)
+        if rel != NULL and rel.body != NULL:
+            self._key_by(rel)
+
+    cdef void _key_by(self, Relation *rel):
+        # Mark as the key the columns named in key_names, when the table's replica identity
+        # is FULL (its Relation's body: relid, namespace, name, identity, count, columns).
+        cdef const char *body = rel.body
+        cdef const char *end = body + rel.blen
+        cdef const char *at = body + 4
+        cdef const char *nul
+        cdef uint16_t i, _i
+        wanted = self.key_names.get(rel.relid)
+        for _i in range(2):
+            nul = <const char *>memchr(at, 0, end - at)
+            if nul == NULL:
+                return
+            at = nul + 1
+        if at + 3 > end or at[0] != b'f':
+            return
+        at += 3
+        for i in range(rel.ncols):
+            nul = <const char *>memchr(at + 1, 0, end - at - 1)
+            if nul == NULL:
+                return
+            rel.key_cols[i] = (at + 1)[:nul - at - 1] in wanted
+            at = nul + 9
+
     def set_base_types(self, dict bases):
         """Domains by their base types ({domain oid: base oid}): the Relation messages from
         now on name the base type of each such column, so that readers load it as a SELECT
@@ -462,6 +505,10 @@ cdef class WalDispatcher(Dispatcher):
         rel.blen = <uint32_t>(blen - 1)
         rel.key_cols = cols
         rel.ncols = ncols
+        if self.has_key_names:
+            with gil:
+                if rel.relid in self.key_names:
+                    self._key_by(rel)
         self.rel_versions += 1
         rel.version = self.rel_versions
         rel.klen = <uint16_t>snprintf(rel.key, sizeof(rel.key), "_?%u", rel.relid)

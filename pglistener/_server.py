@@ -274,6 +274,12 @@ class Server:
                 return fail(f"not a table: {', '.join(odd)} (only tables have row changes in "
                             f"a publication)")
             oids = [int(row[0]) for row in rows]
+            if self.wal is not None:
+                # REPLICA IDENTITY FULL: a keyed group keeps a row's order by its primary key.
+                for row in rows:
+                    if row[6] == b"t" and row[7]:
+                        self.wal.dispatcher.set_key_columns(int(row[0]),
+                                                            _tables.primary_key(row[7]))
             blind = [n for n, row in zip(names, rows, strict=True)
                      if row[4] != b"t" and row[5] != b"t"]
             if blind:
@@ -328,6 +334,8 @@ class Server:
                                                 sub.overflow == "block")
         if keyed:
             source.dispatcher.set_keyed(sub.id, group_key(sub))
+            if peer is not None:    # it takes its share of the keys from the others
+                source.dispatcher.rebalance(sub.id)
         if message.get("restart") is True:  # a restarted pool worker: its stream says so
             source.dispatcher.mark_gap([sub.id], "restart")
         source.subscribed(sub, position)

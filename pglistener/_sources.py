@@ -780,12 +780,14 @@ class WalSource(Source):
             sub.resumes = True
             if position is not None and not position[2]:
                 self.dispatcher.set_handled(sub.id, position[0], position[1])
-        elif sub.group is not None and position is not None and not position[2] and any(
-                group_key(s) == group_key(sub) for s in self.registry.subs.values()):
-            # A member back to a group that has members: the group's place stands, and the
-            # member's after= says what it had.
+        elif sub.group is not None and any(group_key(s) == group_key(sub)
+                                           for s in self.registry.subs.values()):
+            # A member joining a group that has members: the group's place stands (what the
+            # group routes to it from now on is its own, not to be trimmed at its answer),
+            # and a member's after= says what it had.
             sub.resumes = True
-            self.dispatcher.set_handled(sub.id, position[0], position[1])
+            if position is not None and not position[2]:
+                self.dispatcher.set_handled(sub.id, position[0], position[1])
         elif position is not None:
             self._resume(sub, *position)
         if sub.group is not None:

@@ -32,8 +32,9 @@ def ident(name: str) -> str:
 
 def find_query(publication: str, names: Sequence[str]) -> bytes:
     """Each name's table: oid, schema, name, kind, whether the publication has it (its
-    FOR ALL TABLES and FOR TABLES IN SCHEMA count), and whether it has a replica identity
-    (without one, PostgreSQL refuses UPDATE and DELETE on a published table). NULLs where
+    FOR ALL TABLES and FOR TABLES IN SCHEMA count), whether it has a replica identity
+    (without one, PostgreSQL refuses UPDATE and DELETE on a published table), whether that
+    is FULL, and its primary key's columns (hex of each name, comma-separated). NULLs where
     no such table exists."""
     values = ", ".join(f"({literal(name)}, {i})" for i, name in enumerate(names))
     return (
@@ -42,7 +43,11 @@ def find_query(publication: str, names: Sequence[str]) -> bytes:
         f" AND t.schemaname = n.nspname AND t.tablename = c.relname), "
         f"c.relreplident = 'f' OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index x "
         f"WHERE x.indrelid = c.oid AND x.indisprimary)) OR (c.relreplident = 'i' AND EXISTS "
-        f"(SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisreplident)) "
+        f"(SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisreplident)), "
+        f"c.relreplident = 'f', (SELECT string_agg(encode(convert_to(a.attname::text, "
+        f"'UTF8'), 'hex'), ',') FROM pg_index x JOIN pg_attribute a ON a.attrelid = "
+        f"x.indrelid AND a.attnum = ANY (x.indkey) WHERE x.indrelid = c.oid AND "
+        f"x.indisprimary) "
         f"FROM (VALUES {values}) AS w(name, i) "
         f"LEFT JOIN pg_class c ON c.oid = to_regclass(w.name) "
         f"LEFT JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY w.i").encode()
@@ -57,6 +62,11 @@ DOMAINS_QUERY = (
     b"t ON t.oid = d.base WHERE t.typtype = 'd') "
     b"SELECT d.oid, d.base FROM d JOIN pg_catalog.pg_type b ON b.oid = d.base "
     b"AND b.typtype <> 'd'")
+
+
+def primary_key(names: bytes | None) -> list[str]:
+    """find_query()'s primary key columns, as names."""
+    return [bytes.fromhex(n).decode() for n in (names or b"").decode().split(",") if n]
 
 
 def base_types(rows: Sequence[tuple[bytes | None, ...]]) -> dict[int, int]:

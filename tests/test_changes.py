@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -77,6 +78,25 @@ def insert_many(dsn: str, table: str, first: int, count: int, transactions: int 
             stop = min(start + per, first + count)
             conn.execute(f"INSERT INTO {table} (n) SELECT generate_series(%s::int, %s::int)",
                          (start, stop - 1))
+
+
+def take_rows(sub: Any, log: list[tuple[int, int, int]], done: threading.Event,
+              problems: list[str], clock: Iterator[int], pause: float = 0.0) -> None:
+    """A keyed group member's reader, for a thread: each change as (id, n, when handled)
+    into log until done (or the subscription closes), what is not a change into problems."""
+    try:
+        while not done.is_set():
+            try:
+                item = sub.get(timeout=0.2)
+            except TimeoutError:
+                continue
+            if not isinstance(item, Change):
+                problems.append(f"{item!r}")
+                continue
+            log.append((item.new["id"], item.new["n"], next(clock)))
+            time.sleep(pause)               # a reader with work to do
+    except pglistener.SubscriptionClosed:
+        pass
 
 
 # -- what a change says -----------------------------------------------------------------------
@@ -758,22 +778,13 @@ def test_a_keyed_group_keeps_each_key_in_order_across_members(
             worker = sup.worker()
             members = [worker.subscribe_changes(table, group="g", key=True, timeout=30)
                        for _ in range(4)]
-            logs: list[list[tuple[int, int]]] = [[] for _ in members]
+            logs: list[list[tuple[int, int, int]]] = [[] for _ in members]
             done = threading.Event()
-
-            def take(k: int) -> None:
-                try:
-                    while not done.is_set():
-                        try:
-                            item = members[k].get(timeout=0.2)
-                        except TimeoutError:
-                            continue
-                        assert isinstance(item, Change), item
-                        logs[k].append((item.new["id"], item.new["n"]))
-                except pglistener.SubscriptionClosed:
-                    pass
-
-            readers = [threading.Thread(target=take, args=(k,)) for k in range(4)]
+            problems: list[str] = []
+            clock = itertools.count()
+            readers = [threading.Thread(target=take_rows, args=(members[k], logs[k], done,
+                                                                problems, clock))
+                       for k in range(4)]
             for t in readers:
                 t.start()
             pg.execute(f"INSERT INTO {table} SELECT i, 0 FROM generate_series(1, {keys}) i")
@@ -792,11 +803,12 @@ def test_a_keyed_group_keeps_each_key_in_order_across_members(
                 t.join()
     finally:
         pg.execute(f"DROP TABLE {table}")
-    got = sorted(entry for log in logs for entry in log)
+    assert not problems
+    got = sorted((key, n) for log in logs for key, n, _at in log)
     assert got == [(k, n) for k in range(1, keys + 1) for n in range(rounds + 1)]  # once each
     holders = []
     for k in range(1, keys + 1):
-        parts = sorted(([n for key, n in log if key == k] for log in logs), key=lambda p:
+        parts = sorted(([n for key, n, _at in log if key == k] for log in logs), key=lambda p:
                        p[0] if p else -1)
         parts = [p for p in parts if p]
         for p in parts:
@@ -804,10 +816,119 @@ def test_a_keyed_group_keeps_each_key_in_order_across_members(
         for before, after in itertools.pairwise(parts):
             assert before[-1] < after[0], f"row {k} at two members at once: {parts}"
         holders.append(len(parts))
-        if not any(key == k for key, _ in logs[3]):
+        if not any(key == k for key, _n, _at in logs[3]):
             assert len(parts) == 1, f"row {k} moved without its member leaving: {parts}"
     assert sum(1 for log in logs[:3] if log) >= 2         # the rows are spread
     assert any(n > 1 for n in holders)                    # some moved with member 3
+
+
+def test_a_keyed_group_rebalances_as_members_join_under_load(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """Members join a keyed group one at a time while rows change, and one leaves: each that
+    joins takes a share of the rows from the others, each row once its old member has
+    handled what it had of it (so the row's order holds). Every change once, and each row's
+    changes handled in order, by when they were handled. A row moves when its member has
+    caught up with it: in the second round, after the first is handled, the members that
+    joined have their share."""
+    import random
+
+    table = f"kr_{uuid.uuid4().hex[:8]}"
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, n int)")
+    keys, rounds, second = 64, 40, 5
+    clock = itertools.count()
+    members: list[Any] = []
+    logs: list[list[tuple[int, int, int]]] = []
+    problems: list[str] = []
+    done = threading.Event()
+    readers: list[threading.Thread] = []
+
+    def update(count: int, seed: int) -> None:
+        order = [k for k in range(1, keys + 1) for _ in range(count)]
+        random.Random(seed).shuffle(order)
+        step = len(order) // 5
+        for i in range(0, len(order), 32):
+            with pg.transaction():
+                for k in order[i:i + 32]:
+                    pg.execute(f"UPDATE {table} SET n = n + 1 WHERE id = %s", (k,))
+            if seed == 1 and i and i % step < 32:
+                if len(members) < 4:
+                    join()                      # takes its share from the others
+                else:
+                    members[1].unsubscribe()    # its rows go to the others
+
+    try:
+        with Sup(logical_cluster, slot).start() as sup:
+            def join() -> None:
+                members.append(sup.worker().subscribe_changes(table, group="g", key=True,
+                                                              timeout=30))
+                logs.append([])
+                readers.append(threading.Thread(target=take_rows, args=(
+                    members[-1], logs[-1], done, problems, clock, 0.0005)))
+                readers[-1].start()
+
+            join()
+            pg.execute(f"INSERT INTO {table} SELECT i, 0 FROM generate_series(1, {keys}) i")
+            update(rounds, 1)
+            total = keys * (rounds + 1)
+            wait_for(lambda: sum(map(len, logs)) >= total or problems, "the first round")
+            marks = [len(log) for log in logs]
+            update(second, 2)
+            wait_for(lambda: sum(map(len, logs)) >= total + keys * second or problems,
+                     "the second round")
+            done.set()
+            for t in readers:
+                t.join()
+    finally:
+        pg.execute(f"DROP TABLE {table}")
+    assert not problems
+    final = rounds + second
+    got = sorted((k, n) for log in logs for k, n, _ in log)
+    assert got == [(k, n) for k in range(1, keys + 1) for n in range(final + 1)]  # once each
+    for k in range(1, keys + 1):
+        handled = sorted((at, n) for log in logs for key, n, at in log if key == k)
+        assert [n for _at, n in handled] == list(range(final + 1)), f"row {k} out of order"
+    later = [{k for k, _n, _at in log[mark:]} for log, mark in zip(logs, marks, strict=True)]
+    assert later[2] and later[3], f"rows per member in the second round: {later}"
+
+
+def test_a_keyed_group_keeps_rows_of_a_full_identity_table_by_primary_key(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """REPLICA IDENTITY FULL sends the whole row as its identity, whose values change with
+    each update: a keyed group routes such a table's rows by its primary key instead, so
+    each row's changes stay with one member, in order."""
+    table = f"kf_{uuid.uuid4().hex[:8]}"
+    pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, n int, note text)")
+    pg.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    try:
+        with Sup(logical_cluster, slot).start() as sup:
+            members = [sup.worker().subscribe_changes(table, group="g", key=True, timeout=30)
+                       for _ in range(3)]
+            pg.execute(f"INSERT INTO {table} SELECT i, 0, 'x' FROM generate_series(1, 12) i")
+            for _ in range(10):
+                pg.execute(f"UPDATE {table} SET n = n + 1, note = md5(random()::text)")
+            pg.execute(f"DELETE FROM {table} WHERE id <= 3")
+            got: list[list[Any]] = [[] for _ in members]
+
+            def drained() -> bool:
+                for items, member in zip(got, members, strict=True):
+                    items += member.get_many(1000, timeout=0.05)
+                return sum(map(len, got)) >= 12 * 11 + 3
+
+            wait_for(drained, "every change")
+    finally:
+        pg.execute(f"DROP TABLE {table}")
+    holders: dict[int, set[int]] = {}
+    for k, items in enumerate(got):
+        for item in items:
+            row = item.new or item.old
+            holders.setdefault(row["id"], set()).add(k)
+        for row_id in {(i.new or i.old)["id"] for i in items}:
+            ns_ = [(i.new or i.old)["n"] for i in items if (i.new or i.old)["id"] == row_id]
+            assert ns_ == sorted(ns_), f"row {row_id} out of order: {ns_}"
+    assert all(len(h) == 1 for h in holders.values()), holders
+    assert len({next(iter(h)) for h in holders.values()}) >= 2     # the rows are spread
 
 
 def test_keyed_messages_keep_each_key_in_order_in_a_group(
