@@ -262,9 +262,6 @@ class Server:
             if error is not None or not results:
                 return fail(f"looking for the tables {', '.join(names)} failed: {error}")
             rows = results[-2]
-            if self.wal is not None:
-                # Domains made since the slot's stream began: their columns load by base type.
-                self.wal.dispatcher.set_base_types(_tables.base_types(results[-1]))
             missing = [n for n, row in zip(names, rows, strict=True) if row[0] is None]
             if missing:
                 return fail(f"no such table: {', '.join(missing)} (a table that does not "
@@ -275,6 +272,8 @@ class Server:
                             f"a publication)")
             oids = [int(row[0]) for row in rows]
             if self.wal is not None:
+                # Domains made since the slot's stream began: their columns load by base type.
+                self.wal.dispatcher.set_base_types(_tables.base_types(results[-1]))
                 # REPLICA IDENTITY FULL: a keyed group keeps a row's order by its primary key.
                 for row in rows:
                     if row[6] == b"t" and row[7]:

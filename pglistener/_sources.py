@@ -374,11 +374,8 @@ class WalSource(Source):
         if self.config.slot_conninfo is not None:
             # The slot is read elsewhere (a standby cannot create one): the publication
             # pgoutput needs is made here, on the primary, and replicated there.
-            pub = self.config.publication
-            self.notify.shell.query(
-                f"DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = "
-                f"'{pub}') THEN CREATE PUBLICATION \"{pub}\"; END IF; END$$".encode(),
-                lambda _results, error: self._on_publication(error))
+            self.notify.shell.query(_tables.remake_query(self.config.publication, []),
+                                    lambda _results, error: self._on_publication(error))
 
     def query_lost(self) -> None:
         if self.placing:
@@ -771,20 +768,14 @@ class WalSource(Source):
 
     def subscribed(self, sub: Sub, position: tuple[int, int, int] | None) -> None:
         sub.resumes = position is not None
-        if sub.group is not None and (self._adopt(sub) or self._rejoin(sub)):
+        if sub.group is not None and (self._adopt(sub) or self._rejoin(sub) or any(
+                group_key(s) == group_key(sub) for s in self.registry.subs.values())):
             # Where its group stood, not where the stream is: what the group was given while
-            # this member was away (an app restarted) is not lost. The member's after= (an
-            # exact position) composes with it: what stands at or before it, the member had,
-            # and it goes to another member of the group, or to none; what other members
-            # left is handed over as ever.
-            sub.resumes = True
-            if position is not None and not position[2]:
-                self.dispatcher.set_handled(sub.id, position[0], position[1])
-        elif sub.group is not None and any(group_key(s) == group_key(sub)
-                                           for s in self.registry.subs.values()):
-            # A member joining a group that has members: the group's place stands (what the
-            # group routes to it from now on is its own, not to be trimmed at its answer),
-            # and a member's after= says what it had.
+            # this member was away (an app restarted) is not lost, and what a group with
+            # members routes to a new one is its own (not trimmed at its answer). The
+            # member's after= (an exact position) composes with it: what stands at or before
+            # it, the member had, and it goes to another member of the group, or to none;
+            # what other members left is handed over as ever.
             sub.resumes = True
             if position is not None and not position[2]:
                 self.dispatcher.set_handled(sub.id, position[0], position[1])
@@ -925,7 +916,7 @@ class WalSource(Source):
         upto = disp.confirmable()
         slot = _tables.literal(self.config.slot or "")
         rows = ", ".join(
-            f"({slot}, '\\x{ch.encode().hex()}', {since[0]}, {since[1]}, "
+            f"({slot}, {_tables.bytea(ch)}, {since[0]}, {since[1]}, "
             f"{'NULL' if last is None else last[0]}, {'NULL' if last is None else last[1]})"
             for ch, (since, last) in changed.items())
         statements = [] if self.kept_once else [
@@ -935,7 +926,7 @@ class WalSource(Source):
             f"DELETE FROM {KEEP_TABLE} WHERE slot = {slot}"]
         if gone and self.kept_once:
             statements.append(f"DELETE FROM {KEEP_TABLE} WHERE slot = {slot} AND channel IN ("
-                              + ", ".join(f"'\\x{ch.encode().hex()}'" for ch in gone) + ")")
+                              + ", ".join(_tables.bytea(ch) for ch in gone) + ")")
         if rows:
             statements.append(
                 f"INSERT INTO {KEEP_TABLE} VALUES {rows} ON CONFLICT (slot, channel) DO UPDATE "

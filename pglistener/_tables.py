@@ -26,6 +26,11 @@ def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def bytea(text: str) -> str:
+    """A SQL bytea literal of text's UTF-8 (a route key has a NUL, which text cannot hold)."""
+    return f"'\\x{text.encode().hex()}'"
+
+
 def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

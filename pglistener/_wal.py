@@ -583,8 +583,9 @@ class WalConnection(ListenConnection):
                        f"'test_decoding')".encode(),
                        lambda _results, error: (
                            passed(target, f"{why}; everything up to {format_lsn(target)} is "
-                                  f"passed (test_decoding, which finds where its transaction "
-                                  f"ends, is not on the server: {error})")
+                                  f"passed (the copy of the slot decoded by test_decoding, "
+                                  f"which finds where its transaction ends, could not be "
+                                  f"made: {error})")
                            if error is not None else
                            find(at, made, why, target, None, None)))
 

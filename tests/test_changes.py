@@ -99,6 +99,13 @@ def take_rows(sub: Any, log: list[tuple[int, int, int]], done: threading.Event,
         pass
 
 
+def stop_readers(done: threading.Event, readers: list[threading.Thread]) -> None:
+    """take_rows() threads told to stop, and gone."""
+    done.set()
+    for t in readers:
+        t.join()
+
+
 # -- what a change says -----------------------------------------------------------------------
 
 
@@ -798,9 +805,7 @@ def test_a_keyed_group_keeps_each_key_in_order_across_members(
                     members[3].unsubscribe()        # its rows go to the others
             total = keys * (rounds + 1)
             wait_for(lambda: sum(map(len, logs)) >= total, "every change to be handled")
-            done.set()
-            for t in readers:
-                t.join()
+            stop_readers(done, readers)
     finally:
         pg.execute(f"DROP TABLE {table}")
     assert not problems
@@ -876,9 +881,7 @@ def test_a_keyed_group_rebalances_as_members_join_under_load(
             update(second, 2)
             wait_for(lambda: sum(map(len, logs)) >= total + keys * second or problems,
                      "the second round")
-            done.set()
-            for t in readers:
-                t.join()
+            stop_readers(done, readers)
     finally:
         pg.execute(f"DROP TABLE {table}")
     assert not problems
