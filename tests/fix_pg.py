@@ -5,9 +5,11 @@ Never skips: a suite that cannot get a server fails, loudly, so a broken install
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import psycopg
@@ -62,6 +64,29 @@ def notify(conn: psycopg.Connection, channel: str, payloads: list[str]) -> None:
     with conn.transaction():
         with conn.cursor() as cur:
             cur.executemany("SELECT pg_notify(%s, %s)", [(channel, p) for p in payloads])
+
+
+@contextlib.contextmanager
+def notifying(conn: psycopg.Connection, channel: str, payload: str,
+              every: float = 0.1) -> Iterator[None]:
+    """Send payload on channel at once and every `every` seconds until the block ends: for a
+    subscription made inside the block whose LISTEN may not be committed yet (a NOTIFY
+    before it is not heard), so the block gets the payload however slow the machine is."""
+    stop = threading.Event()
+
+    def send() -> None:
+        while True:
+            notify(conn, channel, [payload])
+            if stop.wait(every):
+                return
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sender.join()
 
 
 def sessions(conn: psycopg.Connection, application_name: str) -> int:
