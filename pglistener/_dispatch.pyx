@@ -796,12 +796,13 @@ cdef class Dispatcher:
             self.wake()
         return (moved, missed)
 
-    def reader_closed(self, ring_id):
-        """The ring's reader closed its subscription (rather than died): what it took is
-        consumed, and only what it never took is left (for handover(), unread())."""
+    def reader_closed(self, ring_id, bint taken_is_consumed=True):
+        """The ring's reader closed its subscription (rather than died). Its reader marked
+        consumed what it handed out (what it took and held stays for handover()); with
+        `taken_is_consumed` what it took counts too, and only what it never took is left."""
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         cdef uint64_t head = pgl_load_acquire(&p.hdr.head)
-        if pgl_load_acquire(&p.hdr.consumed) < head:
+        if taken_is_consumed and pgl_load_acquire(&p.hdr.consumed) < head:
             pgl_store_release(&p.hdr.consumed, head)
         _oldest_pending(p)
 

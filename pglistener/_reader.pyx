@@ -898,7 +898,8 @@ cdef class RingReader:
 cdef int _spin_us = 20
 
 #: How many items a stream takes off its ring at once, to hand out without the lock.
-cdef Py_ssize_t _BATCH = 128
+cdef enum:
+    _BATCH = 128
 
 # What a stream's takes return when nothing is there (None is a JSON value); EMPTY to Python.
 cdef object _empty = object()
@@ -952,6 +953,7 @@ cdef class Stream:
     cdef bint with_channel         # decoded values go out as (channel, value) pairs
     cdef list held                 # items taken off the ring and not handed out yet, in order
     cdef Py_ssize_t held_pos       # the next of them to hand out
+    cdef uint64_t held_ends[_BATCH]    # the ring position after each held item
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -1085,9 +1087,18 @@ cdef class Stream:
         # one pass (their bytes go back to the producer as they are taken), keep them, and
         # hand out the first; _empty when the ring is empty.
         cdef list batch = []
+        cdef object item
         self._reader._mark_consumed()      # what was handed out is done with: more is asked
-        self._ring_into(batch, _BATCH)
+        while len(batch) < _BATCH:         # _ring_into, with where each item ends
+            item = self._next_item()
+            if item is _empty:
+                break                      # published, the ring being empty
+            self.held_ends[len(batch)] = self._reader.head
+            batch.append(item)
+        else:
+            self._reader._publish()        # the batch's rest
         if not batch:
+            self.held = batch
             return _empty
         self.held = batch
         self.held_pos = 1
@@ -1272,8 +1283,15 @@ cdef class Stream:
         return True
 
     cdef void _close_here(self) noexcept:
+        # What was handed out is consumed; what was taken and never handed out is not: the
+        # supervisor gives it to a consumer group's other members. Not from a fork child:
+        # the ring is its parent's.
+        if self.generation == _fork_generation and self._reader.hdr != NULL:
+            pgl_store_release(&self._reader.hdr.consumed,
+                              self.held_ends[self.held_pos - 1]
+                              if self.held_pos < len(self.held) else self._reader.head)
         self.closed = True
-        self.held = []              # taken but never handed out: dropped with the stream
+        self.held = []
         self._reader._unmap()
         if self.efd >= 0:
             close(self.efd)

@@ -371,7 +371,9 @@ class Server:
             for fd in self.ring_fds.pop(sub.id, ()):
                 os.close(fd)
             if not sub.died:
-                dispatcher.reader_closed(sub.id)    # closed: what it took is consumed
+                # Closed: what it handed out is consumed (its reader said so at close; a
+                # group's mates get the rest), and for any other stream what it took.
+                dispatcher.reader_closed(sub.id, sub.group is None)
             if sub.group is not None and self._hand_over(source, sub):
                 continue            # its ring waits for the group's next member
             dispatcher.remove_ring(sub.id)

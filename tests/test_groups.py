@@ -96,6 +96,29 @@ def test_what_a_leaving_member_left_unread_goes_to_the_others(
         assert sup.stats().orphaned == 3    # closed: what it took is consumed
 
 
+@pytest.mark.parametrize("leave", ["unsubscribe", "drop"])
+def test_what_a_leaving_member_took_and_never_handed_out_goes_to_the_others(
+        leave: str, dsn: str, conn: psycopg.Connection) -> None:
+    """A stream takes a batch off its ring and hands it out an item at a time: a member that
+    leaves after one get() has handled one, and the rest of its batch goes to the member
+    left, each exactly once (it was lost: consumed with the stream)."""
+    with Supervisor(dsn).start() as sup:
+        worker = sup.worker()
+        a = worker.subscribe("errands", group="g", timeout=30)
+        b = worker.subscribe("errands", group="g", timeout=30)
+        flood(conn, "errands", 0, 100)
+        wait_for(lambda: sup.stats().received == 100, "delivery")
+        handled = [int(a.get(timeout=30).payload)]
+        if leave == "unsubscribe":
+            a.unsubscribe()
+        else:
+            del a                       # released when dropped, without waiting
+        while len(handled) < 100:
+            handled += [int(i.payload) for i in b.get_many(1000, timeout=30)]
+        assert sorted(handled) == list(range(100)) and sup.stats().orphaned == 0
+        b.unsubscribe()
+
+
 def test_a_killed_member_s_unconsumed_share_goes_to_the_others(
         dsn: str, conn: psycopg.Connection) -> None:
     """SIGKILL in the middle of a batch: what it had not asked past goes to the member left,
