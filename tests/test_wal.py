@@ -649,6 +649,8 @@ def test_bench_wal_scenarios_run_and_account(logical_cluster: Cluster, tmp_path:
     for scenario in ("wal-drain", "changes-drain"):
         for system, rounds in data["results"][scenario].items():
             assert (rounds[0]["received"], rounds[0]["exact"]) == (2000, 1.0), system
+            # the walsender's CPU for every reader, the peers' own slots too (from /proc)
+            assert rounds[0]["cpu_backend_ns"] > 0, system
     assert set(data["results"]["changes-drain"]) == {"raw-changes", "psycopg2-changes",
                                                      "pglistener-changes-for"}
     group = data["results"]["changes-group"]["pglistener-changes-group"][0]

@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 class Listener:
     def __init__(self, conninfo: bytes, listen: bytes) -> None: ...
     @property
@@ -8,5 +10,5 @@ class Listener:
 
 def wal_drain(
     conninfo: bytes, publication: bytes, expect: int, timeout_ms: int, ready: object,
-    kind: bytes = b"M",
+    kind: bytes = b"M", walsender: Callable[[int], object] | None = None,
 ) -> tuple[int, int, int]: ...

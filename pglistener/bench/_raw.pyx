@@ -103,12 +103,13 @@ cdef extern from "../_wire.h" nogil:
 
 
 def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_ms,
-              ready, bytes kind=b"M"):
+              ready, bytes kind=b"M", walsender=None):
     """The WAL source's ceiling: a C loop on a replication connection of its own (libpq
     directly, conninfo with replication=database), a temporary pgoutput slot, counting the
     pgoutput messages of `kind` (b"M": logical decoding messages; b"I": inserted rows) and
     answering keepalives, until `expect` arrived or timeout_ms passed. ready() is called
-    once the stream runs.
+    once the stream runs; walsender(pid), when given, just before it and again before the
+    connection closes (the walsender's pid: its CPU over the drain, timed by the caller).
 
     Returns (count, first_ns, end_ns) in CLOCK_MONOTONIC."""
     cdef PGconn *conn = PQconnectdb(conninfo)
@@ -133,6 +134,8 @@ def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_
             PQclear(res)
             if status not in (PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_COPY_BOTH):
                 raise RuntimeError(PQerrorMessage(conn).decode())
+        if walsender is not None:
+            walsender(PQbackendPID(conn))
         ready()
         deadline = _now_ns() + <int64_t>timeout_ms * 1000000
         with nogil:
@@ -162,6 +165,8 @@ def wal_drain(bytes conninfo, bytes publication, Py_ssize_t expect, int timeout_
                     break
                 if not _wait(conn, &fd, deadline):
                     break
+        if walsender is not None:
+            walsender(PQbackendPID(conn))
     finally:
         PQfinish(conn)
     return count, first, end

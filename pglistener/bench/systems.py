@@ -360,6 +360,25 @@ def raw_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
              else backend_end - backend_cpu})
 
 
+class WalsenderClock:
+    """The CPU a peer's walsender spent between two calls with its pid (from /proc: a
+    walsender exits with its connection, so its reader times it before closing)."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None
+        self.end: int | None = None
+
+    def __call__(self, pid: int) -> None:
+        if self.start is None:
+            self.start = cpu_ns(pid)
+        else:
+            self.end = cpu_ns(pid)
+
+    @property
+    def ns(self) -> int | None:
+        return None if self.start is None or self.end is None else self.end - self.start
+
+
 def raw_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
     """The C loop of _raw on a replication connection of its own (a temporary slot): the
     ceiling of the WAL source on this machine."""
@@ -368,11 +387,12 @@ def raw_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
     from pglistener.bench._raw import wal_drain
 
     timeout_ms = int(max(0.0, job.deadline - time.monotonic()) * 1000)
+    walsender = WalsenderClock()
     n, first_ns, end_ns = wal_drain(make_conninfo(dsn, replication="database").encode(),
                                     b"pglistener", job.expect, timeout_ms,
-                                    lambda: ready.put(True))
+                                    lambda: ready.put(True), walsender=walsender)
     out.put({"first": first_ns / 1e9, "end": end_ns / 1e9, "received": n, "missed": 0,
-             "deliveries": n, "lat_ns": []})
+             "deliveries": n, "lat_ns": [], "backend_cpu_ns": walsender.ns})
 
 
 def psycopg2_stream(dsn: str, job: Job, ready: Any, out: Any, slot: str,
@@ -388,6 +408,8 @@ def psycopg2_stream(dsn: str, job: Job, ready: Any, out: Any, slot: str,
     cur.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT")
     cur.start_replication(slot_name=slot, decode=False, options=options)
     tally = Tally(job)
+    walsender = WalsenderClock()
+    walsender(conn.get_backend_pid())
     ready.put(True)
     received = 0
 
@@ -407,8 +429,9 @@ def psycopg2_stream(dsn: str, job: Job, ready: Any, out: Any, slot: str,
     except psycopg2.extras.StopReplication:
         pass
     tally.finish(received)
+    walsender(conn.get_backend_pid())
     conn.close()
-    out.put(tally.report())
+    out.put({**tally.report(), "backend_cpu_ns": walsender.ns})
 
 
 def psycopg2_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
@@ -433,11 +456,12 @@ def raw_changes_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
     from pglistener.bench._raw import wal_drain
 
     timeout_ms = int(max(0.0, job.deadline - time.monotonic()) * 1000)
+    walsender = WalsenderClock()
     n, first_ns, end_ns = wal_drain(make_conninfo(dsn, replication="database").encode(),
                                     CHANGES_PUBLICATION.encode(), job.expect, timeout_ms,
-                                    lambda: ready.put(True), b"I")
+                                    lambda: ready.put(True), b"I", walsender)
     out.put({"first": first_ns / 1e9, "end": end_ns / 1e9, "received": n, "missed": 0,
-             "deliveries": n, "lat_ns": []})
+             "deliveries": n, "lat_ns": [], "backend_cpu_ns": walsender.ns})
 
 
 class PgoutputDecoder:
