@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from fix_cluster import Cluster
 
@@ -88,3 +89,23 @@ def test_bench_against_a_server_it_cannot_fully_use_reports_the_rest(
     assert data["results"]["produce"] == {} and data["results"]["wal-drain"] == {}
     assert data["results"]["drain"]["raw"][0]["received"] == 2000
     assert data["results"]["drain"]["pglistener-for"][0]["received"] == 2000
+
+
+def test_a_tolerance_over_a_reference_noisier_than_it_is_not_judged() -> None:
+    """latency's p99 target (50 us over raw) from rounds where raw's own p99 moves by 300 us:
+    invalid, saying so; with raw steady it is judged; one round cannot show the noise."""
+    from pglistener.bench.report import targets
+
+    def run(raw: list[float], ours: list[float]) -> dict[str, Any]:
+        results = {"latency": {"raw": [{"p99_us": v, "p50_us": 10.0} for v in raw],
+                               "pglistener": [{"p99_us": v, "p50_us": 20.0} for v in ours]}}
+        (p99,) = [t for t in targets(results) if t["target"].startswith("latency: p99")]
+        return p99
+
+    noisy = run([100, 400, 120], [160, 420, 150])
+    assert noisy["met"] is None and "moves by 300" in noisy["why"]
+    steady = run([100, 110, 105], [300, 320, 310])
+    assert steady["met"] is False and "why" not in steady and steady["median"] == 205
+    assert run([100, 110, 105], [120, 130, 125])["met"] is True
+    one = run([100], [120])
+    assert one["met"] is None and "one round" in one["why"]

@@ -130,13 +130,27 @@ def _ratio(results: dict[str, Any], scenario: str, a: str, b: str, key: str | tu
 
 
 def _invalid(results: dict[str, Any], scenario: str, systems: list[str], key: Any,
-             how: str, reference: str | None, values: list[float]) -> str | None:
+             how: str, reference: str | None, values: list[float],
+             goal: float) -> str | None:
     """Why a target cannot be judged from this run, or None."""
     timed = key not in ("exact", "missed", "accounted")     # counts need no clock
     for system in systems if timed else []:
         if any(r.get("valid") is False for r in _rows(results, scenario, system) or []):
             return (f"a drain shorter than {MIN_DRAIN_SECONDS:g} s (raise --notifications): "
                     f"too short to time")
+    if how == "difference" and reference is not None:
+        # A tolerance in microseconds over a reference judges nothing when the reference
+        # alone moves by more than that from round to round (raw's p99 moves by hundreds
+        # of microseconds on a shared 2-core machine), or when one round cannot show it.
+        own = [r[key] for r in _rows(results, scenario, reference) or []
+               if isinstance(key, str) and r.get(key) is not None]
+        if len(own) < 2:
+            return (f"one round cannot show how much {reference}'s own {key} moves from "
+                    f"round to round (run --rounds 3 or more)")
+        spread = max(own) - min(own)
+        if spread > goal:
+            return (f"{reference}'s own {key} moves by {spread:.0f} between rounds, more than "
+                    f"the {goal:g} the target allows: too noisy to judge")
     if (reference in ("raw", "raw-wal", "raw-changes") and how == "ratio"
             and key in ("per_reader_per_s", "deliveries_per_s")
             and any(v > MAX_RATIO_TO_RAW for v in values)):
@@ -249,7 +263,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         median = statistics.median(values)
         why = _invalid(results, scenario, [system] + ([reference] if reference else []), key,
-                       how, reference, values)
+                       how, reference, values, goal)
         met = None if why else (median >= goal if op == ">=" else median <= goal)
         out.append({"target": name, "goal": f"{op} {goal:g}", "rounds": values,
                     "median": median, "met": met, **({"why": why} if why else {})})
