@@ -40,7 +40,16 @@ CPU = [("drain", "raw", "cpu_reader_ns"),
        ("drain", "pglistener-for", "cpu_backend_ns"),
        ("wal-drain", "raw-wal", "cpu_reader_ns"),
        ("wal-drain", "pglistener-wal-for", "cpu_supervisor_ns"),
-       ("wal-drain", "pglistener-wal-for", "cpu_reader_ns")]
+       ("wal-drain", "pglistener-wal-for", "cpu_reader_ns"),
+       ("wal-drain", "raw-wal", "cpu_backend_ns"),
+       ("wal-drain", "pglistener-wal-for", "cpu_backend_ns"),
+       ("wal-tx", "raw-wal", "cpu_reader_ns"),
+       ("wal-tx", "pglistener-wal-for", "cpu_supervisor_ns"),
+       ("wal-tx", "pglistener-wal-for", "cpu_reader_ns"),
+       ("changes-drain", "raw-changes", "cpu_backend_ns"),
+       ("changes-drain", "pglistener-changes-for", "cpu_backend_ns"),
+       ("changes-drain", "pglistener-changes-for", "cpu_supervisor_ns"),
+       ("changes-drain", "pglistener-changes-for", "cpu_reader_ns")]
 
 
 def main() -> int:
