@@ -133,6 +133,11 @@ cdef class Dispatcher:
     # The source has bytes for its connection that the socket did not take yet (feedback):
     # run() flushes them.
     cdef bint unsent
+    # A stream under load (records again within 4 lingers of the last): run() lets it
+    # gather for linger_ns before reading it again, rather than waking for each record
+    # (0: never; see _run()).
+    cdef public uint64_t linger_ns
+    cdef uint64_t last_data_ns         # when a read last brought records
 
     cdef bint route(self, const char *chan, size_t clen, const char *payload, size_t plen,
                     int32_t pid, Position *w, bint expired) noexcept nogil

@@ -59,6 +59,7 @@ class Dispatcher:
     @property
     def wake_fd(self) -> int: ...
     block_timeout: float
+    linger_ns: int
     @property
     def block_expiries(self) -> int: ...
     @property

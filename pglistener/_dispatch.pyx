@@ -19,10 +19,13 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.time cimport timespec
 from posix.unistd cimport close, getpid, read, write
 
 from pglistener._libpq cimport *
-from pglistener._poll cimport PGL_POLLRDHUP, POLLIN, POLLOUT, now_ns as _now_ns, poll, pollfd
+from pglistener._poll cimport (
+    PGL_POLLRDHUP, POLLIN, POLLOUT, now_ns as _now_ns, poll, pollfd, ppoll,
+)
 from pglistener._ring cimport *
 
 
@@ -1238,6 +1241,7 @@ cdef struct Polled:
     bint want_result           # a query is in flight: RUN_RESULT once its result is ready
     bint unsent                # the query's bytes are not all out yet
     int fd                     # its fds[] slot
+    bint linger                # under load: gather for the dispatcher's linger_ns, then read
 
 
 def run(tuple sources, int control_fd, int timeout_ms, tuple watch=()):
@@ -1266,6 +1270,7 @@ def run(tuple sources, int control_fd, int timeout_ms, tuple watch=()):
         polled[i].want_result = polled[i].conn != NULL and want
         polled[i].unsent = False
         polled[i].fd = 1 + 2 * i
+        polled[i].linger = False
     for i in range(nwatch):
         fds[1 + 2 * n + i].fd = watch[i][0]
         fds[1 + 2 * n + i].events = POLLOUT if watch[i][1] else POLLIN
@@ -1290,25 +1295,49 @@ cdef void _drain_all(Polled *polled, int n) noexcept nogil:
         (<Dispatcher>polled[i].disp).wake()
 
 
+cdef inline bint _under_load(Dispatcher d) noexcept nogil:
+    # A read just brought records: whether the one before did too, within 4 of d's
+    # lingers (0: it never lingers), with nothing held.
+    cdef uint64_t now
+    cdef bint busy
+    if d.linger_ns == 0:
+        return False
+    now = _now_ns()
+    busy = now - d.last_data_ns < 4 * d.linger_ns and d.held == NULL
+    d.last_data_ns = now
+    return busy
+
+
 cdef int _run(Polled *polled, int n, int control_fd, int timeout_ms, pollfd *fds, int nwatch,
               int *which) noexcept nogil:
     cdef int rc, wait_ms, i, w
     cdef uint64_t counter
     cdef uint64_t deadline = _now_ns() + <uint64_t>timeout_ms * 1000000ULL
-    cdef uint64_t now, wake_at, end
+    cdef uint64_t now, wake_at, end, before, linger
     cdef bint expired
     cdef Polled *p
+    cdef timespec ts
     for i in range(n):
         if polled[i].conn != NULL and PQsocket(polled[i].conn) < 0:
             which[0] = i
             return RUN_CONN_BAD
     while True:
+        linger = 0
         for i in range(n):
             p = &polled[i]
+            before = (<Dispatcher>p.disp).received
             if p.conn != NULL and (<Dispatcher>p.disp).drain(p.conn, p.streaming) < 0:
                 (<Dispatcher>p.disp).wake()
                 which[0] = i
                 return RUN_CONN_BAD
+            # A stream whose records come again within 4 lingers is under load: rather than
+            # wake for each transaction the server sends alone, let it gather for a linger
+            # (each record waits at most that long), so that one read, one route pass and
+            # one wake-up of its readers serve many. A lone record is read at once.
+            p.linger = (p.streaming and (<Dispatcher>p.disp).received != before
+                        and _under_load(<Dispatcher>p.disp))
+            if p.linger and (linger == 0 or (<Dispatcher>p.disp).linger_ns < linger):
+                linger = (<Dispatcher>p.disp).linger_ns
             (<Dispatcher>p.disp).flush_gaps()
             (<Dispatcher>p.disp).wake()
             if p.conn != NULL and (<Dispatcher>p.disp).unsent:
@@ -1340,13 +1369,16 @@ cdef int _run(Polled *polled, int n, int control_fd, int timeout_ms, pollfd *fds
                     wake_at = end
         if expired:
             continue
+        if linger and wake_at - now > linger:
+            wake_at = now + linger
         wait_ms = <int>((wake_at - now + 999999) // 1000000)
         fds[0].fd = control_fd
         fds[0].events = POLLIN
         fds[0].revents = 0
         for i in range(n):
             p = &polled[i]
-            fds[p.fd].fd = PQsocket(p.conn) if p.conn != NULL else -1
+            # A lingering connection is not watched (the wait is the linger's); read after.
+            fds[p.fd].fd = PQsocket(p.conn) if p.conn != NULL and not p.linger else -1
             # While a record is held, nothing more is read: the kernel's buffer fills, then
             # the server's queue holds the rest. The server closing its end is still seen at
             # once (POLLRDHUP), and one that vanished by our unanswered heartbeat
@@ -1364,7 +1396,12 @@ cdef int _run(Polled *polled, int n, int control_fd, int timeout_ms, pollfd *fds
         w = 1 + 2 * n
         for i in range(nwatch):
             fds[w + i].revents = 0
-        rc = poll(fds, w + nwatch, wait_ms)
+        if linger:
+            ts.tv_sec = 0
+            ts.tv_nsec = <long>(wake_at - now)
+            rc = ppoll(fds, w + nwatch, &ts, NULL)
+        else:
+            rc = poll(fds, w + nwatch, wait_ms)
         if rc < 0:
             if errno == EINTR:
                 return RUN_INTERRUPTED
@@ -1372,7 +1409,8 @@ cdef int _run(Polled *polled, int n, int control_fd, int timeout_ms, pollfd *fds
             return RUN_CONN_BAD
         for i in range(n):
             p = &polled[i]
-            if fds[p.fd].revents & ~POLLOUT and PQconsumeInput(p.conn) == 0:
+            if ((p.linger or fds[p.fd].revents & ~POLLOUT)
+                    and PQconsumeInput(p.conn) == 0):
                 _drain_last(p)
                 which[0] = i
                 return RUN_CONN_BAD

@@ -9,6 +9,7 @@ cdef extern from "<poll.h>" nogil:
         short events
         short revents
     int poll(pollfd *fds, unsigned long nfds, int timeout)
+    int ppoll(pollfd *fds, unsigned long nfds, const timespec *timeout, const void *sigmask)
     const short POLLIN
     const short POLLOUT
     const short POLLHUP

@@ -33,7 +33,15 @@ from ._notify import NotifyDispatcher
 from ._pgoutput import WalDispatcher
 from ._reader import format_lsn, parse_lsn
 from ._registry import Actions, Registry, Sub
-from ._wal import KEEP_TABLE, PUBLICATION_GRACE, SetupError, SlotProbe, Started, WalConnection
+from ._wal import (
+    KEEP_TABLE,
+    LINGER_NS,
+    PUBLICATION_GRACE,
+    SetupError,
+    SlotProbe,
+    Started,
+    WalConnection,
+)
 
 if TYPE_CHECKING:
     from ._server import Config, Server
@@ -273,6 +281,7 @@ class WalSource(Source):
         assert config.slot is not None
         self.notify = notify        # the plain connection, for what replication cannot ask
         self.dispatcher = WalDispatcher()
+        self.dispatcher.linger_ns = LINGER_NS
         self.registry = Registry(config.max_subscriptions_per_worker,
                                  config.max_channels_per_worker, ids=notify.registry.ids)
         self.shell = WalConnection(

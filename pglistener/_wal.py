@@ -72,6 +72,12 @@ PUBLICATION_REPLAY = 60.0
 #: A replication stream that has run this long (seconds) is no longer failing.
 STEADY = 1.0
 
+#: Under load (records again within 4 lingers), the supervisor lets the stream gather this
+#: long (ns) before reading it again: the walsender sends each transaction alone, and a
+#: wake-up per transaction costs the supervisor and each reader more than the transaction.
+#: A lone transaction is read at once; one in a stream under load waits at most this.
+LINGER_NS = 50_000
+
 #: What PostgreSQL 15-17 say when pgoutput cannot decode a change because the publication
 #: did not exist as of it (dropped, then made again): the stream fails there for good.
 #: (The server's message, in English: a translated one is not recognised.)
