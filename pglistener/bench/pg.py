@@ -68,16 +68,26 @@ def drop_slot(dsn: str, name: str) -> None:
 
 
 def caught_up(sup: Supervisor, conn: psycopg.Connection[Any], timeout: float = 120) -> None:
-    """Wait until the supervisor's stream has read what the server wrote before now (a
-    supervisor started on an existing slot first reads the WAL written since it was last
-    confirmed): a marker message, on a channel nobody reads, has come through."""
-    before = sup.stats().wal_received
-    conn.execute("SELECT pg_logical_emit_message(true, 'bench_marker', 'caught up?')")
+    """Wait until the supervisor's stream has read what the server wrote before now: a
+    marker message of its own has come through. A supervisor started on an existing slot
+    first reads the WAL written since it was last confirmed, and what its predecessor had
+    not confirmed comes again (the last transaction of a round, when its supervisor stopped
+    within a feedback interval of reading it: 300k messages after a wal-drain), so that
+    anything received is not yet a sign of being caught up: the walsender would still be
+    sending it, on the clock of the round that follows."""
+    from pglistener import Notification
+
+    token = f"caught up? {time.monotonic_ns()}"
     deadline = time.monotonic() + timeout
-    while sup.stats().wal_received == before:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the WAL source did not catch up with the server")
-        time.sleep(0.02)
+    with sup.worker().subscribe("bench_marker", source="wal", timeout=timeout) as sub:
+        conn.execute("SELECT pg_logical_emit_message(true, 'bench_marker', %s)", [token])
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the WAL source did not catch up with the server")
+            item = sub.get(timeout=left)
+            if isinstance(item, Notification) and item.payload == token:
+                return
 
 
 def wait_streaming(sup: Supervisor, timeout: float = 60) -> None:
