@@ -213,9 +213,9 @@ class Bench:
             return self._hosts(scenario, system)
         if (system in WAL_SYSTEMS and system.startswith("pglistener")) or "emit" in system:
             # group_hold=0: a supervisor that finds the slot holds it where it found it for
-            # group_hold after it starts (for the groups of the one before it), which costs
-            # the walsender and the supervisor more per message meanwhile; a round, seconds
-            # after its supervisor starts, is to measure one that has run for long.
+            # group_hold after it starts (for the groups of the one before it); a round,
+            # seconds after its supervisor starts, is to measure one that has run for long,
+            # not WAL kept back (a hold costs nothing measurable per message: RESULTS.md).
             with Supervisor(self.dsn, ring_bytes=self.args.ring_bytes,
                             max_ring_bytes=self.args.ring_bytes, slot=BENCH_SLOT,
                             group_hold=0).start() as sup:
