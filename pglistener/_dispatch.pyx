@@ -1397,8 +1397,8 @@ cdef int _run(Polled *polled, int n, int control_fd, int timeout_ms, pollfd *fds
         for i in range(nwatch):
             fds[w + i].revents = 0
         if linger:
-            ts.tv_sec = 0
-            ts.tv_nsec = <long>(wake_at - now)
+            ts.tv_sec = <long>((wake_at - now) // 1000000000ULL)
+            ts.tv_nsec = <long>((wake_at - now) % 1000000000ULL)
             rc = ppoll(fds, w + nwatch, &ts, NULL)
         else:
             rc = poll(fds, w + nwatch, wait_ms)
