@@ -1102,20 +1102,11 @@ cdef class Stream:
         # one pass (their bytes go back to the producer as they are taken), keep them, and
         # hand out the first; _empty when the ring is empty.
         cdef list batch = []
-        cdef object item
         self._reader._mark_consumed()      # what was handed out is done with: more is asked
-        while len(batch) < _BATCH:         # _ring_into, with where each item ends
-            item = self._next_item()
-            if item is _empty:
-                break                      # published, the ring being empty
-            self.held_ends[len(batch)] = self._reader.head
-            batch.append(item)
-        else:
-            self._reader._publish()        # the batch's rest
-        if not batch:
-            self.held = batch
-            return _empty
+        self._ring_into(batch, _BATCH, self.held_ends)
         self.held = batch
+        if not batch:
+            return _empty
         self.held_pos = 1
         return batch[0]
 
@@ -1216,14 +1207,17 @@ cdef class Stream:
             PyThread_release_lock(self.lock)
         return 0
 
-    cdef int _ring_into(self, list out, Py_ssize_t max_items) except -1:
+    cdef int _ring_into(self, list out, Py_ssize_t max_items,
+                        uint64_t *ends=NULL) except -1:
         # With the lock: append items off the ring until `out` holds max_items or the ring
-        # is empty.
+        # is empty; with `ends`, the ring position after each one at its index in `out`.
         cdef object item
         while len(out) < max_items:
             item = self._next_item()
             if item is _empty:
                 return 0            # published, the ring being empty
+            if ends != NULL:
+                ends[len(out)] = self._reader.head
             out.append(item)
         self._reader._publish()     # the batch's rest
         return 0
