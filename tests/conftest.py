@@ -9,6 +9,7 @@ from fix_cluster import (  # noqa: F401 - fixtures
     replica19,
 )
 from fix_proxy import proxy  # noqa: F401 - fixtures
+from fix_wal import pg, slot  # noqa: F401 - fixtures
 
 from fix_pg import conn, dsn  # noqa: F401 - fixtures
 from fix_supervisor import supervisor, worker  # noqa: F401 - fixtures

@@ -19,8 +19,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from fix_apps import ROOT, answers, free_port
 from fix_cluster import Cluster
-from test_examples import ROOT, answers, free_port
 
 from fix_supervisor import wait_for
 

@@ -19,32 +19,16 @@ from typing import Any
 import psycopg
 import pytest
 from fix_cluster import Cluster
-from test_wal import FAST, drop_slot, on_server, read, walsender
+from fix_wal import FAST, drop_slot, on_server, read, walsender
 
 import pglistener
 from fix_supervisor import wait_for
 from pglistener import UNCHANGED, Change, Gap, Supervisor, WalSourceError
 
 
-@pytest.fixture
-def slot(logical_cluster: Cluster) -> Iterator[str]:
-    """A fresh slot and publication name, both dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(logical_cluster.dsn, autocommit=True) as conn:
-        drop_slot(conn, name)
-        conn.execute(f"DROP PUBLICATION IF EXISTS {name}")
-
-
 def Sup(cluster: Cluster, slot: str, **options: Any) -> Supervisor:
     """A supervisor reading `slot` with a publication of the same name (each test's own)."""
     return Supervisor(cluster.dsn, slot=slot, publication=slot, **options)
-
-
-@pytest.fixture
-def pg(logical_cluster: Cluster) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(logical_cluster.dsn, autocommit=True) as c:
-        yield c
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from fix_cluster import LOGICAL, Cluster, clusters
-from test_wal import FAST, emit_many, numbers, read
+from fix_wal import FAST, emit_many, numbers, read
 
 from fix_supervisor import wait_for
 from pglistener import Supervisor, WalSourceError
