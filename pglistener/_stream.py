@@ -9,6 +9,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from . import _protocol, _reader
@@ -43,92 +44,96 @@ _S = TypeVar("_S", bound=_reader.Stream)
 _open: weakref.WeakSet[_reader.Stream] = weakref.WeakSet()
 
 
-def open_stream(cls: type[_S], path: str, channel: str | Sequence[str], timeout: float | None,
-                ring_bytes: int | None, restarted: bool = False, overflow: str = "gap",
-                group: str | None = None, source: str = "notify", after: Any = None,
-                key: Any = None) -> _S:
+@dataclass(frozen=True)
+class Request:
+    """A checked subscribe request: the channels (or tables) it names, in order, and the
+    message for the supervisor."""
+
+    names: tuple[str, ...]
+    message: dict[str, Any]
+
+    @property
+    def wal(self) -> bool:
+        """Whether it reads the Supervisor's slot (its errors and timeouts say so)."""
+        return self.message.get("source") == "wal"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What every subscribe* method takes beside its channels or tables, the Worker's defaults
+    (group, source, restarted) filled in; request() and changes() check them and build the
+    request, so that a bad argument costs no trip."""
+
+    ring_bytes: int | None = None
+    overflow: str = "gap"
+    group: str | None = None
+    source: str = "notify"
+    after: Any = None
+    key: Any = None
+    restarted: bool = False
+
+    def request(self, channel: str | Sequence[str]) -> Request:
+        """The subscribe request for `channel` (one name or several)."""
+        channels = channel_list(channel)
+        key, source = self.key, self.source
+        if key not in (None, True, False):
+            raise ValueError(f"key=True sends every message of one key (emit(key=)) to one "
+                             f"member of the group; not {key!r}")
+        if key and (source != "wal" or self.group is None):
+            raise ValueError("key=True orders a consumer group's WAL stream by key: give "
+                             "group= and source='wal' too")
+        message: dict[str, Any] = {"op": "subscribe", "channels": list(channels)}
+        if self.restarted:
+            message["restart"] = True
+        if self.ring_bytes is not None:
+            message["ring_bytes"] = check_ring_bytes(self.ring_bytes)
+        if check_overflow(self.overflow) != "gap":
+            message["overflow"] = self.overflow
+        if check_group(self.group) is not None:
+            message["group"] = self.group
+        if check_source(source) == "wal":
+            for name in channels:
+                if "\x1f" in name:
+                    raise InvalidChannelName(f"a WAL channel cannot contain \\x1f (it "
+                                             f"separates a message's key, emit(key=)): "
+                                             f"{name!r}")
+            message["source"] = "wal"
+            message.update(after_fields(self.after))
+        elif self.after is not None:
+            raise ValueError("after= resumes a WAL stream: give source='wal' too (NOTIFY "
+                             "keeps nothing to resume from)")
+        if key:
+            message["key"] = True
+        return Request(channels, message)
+
+    def changes(self, tables: str | Sequence[str], ops: Any) -> Request:
+        """The subscribe request for the row changes of `tables` (read from the slot)."""
+        if self.key not in (None, True, False):
+            raise ValueError(f"key=True sends every change of one row (its replica identity) "
+                             f"to one member of the group; not {self.key!r}")
+        if self.key and self.group is None:
+            raise ValueError("key=True orders a consumer group's stream by key: give group= "
+                             "too")
+        names = table_list(tables)
+        message = replace(self, source="wal", key=None).request(["changes"]).message
+        del message["channels"]
+        message["changes"] = {"tables": list(names), "ops": list(op_list(ops))}
+        if self.key:
+            message["key"] = True
+        return Request(names, message)
+
+
+def open_stream(cls: type[_S], path: str, request: Request, timeout: float | None) -> _S:
     """Subscribe over this process's control connection and wrap the ring in a `cls` (a
-    Stream subclass; its `decoder` attribute, if any, decodes payloads). Returns once LISTEN
-    is committed: a blocking call (asyncio's way is aio.open_async)."""
-    channels, message = subscribe_message(channel, ring_bytes, restarted, overflow, group,
-                                          source, after, key)
+    Stream subclass; its `decoder` attribute, if any, decodes payloads). Returns once the
+    supervisor has answered (LISTEN committed, the slot being read): a blocking call
+    (asyncio's way is aio.open_async)."""
     ctl = Control.get(path)
     try:
-        reply, fds = ctl.request(message, timeout)
+        reply, fds = ctl.request(request.message, timeout)
     except TimeoutError:
-        raise TimeoutError(timed_out(message, channels, timeout,
-                                     _why_not(ctl, message.get("source") == "wal"))) from None
-    return wrap_stream(cls, ctl, channels, reply, fds)
-
-
-def open_changes(cls: type[_S], path: str, tables: str | Sequence[str], ops: Any,
-                 timeout: float | None, ring_bytes: int | None, restarted: bool,
-                 overflow: str, group: str | None, key: Any, after: Any) -> _S:
-    """subscribe_changes(): as open_stream(), for the changes of `tables`."""
-    names, message = changes_message(tables, ops, ring_bytes, restarted, overflow, group,
-                                     key, after)
-    ctl = Control.get(path)
-    try:
-        reply, fds = ctl.request(message, timeout)
-    except TimeoutError:
-        raise TimeoutError(timed_out(message, names, timeout, _why_not(ctl, True))) from None
-    return wrap_stream(cls, ctl, names, reply, fds)
-
-
-def changes_message(tables: str | Sequence[str], ops: Any, ring_bytes: int | None,
-                    restarted: bool, overflow: str, group: str | None, key: Any,
-                    after: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
-    """The checked tables and the subscribe request for their changes."""
-    if key not in (None, True, False):
-        raise ValueError(f"key=True sends every change of one row (its replica identity) to "
-                         f"one member of the group; not {key!r}")
-    if key and group is None:
-        raise ValueError("key=True orders a consumer group's stream by key: give group= too")
-    names = table_list(tables)
-    _, message = subscribe_message(["changes"], ring_bytes, restarted, overflow, group,
-                                   "wal", after)
-    del message["channels"]
-    message["changes"] = {"tables": list(names), "ops": list(op_list(ops))}
-    if key:
-        message["key"] = True
-    return names, message
-
-
-def subscribe_message(channel: str | Sequence[str], ring_bytes: int | None, restarted: bool,
-                      overflow: str, group: str | None, source: str = "notify",
-                      after: Any = None,
-                      key: Any = None) -> tuple[tuple[str, ...], dict[str, Any]]:
-    """The checked channels and the subscribe request for them (every argument checked here,
-    so that a bad one costs no trip)."""
-    channels = channel_list(channel)
-    if key not in (None, True, False):
-        raise ValueError(f"key=True sends every message of one key (emit(key=)) to one "
-                         f"member of the group; not {key!r}")
-    if key and (source != "wal" or group is None):
-        raise ValueError("key=True orders a consumer group's WAL stream by key: give "
-                         "group= and source='wal' too")
-    message: dict[str, Any] = {"op": "subscribe", "channels": list(channels)}
-    if restarted:
-        message["restart"] = True
-    if ring_bytes is not None:
-        message["ring_bytes"] = check_ring_bytes(ring_bytes)
-    if check_overflow(overflow) != "gap":
-        message["overflow"] = overflow
-    if check_group(group) is not None:
-        message["group"] = group
-    if check_source(source) == "wal":
-        for name in channels:
-            if "\x1f" in name:
-                raise InvalidChannelName(f"a WAL channel cannot contain \\x1f (it separates "
-                                         f"a message's key, emit(key=)): {name!r}")
-        message["source"] = "wal"
-        message.update(after_fields(after))
-    elif after is not None:
-        raise ValueError("after= resumes a WAL stream: give source='wal' too (NOTIFY keeps "
-                         "nothing to resume from)")
-    if key:
-        message["key"] = True
-    return channels, message
+        raise TimeoutError(timed_out(request, timeout, _why_not(ctl, request.wal))) from None
+    return wrap_stream(cls, ctl, request.names, reply, fds)
 
 
 SOURCES = ("notify", "wal")
@@ -264,13 +269,13 @@ def _why_not(ctl: Control, wal: bool = False) -> str:
     return why_not(state, wal)
 
 
-def timed_out(message: dict[str, Any], channels: Sequence[str], timeout: float | None,
-              why: str) -> str:
+def timed_out(request: Request, timeout: float | None, why: str) -> str:
     """What a subscribe that timed out says."""
-    if message.get("source") == "wal":
+    names = ", ".join(request.names)
+    if request.wal:
         return (f"the WAL source did not start reading the slot within {timeout} s "
-                f"(for {', '.join(channels)!r}): {why}")
-    return f"LISTEN {', '.join(channels)!r} was not committed within {timeout} s: {why}"
+                f"(for {names!r}): {why}")
+    return f"LISTEN {names!r} was not committed within {timeout} s: {why}"
 
 
 def why_not(state: dict[str, Any], wal: bool = False) -> str:

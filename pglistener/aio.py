@@ -23,13 +23,13 @@ import os
 import socket
 import threading
 import weakref
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 from . import _protocol
 from ._control import check_hello
 from ._reader import EMPTY, AsyncStream
-from ._stream import changes_message, subscribe_message, timed_out, why_not, wrap_stream
+from ._stream import Request, timed_out, why_not, wrap_stream
 from .errors import SubscriptionClosed, SupervisorGone
 
 _A = TypeVar("_A", bound="AsyncSubscription")
@@ -212,36 +212,19 @@ class AsyncControl:
                 waiter.set_result(None)
 
 
-async def open_async(cls: type[_A], path: str, channel: str | Sequence[str],
-                     timeout: float | None, ring_bytes: int | None, restarted: bool,
-                     overflow: str = "gap", group: str | None = None,
-                     source: str = "notify", after: Any = None, key: Any = None) -> _A:
-    """Subscribe on the loop's control connection; returns once LISTEN is committed."""
-    channels, message = subscribe_message(channel, ring_bytes, restarted, overflow, group,
-                                          source, after, key)
-    loop = asyncio.get_running_loop()
-    ctl = AsyncControl.get(loop, path)
-    try:
-        reply, fds = await ctl.request(message, timeout)
-    except TimeoutError:
-        raise TimeoutError(timed_out(message, channels, timeout, await _why_not(
-            ctl, message.get("source") == "wal"))) from None
-    return wrap_stream(cls, ctl, channels, reply, fds)
-
-
-async def open_changes_async(cls: type[_A], path: str, tables: str | Sequence[str], ops: Any,
-                             timeout: float | None, ring_bytes: int | None, restarted: bool,
-                             overflow: str, group: str | None, key: Any, after: Any) -> _A:
-    """subscribe_changes_async(): as open_async(), for the changes of `tables`."""
-    names, message = changes_message(tables, ops, ring_bytes, restarted, overflow, group,
-                                     key, after)
+async def open_async(cls: type[_A], path: str, build: Callable[[], Request],
+                     timeout: float | None) -> _A:
+    """open_stream() on the running loop's control connection: the request (built here, so
+    that a bad argument raises where the coroutine is awaited) and its reply go through the
+    event loop; returns once the supervisor has answered."""
+    request = build()
     ctl = AsyncControl.get(asyncio.get_running_loop(), path)
     try:
-        reply, fds = await ctl.request(message, timeout)
+        reply, fds = await ctl.request(request.message, timeout)
     except TimeoutError:
-        raise TimeoutError(timed_out(message, names, timeout,
-                                     await _why_not(ctl, True))) from None
-    return wrap_stream(cls, ctl, names, reply, fds)
+        raise TimeoutError(timed_out(request, timeout,
+                                     await _why_not(ctl, request.wal))) from None
+    return wrap_stream(cls, ctl, request.names, reply, fds)
 
 
 async def _why_not(ctl: AsyncControl, wal: bool = False) -> str:

@@ -11,14 +11,8 @@ from typing import Any
 
 from ._control import Control
 from ._reader import BlockingStream, Change, Gap, Notification
-from ._stream import check_group, check_source, open_changes, open_stream, request_stop
-from .aio import (
-    AsyncJsonSubscription,
-    AsyncSubscription,
-    Opening,
-    open_async,
-    open_changes_async,
-)
+from ._stream import Options, check_group, check_source, open_stream, request_stop
+from .aio import AsyncJsonSubscription, AsyncSubscription, Opening, open_async
 from .errors import SupervisorGone
 
 log = logging.getLogger("pglistener.worker")
@@ -84,6 +78,13 @@ class Worker:
     def __reduce__(self) -> tuple[Any, ...]:
         return (Worker, (self._path, self._restarted, self._group, self._source))
 
+    def _options(self, ring_bytes: int | None, overflow: str, group: str | None,
+                 source: str | None, after: Any, key: Any) -> Options:
+        """A subscribe* method's options, with this Worker's defaults for what it left out."""
+        return Options(ring_bytes, overflow, self._group if group is None else group,
+                       self._source if source is None else source, after, key,
+                       self._restarted)
+
     def subscribe(
         self,
         channel: str | Sequence[str],
@@ -137,10 +138,8 @@ class Worker:
         go to any. Readers outside the group, keyed or not, get every message of the
         channel, with `key` set.
         """
-        sub = open_stream(Subscription, self._path, channel, timeout, ring_bytes,
-                          self._restarted, overflow,
-                          self._group if group is None else group,
-                          self._source if source is None else source, after, key)
+        options = self._options(ring_bytes, overflow, group, source, after, key)
+        sub = open_stream(Subscription, self._path, options.request(channel), timeout)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -179,9 +178,8 @@ class Worker:
         same member while that member lives, so each row's changes are handled in order
         across the group; a member that leaves hands its rows to the others.
         """
-        sub = open_changes(Subscription, self._path, tables, ops, timeout, ring_bytes,
-                           self._restarted, overflow,
-                           self._group if group is None else group, key, after)
+        options = self._options(ring_bytes, overflow, group, "wal", after, key)
+        sub = open_stream(Subscription, self._path, options.changes(tables, ops), timeout)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub
@@ -199,10 +197,9 @@ class Worker:
         timeout: float | None = None,
     ) -> Opening[AsyncSubscription]:
         """subscribe_changes() for asyncio: awaited or entered like subscribe_async()."""
-        return Opening(open_changes_async(AsyncSubscription, self._path, tables, ops, timeout,
-                                          ring_bytes, self._restarted, overflow,
-                                          self._group if group is None else group, key,
-                                          after))
+        options = self._options(ring_bytes, overflow, group, "wal", after, key)
+        return Opening(open_async(AsyncSubscription, self._path,
+                                  lambda: options.changes(tables, ops), timeout))
 
     def subscribe_async(
         self,
@@ -221,10 +218,9 @@ class Worker:
         `async with worker.subscribe_async(...) as sub` (`async with await` works too).
         No thread: the request and its reply go through the event loop, and cancelling the
         await (or its timeout) withdraws the subscribe from the supervisor."""
-        return Opening(open_async(AsyncSubscription, self._path, channel, timeout, ring_bytes,
-                                  self._restarted, overflow,
-                                  self._group if group is None else group,
-                                  self._source if source is None else source, after, key))
+        options = self._options(ring_bytes, overflow, group, source, after, key)
+        return Opening(open_async(AsyncSubscription, self._path,
+                                  lambda: options.request(channel), timeout))
 
     def subscribe_json_async(
         self,
@@ -236,14 +232,14 @@ class Worker:
         group: str | None = None,
         source: str | None = None,
         after: Any = None,
+        key: Any = None,
     ) -> Opening[AsyncJsonSubscription]:
         """subscribe_json() for asyncio: `await sub.get()` and `async for` give each payload
         decoded as JSON (and Gap items); payloads that are not JSON are logged and skipped.
         Awaited or entered like subscribe_async()."""
-        return Opening(open_async(AsyncJsonSubscription, self._path, channel, timeout,
-                                  ring_bytes, self._restarted, overflow,
-                                  self._group if group is None else group,
-                                  self._source if source is None else source, after))
+        options = self._options(ring_bytes, overflow, group, source, after, key)
+        return Opening(open_async(AsyncJsonSubscription, self._path,
+                                  lambda: options.request(channel), timeout))
 
     def subscribe_json(
         self,
@@ -257,15 +253,14 @@ class Worker:
         group: str | None = None,
         source: str | None = None,
         after: Any = None,
+        key: Any = None,
     ) -> JsonSubscription:
         """Like subscribe(), with each payload decoded as JSON: get() and iteration give the
         decoded values (and Gap items), the callback gets the decoded value. Subscribed to
         several channels, each value comes as a (channel, value) pair. Payloads that are not
-        JSON are logged and skipped."""
-        sub = open_stream(JsonSubscription, self._path, channel, timeout, ring_bytes,
-                          self._restarted, overflow,
-                          self._group if group is None else group,
-                          self._source if source is None else source, after)
+        JSON are logged and skipped. The other arguments are subscribe()'s (key= too)."""
+        options = self._options(ring_bytes, overflow, group, source, after, key)
+        sub = open_stream(JsonSubscription, self._path, options.request(channel), timeout)
         if callback is not None:
             sub._start_thread(callback, on_gap)
         return sub

@@ -981,6 +981,60 @@ def test_keyed_messages_keep_each_key_in_order_in_a_group(
             worker.subscribe("jobs", key=True)
 
 
+def test_subscribe_json_takes_key_as_subscribe_does(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection
+) -> None:
+    """subscribe_json() and subscribe_json_async() take key= (they had drifted without it):
+    each key's values go to one member of the group, decoded, in order."""
+    import asyncio
+
+    with Sup(logical_cluster, slot).start() as sup:
+        worker = sup.worker()
+
+        async def open_async() -> Any:
+            return await worker.subscribe_json_async("jsonjobs", source="wal", group="j",
+                                                     key=True, timeout=30)
+
+        loop = asyncio.new_event_loop()
+        try:
+            members: list[Any] = [
+                worker.subscribe_json("jsonjobs", source="wal", group="j", key=True,
+                                      timeout=30),
+                worker.subscribe_json("jsonjobs", source="wal", group="j", key=True,
+                                      timeout=30),
+                loop.run_until_complete(open_async())]
+            with pg.transaction():
+                for i in range(20):
+                    for key in ("a", "b", "c", "d"):
+                        pglistener.emit_json(pg, "jsonjobs", {"key": key, "n": i}, key=key)
+            got: list[list[Any]] = [[] for _ in members]
+            deadline = time.monotonic() + 60
+            while sum(map(len, got)) < 80:
+                assert time.monotonic() < deadline, f"{sum(map(len, got))} of 80 came"
+                for k, member in enumerate(members):
+                    try:
+                        if k == 2:
+                            value = loop.run_until_complete(member.get(timeout=0.05))
+                        else:
+                            value = member.get(timeout=0.05)
+                    except TimeoutError:
+                        continue
+                    got[k].append(value)
+            for key in "abcd":
+                holders = [k for k, values in enumerate(got)
+                           if any(v["key"] == key for v in values)]
+                assert len(holders) == 1, (key, got)
+                assert [v["n"] for v in got[holders[0]] if v["key"] == key] == list(range(20))
+            with pytest.raises(ValueError, match="give group= and source='wal'"):
+                worker.subscribe_json("jsonjobs", key=True)
+            with pytest.raises(ValueError, match="give group= and source='wal'"):
+                loop.run_until_complete(worker.subscribe_json_async("jsonjobs", group="j",
+                                                                    key=True))
+            loop.run_until_complete(members[2].unsubscribe())
+        finally:
+            loop.close()
+
+
 def test_many_subscribes_to_a_new_table_at_once_all_succeed(
     logical_cluster: Cluster, slot: str, pg: psycopg.Connection, table: str
 ) -> None:
