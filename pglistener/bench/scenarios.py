@@ -117,7 +117,9 @@ SCENARIOS = {s.name: s for s in [
              "count", ("raw-wal", "pglistener-wal-for"), notifications=40_000,
              quick_notifications=20_000, source="wal", per_transaction=True),
     Scenario("wal-latency", "one message per transaction at a steady rate: commit-to-reader, "
-             "NOTIFY beside the WAL source", "latency", ("pglistener", "pglistener-wal"),
+             "NOTIFY beside the WAL source, and each for a plain client (psycopg's notifies(), "
+             "psycopg2's consume_stream())", "latency",
+             ("pglistener", "pglistener-wal", "psycopg", "psycopg2-wal"),
              seconds=3.0, rate=2000, source="both"),
     Scenario("wal-fanout", "a backlog on one channel, every reader gets all of it: NOTIFY and "
              "the WAL source", "count", ("pglistener", "pglistener-wal"), many_readers=True,

@@ -415,6 +415,11 @@ def psycopg2_stream(dsn: str, job: Job, ready: Any, out: Any, slot: str,
 
     def consume(msg: Any) -> None:
         nonlocal received
+        if tally.timed:         # latency: each message's content carries its send time
+            if ((msg.payload[:1] == b"M" and not tally.take("", _message_content(msg.payload)))
+                    or tally.timed_out()):
+                raise psycopg2.extras.StopReplication
+            return
         if take(msg.payload):
             if not received:
                 tally.first = time.monotonic()
@@ -428,15 +433,24 @@ def psycopg2_stream(dsn: str, job: Job, ready: Any, out: Any, slot: str,
         cur.consume_stream(consume)
     except psycopg2.extras.StopReplication:
         pass
-    tally.finish(received)
+    if not tally.timed:
+        tally.finish(received)
     walsender(conn.get_backend_pid())
     conn.close()
     out.put({**tally.report(), "backend_cpu_ns": walsender.ns})
 
 
+def _message_content(payload: bytes) -> str:
+    """The content of a pgoutput logical decoding message (protocol 1: 'M', flags, LSN, the
+    prefix and a NUL, the content's length, the content)."""
+    end = payload.index(b"\0", 10)
+    return payload[end + 5:].decode()
+
+
 def psycopg2_wal_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
     """psycopg2's consume_stream(), the Python peer for the WAL source: counting logical
-    decoding messages."""
+    decoding messages (in wal-latency, timing each: the latency of a plain client of the
+    slot, beside a plain client's of NOTIFY)."""
     psycopg2_stream(dsn, job, ready, out, "pglistener_bench_pg2", {
         "proto_version": "1", "publication_names": "pglistener", "messages": "true"},
         lambda payload: payload[:1] == b"M")
