@@ -72,6 +72,7 @@ class Scenario:
                                 # system gets its own: a "-wal" system WAL messages), or
                                 # "changes" (rows inserted into the changes table)
     per_transaction: bool = False   # count: one notification per transaction, not one for all
+    with_row: bool = False      # latency: each transaction writes a row beside its announcement
 
 
 SCENARIOS = {s.name: s for s in [
@@ -116,11 +117,14 @@ SCENARIOS = {s.name: s for s in [
              "reader: does it keep up with the server's decoding?",
              "count", ("raw-wal", "pglistener-wal-for"), notifications=40_000,
              quick_notifications=20_000, source="wal", per_transaction=True),
-    Scenario("wal-latency", "one message per transaction at a steady rate: commit-to-reader, "
-             "NOTIFY beside the WAL source, and each for a plain client (psycopg's notifies(), "
-             "psycopg2's consume_stream())", "latency",
+    # With a row in each transaction, as applications announce what they wrote: a transaction
+    # that only NOTIFYs writes no WAL before its commit record, so its commit does not wait
+    # for the WAL flush (fdatasync), which one that emits (or writes a row) does.
+    Scenario("wal-latency", "a row and its announcement per transaction at a steady rate: "
+             "commit-to-reader, NOTIFY beside the WAL source, and each for a plain client "
+             "(psycopg's notifies(), psycopg2's consume_stream())", "latency",
              ("pglistener", "pglistener-wal", "psycopg", "psycopg2-wal"),
-             seconds=3.0, rate=2000, source="both"),
+             seconds=3.0, rate=2000, source="both", with_row=True),
     Scenario("wal-fanout", "a backlog on one channel, every reader gets all of it: NOTIFY and "
              "the WAL source", "count", ("pglistener", "pglistener-wal"), many_readers=True,
              notifications=200_000, quick_notifications=200_000, source="both"),
@@ -246,13 +250,20 @@ def produce_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: int) -
         f"FROM generate_series(1, %s) i", [*params, scenario.payload_bytes, n])
 
 
+#: The table wal-latency writes a row into with each announcement (in no publication).
+ROWS_TABLE = "bench_rows"
+
+
 def produce_paced(conn: psycopg.Connection[Any], channel: str, rate: int, seconds: float,
-                  wal: bool = False) -> int:
+                  wal: bool = False, with_row: bool = False) -> int:
     """One notification per transaction at `rate` per second (with `wal`, a logical decoding
     message), each carrying its send time (CLOCK_MONOTONIC ns) so that readers measure
-    commit-to-reader latency."""
+    commit-to-reader latency; `with_row`: each transaction inserts a row into ROWS_TABLE
+    too."""
     query = ("SELECT pg_logical_emit_message(true, %s, %s)" if wal
              else "SELECT pg_notify(%s, %s)")
+    if with_row:
+        query = f"WITH r AS (INSERT INTO {ROWS_TABLE} DEFAULT VALUES) {query}"
     total = int(rate * seconds)
     start = time.monotonic()
     for i in range(total):
