@@ -31,11 +31,15 @@ def libpq_version_num() -> int:
     return version_num(pg_config("--version"))
 
 
+#: The ring's headers (_ring.h, _wire.h), included by every extension.
+CORE = "pglistener/_core"
+
+
 def libpq_extension(name: str, source: str) -> Extension:
     return Extension(
         name,
         [source],
-        include_dirs=[pg_config("--includedir")],
+        include_dirs=[CORE, pg_config("--includedir")],
         library_dirs=[pg_config("--libdir")],
         libraries=["pq"],
         define_macros=[("PGL_BUILT_LIBPQ_VERSION", str(libpq_version_num()))],
@@ -45,14 +49,17 @@ def libpq_extension(name: str, source: str) -> Extension:
 
 def extensions() -> list[Extension]:
     return [
-        # The supervisor's side: the dispatch core (its connections, the rings' writing end, the
-        # loop) and each source's decoder beside it.
-        libpq_extension("pglistener._dispatch", "pglistener/_dispatch.pyx"),
-        libpq_extension("pglistener._notify", "pglistener/_notify.pyx"),
-        libpq_extension("pglistener._pgoutput", "pglistener/_pgoutput.pyx"),
-        # The readers' side: no libpq, imported by every worker process.
-        Extension("pglistener._reader", ["pglistener/_reader.pyx"],
-                  extra_compile_args=["-O2", "-Wall"]),
+        # The compiled core: the dispatch core (the connections, the rings' writing end, the
+        # loop), imported by the supervisor ...
+        libpq_extension("pglistener._core.dispatch", "pglistener/_core/dispatch.pyx"),
+        # ... and the readers' side: no libpq, imported by every worker process.
+        Extension("pglistener._core.reader", ["pglistener/_core/reader.pyx"],
+                  include_dirs=[CORE], extra_compile_args=["-O2", "-Wall"]),
+        # Each source's decoder, beside its shell in the supervisor's folder for it.
+        libpq_extension("pglistener._supervisor.notify.decoder",
+                        "pglistener/_supervisor/notify/decoder.pyx"),
+        libpq_extension("pglistener._supervisor.wal.decoder",
+                        "pglistener/_supervisor/wal/decoder.pyx"),
         # The benchmark's `raw` system: the C ceiling of one connection.
         libpq_extension("pglistener.bench._raw", "pglistener/bench/_raw.pyx"),
     ]

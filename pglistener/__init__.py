@@ -8,7 +8,16 @@ stream, at the place where notifications may be missing.
 
 __version__ = "0.1.0"
 
-from ._reader import UNCHANGED, Change, Gap, Notification, RawRows, Table, format_lsn, parse_lsn
+from ._core.reader import (
+    UNCHANGED,
+    Change,
+    Gap,
+    Notification,
+    RawRows,
+    Table,
+    format_lsn,
+    parse_lsn,
+)
 from .aio import AsyncJsonSubscription, AsyncSubscription
 from .channels import MAX_CHANNEL_BYTES
 from .errors import (

@@ -34,7 +34,7 @@ import threading
 from typing import Any
 
 from . import Gap, Supervisor, SupervisorGone, Worker
-from ._listen import SLOT_LAG, is_permanent
+from ._supervisor.listen import SLOT_LAG, is_permanent
 from .channels import channel_bytes
 from .errors import InvalidChannelName
 

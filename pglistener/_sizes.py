@@ -3,7 +3,7 @@ process all apply."""
 
 from __future__ import annotations
 
-from ._reader import MAX_CAPACITY, MIN_CAPACITY
+from ._core.reader import MAX_CAPACITY, MIN_CAPACITY
 
 DEFAULT_RING_BYTES = 4 * 1024 * 1024
 

@@ -27,9 +27,9 @@ from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 from . import _protocol
-from ._control import check_hello
-from ._reader import EMPTY, AsyncStream
-from ._stream import Request, timed_out, why_not, wrap_stream
+from ._core.reader import EMPTY, AsyncStream
+from ._worker.control import check_hello
+from ._worker.stream import Request, timed_out, why_not, wrap_stream
 from .errors import SubscriptionClosed, SupervisorGone
 
 _A = TypeVar("_A", bound="AsyncSubscription")

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._backoff import Backoff
+from ._checks import check_group, check_source
 from ._forksafe import started
-from ._stream import check_group, check_source
 from .errors import SupervisorGone
 from .worker import Worker, request_stop
 

@@ -14,7 +14,7 @@ from typing import Any, overload
 
 import psycopg
 
-from ._reader import parse_lsn
+from ._core.reader import parse_lsn
 from .channels import channel_bytes
 from .errors import InvalidChannelName, PayloadTooLarge
 
@@ -111,7 +111,7 @@ _EMIT = "SELECT pg_logical_emit_message(%s::boolean, %s::text, %s::bytea)::text"
 #: Between a channel and a message's key in its prefix: the supervisor routes by what comes
 #: before it, so readers of the channel get keyed messages as any other.
 KEY_SEPARATOR = "\x1f"
-#: The longest key the supervisor keeps in a message's record (_pgoutput.pyx).
+#: The longest key the supervisor keeps in a message's record (wal/decoder.pyx).
 MAX_KEY_BYTES = 1024
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._reader import Change
+from ._core.reader import Change
 
 __all__ = ["Snapshot"]
 

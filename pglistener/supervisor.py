@@ -21,14 +21,14 @@ from typing import Any
 from psycopg.conninfo import make_conninfo
 
 from . import _protocol
-from ._control import Control
 from ._dsn import parse as parse_dsn
 from ._dsn import safe_target
 from ._forksafe import started
 from ._logs import SupervisorLogs
-from ._server import Config, main
 from ._sizes import DEFAULT_MAX_RING_BYTES, DEFAULT_RING_BYTES, check_ring_bytes
-from ._wal import check_name
+from ._supervisor.server import Config, main
+from ._supervisor.wal.connection import check_name
+from ._worker.control import Control
 from .errors import SupervisorGone
 from .pool import Pool
 from .stats import Stats

@@ -9,9 +9,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._control import Control
-from ._reader import BlockingStream, Change, Gap, Notification
-from ._stream import Options, check_group, check_source, open_stream, request_stop
+from ._checks import check_group, check_source
+from ._core.reader import BlockingStream, Change, Gap, Notification
+from ._worker.control import Control
+from ._worker.stream import Options, open_stream, request_stop
 from .aio import AsyncJsonSubscription, AsyncSubscription, Opening, open_async
 from .errors import SupervisorGone
 

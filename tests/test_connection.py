@@ -1,6 +1,6 @@
-"""A connection's life (_connection.ConnectionMachine) driven in-process with time passed in:
-connect timeout, liveness, the heartbeat, backoff and its reset, a loss in every phase. The
-same machine against real faults is in test_resilience and test_stall."""
+"""A connection's life (the supervisor's ConnectionMachine) driven in-process with time
+passed in: connect timeout, liveness, the heartbeat, backoff and its reset, a loss in every
+phase. The same machine against real faults is in test_resilience and test_stall."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pglistener._backoff import Backoff
-from pglistener._connection import ConnectionMachine, Phase, Step, Timing
+from pglistener._supervisor.connection import ConnectionMachine, Phase, Step, Timing
 
 TIMING = Timing(connect_timeout=10.0, liveness_timeout=15.0, backoff_initial=0.5,
                 backoff_max=60.0, backoff_reset_after=30.0)

@@ -24,7 +24,7 @@ import pytest
 from fix_pg import notify
 from fix_supervisor import process_gone, wait_for
 from pglistener import PGListenerError, Supervisor, TooManySubscriptions, Worker, _protocol
-from pglistener._control import Control
+from pglistener._worker.control import Control
 
 #: 63 bytes, the longest a channel may be, and escaped at worst in JSON (\u0001 each).
 LONG = "\x01" * 59

@@ -137,7 +137,7 @@ def test_bad_channel_names_are_refused_and_the_supervisor_still_serves(
 
 def test_supervisor_checks_names_itself(worker: Worker) -> None:
     # A worker that skips the client-side check still cannot get a bad LISTEN through.
-    from pglistener._control import Control
+    from pglistener._worker.control import Control
 
     ctl = Control.get(worker._path)
     reply, fds = ctl.request({"op": "subscribe", "channels": ["ok", "y" * 64]}, timeout=30)

@@ -44,15 +44,17 @@ def test_the_sdist_installs_in_a_fresh_venv_and_runs(tmp_path: Path, dsn: str) -
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
     run(python, "-m", "pip", "install", "--quiet", sdist, cwd=tmp_path, timeout=900)
-    site = run(python, "-c", "import pglistener, pglistener._dispatch, pglistener._notify, "
-               "pglistener._pgoutput, pglistener._reader, "
+    site = run(python, "-c", "import pglistener, pglistener._core.dispatch, "
+               "pglistener._core.reader, pglistener._supervisor.notify.decoder, "
+               "pglistener._supervisor.wal.decoder, "
                "pglistener.bench._raw; print(pglistener.__version__); "
                "print(pglistener.__file__)", cwd=tmp_path)
     version, where = site.split()
     assert version == pglistener.__version__
     package = Path(where).parent
     assert not list(package.rglob("*.c")), "generated C in the installed wheel"
-    assert list(package.glob("_dispatch*.so")) and list(package.glob("_reader*.so"))
+    core = package / "_core"
+    assert list(core.glob("dispatch*.so")) and list(core.glob("reader*.so"))
     assert (package / "py.typed").exists()
     licenses = list(Path(where).parents[1].glob("pglistener-*.dist-info/**/LICENSE*"))
     assert licenses, "no LICENSE in the wheel's metadata"

@@ -26,7 +26,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from pglistener._registry import Actions, Registry, Sub
+from pglistener._supervisor.registry import Actions, Registry, Sub
 from pglistener.errors import TooManySubscriptions
 
 CHANNELS = ["a", "b", "c", "d"]
@@ -51,7 +51,7 @@ class Model(RuleBasedStateMachine):
         self.answered: set[int] = set()
         self.sent = 0
 
-    # -- carrying out actions, as _server.Server does ----------------------------------------
+    # -- carrying out actions, as server.Server does ----------------------------------------
 
     def apply(self, act: Actions, outcome: st.DataObject | None = None) -> None:
         for channel, ids in act.routes.items():

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pglistener import Gap, Notification, PGListenerError
-from pglistener._dispatch import HEADER_BYTES
-from pglistener._notify import NotifyDispatcher
-from pglistener._reader import MIN_CAPACITY, RingReader, WaitStatus
+from pglistener._core.dispatch import HEADER_BYTES
+from pglistener._core.reader import MIN_CAPACITY, RingReader, WaitStatus
+from pglistener._supervisor.notify.decoder import NotifyDispatcher
 
 # Version-sensitive (see scripts/test): run on every supported Python.
 pytestmark = pytest.mark.every_python

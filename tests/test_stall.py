@@ -24,8 +24,8 @@ from fix_proxy import Proxy, proxied
 from fix_pg import notify
 from fix_supervisor import wait_for
 from pglistener import Gap, Supervisor
-from pglistener._dispatch import libpq_version
-from pglistener._resolve import ResolveError, Resolver, resolve_conninfo
+from pglistener._core.dispatch import libpq_version
+from pglistener._supervisor.resolve import ResolveError, Resolver, resolve_conninfo
 
 FAST = 0.5      # a control round trip is about 1 ms; the old loop took up to 10 s
 

@@ -22,7 +22,7 @@ EXAMPLE = '''
 import sys
 import psycopg
 from pglistener import Gap, Supervisor, notify
-from pglistener._dispatch import libpq_version, built_libpq_version
+from pglistener._core.dispatch import libpq_version, built_libpq_version
 
 def main(dsn):
     with Supervisor(dsn).start() as sup:
@@ -85,9 +85,9 @@ def test_the_wheel_installs_with_binary_and_runs_where_nothing_compiles(tmp_path
         assert runs == built        # the libpq it runs is the one it was built against
         # ... and it is the wheel's own copy, not one from the system (it has none).
         libs = run(*inside, "sh", "-c", f"ldd {venv}/lib/python{version}/site-packages/"
-                   f"pglistener/_dispatch*.so")
+                   f"pglistener/_core/dispatch*.so")
         (libpq,) = [line for line in libs.splitlines() if "libpq" in line]
-        assert "/site-packages/pglistener/../pglistener.libs/libpq-" in libpq
+        assert "/site-packages/pglistener/_core/../../pglistener.libs/libpq-" in libpq
         assert "not found" not in libs
     finally:
         shutil.rmtree(here, ignore_errors=True)

@@ -1,5 +1,5 @@
 # Raw libpq declarations, only what the producer side calls (see libpq-fe.h), grouped by the
-# libpq manual's sections. The connection is our own (_dispatch.PGConnection): nothing here
+# libpq manual's sections. The connection is our own (dispatch.PGConnection): nothing here
 # touches a connection of psycopg's, so any psycopg implementation can sit beside us.
 
 cdef extern from "libpq-fe.h" nogil:

@@ -1,7 +1,7 @@
 /*
  * The streaming replication protocol's integers: big-endian, at any alignment (the
  * PostgreSQL docs, "Streaming Replication Protocol" and "Logical Replication Message
- * Formats"; the layouts are drawn where _pgoutput.pyx reads them).
+ * Formats"; the layouts are drawn where wal/decoder.pyx reads them).
  */
 #ifndef PGL_WIRE_H
 #define PGL_WIRE_H

@@ -1,10 +1,10 @@
-# The dispatch core's C-level interface, for the sources' decoders (_notify.pyx,
-# _pgoutput.pyx): a source is a Dispatcher subclass that overrides drain(), and hands each
+# The dispatch core's C-level interface, for the sources' decoders (notify/decoder.pyx,
+# wal/decoder.pyx): a source is a Dispatcher subclass that overrides drain(), and hands each
 # record it decodes to route(). The core knows no protocol.
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
-from pglistener._libpq cimport PGconn
-from pglistener._ring cimport pgl_ring_header
+from pglistener._core._libpq cimport PGconn
+from pglistener._core._ring cimport pgl_ring_header
 
 
 cdef class PGConnection:

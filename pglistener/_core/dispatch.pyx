@@ -2,14 +2,14 @@
 """The dispatch core: the supervisor's connections (PGConnection), its route tables and
 rings' writing end (Dispatcher), and the one loop that polls them all (run()).
 
-It knows no protocol. A source is a Dispatcher subclass in a module of its own (_notify.pyx:
-LISTEN/NOTIFY; _pgoutput.pyx: a logical slot's stream) whose drain() decodes what its
+It knows no protocol. A source is a Dispatcher subclass in a module of its own (notify/decoder.pyx:
+LISTEN/NOTIFY; wal/decoder.pyx: a logical slot's stream) whose drain() decodes what its
 connection read and hands each record (channel, payload, position) to route(): this module
 finds the channel's subscribers by hash, writes the record into their rings (holding it
 while a blocking ring has no room), hands a departed group member's records to the others,
 and wakes sleeping readers. Policy (LISTEN bookkeeping, reconnects, logging) stays in
 Python. Linked to libpq and imported only by the supervisor process; the readers' side is
-_reader.pyx. The ring's byte layout is drawn in _ring.h.
+reader.pyx. The ring's byte layout is drawn in _ring.h.
 """
 
 cimport cython
@@ -22,11 +22,11 @@ from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, mun
 from posix.time cimport timespec
 from posix.unistd cimport close, getpid, read, write
 
-from pglistener._libpq cimport *
-from pglistener._poll cimport (
+from pglistener._core._libpq cimport *
+from pglistener._core._poll cimport (
     PGL_POLLRDHUP, POLLIN, POLLOUT, now_ns as _now_ns, poll, pollfd, ppoll,
 )
-from pglistener._ring cimport *
+from pglistener._core._ring cimport *
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -203,7 +203,7 @@ cdef class PGConnection:
 
 
 # ----------------------------------------------------------------------------------------------
-# A ring's writing end (Producer, in _dispatch.pxd): in the supervisor process, written only
+# A ring's writing end (Producer, in dispatch.pxd): in the supervisor process, written only
 # by the dispatch loop.
 
 
@@ -492,7 +492,7 @@ cdef class Dispatcher:
 
     Python adds and removes rings and sets, per channel, which rings get its records; run()
     then drains the source's connection without the GIL until the control fd wants
-    attention, a connection breaks, or the timeout passes. Fields: _dispatch.pxd.
+    attention, a connection breaks, or the timeout passes. Fields: dispatch.pxd.
     """
 
     def __cinit__(self, *args, **kwargs):

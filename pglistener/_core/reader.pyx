@@ -3,7 +3,7 @@
 reading end of a ring (`RingReader`), and the stream core every way of reading is built on
 (`Stream`, `BlockingStream`, `AsyncStream`).
 
-Imported by worker processes; it does not link libpq. The producer side is _dispatch.pyx; the
+Imported by worker processes; it does not link libpq. The producer side is dispatch.pyx; the
 two share only the ring's layout (_ring.h, drawn there) and never call each other.
 """
 
@@ -22,10 +22,10 @@ from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, mun
 from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, read, write
 
-from pglistener._poll cimport (
+from pglistener._core._poll cimport (
     PGL_POLLRDHUP, POLLERR, POLLHUP, POLLIN, POLLNVAL, now_ns as _now_ns, poll, pollfd,
 )
-from pglistener._ring cimport *
+from pglistener._core._ring cimport *
 
 import os as _os
 
@@ -44,7 +44,7 @@ cdef extern from "_awaitable.h":
 
 
 if pgl_ready_init() < 0:
-    raise ImportError("pglistener._reader: cannot set up its awaitable type")
+    raise ImportError("pglistener._core.reader: cannot set up its awaitable type")
 
 
 cdef extern from "pythread.h":
@@ -537,7 +537,7 @@ cdef class Change:
 
 
 cdef enum:
-    PUBLISH_BYTES = 2048        # as the producer publishes its tail (_dispatch.pyx)
+    PUBLISH_BYTES = 2048        # as the producer publishes its tail (dispatch.pyx)
 
 
 @cython.final

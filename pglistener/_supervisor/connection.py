@@ -4,7 +4,7 @@ a heartbeat, when the server has been silent too long, and how long to back off.
 `ConnectionMachine` takes events with the time passed in (`connected`, `ready`, `heard`,
 `sent`, `answered`, `down`) and answers `due(now)` with what the shell must do now and how
 long it may wait before asking again. It never touches a socket, so its whole life runs
-in-process in the tests (tests/test_connection.py). The LISTEN connection (_listen.py) is one
+in-process in the tests (tests/test_connection.py). The LISTEN connection (listen.py) is one
 instance; a connection of another kind (a replication stream) is another, with its own shell.
 
     BACKOFF --due: CONNECT--> CONNECTING --connected()--> SETUP --ready()--> UP
@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ._backoff import Backoff
+from .._backoff import Backoff
 
 
 class Phase(enum.Enum):

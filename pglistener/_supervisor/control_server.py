@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, _protocol
-from .errors import PGListenerError, ProtocolMismatch, TooManySubscriptions
+from .. import __version__, _protocol
+from ..errors import PGListenerError, ProtocolMismatch, TooManySubscriptions
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -187,7 +187,8 @@ class ControlServer:
         return True
 
     def reply_error(self, client: Client, req: Any, exc: Exception) -> None:
-        """Fail request `req` with exc, whose class name the worker maps back (_stream)."""
+        """Fail request `req` with exc, whose class name the worker maps back
+        (_worker/stream.py)."""
         self.reply(client, {"req": req, "ok": False, "error": type(exc).__name__,
                             # (a KeyError's str() is its repr)
                             "message": str(exc.args[0]) if isinstance(exc, KeyError)

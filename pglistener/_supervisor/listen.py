@@ -1,11 +1,11 @@
 """The LISTEN connection: the I/O shell around one ConnectionMachine.
 
-It owns a _dispatch.PGConnection (libpq, ours), connects it without blocking (names resolved
+It owns a dispatch.PGConnection (libpq, ours), connects it without blocking (names resolved
 in a thread, PQconnectPoll driven by the supervisor's loop) and runs a queue of commands on it,
 one at a time, each answered by a callback. Nothing here waits: the supervisor's one loop asks
 step() what is due, waits on fds() while connecting, and hands results over with on_result().
 What the commands are (the LISTEN replay, LISTEN, UNLISTEN) is its source's business
-(_sources.NotifySource); this module adds only the heartbeat.
+(notify/source.py's NotifySource); this module adds only the heartbeat.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from psycopg.conninfo import make_conninfo
 
-from ._connection import ConnectionMachine, Phase, Step, Timing
-from ._dispatch import ConnectPoll, Dispatcher, PGConnection
-from ._resolve import Resolver
+from .._core.dispatch import ConnectPoll, Dispatcher, PGConnection
+from .connection import ConnectionMachine, Phase, Step, Timing
+from .resolve import Resolver
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -92,7 +92,7 @@ class ListenConnection:
 
     @property
     def busy(self) -> bool:
-        """A command is in flight: _dispatch.run() is to say when its result is ready."""
+        """A command is in flight: the core's run() is to say when its result is ready."""
         return self.machine.busy
 
     def step(self, now: float) -> float:
@@ -189,7 +189,7 @@ class ListenConnection:
         self.machine.sent(time.monotonic(), heartbeat=query is self.heartbeat)
 
     def on_result(self, now: float) -> None:
-        """_dispatch.run() said RUN_RESULT: take the result (it does not block)."""
+        """the core's run() said RUN_RESULT: take the result (it does not block)."""
         assert self.conn is not None and self._commands
         self.machine.heard(now, self.dispatcher.held_seconds)
         got = self.conn.get_result()

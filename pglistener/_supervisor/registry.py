@@ -5,7 +5,7 @@ It takes events (a subscribe, a LISTEN committed, an unsubscribe, a worker gone,
 connection lost or replayed) and returns `Actions`: what the server must do to the dispatcher,
 the connection and the workers. It never touches a socket, a ring or PostgreSQL, so the whole
 routing state machine runs in-process in the tests (tests/test_registry.py); each source
-(_sources) with _server.Server is the thin shell that carries the actions out.
+(source.py) with server.Server is the thin shell that carries the actions out.
 
 When a worker's stream begins: a subscription is answered once every one of its channels is
 LISTENed on a working connection. Its ring is routed before that, so that a channel already
@@ -20,7 +20,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TooManySubscriptions
+from ..errors import TooManySubscriptions
 
 
 @dataclass(eq=False)

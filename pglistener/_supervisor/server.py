@@ -1,9 +1,10 @@
 """The supervisor process: owns the connection, answers workers, runs the dispatch loop.
 
-Everything here is policy; the per-record work happens in _dispatch.run() without the GIL,
-each source's in its own objects (_sources: NotifySource, WalSource), and each connection's
-life in its shell (_listen, _wal). What this module holds is what every source shares: the
-workers' control connections, the rings and their descriptors, routes, hand-over and answers.
+Everything here is policy; the per-record work happens in the core's run() without the GIL,
+each source's in its own objects (notify/source.py, wal/source.py), and each connection's
+life in its shell (listen.py, wal/connection.py). What this module holds is what every
+source shares: the workers' control connections, the rings and their descriptors, routes,
+hand-over and answers.
 This module is the target of the spawned process (see supervisor.py).
 """
 
@@ -24,16 +25,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from . import _protocol, _tables
-from ._control_server import Client, ControlServer, OwnerChannel
-from ._dispatch import HEADER_BYTES, Dispatcher, RunStatus, run
-from ._registry import Actions, Sub
-from ._sizes import check_ring_bytes
-from ._sources import NO_SLOT, NotifySource, Source, WalSource, group_key
-from ._stream import check_group, check_overflow
-from .channels import channel_bytes
-from .errors import PGListenerError
-from .stats import ReaderStats, Stats
+from .. import _protocol
+from .._checks import check_group, check_overflow, op_list, qualified
+from .._core.dispatch import HEADER_BYTES, Dispatcher, RunStatus, run
+from .._sizes import check_ring_bytes
+from ..channels import channel_bytes
+from ..errors import PGListenerError
+from ..stats import ReaderStats, Stats
+from .control_server import Client, ControlServer, OwnerChannel
+from .notify.source import NotifySource
+from .registry import Actions, Sub
+from .source import Source, group_key
+from .wal import tables as _tables
+from .wal.source import NO_SLOT, WalSource
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -70,8 +74,8 @@ class Config:
 
 
 class Server:
-    """The supervisor's one loop: every source's connections (_sources), the workers'
-    control connections and the owner's channel, all waited on together in _dispatch.run().
+    """The supervisor's one loop: every source's connections (the sources), the workers'
+    control connections and the owner's channel, all waited on together in the core's run().
     Nothing in it blocks: connecting, resolving and every query go on while workers are
     served."""
 
@@ -219,8 +223,8 @@ class Server:
         if (not isinstance(changes, dict) or not isinstance(changes.get("tables"), list)
                 or not changes["tables"]):
             raise ValueError("subscribe_changes needs one or more tables")
-        names = [_tables.qualified(t) for t in changes["tables"]]
-        ops = _tables.op_list(changes.get("ops"))
+        names = [qualified(t) for t in changes["tables"]]
+        ops = op_list(changes.get("ops"))
         self._options(message)      # bad options cost no query
         most = self.config.max_channels_per_worker
         if len(names) * len(ops) > most:

@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Any
 
-from . import _protocol
-from .errors import ProtocolMismatch, SupervisorGone
+from .. import _protocol
+from ..errors import ProtocolMismatch, SupervisorGone
 
 #: How long a new control connection waits for the supervisor's hello (its loop never waits
 #: on anything, so it answers in milliseconds).

@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from . import _protocol, _reader
-from ._control import Control
-from ._reader import Change, Notification, RingReader
-from ._sizes import check_ring_bytes
-from ._tables import op_list, table_list
-from .channels import channel_bytes
-from .errors import (
+from .. import _protocol
+from .._checks import check_group, check_overflow, check_source, op_list, table_list
+from .._core import reader as _reader
+from .._core.reader import Change, Notification, RingReader
+from .._sizes import check_ring_bytes
+from ..channels import channel_bytes
+from ..errors import (
     InvalidChannelName,
     InvalidChannelType,
     PGListenerError,
@@ -26,6 +26,7 @@ from .errors import (
     TooManySubscriptions,
     WalSourceError,
 )
+from .control import Control
 
 log = logging.getLogger("pglistener.worker")
 
@@ -136,17 +137,6 @@ def open_stream(cls: type[_S], path: str, request: Request, timeout: float | Non
     return wrap_stream(cls, ctl, request.names, reply, fds)
 
 
-SOURCES = ("notify", "wal")
-
-
-def check_source(source: object) -> str:
-    """A valid source, or an error that names them."""
-    if source not in SOURCES:
-        raise ValueError(f"source is 'notify' (LISTEN/NOTIFY) or 'wal' (messages from "
-                         f"pglistener.emit, read from the Supervisor's slot), not {source!r}")
-    return str(source)
-
-
 def after_fields(after: Any) -> dict[str, Any]:
     """The subscribe request's fields for after=: a Notification of the WAL source (or its
     `position`, a (commit_lsn, lsn) pair) resumes exactly after it; an int LSN (a message's
@@ -203,30 +193,6 @@ def wrap_stream(cls: type[_S], ctl: Any, channels: tuple[str, ...], reply: dict[
                  _undecodable if decoder is not None else None)
     _open.add(stream)
     return stream
-
-
-OVERFLOW_POLICIES = ("gap", "block")
-
-
-def check_overflow(overflow: object) -> str:
-    """A valid overflow policy, or an error that names them."""
-    if not isinstance(overflow, str):
-        raise TypeError(f"overflow is 'gap' or 'block' (a str), not {type(overflow).__name__}")
-    if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"overflow is 'gap' (miss what does not fit, and say so with a Gap) "
-                         f"or 'block' (wait for room, up to block_timeout), not {overflow!r}")
-    return overflow
-
-
-def check_group(group: object) -> str | None:
-    """A valid consumer group name (or None), or an error saying what one is."""
-    if group is None:
-        return None
-    if not isinstance(group, str):
-        raise TypeError(f"group is a name (a str) or None, not {type(group).__name__}")
-    if not group or len(group) > 200:
-        raise ValueError(f"a group name is 1 to 200 characters, not {len(group)}")
-    return group
 
 
 def request_stop() -> None:

@@ -65,7 +65,8 @@ from typing import Any
 
 import psycopg
 
-from pglistener import Supervisor, _dispatch
+from pglistener import Supervisor
+from pglistener._core import dispatch as _dispatch
 from pglistener._dsn import describe as describe_dsn
 
 from . import report, systems

@@ -11,8 +11,8 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc, strtoll
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from pglistener._libpq cimport *
-from pglistener._poll cimport POLLIN, poll, pollfd
+from pglistener._core._libpq cimport *
+from pglistener._core._poll cimport POLLIN, poll, pollfd
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -96,7 +96,7 @@ cdef class Listener:
         return n, first, end, lats
 
 
-cdef extern from "../_wire.h" nogil:
+cdef extern from "_wire.h" nogil:
     uint64_t pgl_be64(const char *p)
     void pgl_put_be64(char *p, uint64_t v)
     int64_t pgl_pg_now_us()

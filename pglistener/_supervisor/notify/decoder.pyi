@@ -1,3 +1,3 @@
-from ._dispatch import Dispatcher
+from ..._core.dispatch import Dispatcher
 
 class NotifyDispatcher(Dispatcher): ...

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The LISTEN/NOTIFY source: its decoder, on the dispatch core (_dispatch.pyx).
+"""The LISTEN/NOTIFY source: its decoder, on the dispatch core (dispatch.pyx).
 
 libpq parses the notifications off the socket (PQconsumeInput, in the core's run()); drain()
 takes each (PQnotifies) and routes it by channel, with the sender's pid and no position. A
@@ -10,9 +10,9 @@ goes (or block_timeout passes: then the rings without room miss it, as an overfl
 from libc.stdint cimport uint64_t
 from libc.string cimport strlen
 
-from pglistener._dispatch cimport Dispatcher
-from pglistener._libpq cimport PGconn, PGnotify, PQfreemem, PQnotifies
-from pglistener._poll cimport now_ns as _now_ns
+from pglistener._core.dispatch cimport Dispatcher
+from pglistener._core._libpq cimport PGconn, PGnotify, PQfreemem, PQnotifies
+from pglistener._core._poll cimport now_ns as _now_ns
 
 
 cdef class NotifyDispatcher(Dispatcher):

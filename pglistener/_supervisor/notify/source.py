@@ -7,11 +7,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..connection import Phase
 from ..._core.dispatch import Dispatcher, PGConnection
+from ..connection import Phase
 from ..listen import ListenConnection
-from .decoder import NotifyDispatcher
 from ..registry import Actions, Registry
+from .decoder import NotifyDispatcher
 
 if TYPE_CHECKING:
     from ..server import Server

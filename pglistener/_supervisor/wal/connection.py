@@ -1,11 +1,11 @@
 """The WAL source's connection: a replication connection that reads a logical slot.
 
-The same shell as the LISTEN connection (_listen.ListenConnection: a ConnectionMachine,
+The same shell as the LISTEN connection (listen.ListenConnection: a ConnectionMachine,
 names resolved in a thread, commands one at a time), with a different setup and a different
 heartbeat. Its setup checks the server (wal_level, the slot, the publication), creates what
 is missing, and starts streaming the slot with pgoutput and `messages 'true'`; from then on
-the compiled decoder (_pgoutput.WalDispatcher) reads the stream in the supervisor's one loop,
-and this shell only tells the server how far the slot may be confirmed (feedback) and asks
+the compiled decoder (decoder.pyx's WalDispatcher) reads the stream in the supervisor's one
+loop, and this shell only tells the server how far the slot may be confirmed (feedback) and asks
 it for a keepalive as its heartbeat.
 
 What the slot may confirm is decided by the readers: the commit LSN of the oldest
@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from . import _tables
-from ._connection import Phase, Step, Timing
-from ._dispatch import Dispatcher
-from ._listen import WAL_POSITION, ListenConnection, is_permanent
-from ._pgoutput import WalDispatcher
-from ._reader import format_lsn, parse_lsn
+from ..._core.dispatch import Dispatcher
+from ..._core.reader import format_lsn, parse_lsn
+from ..connection import Phase, Step, Timing
+from ..listen import WAL_POSITION, ListenConnection, is_permanent
+from . import tables as _tables
+from .decoder import WalDispatcher
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -724,7 +724,7 @@ class WalConnection(ListenConnection):
 class SlotProbe(ListenConnection):
     """A plain connection to the server the slot lives on when that is not the LISTEN
     connection's (slot_dsn: a standby): its heartbeat samples the WAL the slot holds, so
-    that stats().slot_lag_bytes is read where the slot is. _dispatch.run() does not read
+    that stats().slot_lag_bytes is read where the slot is. the core's run() does not read
     it: the loop waits on its socket while a query is in flight, and advance() takes it."""
 
     def __init__(self, conninfo: str, safe_target: str, timing: Timing, dispatcher: Dispatcher,

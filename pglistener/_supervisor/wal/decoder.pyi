@@ -1,4 +1,4 @@
-from ._dispatch import Dispatcher, PGConnection
+from ..._core.dispatch import Dispatcher, PGConnection
 
 class WalDispatcher(Dispatcher):
     @property

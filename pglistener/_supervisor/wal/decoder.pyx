@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The logical slot's source: the pgoutput stream's decoder, on the dispatch core
-(_dispatch.pyx).
+(dispatch.pyx).
 
 drain() takes the replication stream's COPY BOTH data (PQgetCopyData) and decodes it:
 keepalives (answered when asked), a transaction's Begin and Commit (where the stream stands,
@@ -17,13 +17,13 @@ from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcpy, strcmp
 
-from pglistener._dispatch cimport Dispatcher, PGConnection, Position, Producer
-from pglistener._libpq cimport (PG_DIAG_MESSAGE_PRIMARY, PG_DIAG_SEVERITY_NONLOCALIZED,
+from pglistener._core.dispatch cimport Dispatcher, PGConnection, Position, Producer
+from pglistener._core._libpq cimport (PG_DIAG_MESSAGE_PRIMARY, PG_DIAG_SEVERITY_NONLOCALIZED,
                                 PG_DIAG_SQLSTATE, PGconn, PGresult,
                                 PQflush, PQfreemem, PQgetCopyData, PQputCopyData,
                                 PQresultErrorField, PQsetNoticeReceiver)
-from pglistener._poll cimport now_ns as _now_ns
-from pglistener._ring cimport (PGL_GAP_SLOT, PGL_MISSED_UNKNOWN, PGL_WAL_CHANGE,
+from pglistener._core._poll cimport now_ns as _now_ns
+from pglistener._core._ring cimport (PGL_GAP_SLOT, PGL_MISSED_UNKNOWN, PGL_WAL_CHANGE,
                                PGL_WAL_TRANSACTIONAL, pgl_hash)
 
 

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any, cast
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from . import tables as _tables
+from ..._core.reader import format_lsn, parse_lsn
+from ..._dsn import safe_target
 from ..connection import Phase
 from ..control_server import Client
-from ..._dsn import safe_target
 from ..listen import ListenConnection
-from .decoder import WalDispatcher
-from ..._core.reader import format_lsn, parse_lsn
 from ..registry import Actions, Registry, Sub
+from . import tables as _tables
 from .connection import (
     KEEP_TABLE,
     LINGER_NS,
@@ -31,6 +30,7 @@ from .connection import (
     Started,
     WalConnection,
 )
+from .decoder import WalDispatcher
 
 if TYPE_CHECKING:
     from ..server import Server

@@ -2,7 +2,7 @@
 one (an error when it does not exist), adds to the slot's publication those it lacks, and
 gives the routes its changes come by.
 
-A change is routed by the key "\\0", its op letter and its table's oid (what _pgoutput.pyx
+A change is routed by the key "\\0", its op letter and its table's oid (what wal/decoder.pyx
 writes): no message prefix has a NUL, so changes and messages never share a route.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..._checks import OPS
+
 #: What subscribe_changes(ops=) takes, and the letter of each in pgoutput.
-OPS = {"insert": "I", "update": "U", "delete": "D", "truncate": "T"}
 
 
 def route_key(op: str, oid: int) -> str:
@@ -112,34 +113,3 @@ def add_query(publication: str, tables: Sequence[str]) -> bytes:
     return (f"DO $pglistener$BEGIN BEGIN CREATE PUBLICATION {pub}; EXCEPTION WHEN "
             f"duplicate_object OR unique_violation THEN NULL; END; {adds} END$pglistener$"
             ).encode()
-
-
-def qualified(name: object) -> str:
-    """A table as subscribe_changes() takes it: "orders" is "public.orders"; a name with a
-    dot is schema.table, each part as SQL reads it (unquoted parts fold to lower case,
-    "Quoted" ones stay)."""
-    if not isinstance(name, str):
-        raise TypeError(f"a table is named by a str ('orders', 'public.orders'), not "
-                        f"{type(name).__name__}")
-    name = name.strip()
-    if not name or "\0" in name:
-        raise ValueError(f"not a table name: {name!r}")
-    return name if "." in name else f"public.{name}"
-
-
-def table_list(tables: str | Sequence[str]) -> tuple[str, ...]:
-    names = (tables,) if isinstance(tables, str) else tuple(tables)
-    if not names:
-        raise ValueError("subscribe_changes() needs at least one table")
-    return tuple(dict.fromkeys(qualified(name) for name in names))
-
-
-def op_list(ops: object) -> tuple[str, ...]:
-    """ops= as given (None: every kind), checked."""
-    if ops is None:
-        return tuple(OPS)
-    names = (ops,) if isinstance(ops, str) else tuple(ops)     # type: ignore[arg-type]
-    bad = [op for op in names if op not in OPS]
-    if bad or not names:
-        raise ValueError(f"ops is a subset of {set(OPS)}, not {ops!r}")
-    return tuple(op for op in OPS if op in names)
