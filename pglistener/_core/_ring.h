@@ -173,6 +173,57 @@ static inline uint64_t pgl_rec_commit(const unsigned char *rec) { return *(const
 static inline const char *pgl_wal_channel(const unsigned char *rec) { return (const char *)rec + PGL_WAL_HEADER; }
 static inline const char *pgl_wal_payload(const unsigned char *rec) { return (const char *)rec + PGL_WAL_HEADER + pgl_rec_channel_len(rec); }
 
+/* Walking the records: the one way every walk of a ring reads them (the reader taking
+ * them; the supervisor counting what a reader has not read, handing a group member's records
+ * over, trimming a resumed ring's start). A record's length is checked before it is trusted,
+ * as Agrona does: at least a length and a type (8 bytes), 8-byte aligned, and not past `end`,
+ * the tail as the walker knows it, so that a walk never loops for ever nor reads what was not
+ * published. */
+
+/* The record at `pos`, its length in *length; NULL at `end` (*length 0) and at a length that
+ * cannot be one. */
+static inline unsigned char *pgl_rec_at(unsigned char *data, uint64_t mask, uint64_t pos,
+                                        uint64_t end, uint32_t *length) {
+    unsigned char *rec;
+    if (pos >= end) {
+        *length = 0;
+        return NULL;
+    }
+    rec = data + (pos & mask);
+    *length = pgl_rec_length(rec);
+    if (*length < 8u || (*length & 7u) || *length > end - pos)
+        return NULL;
+    return rec;
+}
+
+/* A walk from `pos` to `end`: pgl_walk_next() gives each record in turn and moves past it. */
+typedef struct {
+    unsigned char *data;
+    uint64_t mask;
+    uint64_t pos;           /* where the next record starts */
+    uint64_t end;
+    uint32_t length;        /* of the record pgl_walk_next() gave last */
+    int corrupt;            /* it stopped at a record that cannot be one (pos at it) */
+} pgl_walk;
+
+static inline pgl_walk pgl_walk_from(unsigned char *data, uint64_t mask, uint64_t pos,
+                                     uint64_t end) {
+    pgl_walk w = {data, mask, pos, end, 0, 0};
+    return w;
+}
+
+/* The next record, the walk moved past it; NULL at the end, or at a record that cannot be
+ * one (w->corrupt). */
+static inline unsigned char *pgl_walk_next(pgl_walk *w) {
+    unsigned char *rec = pgl_rec_at(w->data, w->mask, w->pos, w->end, &w->length);
+    if (rec == NULL) {
+        w->corrupt = w->pos < w->end;
+        return NULL;
+    }
+    w->pos += w->length;
+    return rec;
+}
+
 static inline void pgl_rec_head(unsigned char *rec, uint32_t length, uint16_t type) {
     *(uint32_t *)(rec + PGL_REC_LENGTH_AT) = length;
     *(uint16_t *)(rec + PGL_REC_TYPE_AT) = type;

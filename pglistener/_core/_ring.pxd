@@ -44,6 +44,16 @@ cdef extern from "_ring.h" nogil:
     void pgl_cpu_relax()
     uint32_t pgl_align8(uint32_t n)
 
+    unsigned char *pgl_rec_at(unsigned char *data, uint64_t mask, uint64_t pos, uint64_t end,
+                              uint32_t *length)
+    ctypedef struct pgl_walk:
+        uint64_t pos
+        uint64_t end
+        uint32_t length
+        int corrupt
+    pgl_walk pgl_walk_from(unsigned char *data, uint64_t mask, uint64_t pos, uint64_t end)
+    unsigned char *pgl_walk_next(pgl_walk *w)
+
     uint32_t pgl_rec_length(const unsigned char *rec)
     uint16_t pgl_rec_type(const unsigned char *rec)
     uint16_t pgl_rec_channel_len(const unsigned char *rec)

@@ -678,19 +678,15 @@ cdef class Dispatcher:
         cdef bint lost
         cdef uint64_t pos = (_unconsumed_from(p, &lost) if unconsumed
                              else pgl_load_acquire(&p.hdr.head))
-        cdef unsigned char *rec
-        cdef uint32_t length
+        cdef pgl_walk walk = pgl_walk_from(p.data, p.mask, pos, p.tail)
+        cdef unsigned char *rec = pgl_walk_next(&walk)
         cdef uint16_t kind
         cdef uint64_t count = 0
-        while pos < p.tail:
-            rec = p.data + (pos & p.mask)
-            length = pgl_rec_length(rec)
-            if length == 0:
-                break           # we wrote them; never, but never loop either
+        while rec != NULL:
             kind = pgl_rec_type(rec)
             if kind == PGL_REC_NOTIFY or kind == PGL_REC_WAL:
                 count += 1
-            pos += length
+            rec = pgl_walk_next(&walk)
         return count
 
     def handover(self, ring_id, targets):
@@ -702,11 +698,10 @@ cdef class Dispatcher:
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         cdef list found = [self.by_id[t] for t in targets]
         cdef Py_ssize_t k, nt = len(found)
-        cdef uint64_t pos
+        cdef pgl_walk walk
         cdef uint64_t end
         cdef unsigned char *rec
         cdef uint16_t kind
-        cdef uint32_t length
         cdef Position w
         cdef Position *wp
         cdef Producer *q
@@ -730,14 +725,13 @@ cdef class Dispatcher:
                     keys.moving[b] = NULL
         # Written over since it was taken: from what the ring still holds, with a gap of
         # unknown count first.
-        pos = _unconsumed_from(p, &lost)
-        while pos < p.tail:
-            rec = p.data + (pos & p.mask)
-            length = pgl_rec_length(rec)
-            kind = pgl_rec_type(rec)
-            if length == 0:
+        walk = pgl_walk_from(p.data, p.mask, _unconsumed_from(p, &lost), p.tail)
+        while True:
+            rec = pgl_walk_next(&walk)
+            if rec == NULL:
                 break
-            end = pos + length
+            kind = pgl_rec_type(rec)
+            end = walk.pos
             best = NULL
             best_lag = 0
             key = _record_key(rec) if keys != NULL and kind == PGL_REC_WAL else 0
@@ -791,7 +785,6 @@ cdef class Dispatcher:
                 else:
                     missed += 1
                     self.gaps_pending = True
-            pos = end
         pgl_store_release(&p.hdr.consumed, p.tail)     # it has nothing left to hold
         _oldest_pending(p)
         with nogil:
@@ -1098,16 +1091,19 @@ cdef class Dispatcher:
         cdef Producer *p = <Producer *><size_t>self.by_id[ring_id]
         cdef uint64_t pos = p.hdr.head
         cdef unsigned char *rec
+        cdef uint32_t length
         cdef uint16_t kind
         cdef uint64_t dropped = 0
-        while pos < p.tail:
-            rec = p.data + (pos & p.mask)
+        while True:
+            rec = pgl_rec_at(p.data, p.mask, pos, p.tail, &length)
+            if rec == NULL:
+                break
             kind = pgl_rec_type(rec)
             if kind == PGL_REC_WAL and pgl_rec_commit(rec) < commit:
                 dropped += 1
             elif kind != PGL_REC_PAD:
                 break
-            pos += pgl_rec_length(rec)
+            pos += length
         pgl_store_release(&p.hdr.head, pos)
         pgl_store_release(&p.hdr.consumed, pos)
         p.head_cache = pos

@@ -666,11 +666,10 @@ cdef class RingReader:
         cdef const char *sep
         cdef uint16_t klen, clen_name
         while self._available():
-            rec = self.data + (self.head & self.mask)
-            length = pgl_rec_length(rec)
-            kind = pgl_rec_type(rec)
-            if not self._sound(length):
+            rec = pgl_rec_at(self.data, self.mask, self.head, self.tail_cache, &length)
+            if rec == NULL:
                 raise PGListenerError(f"corrupt ring record (length {length})")
+            kind = pgl_rec_type(rec)
             if kind == PGL_REC_NOTIFY or kind == PGL_REC_WAL:
                 # The same fields; a WAL message's header is longer, with its positions.
                 body = PGL_RECORD_HEADER if kind == PGL_REC_NOTIFY else PGL_WAL_HEADER
@@ -745,11 +744,6 @@ cdef class RingReader:
         change.xid = (<const uint32_t *>content)[1]
         return change
 
-    cdef inline bint _sound(self, uint32_t length) noexcept nogil:
-        # Only the supervisor writes here, but a length like this would loop for ever (0) or
-        # read past what was published: checked before it is trusted, as Agrona does.
-        return length >= 8 and not (length & 7) and length <= self.tail_cache - self.head
-
     cdef str _channel(self, const char *raw, uint16_t clen):
         if clen > sizeof(self.last_raw):     # no route has such a name: not cached
             return PyUnicode_DecodeUTF8(raw, clen, "surrogateescape")
@@ -796,9 +790,8 @@ cdef class RingReader:
         self._check_open()
         with nogil:
             while n < max_items and self._available():
-                rec = self.data + (self.head & self.mask)
-                length = pgl_rec_length(rec)
-                if not self._sound(length):
+                rec = pgl_rec_at(self.data, self.mask, self.head, self.tail_cache, &length)
+                if rec == NULL:
                     corrupt = True
                     break
                 kind = pgl_rec_type(rec)
