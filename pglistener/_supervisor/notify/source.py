@@ -11,14 +11,14 @@ from ..._core.dispatch import Dispatcher, PGConnection
 from ..connection import Phase
 from ..listen import ListenConnection
 from ..registry import Actions, Registry
+from ..source import Rows, Source, timing
 from .decoder import NotifyDispatcher
 
 if TYPE_CHECKING:
     from ..server import Server
 
-from ..source import Rows, Source, timing
-
 log = logging.getLogger("pglistener.supervisor")
+
 
 class NotifySource(Source):
     """LISTEN/NOTIFY: its routes take effect once the server LISTENs (at commit)."""

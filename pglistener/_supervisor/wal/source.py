@@ -19,7 +19,9 @@ from ..._dsn import safe_target
 from ..connection import Phase
 from ..control_server import Client
 from ..listen import ListenConnection
+from ..notify.source import NotifySource
 from ..registry import Actions, Registry, Sub
+from ..source import Rows, Source, group_key, timing
 from . import tables as _tables
 from .connection import (
     KEEP_TABLE,
@@ -34,9 +36,6 @@ from .decoder import WalDispatcher
 
 if TYPE_CHECKING:
     from ..server import Server
-
-from ..notify.source import NotifySource
-from ..source import Rows, Source, group_key, timing
 
 log = logging.getLogger("pglistener.supervisor")
 
