@@ -202,25 +202,21 @@ typedef struct {
     uint64_t mask;
     uint64_t pos;           /* where the next record starts */
     uint64_t end;
-    uint32_t length;        /* of the record pgl_walk_next() gave last */
-    int corrupt;            /* it stopped at a record that cannot be one (pos at it) */
 } pgl_walk;
 
 static inline pgl_walk pgl_walk_from(unsigned char *data, uint64_t mask, uint64_t pos,
                                      uint64_t end) {
-    pgl_walk w = {data, mask, pos, end, 0, 0};
+    pgl_walk w = {data, mask, pos, end};
     return w;
 }
 
 /* The next record, the walk moved past it; NULL at the end, or at a record that cannot be
- * one (w->corrupt). */
+ * one (the walk stays at it). */
 static inline unsigned char *pgl_walk_next(pgl_walk *w) {
-    unsigned char *rec = pgl_rec_at(w->data, w->mask, w->pos, w->end, &w->length);
-    if (rec == NULL) {
-        w->corrupt = w->pos < w->end;
-        return NULL;
-    }
-    w->pos += w->length;
+    uint32_t length;
+    unsigned char *rec = pgl_rec_at(w->data, w->mask, w->pos, w->end, &length);
+    if (rec != NULL)
+        w->pos += length;
     return rec;
 }
 

@@ -49,8 +49,6 @@ cdef extern from "_ring.h" nogil:
     ctypedef struct pgl_walk:
         uint64_t pos
         uint64_t end
-        uint32_t length
-        int corrupt
     pgl_walk pgl_walk_from(unsigned char *data, uint64_t mask, uint64_t pos, uint64_t end)
     unsigned char *pgl_walk_next(pgl_walk *w)
 
