@@ -254,6 +254,12 @@ def produce_backlog(conn: psycopg.Connection[Any], scenario: Scenario, n: int) -
 ROWS_TABLE = "bench_rows"
 
 
+def make_rows_table(conn: psycopg.Connection[Any]) -> None:
+    """ROWS_TABLE in conn's database, where it is missing."""
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {ROWS_TABLE} "
+                 f"(id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)")
+
+
 def produce_paced(conn: psycopg.Connection[Any], channel: str, rate: int, seconds: float,
                   wal: bool = False, with_row: bool = False) -> int:
     """One notification per transaction at `rate` per second (with `wal`, a logical decoding
