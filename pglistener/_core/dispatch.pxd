@@ -154,3 +154,6 @@ cdef class Dispatcher:
     # The source's part, overridden by each: take what the connection has read (its
     # `streaming`: in COPY BOTH) and route it; -1 when the stream failed or ended.
     cdef int drain(self, PGconn *conn, bint streaming) noexcept nogil
+    # ... and the key a record in a ring is routed by in a keyed group (0: none), for the
+    # records a group's leaving member hands over: the core knows no message's layout.
+    cdef uint64_t record_key(self, const unsigned char *rec) noexcept nogil

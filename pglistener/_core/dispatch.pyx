@@ -2,14 +2,15 @@
 """The dispatch core: the supervisor's connections (PGConnection), its route tables and
 rings' writing end (Dispatcher), and the one loop that polls them all (run()).
 
-It knows no protocol. A source is a Dispatcher subclass in a module of its own (notify/decoder.pyx:
-LISTEN/NOTIFY; wal/decoder.pyx: a logical slot's stream) whose drain() decodes what its
-connection read and hands each record (channel, payload, position) to route(): this module
-finds the channel's subscribers by hash, writes the record into their rings (holding it
-while a blocking ring has no room), hands a departed group member's records to the others,
-and wakes sleeping readers. Policy (LISTEN bookkeeping, reconnects, logging) stays in
-Python. Linked to libpq and imported only by the supervisor process; the readers' side is
-reader.pyx. The ring's byte layout is drawn in _ring.h.
+It knows no protocol. A source is a Dispatcher subclass in a module of its own
+(notify/decoder.pyx: LISTEN/NOTIFY; wal/decoder.pyx: a logical slot's stream) whose drain()
+decodes what its connection read and hands each record (channel, payload, position, key) to
+route(), and whose record_key() reads a record's key again when a group's leaving member
+hands it over: this module finds the channel's subscribers by hash, writes the record into
+their rings (holding it while a blocking ring has no room), hands a departed group member's
+records to the others, and wakes sleeping readers. Policy (LISTEN bookkeeping, reconnects,
+logging) stays in Python. Linked to libpq and imported only by the supervisor process; the
+readers' side is reader.pyx. The ring's byte layout is drawn in _ring.h.
 """
 
 cimport cython
@@ -17,7 +18,7 @@ from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memcmp, memcpy
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.time cimport timespec
 from posix.unistd cimport close, getpid, read, write
@@ -734,7 +735,7 @@ cdef class Dispatcher:
             end = walk.pos
             best = NULL
             best_lag = 0
-            key = _record_key(rec) if keys != NULL and kind == PGL_REC_WAL else 0
+            key = self.record_key(rec) if keys != NULL and kind == PGL_REC_WAL else 0
             if key != 0 and keys.owner[_bucket(key)] != NULL:
                 best = keys.owner[_bucket(key)]
             for k in range(nt if best == NULL else 0):
@@ -1050,6 +1051,9 @@ cdef class Dispatcher:
 
     cdef int drain(self, PGconn *conn, bint streaming) noexcept nogil:
         return 0        # a source that reads nothing (each source overrides this)
+
+    cdef uint64_t record_key(self, const unsigned char *rec) noexcept nogil:
+        return 0        # a source without keys
 
     cdef uint64_t oldest_unconsumed(self, uint64_t bound) noexcept nogil:
         # The commit LSN of the oldest transaction some ring's reader is not done with, if
@@ -1448,26 +1452,6 @@ cdef void _unkey(dict keymaps, Producer *p):
             if address == <size_t>keys:
                 del keymaps[token]
         free(keys)
-
-
-cdef inline uint64_t _record_key(const unsigned char *rec) noexcept nogil:
-    # The key hash of a WAL record (_ring.h): the one a row change carries, or a keyed
-    # message's (of what follows \x1f in its channel); 0 for one without a key.
-    cdef uint64_t key = 0
-    cdef const char *chan
-    cdef const char *sep
-    cdef uint16_t clen
-    if pgl_rec_flags(rec) & PGL_WAL_CHANGE:
-        if pgl_rec_payload_len(rec) >= 20:
-            memcpy(&key, pgl_wal_payload(rec) + 12, 8)
-        return key
-    chan = pgl_wal_channel(rec)
-    clen = pgl_rec_channel_len(rec)
-    sep = <const char *>memchr(chan, 0x1f, clen)
-    if sep == NULL:
-        return 0
-    key = pgl_hash(sep + 1, clen - <size_t>(sep - chan) - 1)
-    return key if key != 0 else 1
 
 
 cdef void _free_producer(Producer *p) noexcept nogil:

@@ -17,11 +17,12 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcmp, memcpy, strerror
+from libc.string cimport memcmp, memcpy, strerror
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, read, write
 
+from pglistener._core._pgoutput cimport *
 from pglistener._core._poll cimport (
     PGL_POLLRDHUP, POLLERR, POLLHUP, POLLIN, POLLNVAL, now_ns as _now_ns, poll, pollfd,
 )
@@ -244,40 +245,25 @@ cdef class Table:
     cdef set _undecodable              # columns whose text did not load (said once)
 
     def __init__(self, bytes description not None):
-        cdef const unsigned char *p = description
-        cdef Py_ssize_t n = len(description), at, end
-        cdef int ncols
-        if n < 7:
+        cdef pgl_relation r
+        cdef pgl_columns cols
+        cdef pgl_column c
+        if pgl_relation_read(description, len(description), &r) < 0:
             raise ValueError("not a Relation message")
         self.description = description
         self._undecodable = set()
-        self.relid = pgl_be32(<const char *>p)
-        at = 4
-        names = []
-        for _ in range(2):
-            end = description.find(b"\0", at)
-            if end < 0:
-                raise ValueError("not a Relation message")
-            names.append(description[at:end].decode("utf-8", "surrogateescape"))
-            at = end + 1
-        self.name = f"{names[0]}.{names[1]}"
-        if at + 3 > n:
-            raise ValueError("not a Relation message")
+        self.relid = r.relid
+        self.name = (PyUnicode_DecodeUTF8(r.nspname, r.nsplen, "surrogateescape") + "."
+                     + PyUnicode_DecodeUTF8(r.relname, r.rellen, "surrogateescape"))
         self.replica_identity = {b"d"[0]: "default", b"n"[0]: "nothing", b"f"[0]: "full",
-                                 b"i"[0]: "index"}.get(p[at], chr(p[at]))
-        ncols = (p[at + 1] << 8) | p[at + 2]
-        at += 3
+                                 b"i"[0]: "index"}.get(<unsigned char>r.identity,
+                                                       chr(<unsigned char>r.identity))
         columns, oids, key = [], [], []
-        for _ in range(ncols):
-            if at + 1 > n:
-                raise ValueError("not a Relation message")
-            key.append(bool(p[at] & 1))
-            end = description.find(b"\0", at + 1)
-            if end < 0 or end + 9 > n:
-                raise ValueError("not a Relation message")
-            columns.append(description[at + 1:end].decode("utf-8", "surrogateescape"))
-            oids.append(pgl_be32(<const char *>p + end + 1))
-            at = end + 9
+        cols = pgl_relation_columns(&r)
+        while pgl_column_next(&cols, &c) == 1:
+            key.append(bool(c.flags & 1))
+            columns.append(PyUnicode_DecodeUTF8(c.name, c.name_len, "surrogateescape"))
+            oids.append(c.type_oid)
         self.columns = tuple(columns)
         self.type_oids = tuple(oids)
         self.key = tuple(key)
@@ -298,44 +284,31 @@ cdef class Table:
         return (Table, (self.description,))
 
 
-cdef extern from "_wire.h" nogil:
-    uint32_t pgl_be32(const char *p)
-
-
-cdef Py_ssize_t _tuple_data(bytes data, Py_ssize_t at, int ncols, list texts) except -2:
-    # pgoutput's TupleData at `at`: each column's text (bytes), None (NULL) or UNCHANGED,
-    # appended to texts; where it ends.
-    cdef const unsigned char *p = data
-    cdef Py_ssize_t n = len(data)
-    cdef int count
-    cdef uint32_t length
-    if at + 2 > n:
+cdef list _tuple_data(const char *at, const char *end, int ncols):
+    # pgoutput's TupleData at `at`: each column's text (bytes), None (NULL) or UNCHANGED.
+    cdef pgl_tuple t
+    cdef pgl_datum d
+    cdef list texts = []
+    cdef int rc
+    if pgl_tuple_open(at, end, &t) < 0:
         raise ValueError("truncated tuple data")
-    count = (p[at] << 8) | p[at + 1]
-    at += 2
-    for _ in range(count):
-        if at >= n:
+    while True:
+        rc = pgl_tuple_next(&t, &d)
+        if rc == 0:
+            break
+        if rc < 0:
+            if t.at < t.end and t.at[0] not in b"nutb":
+                raise ValueError(f"unknown tuple data kind {<unsigned char>t.at[0]!r}")
             raise ValueError("truncated tuple data")
-        kind = p[at]
-        at += 1
-        if kind == b'n':
+        if d.kind == b'n':
             texts.append(None)
-        elif kind == b'u':
+        elif d.kind == b'u':
             texts.append(UNCHANGED)
-        elif kind == b't' or kind == b'b':
-            if at + 4 > n:
-                raise ValueError("truncated tuple data")
-            length = pgl_be32(<const char *>p + at)
-            at += 4
-            if at + length > n:
-                raise ValueError("truncated tuple data")
-            texts.append(PyBytes_FromStringAndSize(<const char *>p + at, length))
-            at += length
         else:
-            raise ValueError(f"unknown tuple data kind {kind!r}")
-    if count != ncols:
-        raise ValueError(f"{count} columns where the table has {ncols}")
-    return at
+            texts.append(PyBytes_FromStringAndSize(d.value, d.len))
+    if t.count != ncols:
+        raise ValueError(f"{t.count} columns where the table has {ncols}")
+    return texts
 
 
 cdef list _each(Table table, list texts):
@@ -490,22 +463,18 @@ cdef class Change:
 
     cdef int _decode(self) except -1:
         cdef bytes m = self.message
-        cdef Py_ssize_t at = 5
+        cdef pgl_change change
         cdef int ncols = len(self.relation.columns)
         if self._decoded:
             return 0
         if self.op != "truncate":
-            if len(m) < 6:
+            if pgl_change_read(m, len(m), &change) < 0:
                 raise ValueError("truncated change message")
-            kind = m[at]
-            if kind == b'K'[0] or kind == b'O'[0]:
-                self._key_only = kind == b'K'[0]
-                self._old_texts = []
-                at = _tuple_data(m, at + 1, ncols, self._old_texts)
-                kind = m[at] if at < len(m) else 0
-            if kind == b'N'[0]:
-                self._new_texts = []
-                _tuple_data(m, at + 1, ncols, self._new_texts)
+            if change.old != NULL:
+                self._key_only = change.old_kind == b'K'
+                self._old_texts = _tuple_data(change.old, change.end, ncols)
+            if change.new_ != NULL:
+                self._new_texts = _tuple_data(change.new_, change.end, ncols)
         if self._new_texts is not None:
             self._new = _row(self.relation, self._new_texts, False)
         if self._old_texts is not None:
@@ -686,7 +655,7 @@ cdef class RingReader:
                 note = Notification.__new__(Notification)
                 sep = NULL
                 if kind == PGL_REC_WAL:
-                    sep = <const char *>memchr(<const char *>rec + body, 0x1f, clen)
+                    sep = pgl_channel_sep(<const char *>rec + body, clen)
                 if sep != NULL:         # a keyed message: "channel\x1fkey"
                     klen = <uint16_t>(sep - (<const char *>rec + body))
                     note.key = PyUnicode_DecodeUTF8(sep + 1, clen - klen - 1,
@@ -716,32 +685,31 @@ cdef class RingReader:
         return None
 
     cdef Change _change(self, const char *content, uint32_t n):
-        # A row change's record content (_ring.h): its table (decoded once per Relation
-        # message) and its message, decoded when asked for.
-        cdef uint32_t version, rlen
+        # A row change's record content (_pgoutput.h's prefix): its table (decoded once per
+        # Relation message) and its message, decoded when asked for.
+        cdef pgl_change_prefix prefix
+        cdef const char *message
         cdef Change change
-        if n < 20:
+        if pgl_change_prefix_read(content, n, &prefix) < 0:
             raise PGListenerError("corrupt row change record")
-        version = (<const uint32_t *>content)[0]
-        rlen = (<const uint32_t *>content)[2]
-        if 20 + rlen >= n:
-            raise PGListenerError("corrupt row change record")
-        if self.last_table is None or version != self.last_version:
+        message = content + PGL_CHANGE_PREFIX + prefix.rlen
+        if self.last_table is None or prefix.version != self.last_version:
             if self.tables is None:
                 self.tables = {}
-            table = self.tables.get(version)
+            table = self.tables.get(prefix.version)
             if table is None:
-                table = Table(content[20:20 + rlen])
+                table = Table(PyBytes_FromStringAndSize(content + PGL_CHANGE_PREFIX,
+                                                        prefix.rlen))
                 if len(self.tables) >= 1024:
                     self.tables.clear()
-                self.tables[version] = table
+                self.tables[prefix.version] = table
             self.last_table = <Table>table
-            self.last_version = version
+            self.last_version = prefix.version
         change = Change.__new__(Change)
         change.relation = self.last_table
-        change.message = content[20 + rlen:n]
-        change.op = _OPS[<unsigned char>content[20 + rlen]]
-        change.xid = (<const uint32_t *>content)[1]
+        change.message = PyBytes_FromStringAndSize(message, content + n - message)
+        change.op = _OPS[<unsigned char>message[0]]
+        change.xid = prefix.xid
         return change
 
     cdef str _channel(self, const char *raw, uint16_t clen):

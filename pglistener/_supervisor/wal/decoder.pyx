@@ -23,8 +23,9 @@ from pglistener._core._libpq cimport (PG_DIAG_MESSAGE_PRIMARY, PG_DIAG_SEVERITY_
                                 PQflush, PQfreemem, PQgetCopyData, PQputCopyData,
                                 PQresultErrorField, PQsetNoticeReceiver)
 from pglistener._core._poll cimport now_ns as _now_ns
+from pglistener._core._pgoutput cimport *
 from pglistener._core._ring cimport (PGL_GAP_SLOT, PGL_MISSED_UNKNOWN, PGL_WAL_CHANGE,
-                               PGL_WAL_TRANSACTIONAL, pgl_hash)
+                               PGL_WAL_TRANSACTIONAL)
 
 
 cdef extern from "_wire.h" nogil:
@@ -72,7 +73,6 @@ cdef void _on_notice(void *arg, const PGresult *res) noexcept nogil:
 
 
 cdef enum:
-    CHANGE_PREFIX = 20         # version, xid, relation length, key hash (_ring.h)
     MAX_KEYED_CHANNEL = 1088   # a channel (63), \x1f and a key of at most 1024 bytes
 
 
@@ -143,19 +143,13 @@ cdef class WalDispatcher(Dispatcher):
     # pg_recvlogical.c reads it the same way). From the server, big-endian:
     #   'w' XLogData:  [1] start LSN  [9] end LSN  [17] send time  [25] one pgoutput message
     #   'k' keepalive: [1] end LSN  [9] send time  [17] reply requested (1 byte)
-    # pgoutput messages (proto.c, protocol version 1), of which we read three:
+    # pgoutput messages (proto.c, protocol version 1), read here:
     #   'B' begin:   [1] commit LSN  [9] commit time  [17] xid
     #   'C' commit:  [1] flags  [2] commit LSN  [10] end LSN  [18] commit time
     #   'M' message: [1] flags (1: transactional)  [2] LSN  [10] prefix, NUL-terminated,
     #                then a 4-byte length and the content
-    #   'R' relation: [1] relid  then namespace and name (NUL-terminated), replica identity,
-    #                a 2-byte column count, and per column: flags (1: part of the key), name
-    #                (NUL-terminated), type oid, typmod
-    #   'I' insert:  [1] relid  [5] 'N' and the new tuple
-    #   'U' update:  [1] relid  [5] 'K' or 'O' and the old key or row (when sent), then 'N'
-    #                and the new tuple
-    #   'D' delete:  [1] relid  [5] 'K' or 'O' and the old key or row
-    #   'T' truncate: [1] relation count  [5] options  [6] the relids
+    # and by the codec both sides share (_core/_pgoutput.h, where they are drawn): 'R'
+    # relation, 'I' insert, 'U' update, 'D' delete, 'T' truncate.
     # A change's LSN (the XLogData's start) is its WAL record's start: the rows of one
     # multi-row insert share it, so a change stands at max(its LSN, the one before + 1).
     # A transactional message is sent with its transaction, at commit, in commit order; one
@@ -188,6 +182,10 @@ cdef class WalDispatcher(Dispatcher):
             PQfreemem(buf)
             if rc < 0:
                 return -1
+
+    cdef uint64_t record_key(self, const unsigned char *rec) noexcept nogil:
+        # A row change's key (its record's prefix), a keyed message's (its channel).
+        return pgl_wal_record_key(rec)
 
     cdef void _gap_everywhere(self) noexcept nogil:
         # Gap("slot") on every ring, before anything routed from now on (as mark_gap()).
@@ -242,8 +240,7 @@ cdef class WalDispatcher(Dispatcher):
         # keepalive's request for an answer goes unanswered.
         cdef const char *body
         cdef const char *nul
-        cdef const char *sep
-        cdef size_t blen, clen
+        cdef size_t blen, clen, route_len
         cdef uint32_t plen
         cdef uint64_t end
         if buf[0] == b'k':
@@ -275,10 +272,9 @@ cdef class WalDispatcher(Dispatcher):
         elif body[0] == b'I' or body[0] == b'U' or body[0] == b'D':
             return self._change(pgl_be64(buf + 1), body, blen)
         elif body[0] == b'T':
-            if blen < 6 or <size_t>6 + 4 * <size_t>pgl_be32(body + 1) > blen:
+            if pgl_truncate_read(body, blen, &self.trunc_n) < 0:
                 return -1
             self.trunc_body = body
-            self.trunc_n = pgl_be32(body + 1)
             self.trunc_next = 0
             self._position_change(pgl_be64(buf + 1))
             return self._truncate()
@@ -317,18 +313,12 @@ cdef class WalDispatcher(Dispatcher):
             if <size_t>(nul - body) + 5 + plen > blen:
                 return -1
             # A keyed message (emit(key=)): "channel\x1fkey", routed by the channel.
-            sep = <const char *>memchr(body + 10, 0x1f, clen)
-            self.held_wal.key = 0
+            self.held_wal.key = pgl_channel_key(body + 10, clen, &route_len)
             self.held_wal.route_len = 0
-            if sep != NULL:
-                # (a channel of 64 bytes or more is no route: routed nowhere)
-                self.held_wal.route_len = <uint16_t>(sep - (body + 10) if sep - (body + 10) < 64
-                                                     else 64)
-                self.held_wal.key = pgl_hash(sep + 1, clen - <size_t>(sep - (body + 10)) - 1)
-                if self.held_wal.key == 0:
-                    self.held_wal.key = 1
+            if self.held_wal.key != 0:
+                self.held_wal.route_len = <uint16_t>route_len
                 if clen > MAX_KEYED_CHANNEL:
-                    clen = self.held_wal.route_len     # a key this long is not written
+                    clen = route_len     # a key this long is not written
             self.held_chan = body + 10
             self.held_clen = clen
             self.held_payload = nul + 5
@@ -407,27 +397,18 @@ cdef class WalDispatcher(Dispatcher):
 
     cdef void _key_by(self, Relation *rel):
         # Mark as the key the columns named in key_names, when the table's replica identity
-        # is FULL (its Relation's body: relid, namespace, name, identity, count, columns).
-        cdef const char *body = rel.body
-        cdef const char *end = body + rel.blen
-        cdef const char *at = body + 4
-        cdef const char *nul
-        cdef uint16_t i, _i
+        # is FULL.
+        cdef pgl_relation r
+        cdef pgl_columns cols
+        cdef pgl_column c
+        cdef uint16_t i = 0
         wanted = self.key_names.get(rel.relid)
-        for _i in range(2):
-            nul = <const char *>memchr(at, 0, end - at)
-            if nul == NULL:
-                return
-            at = nul + 1
-        if at + 3 > end or at[0] != b'f':
+        if pgl_relation_read(rel.body, rel.blen, &r) < 0 or r.identity != b'f':
             return
-        at += 3
-        for i in range(rel.ncols):
-            nul = <const char *>memchr(at + 1, 0, end - at - 1)
-            if nul == NULL:
-                return
-            rel.key_cols[i] = (at + 1)[:nul - at - 1] in wanted
-            at = nul + 9
+        cols = pgl_relation_columns(&r)
+        while i < rel.ncols and pgl_column_next(&cols, &c) == 1:
+            rel.key_cols[i] = c.name[:c.name_len] in wanted
+            i += 1
 
     def set_base_types(self, dict bases):
         """Domains by their base types ({domain oid: base oid}): the Relation messages from
@@ -451,60 +432,41 @@ cdef class WalDispatcher(Dispatcher):
         # with every change after it; which columns are its replica identity, for the key a
         # keyed group routes by.
         cdef Relation *rel
+        cdef pgl_relation r
+        cdef pgl_columns cols
+        cdef pgl_column c
         cdef char *copy
-        cdef unsigned char *cols
-        cdef const char *at
-        cdef const char *end = body + blen
-        cdef const char *nul
-        cdef uint16_t ncols, i, _i
-        cdef uint32_t oid, base
-        if blen < 5:
+        cdef unsigned char *key_cols
+        cdef uint16_t i = 0
+        cdef uint32_t base
+        if blen < 1 or pgl_relation_read(body + 1, blen - 1, &r) < 0:
             return -1
-        at = body + 5
-        for _i in range(2):      # namespace and name
-            nul = <const char *>memchr(at, 0, end - at) if at < end else NULL
-            if nul == NULL:
-                return -1
-            at = nul + 1
-        if at + 3 > end:
-            return -1
-        ncols = (<uint16_t>(<unsigned char>at[1]) << 8) | <unsigned char>at[2]
-        at += 3
-        cols = <unsigned char *>malloc(ncols + 1)
+        key_cols = <unsigned char *>malloc(r.ncols + 1)
         copy = <char *>malloc(blen - 1)
-        if cols == NULL or copy == NULL:
-            free(cols)
+        if key_cols == NULL or copy == NULL:
+            free(key_cols)
             free(copy)
             return -1
         memcpy(copy, body + 1, blen - 1)
-        for i in range(ncols):
-            if at >= end:
-                free(cols)
-                free(copy)
-                return -1
-            cols[i] = (<unsigned char>at[0]) & 1
-            nul = <const char *>memchr(at + 1, 0, end - at - 1) if at + 1 < end else NULL
-            if nul == NULL or nul + 9 > end:
-                free(cols)
-                free(copy)
-                return -1
+        cols = pgl_relation_columns(&r)
+        while pgl_column_next(&cols, &c) == 1:
+            key_cols[i] = c.flags & 1
             if self.n_bases:
-                oid = pgl_be32(nul + 1)
-                base = self._base(oid)
-                if base != oid:     # the copy starts at body + 1
-                    pgl_put_be32(copy + (nul + 1 - body - 1), base)
-            at = nul + 9
-        rel = self._find_rel(pgl_be32(body + 1), True)
+                base = self._base(c.type_oid)
+                if base != c.type_oid:      # the copy starts at body + 1
+                    pgl_put_be32(copy + (c.type_at - (body + 1)), base)
+            i += 1
+        rel = self._find_rel(r.relid, True)
         if rel == NULL:
             free(copy)
-            free(cols)
+            free(key_cols)
             return -1
         free(rel.body)
         free(rel.key_cols)
         rel.body = copy
         rel.blen = <uint32_t>(blen - 1)
-        rel.key_cols = cols
-        rel.ncols = ncols
+        rel.key_cols = key_cols
+        rel.ncols = r.ncols
         if self.has_key_names:
             with gil:
                 if rel.relid in self.key_names:
@@ -515,79 +477,35 @@ cdef class WalDispatcher(Dispatcher):
         rel.key[0] = 0
         return 0
 
-    cdef uint64_t _row_key(self, Relation *rel, const char *at, const char *end) noexcept nogil:
-        # The hash of a TupleData's replica identity columns (at: its column count), 0 when
-        # it has none or cannot be read. FNV-1a over each key column's length and text,
-        # seeded with the table's oid.
-        cdef uint64_t h = 1469598103934665603ULL ^ rel.relid
-        cdef uint16_t n, i
-        cdef uint32_t length, j
-        cdef bint any_key = False
-        cdef char kind
-        if at + 2 > end:
-            return 0
-        n = (<uint16_t>(<unsigned char>at[0]) << 8) | <unsigned char>at[1]
-        at += 2
-        for i in range(n):
-            if at >= end:
-                return 0
-            kind = at[0]
-            at += 1
-            length = UINT32_MAX
-            if kind == b't' or kind == b'b':
-                if at + 4 > end:
-                    return 0
-                length = pgl_be32(at)
-                at += 4
-                if at + length > end:
-                    return 0
-            if i < rel.ncols and rel.key_cols[i]:
-                any_key = True
-                for j in range(4):
-                    h = (h ^ ((length >> (8 * j)) & 0xFF)) * 1099511628211ULL
-                if length != UINT32_MAX:
-                    for j in range(length):
-                        h = (h ^ <unsigned char>at[j]) * 1099511628211ULL
-            if length != UINT32_MAX:
-                at += length
-        if not any_key:
-            return 0
-        return h if h != 0 else 1
-
     cdef uint64_t _change_key(self, Relation *rel, const char *body,
                               size_t blen) noexcept nogil:
-        # A change's key: the new row's (insert, update), else the old key's (delete).
-        cdef const char *end = body + blen
-        cdef const char *at = body + 5
-        cdef uint16_t n, _i
-        cdef uint32_t length
-        if at >= end:
+        # The hash of a change's replica identity columns (the new row's for an insert or an
+        # update, the old key's for a delete), 0 when it has none or cannot be read.
+        # FNV-1a over each key column's length and text, seeded with the table's oid.
+        cdef uint64_t h = 1469598103934665603ULL ^ rel.relid
+        cdef pgl_change change
+        cdef pgl_tuple t
+        cdef pgl_datum d
+        cdef uint32_t length, j
+        cdef bint any_key = False
+        cdef int rc
+        if pgl_change_read(body, blen, &change) < 0 or \
+                pgl_tuple_open(pgl_change_key_tuple(&change), change.end, &t) < 0:
             return 0
-        if at[0] == b'N':
-            return self._row_key(rel, at + 1, end)
-        if at[0] != b'K' and at[0] != b'O':
+        while True:
+            rc = pgl_tuple_next(&t, &d)
+            if rc <= 0:
+                break
+            if t.index < rel.ncols and rel.key_cols[t.index]:
+                any_key = True
+                length = d.len if d.kind == b't' or d.kind == b'b' else UINT32_MAX
+                for j in range(4):
+                    h = (h ^ ((length >> (8 * j)) & 0xFF)) * 1099511628211ULL
+                for j in range(d.len):
+                    h = (h ^ <unsigned char>d.value[j]) * 1099511628211ULL
+        if rc < 0 or not any_key:
             return 0
-        if body[0] == b'D':
-            return self._row_key(rel, at + 1, end)
-        # An update with its old key first: skip that tuple to the new one.
-        at += 1
-        if at + 2 > end:
-            return 0
-        n = (<uint16_t>(<unsigned char>at[0]) << 8) | <unsigned char>at[1]
-        at += 2
-        for _i in range(n):
-            if at >= end:
-                return 0
-            if at[0] == b't' or at[0] == b'b':
-                if at + 5 > end:
-                    return 0
-                length = pgl_be32(at + 1)
-                at += 5 + length
-            else:
-                at += 1
-        if at < end and at[0] == b'N':
-            return self._row_key(rel, at + 1, end)
-        return 0
+        return h if h != 0 else 1
 
     cdef inline void _position_change(self, uint64_t lsn) noexcept nogil:
         # Where the next change stands: in its transaction, at commit, after the one before.
@@ -601,20 +519,22 @@ cdef class WalDispatcher(Dispatcher):
     cdef bint _compose(self, Relation *rel, char op, const char *change,
                        size_t clen) noexcept nogil:
         # The record's content for one change of `rel` (_ring.h), in scratch.
-        cdef size_t need = CHANGE_PREFIX + rel.blen + clen
+        cdef size_t need = PGL_CHANGE_PREFIX + rel.blen + clen
         cdef char *grown
+        cdef pgl_change_prefix prefix
         if need > self.scratch_size:
             grown = <char *>realloc(self.scratch, need)
             if grown == NULL:
                 return False
             self.scratch = grown
             self.scratch_size = need
-        (<uint32_t *>self.scratch)[0] = rel.version
-        (<uint32_t *>self.scratch)[1] = self.txn_xid
-        (<uint32_t *>self.scratch)[2] = rel.blen
-        memcpy(self.scratch + 12, &self.held_wal.key, 8)
-        memcpy(self.scratch + CHANGE_PREFIX, rel.body, rel.blen)
-        memcpy(self.scratch + CHANGE_PREFIX + rel.blen, change, clen)
+        prefix.version = rel.version
+        prefix.xid = self.txn_xid
+        prefix.rlen = rel.blen
+        prefix.key = self.held_wal.key
+        pgl_change_prefix_put(self.scratch, &prefix)
+        memcpy(self.scratch + PGL_CHANGE_PREFIX, rel.body, rel.blen)
+        memcpy(self.scratch + PGL_CHANGE_PREFIX + rel.blen, change, clen)
         rel.key[1] = op
         self.held_chan = rel.key
         self.held_clen = rel.klen
@@ -648,7 +568,7 @@ cdef class WalDispatcher(Dispatcher):
         cdef Relation *rel
         cdef char opts[2]
         while self.trunc_next < self.trunc_n:
-            rel = self._find_rel(pgl_be32(self.trunc_body + 6 + 4 * self.trunc_next), False)
+            rel = self._find_rel(pgl_truncate_relid(self.trunc_body, self.trunc_next), False)
             if self.trunc_next > 0:
                 self._position_change(self.held_wal.lsn)
             self.trunc_next += 1
