@@ -153,7 +153,7 @@ def test_a_message_larger_than_a_blocking_ring_is_missed_not_waited_for() -> Non
 def test_the_switch_point_of_a_timeline_history() -> None:
     """Where the history of a promoted server left the timeline a slot was read on: the
     first switch at or after it (TIMELINE_HISTORY's file: parent timeline, LSN, why)."""
-    from pglistener._supervisor.wal.connection import switch_point
+    from pglistener._supervisor.wal.setup import switch_point
 
     history = ("1\t0/3000000\tno recovery target specified\n"
                "\n"

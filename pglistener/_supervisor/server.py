@@ -33,6 +33,8 @@ from ..channels import channel_bytes
 from ..errors import PGListenerError
 from ..stats import ReaderStats, Stats
 from .control_server import Client, ControlServer, OwnerChannel
+from .conversation import drive
+from .listen import Done
 from .notify.source import NotifySource
 from .registry import Actions, Sub
 from .source import Source, group_key
@@ -232,73 +234,42 @@ class Server:
                              f"than max_channels_per_worker ({most})")
         link = self.notify.shell
         key = (id(client), req)
-        pub = self.config.publication
 
-        def fail(text: str) -> None:
-            if self.finding.pop(key, None) is not None:
+        def ask(sql: bytes, answered: Done) -> None:
+            # A subscribe cancelled (or its worker gone) meanwhile: its answer is dropped,
+            # and the conversation with it.
+            link.query(sql, lambda results, error: (answered(results, error)
+                                                     if key in self.finding else None))
+
+        def learned(found: _tables.Found) -> None:
+            if self.wal is not None:
+                # Domains made since the slot's stream began: their columns load by base type.
+                self.wal.dispatcher.set_base_types(found.base_types)
+                # REPLICA IDENTITY FULL: a keyed group keeps a row's order by its primary key.
+                for oid, columns in found.key_columns.items():
+                    self.wal.dispatcher.set_key_columns(oid, columns)
+
+        def done(found: _tables.Found | None, error: BaseException | None) -> None:
+            if self.finding.pop(key, None) is None:
+                return
+            if error is not None:
                 self.control.reply(client, {"req": req, "ok": False,
-                                            "error": "WalSourceError", "message": text})
-
-        def subscribe(oids: list[int]) -> None:
-            self.finding.pop(key, None)
-            assert self.wal is not None
-            routes = [_tables.route_key(op, oid) for oid in oids for op in ops]
+                                            "error": "WalSourceError", "message": str(error)})
+                return
+            assert found is not None and self.wal is not None
+            if found.added:
+                log.info("added %s to publication %r for a subscription to their changes",
+                         ", ".join(found.added), self.config.publication)
+            routes = [_tables.route_key(op, oid) for oid in found.oids for op in ops]
             try:
                 self._open(client, req, message, self.wal, routes, self.wal.position(message))
             except (PGListenerError, ValueError, KeyError, OSError) as exc:
                 # Answered here, not by the control loop: this runs in a query's callback.
                 self.control.reply_error(client, req, exc)
 
-        def added(error: str | None, tables: list[str], oids: list[int]) -> None:
-            if key not in self.finding:
-                return          # cancelled, or its worker went
-            if error is not None:
-                return fail(f"the publication {pub!r} lacks {', '.join(tables)}, and adding "
-                            f"them failed: {error.strip()} (run as the tables' owner: "
-                            f"{_tables.add_statement(pub, tables)};)")
-            log.info("added %s to publication %r for a subscription to their changes",
-                     ", ".join(tables), pub)
-            subscribe(oids)
-
-        def found(results: Any, error: str | None) -> None:
-            if key not in self.finding:
-                return
-            if error is not None or not results:
-                return fail(f"looking for the tables {', '.join(names)} failed: {error}")
-            rows = results[-2]
-            missing = [n for n, row in zip(names, rows, strict=True) if row[0] is None]
-            if missing:
-                return fail(f"no such table: {', '.join(missing)} (a table that does not "
-                            f"exist cannot be subscribed to: create it first)")
-            odd = [n for n, row in zip(names, rows, strict=True) if row[3] not in (b"r", b"p")]
-            if odd:
-                return fail(f"not a table: {', '.join(odd)} (only tables have row changes in "
-                            f"a publication)")
-            oids = [int(row[0]) for row in rows]
-            if self.wal is not None:
-                # Domains made since the slot's stream began: their columns load by base type.
-                self.wal.dispatcher.set_base_types(_tables.base_types(results[-1]))
-                # REPLICA IDENTITY FULL: a keyed group keeps a row's order by its primary key.
-                for row in rows:
-                    if row[6] == b"t" and row[7]:
-                        self.wal.dispatcher.set_key_columns(int(row[0]),
-                                                            _tables.primary_key(row[7]))
-            blind = [n for n, row in zip(names, rows, strict=True)
-                     if row[4] != b"t" and row[5] != b"t"]
-            if blind:
-                return fail(f"{', '.join(blind)} has no replica identity (no primary key): in "
-                            f"a publication, PostgreSQL would refuse its UPDATEs and DELETEs. "
-                            f"Give it a primary key, or run ALTER TABLE ... REPLICA IDENTITY "
-                            f"FULL (or USING INDEX), then subscribe again")
-            lacking = [f"{_tables.ident(row[1].decode())}.{_tables.ident(row[2].decode())}"
-                       for row in rows if row[4] != b"t"]
-            if not lacking:
-                return subscribe(oids)
-            link.query(_tables.add_query(pub, lacking),
-                       lambda _r, error: added(error, lacking, oids))
-
         def start() -> None:
-            link.query(_tables.find_query(pub, names) + b"; " + _tables.DOMAINS_QUERY, found)
+            drive(_tables.find_tables(self.config.publication, names, learned), ask, done,
+                  errors=(_tables.TableError,))
 
         # Asked on the LISTEN connection; again on the next one if it goes meanwhile.
         self.finding[key] = (client, start)

@@ -18,21 +18,17 @@ from ..._core.reader import format_lsn, parse_lsn
 from ..._dsn import safe_target
 from ..connection import Phase
 from ..control_server import Client
-from ..listen import ListenConnection
+from ..conversation import drive
+from ..listen import Done, ListenConnection
 from ..notify.source import NotifySource
 from ..registry import Actions, Registry, Sub
 from ..source import Rows, Source, group_key, timing
+from . import failover as _failover
 from . import tables as _tables
-from .connection import (
-    KEEP_TABLE,
-    LINGER_NS,
-    PUBLICATION_GRACE,
-    SetupError,
-    SlotProbe,
-    Started,
-    WalConnection,
-)
+from .connection import LINGER_NS, SlotProbe, WalConnection
 from .decoder import WalDispatcher
+from .failover import Verdict
+from .setup import KEEP_TABLE, PUBLICATION_GRACE, SetupError, Started
 
 if TYPE_CHECKING:
     from ..server import Server
@@ -379,64 +375,30 @@ class WalSource(Source):
     # -- failover -----------------------------------------------------------------------------
 
     def _check_failover(self) -> None:
-        """What a failover of the primary would do to the slot, said once per process as a
-        warning naming what is missing, and in stats() (failover_ready)."""
-        wal = self.shell
-        if wal.recovery:
-            self.failover_ready = None      # a standby's own slot survives its promotion
-            return
-        if wal.server_version < 170000:
-            self._not_ready(
-                f"PostgreSQL {wal.server_version // 10000} cannot keep a logical slot across "
-                f"a failover: a promoted standby does not have slot {wal.slot!r}. The "
-                f"supervisor then makes it again, and every WAL subscription gets "
-                f"Gap('slot') (PostgreSQL 17 keeps failover slots; or read the slot on a "
-                f"standby with slot_dsn=)")
-            return
-        if not wal.slot_failover:
-            self._not_ready(f"slot {wal.slot!r} is not a failover slot "
-                            f"(Supervisor(failover=False)): a failover loses it, and every "
-                            f"WAL subscription then gets Gap('slot')")
-            return
-        names = [n.strip().strip('"') for n in wal.sync_slots.split(",") if n.strip()]
-        if not names:
-            self._not_ready(self._failover_needs("synchronized_standby_slots is not set on "
-                                                 "the primary"))
-            return
-        if self.config.slot_conninfo is not None:
-            self.failover_ready = None      # not seen from here: the primary is elsewhere
-            return
-        if self.notify.shell.conn is None:  # the LISTEN connection asks: again in a second
-            self.failover_checked = time.monotonic() - FAILOVER_CHECK + 1.0
-            return
-        quoted = ", ".join("'" + n.replace("'", "''") + "'" for n in names)
-        self.notify.shell.query(
-            f"SELECT slot_name, slot_type, active FROM pg_replication_slots "
-            f"WHERE slot_name IN ({quoted})".encode(),
-            lambda results, error: self._standby_slots(names, results, error))
+        """What a failover of the primary would do to the slot (failover.judge()), said once
+        per process as a warning naming what is missing, and in stats() (failover_ready)."""
+        wal, link = self.shell, self.notify.shell
 
-    def _standby_slots(self, names: list[str], results: Rows, error: str | None) -> None:
-        if error is not None:
-            return
-        rows = {(r[0] or b"").decode(): r for r in (results[0] if results else [])}
-        missing = [n for n in names if n not in rows or rows[n][1] != b"physical"]
-        inactive = [n for n in names if n in rows and rows[n][2] != b"t"]
-        if missing:
-            self._not_ready(self._failover_needs(
-                f"synchronized_standby_slots names {', '.join(missing)}, which is not a "
-                f"physical slot on the primary: every logical reader there waits for it (a "
-                f"stall); create it, or correct the setting"))
-        elif inactive:
-            self._not_ready(self._failover_needs(
-                f"the standby's slot {', '.join(inactive)} (synchronized_standby_slots) is "
-                f"not in use: no standby receives through it, and every logical reader on the "
-                f"primary waits for it"))
-        elif len(self.standbys) == 0:
-            # The DSN names one server: its standbys cannot be asked; the primary's
-            # settings are what can be judged.
-            self.failover_ready = True
-        else:
-            self._ask_standbys()
+        def ask(sql: bytes, answered: Done) -> None:
+            if link.conn is None:   # the LISTEN connection asks: again in a second
+                self.failover_checked = time.monotonic() - FAILOVER_CHECK + 1.0
+                return
+            link.query(sql, answered)
+
+        def heed(verdict: Verdict | None, _error: BaseException | None) -> None:
+            if verdict is None:
+                return
+            if verdict.ask_standbys:
+                self._ask_standbys()
+            elif verdict.ready is False:
+                assert verdict.reason is not None
+                self._not_ready(verdict.reason)
+            else:
+                self.failover_ready = verdict.ready
+
+        drive(_failover.judge(wal.slot, wal.recovery, wal.server_version, wal.slot_failover,
+                              wal.sync_slots, self.config.slot_conninfo is None,
+                              len(self.standbys)), ask, heed)
 
     def _ask_standbys(self) -> None:
         """Whether each standby the DSN names holds a synchronised copy of the slot that a
@@ -504,13 +466,6 @@ class WalSource(Source):
                         "checkpoint); GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() "
                         "to the supervisor's role to have it sooner", error.strip(),
                         self.config.slot)
-
-    def _failover_needs(self, what: str) -> str:
-        return (f"slot {self.config.slot!r} is a failover slot, but a failover would not "
-                f"keep it: {what}. A failover needs, on the primary, "
-                f"synchronized_standby_slots = '<the standby's physical slot>'; on the "
-                f"standby, sync_replication_slots = on, hot_standby_feedback = on, "
-                f"primary_slot_name, and a dbname in primary_conninfo")
 
     def _not_ready(self, message: str) -> None:
         """A failover would lose the slot: stats() says so, and a warning names why (once

@@ -1,6 +1,6 @@
 """Table changes, the supervisor's side: a subscribe_changes() names tables; this finds each
-one (an error when it does not exist), adds to the slot's publication those it lacks, and
-gives the routes its changes come by.
+one (an error when it does not exist), adds to the slot's publication those it lacks (one
+conversation: find_tables()), and gives the routes its changes come by.
 
 A change is routed by the key "\\0", its op letter and its table's oid (what wal/decoder.pyx
 writes): no message prefix has a NUL, so changes and messages never share a route.
@@ -8,9 +8,11 @@ writes): no message prefix has a NUL, so changes and messages never share a rout
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from ..._checks import OPS
+from ..conversation import Command, Conversation
 
 #: What subscribe_changes(ops=) takes, and the letter of each in pgoutput.
 
@@ -113,3 +115,60 @@ def add_query(publication: str, tables: Sequence[str]) -> bytes:
     return (f"DO $pglistener$BEGIN BEGIN CREATE PUBLICATION {pub}; EXCEPTION WHEN "
             f"duplicate_object OR unique_violation THEN NULL; END; {adds} END$pglistener$"
             ).encode()
+
+
+class TableError(Exception):
+    """A subscribe_changes() that cannot be served as asked: said to its caller."""
+
+
+@dataclass
+class Found:
+    """The tables a subscribe_changes() named, as the server has them."""
+
+    oids: list[int]                 # in the order named
+    base_types: dict[int, int]      # every domain's base type, as DOMAINS_QUERY gives them
+    # REPLICA IDENTITY FULL with a primary key: a keyed group keeps a row's order by its
+    # primary key's columns, by table oid.
+    key_columns: dict[int, list[str]] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)   # added to the publication (quoted)
+
+
+def find_tables(publication: str, names: Sequence[str],
+                learned: Callable[[Found], None]) -> Conversation[Found]:
+    """subscribe_changes()'s tables (schema-qualified names), one conversation on a plain
+    connection: each found (TableError when one does not exist, is not a table or has no
+    replica identity), what was learned of them handed to learned() before the publication
+    changes (domains made since the stream began, primary keys), then those the publication
+    lacks added to it. Returns what was found."""
+    answer = yield Command(find_query(publication, names) + b"; " + DOMAINS_QUERY)
+    if answer.error is not None or len(answer.results) < 2:
+        raise TableError(f"looking for the tables {', '.join(names)} failed: {answer.error}")
+    rows = answer.results[-2]
+    missing = [n for n, row in zip(names, rows, strict=True) if row[0] is None]
+    if missing:
+        raise TableError(f"no such table: {', '.join(missing)} (a table that does not exist "
+                         f"cannot be subscribed to: create it first)")
+    odd = [n for n, row in zip(names, rows, strict=True) if row[3] not in (b"r", b"p")]
+    if odd:
+        raise TableError(f"not a table: {', '.join(odd)} (only tables have row changes in a "
+                         f"publication)")
+    found = Found([int(row[0] or 0) for row in rows], base_types(answer.results[-1]),
+                  {int(row[0] or 0): primary_key(row[7]) for row in rows
+                   if row[6] == b"t" and row[7]})
+    learned(found)
+    blind = [n for n, row in zip(names, rows, strict=True) if row[4] != b"t" and row[5] != b"t"]
+    if blind:
+        raise TableError(f"{', '.join(blind)} has no replica identity (no primary key): in a "
+                         f"publication, PostgreSQL would refuse its UPDATEs and DELETEs. Give "
+                         f"it a primary key, or run ALTER TABLE ... REPLICA IDENTITY FULL (or "
+                         f"USING INDEX), then subscribe again")
+    lacking = [f"{ident((row[1] or b'').decode())}.{ident((row[2] or b'').decode())}"
+               for row in rows if row[4] != b"t"]
+    if lacking:
+        answer = yield Command(add_query(publication, lacking))
+        if answer.error is not None:
+            raise TableError(f"the publication {publication!r} lacks {', '.join(lacking)}, "
+                             f"and adding them failed: {answer.error.strip()} (run as the "
+                             f"tables' owner: {add_statement(publication, lacking)};)")
+        found.added = lacking
+    return found
