@@ -26,7 +26,7 @@ import asyncio
 import glob
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,25 +214,37 @@ def _count_pglistener(sub: Any, tally: Tally) -> None:
     tally.finish(received, missed)
 
 
-def pglistener_for_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
-    """The README's first example: `for item in sub`, counting."""
+def read_for(items: Iterable[Any], tally: Tally,
+             check: Callable[[Any, int], None] | None = None) -> None:
+    """The one `for item in sub` loop of the bench's readers, as the README writes it:
+    counting each item, or a Gap's missed, until the job's count; `check(item, n)` looks at
+    each item that is not a Gap (the n-th of the stream) where the scenario checks what it
+    reads."""
     from pglistener import Gap
 
+    received = missed = 0
+    expect = tally.job.expect
+    for item in items:
+        if not received and not missed:
+            tally.first = time.monotonic()
+        if type(item) is Gap:
+            missed += item.missed or 0
+        else:
+            received += 1
+            if check is not None:
+                check(item, received + missed)
+        if received + missed >= expect:
+            break
+    tally.finish(received, missed)
+
+
+def pglistener_for_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
+    """The README's first example: `for item in sub`, counting."""
     tally = Tally(job)
     assert tally.plain, "pglistener-for runs only the plain count scenarios"
-    received = missed = 0
     with worker.subscribe(job.channels, timeout=60, source=job.source) as sub:
         ready.put(True)
-        for item in sub:
-            if not received and not missed:
-                tally.first = time.monotonic()
-            if type(item) is Gap:
-                missed += item.missed or 0
-            else:
-                received += 1
-            if received + missed >= job.expect:
-                break
-    tally.finish(received, missed)
+        read_for(sub, tally)
     out.put(tally.report())
 
 
@@ -557,26 +569,16 @@ def psycopg2_changes_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
 def pglistener_changes_reader(worker: Any, job: Job, ready: Any, out: Any) -> None:
     """The README's table changes loop: `for change in sub`, each row decoded (change.new),
     its order checked."""
-    from pglistener import Gap
+
+    def in_order(change: Any, n: int) -> None:
+        if change.new["n"] != n:
+            raise RuntimeError(f"pglistener-changes: row {change.new['n']} came as {n}")
 
     tally = Tally(job)
-    received = missed = 0
     with worker.subscribe_changes(CHANGES_TABLE, ops="insert", timeout=60,
                                   ring_bytes=job.ring_bytes) as sub:
         ready.put(True)
-        for change in sub:
-            if not received and not missed:
-                tally.first = time.monotonic()
-            if type(change) is Gap:
-                missed += change.missed or 0
-            else:
-                received += 1
-                if change.new["n"] != received + missed:
-                    raise RuntimeError(f"pglistener-changes: row {change.new['n']} came as "
-                                       f"{received + missed}")
-            if received + missed >= job.expect:
-                break
-    tally.finish(received, missed)
+        read_for(sub, tally, in_order)
     out.put(tally.report())
 
 
@@ -710,40 +712,47 @@ def mp_queue_reader(queue: Any, job: Job, ready: Any, out: Any) -> None:
 JOBS = "bench_jobs"
 
 
-def pglistener_group_reader(worker: Any, job: Job, total: Any, ready: Any, out: Any) -> None:
-    """One member of a consumer group (overflow="block"): each notification it receives is
-    a job it alone handles. The members add up what they handled in `total` (a shared
-    counter, once per batch) and stop when the group has handled them all."""
+def read_group(sub: Any, job: Job, total: Any, mine: Callable[[Any], bool]) -> Tally:
+    """The one loop of a consumer group's member: what it receives, `mine(item)` says
+    whether it is a job it handled (and checks it, where the scenario does); the members add
+    up what they handled in `total` (a shared counter, once per batch) and stop when the
+    group has handled them all."""
     from pglistener import Gap
 
     tally = Tally(job)
-    sub = worker.subscribe(job.channels, group="bench", overflow="block", timeout=60,
-                           source=job.source)
-    ready.put(True)
     claimed = 0
     while not tally.timed_out():
         try:
             items = sub.get_many(4096, timeout=0.05)
         except TimeoutError:
             items = []
-        mine = 0
+        handled = 0
         for item in items:
             if type(item) is Gap:
                 tally.missed += item.missed or 0
-            elif item.payload != END:
-                mine += 1
-        if mine:
+            elif mine(item):
+                handled += 1
+        if handled:
             if not claimed:
                 tally.first = time.monotonic()
-            claimed += mine
+            claimed += handled
             tally.end = time.monotonic()
         with total.get_lock():
-            total.value += mine
+            total.value += handled
             if total.value >= job.expect:
                 break
     sub.unsubscribe()
     tally.received = tally.deliveries = claimed
-    out.put(tally.report())
+    return tally
+
+
+def pglistener_group_reader(worker: Any, job: Job, total: Any, ready: Any, out: Any) -> None:
+    """One member of a consumer group (overflow="block"): each notification it receives is
+    a job it alone handles."""
+    sub = worker.subscribe(job.channels, group="bench", overflow="block", timeout=60,
+                           source=job.source)
+    ready.put(True)
+    out.put(read_group(sub, job, total, lambda note: note.payload != END).report())
 
 
 #: changes-group: the rows the producer updates over and over (each a key of the group).
@@ -762,44 +771,21 @@ def pglistener_changes_group_reader(worker: Any, job: Job, total: Any, ready: An
     """One member of a keyed consumer group on the changes table (key=True, overflow=
     "block"): checks that each row's changes come to it in order, and reports the rows it
     had, so that the bench can check no row went to two members."""
-    from pglistener import Gap
+    last: dict[int, int] = {}
 
-    tally = Tally(job)
+    def in_order(change: Any) -> bool:
+        if change.op == "truncate":
+            return False
+        row, n = change.new["id"], change.new["n"]
+        if n <= last.get(row, -1):
+            raise RuntimeError(f"changes-group: row {row} came with n={n} after n={last[row]}")
+        last[row] = n
+        return True
+
     sub = worker.subscribe_changes(CHANGES_TABLE, group="bench", key=True, overflow="block",
                                    ring_bytes=job.ring_bytes, timeout=60)
     ready.put(True)
-    claimed = 0
-    last: dict[int, int] = {}
-    while not tally.timed_out():
-        try:
-            items = sub.get_many(4096, timeout=0.05)
-        except TimeoutError:
-            items = []
-        mine = 0
-        for item in items:
-            if type(item) is Gap:
-                tally.missed += item.missed or 0
-                continue
-            if item.op == "truncate":
-                continue
-            row, n = item.new["id"], item.new["n"]
-            if n <= last.get(row, -1):
-                raise RuntimeError(f"changes-group: row {row} came with n={n} after "
-                                   f"n={last[row]}")
-            last[row] = n
-            mine += 1
-        if mine:
-            if not claimed:
-                tally.first = time.monotonic()
-            claimed += mine
-            tally.end = time.monotonic()
-        with total.get_lock():
-            total.value += mine
-            if total.value >= job.expect:
-                break
-    sub.unsubscribe()
-    tally.received = tally.deliveries = claimed
-    out.put({**tally.report(), "rows": sorted(last)})
+    out.put({**read_group(sub, job, total, in_order).report(), "rows": sorted(last)})
 
 
 def skip_locked_reader(dsn: str, job: Job, ready: Any, out: Any) -> None:
