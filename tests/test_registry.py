@@ -287,3 +287,21 @@ def test_a_subscribe_during_an_outage_on_a_listened_channel_is_answered_at_once(
     assert act.answer == [second] and act.gaps == [second.id] and act.listen == []
     other = reg.new("w2", 0, 3, ["x", "y"], 16384)
     assert reg.add(other).answer == []          # "y" needs the server
+
+
+def test_a_registry_that_does_not_listen_routes_and_answers_at_once() -> None:
+    """The WAL source's registry: no LISTEN to send or wait for, its routes in place as they
+    are set; answered once its connection streams (connected() is whole at once), and at
+    once from then on; a channel nobody reads any more is dropped, with no UNLISTEN."""
+    reg = Registry(MAX_SUBS, MAX_CHANNELS, listens=False)
+    first = reg.new("w1", 1, 1, ["a", "b"], 4096)
+    act = reg.add(first)
+    assert act.routes == {"a": [first.id], "b": [first.id]} and not act.listen
+    assert act.answer == []             # not streaming yet: it waits
+    act = reg.connected()
+    assert reg.up and act.answer == [first] and not act.listen
+    second = reg.new("w2", 2, 1, ["b", "c"], 4096)
+    act = reg.add(second)
+    assert act.answer == [second] and not act.listen
+    act = reg.unsubscribe("w1", first.id)
+    assert act.routes["a"] == [] and act.unlisten == [] and "a" not in reg.listening

@@ -73,8 +73,11 @@ class Actions:
 
 class Registry:
     def __init__(self, max_subscriptions_per_worker: int, max_channels_per_worker: int,
-                 ids: Iterator[int] | None = None) -> None:
+                 ids: Iterator[int] | None = None, listens: bool = True) -> None:
         self.max_subscriptions = max_subscriptions_per_worker
+        # False: a source with no LISTEN (the WAL source), whose routes take effect as they
+        # are set: what would be LISTENed is in place at once, and connected() is whole.
+        self.listens = listens
         self.max_channels = max_channels_per_worker
         self.subs: dict[int, Sub] = {}
         self.routes: dict[str, list[int]] = {}      # channel -> subscription ids, in order
@@ -135,6 +138,9 @@ class Registry:
 
     def _request(self, act: Actions, channels: list[str]) -> None:
         """LISTEN `channels` (if any), under a new token."""
+        if not self.listens:
+            self.listening.update(channels)
+            return
         if channels:
             act.listen = channels
             act.listen_token = next(self._tokens)
@@ -224,7 +230,8 @@ class Registry:
                 if channel in self.listening or channel in self.requested:
                     self.listening.discard(channel)
                     self.requested.pop(channel, None)
-                    act.unlisten.append(channel)
+                    if self.listens:
+                        act.unlisten.append(channel)
         return act
 
     # -- the connection -----------------------------------------------------------------------
@@ -244,9 +251,12 @@ class Registry:
         return act
 
     def connected(self) -> Actions:
-        """A new connection: LISTEN every routed channel, then call replayed()."""
+        """A new connection: LISTEN every routed channel, then call replayed(). A registry
+        that does not listen is whole at once: what replayed() does is done here."""
         act = Actions()
         self._request(act, sorted(self.routes))
+        if not self.listens:
+            return self.replayed([], 0)
         return act
 
     def replayed(self, channels: Sequence[str], token: int) -> Actions:
