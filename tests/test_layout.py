@@ -104,3 +104,25 @@ def test_no_test_module_imports_another() -> None:
     bad = [f"{path.name} imports {n}" for path in sorted(tests.glob("test_*.py"))
            for n in sorted(imported(path)) if n.split(".")[0].startswith("test_")]
     assert not bad, bad
+
+
+def named_sources(path: Path) -> list[str]:
+    """Where `path` names a source: its modules imported, its name as a string, an attribute
+    or variable called by it."""
+    names = {"notify", "wal"}
+    found = [n for n in imported(path)
+             if any(f"._supervisor.{s}" in n or n.endswith(f".{s}") for s in names)]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and node.value in names:
+            found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in names:
+            found.append(f"line {node.lineno}: .{node.attr}")
+    return found
+
+
+def test_the_server_names_no_source() -> None:
+    """The server holds its sources by name from one table (sources.py) and drives them
+    alike: adding a source is a folder, an entry there, and its stats fields."""
+    assert named_sources(PACKAGE / "_supervisor" / "server.py") == []
+    table = named_sources(PACKAGE / "_supervisor" / "sources.py")
+    assert "pglistener._supervisor.wal.source" in table     # the check reads what it must

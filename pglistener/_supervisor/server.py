@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import logging.handlers
 import math
@@ -21,25 +22,20 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from .. import _protocol
-from .._checks import check_group, check_overflow, op_list, qualified
+from .._checks import check_group, check_overflow
 from .._core.dispatch import HEADER_BYTES, Dispatcher, RunStatus, run
 from .._sizes import check_ring_bytes
 from ..channels import channel_bytes
-from ..errors import PGListenerError
 from ..stats import ReaderStats, Stats
 from .control_server import Client, ControlServer, OwnerChannel
-from .conversation import drive
-from .listen import Done
-from .notify.source import NotifySource
+from .listen import ListenConnection
 from .registry import Actions, Sub
 from .source import Source, group_key
-from .wal import tables as _tables
-from .wal.source import NO_SLOT, WalSource
+from .sources import SOURCES
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -88,27 +84,28 @@ class Server:
         self.epoll = select.epoll()
         # A subscribe's memfd, eventfd and wake eventfd, until they go with its answer.
         self.ring_fds: dict[int, tuple[int, ...]] = {}
-        # subscribe_changes() requests whose tables are being found: (id(client), req).
-        self.finding: dict[tuple[int, Any], tuple[Client, Callable[[], None]]] = {}
         # The most a worker's message may take: a subscribe of every channel it may hold,
         # each escaped at worst (a 63-byte name of control characters as \u00XX).
         self.control = ControlServer(
             listen_sock, self.epoll, 384 * config.max_channels_per_worker + _protocol.MAX_MESSAGE,
             config.max_channels_per_worker, self._handle, self._detached)
         self.owner = OwnerChannel(owner, self.epoll, self.stats, self._stop)
-        self.sources: list[Source] = []
-        self.notify = NotifySource(self)
-        self.sources.append(self.notify)
-        self.wal: WalSource | None = None
-        if config.slot is not None:
-            self.wal = WalSource(self, self.notify)
-            self.sources.append(self.wal)
+        self.ids = itertools.count(1)      # subscription ids, one sequence for every source
+        # The sources this config enables, by name, in the table's order (sources.py).
+        self.sources: dict[str, Source] = {}
+        for name, kind in SOURCES.items():
+            if kind.enabled(config):
+                self.sources[name] = kind(self)
         # A signal writes a byte here (signal.set_wakeup_fd), so that it wakes the loop
         # wherever it waits: in run(), epoll fires through the control fd.
         self.wakeup, self._wakeup_w = socket.socketpair()
         for sock in (self.wakeup, self._wakeup_w):
             sock.setblocking(False)
         self.epoll.register(self.wakeup.fileno(), select.EPOLLIN)
+
+    def plain(self) -> ListenConnection:
+        """The plain connection a source before the asking one lends (Source.lends)."""
+        return next(c for c in (s.lends() for s in self.sources.values()) if c is not None)
 
     def stop_on_signals(self) -> None:
         """SIGTERM (systemd, `docker stop`, `timeout`, a whole process group) stops the
@@ -127,18 +124,19 @@ class Server:
     # -- the main loop ------------------------------------------------------------------------
 
     def serve(self) -> None:
+        sources = list(self.sources.values())       # run() names one by its index
         while not self.stopping:
             now = time.monotonic()
-            wait = min(source.step(now) for source in self.sources)
-            watch = [fd for source in self.sources for shell in source.shells()
+            wait = min(source.step(now) for source in sources)
+            watch = [fd for source in sources for shell in source.shells()
                      for fd in shell.fds()]
             wait_ms = max(1, min(TICK_MS, math.ceil(wait * 1000)))
-            status, which = run(tuple(source.polled() for source in self.sources),
+            status, which = run(tuple(source.polled() for source in sources),
                                 self.epoll.fileno(), wait_ms, tuple(watch))
             if status == RunStatus.RUN_CONN_BAD and which >= 0:
-                self.sources[which].on_bad()
+                sources[which].on_bad()
             elif status == RunStatus.RUN_RESULT:
-                self.sources[which].on_result()
+                sources[which].on_result()
             elif status == RunStatus.RUN_WATCH:
                 self._advance_connecting(watch)
             elif status == RunStatus.RUN_CONTROL:
@@ -153,7 +151,7 @@ class Server:
             poller.register(fd, select.POLLOUT if writable else select.POLLIN)
         ready = {fd for fd, _events in poller.poll(0)}
         now = time.monotonic()
-        for source in self.sources:
+        for source in self.sources.values():
             for shell in source.shells():
                 if any(fd in ready for fd, _w in shell.fds()):
                     shell.advance(now)
@@ -180,108 +178,42 @@ class Server:
             self._subscribe(client, req, message)
         elif op == "unsubscribe":
             sub_id = message.get("sub")
-            source = next((s for s in self.sources if sub_id in s.registry.subs), self.notify)
+            source = next((s for s in self.sources.values() if sub_id in s.registry.subs),
+                          next(iter(self.sources.values())))
             source.apply(source.registry.unsubscribe(client, sub_id))
             self.control.reply(client, {"req": req, "ok": True})
         elif op == "cancel":
             self._cancel(client, message.get("of"))
         elif op == "state":
-            self.control.reply(client, {
-                "req": req, "ok": True, "connected": self.notify.registry.up,
-                "last_error": self.notify.shell.machine.last_error,
-                "wal_last_error": None if self.wal is None else self.wal.shell.machine.last_error})
+            state: dict[str, Any] = {"req": req, "ok": True}
+            for kind in SOURCES.values():
+                state.update(kind.off_state)
+            for source in self.sources.values():
+                state.update(source.state())
+            self.control.reply(client, state)
         else:
             raise ValueError(f"unknown operation {op!r}")
 
     def _subscribe(self, client: Client, req: Any, message: dict[str, Any]) -> None:
         changes = message.get("changes")
         channels = message.get("channels") if changes is None else []
-        name = message.get("source", "notify")
+        name = message.get("source", next(iter(SOURCES)))     # the first is the default
         if not isinstance(channels, list) or (not channels and changes is None):
             raise ValueError("a subscription needs a list of one or more channels")
-        if name not in ("notify", "wal"):
-            raise ValueError(f"source is 'notify' or 'wal', not {name!r}")
-        source = next((s for s in self.sources if s.name == name), None)
+        if not isinstance(name, str) or name not in SOURCES:
+            raise ValueError(f"source is {' or '.join(map(repr, SOURCES))}, not {name!r}")
+        source = self.sources.get(name)
         if source is None:
-            what = "table changes need" if changes is not None else "source='wal' needs"
-            raise ValueError(f"{what} a supervisor that reads a slot: "
-                             f"Supervisor(dsn, slot='name')")
-        refused = source.check(message)
-        if refused is not None:
-            self.control.reply(client, {"req": req, "ok": False, "error": "WalSourceError",
-                                        "message": refused})
-            return
+            raise ValueError(SOURCES[name].absent(changes is not None))
+        source.check(message)
         position = source.position(message)
         if changes is not None:
-            self._find_tables(client, req, message, changes)
+            source.subscribe_changes(client, req, message, changes)
             return
         raws = {ch: channel_bytes(ch) for ch in channels}     # in order, without repeats
-        self._open(client, req, message, source, list(raws), position)
+        self.open_subscription(client, req, message, source, list(raws), position)
 
-    def _find_tables(self, client: Client, req: Any, message: dict[str, Any],
-                     changes: Any) -> None:
-        """subscribe_changes(): each table found (and added to the publication when it
-        lacks it) on the LISTEN connection, then subscribed by its changes' routes."""
-        if (not isinstance(changes, dict) or not isinstance(changes.get("tables"), list)
-                or not changes["tables"]):
-            raise ValueError("subscribe_changes needs one or more tables")
-        names = [qualified(t) for t in changes["tables"]]
-        ops = op_list(changes.get("ops"))
-        self._options(message)      # bad options cost no query
-        most = self.config.max_channels_per_worker
-        if len(names) * len(ops) > most:
-            raise ValueError(f"{len(names)} tables x {len(ops)} kinds of change is more routes "
-                             f"than max_channels_per_worker ({most})")
-        link = self.notify.shell
-        key = (id(client), req)
-
-        def ask(sql: bytes, answered: Done) -> None:
-            # A subscribe cancelled (or its worker gone) meanwhile: its answer is dropped,
-            # and the conversation with it.
-            link.query(sql, lambda results, error: (answered(results, error)
-                                                     if key in self.finding else None))
-
-        def learned(found: _tables.Found) -> None:
-            if self.wal is not None:
-                # Domains made since the slot's stream began: their columns load by base type.
-                self.wal.dispatcher.set_base_types(found.base_types)
-                # REPLICA IDENTITY FULL: a keyed group keeps a row's order by its primary key.
-                for oid, columns in found.key_columns.items():
-                    self.wal.dispatcher.set_key_columns(oid, columns)
-
-        def done(found: _tables.Found | None, error: BaseException | None) -> None:
-            if self.finding.pop(key, None) is None:
-                return
-            if error is not None:
-                self.control.reply(client, {"req": req, "ok": False,
-                                            "error": "WalSourceError", "message": str(error)})
-                return
-            assert found is not None and self.wal is not None
-            if found.added:
-                log.info("added %s to publication %r for a subscription to their changes",
-                         ", ".join(found.added), self.config.publication)
-            routes = [_tables.route_key(op, oid) for oid in found.oids for op in ops]
-            try:
-                self._open(client, req, message, self.wal, routes, self.wal.position(message))
-            except (PGListenerError, ValueError, KeyError, OSError) as exc:
-                # Answered here, not by the control loop: this runs in a query's callback.
-                self.control.reply_error(client, req, exc)
-
-        def start() -> None:
-            drive(_tables.find_tables(self.config.publication, names, learned), ask, done,
-                  errors=(_tables.TableError,))
-
-        # Asked on the LISTEN connection; again on the next one if it goes meanwhile.
-        self.finding[key] = (client, start)
-        if link.conn is not None:
-            start()
-
-    def find_again(self) -> None:
-        """The LISTEN connection is new: what it was asked for tables went with the old one."""
-        for _client, start in list(self.finding.values()):
-            start()
-
-    def _options(self, message: dict[str, Any]) -> tuple[int, str, str | None, bool]:
+    def subscribe_options(self, message: dict[str, Any]) -> tuple[int, str, str | None, bool]:
         """A subscribe's ring size, overflow policy, group and key=, checked."""
         ring_bytes = message.get("ring_bytes")
         capacity = self.config.ring_bytes if ring_bytes is None else check_ring_bytes(
@@ -293,10 +225,11 @@ class Server:
                              "too")
         return capacity, check_overflow(message.get("overflow", "gap")), group, keyed
 
-    def _open(self, client: Client, req: Any, message: dict[str, Any], source: Source,
-              channels: list[str], position: tuple[int, int, int] | None) -> None:
+    def open_subscription(self, client: Client, req: Any, message: dict[str, Any],
+                          source: Source, channels: list[str],
+                          position: tuple[int, int, int] | None) -> None:
         """A subscription of `source` on these routes: its ring made, then placed."""
-        capacity, overflow, group, keyed = self._options(message)
+        capacity, overflow, group, keyed = self.subscribe_options(message)
         peer = next((s for s in source.registry.subs.values()
                      if s.group == group and s.channels == tuple(channels)), None)
         if group is not None and peer is not None and peer.keyed != keyed:
@@ -382,27 +315,20 @@ class Server:
 
     def _cancel(self, client: Client, req: Any) -> None:
         """The worker gave up waiting for subscribe `req`: drop it, and close the request."""
-        if self.finding.pop((id(client), req), None) is not None:
-            self.control.reply(client, {"req": req, "ok": False, "error": "Cancelled"})
-            return
-        for source in self.sources:
-            sub, act = source.registry.cancel(client, req)
-            if sub is not None:
-                source.apply(act)
+        for source in self.sources.values():
+            if source.cancel(client, req):
                 self.control.reply(client, {"req": req, "ok": False, "error": "Cancelled"})
                 return
 
     def _detached(self, client: Client) -> None:
         """A worker's connection went: every subscription of it goes too."""
-        for key in [k for k, (c, _start) in self.finding.items() if c is client]:
-            del self.finding[key]
-        for source in self.sources:
-            source.apply(source.registry.worker_gone(client))
+        for source in self.sources.values():
+            source.worker_gone(client)
 
     def stats(self) -> dict[str, Any]:
         """Stats (the schema, stats.py) as the control reply carries it."""
         readers = []
-        for source in self.sources:
+        for source in self.sources.values():
             for sub in source.registry.subs.values():
                 delivered, missed, lag, held = source.dispatcher.ring_stats(sub.id)
                 readers.append(ReaderStats(
@@ -410,18 +336,16 @@ class Server:
                     delivered=delivered, missed=missed, ring_bytes=sub.ring_bytes,
                     lag_bytes=lag, overflow=sub.overflow, held_seconds=held, group=sub.group,
                     source=source.name))
-        fields: dict[str, Any] = dict(NO_SLOT)
-        for source in self.sources:
-            fields.update(source.stats())
-        if self.wal is not None and self.wal.shell.failing is not None:
-            # last_error says why any source fails, the WAL source's too.
-            fields["last_error"] = "; ".join(
-                e for e in (fields["last_error"], f"WAL source: {self.wal.shell.failing}") if e)
+        fields: dict[str, Any] = {}
+        for kind in SOURCES.values():
+            fields.update(kind.off_stats)
+        for source in self.sources.values():
+            source.stats(fields)
         return Stats(
             workers=self.control.processes(),
             connections=len(self.control.clients),
-            subscriptions=sum(len(source.registry.subs) for source in self.sources),
-            channels=tuple(sorted({ch for source in self.sources
+            subscriptions=sum(len(source.registry.subs) for source in self.sources.values()),
+            channels=tuple(sorted({ch for source in self.sources.values()
                                    for ch in source.registry.routes})),
             orphaned=self.orphaned,
             readers=tuple(readers),
@@ -435,7 +359,7 @@ class Server:
         for fds in self.ring_fds.values():
             for fd in fds:
                 os.close(fd)
-        for source in self.sources:
+        for source in self.sources.values():
             source.close()
         signal.set_wakeup_fd(-1)
         self.wakeup.close()

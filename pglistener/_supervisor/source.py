@@ -2,12 +2,15 @@
 object each.
 
 A source holds its connection shell, its registry and its compiled dispatcher (the decoder on
-the dispatch core), carries out what its registry decides, and gives its part of stats(). The
-Server (server.py) holds a list of them and drives them alike: step() and fds() before the
+the dispatch core), carries out what its registry decides, and gives its part of stats() and
+of a worker's "state" question. The Server (server.py) holds them by name (sources.py's
+table, the one place that names them) and drives them alike: step() and fds() before the
 loop waits, polled() for the core's run(), on_bad() and on_result() after it, apply() for a
-registry's actions, subscribed() for a new subscription. What every source shares (rings,
-routes, hand-over, answers) is the Server's. Each source lives in a folder of its own, its
-Python shell and its decoder side by side: notify/ (LISTEN/NOTIFY), wal/ (a logical slot).
+registry's actions, check(), position() and subscribed() (or subscribe_changes()) for a
+subscribe, cancel() and worker_gone() for what a worker drops. What every source shares
+(rings, routes, hand-over, answers, the subscription ids, the plain connection one source
+lends the others) is the Server's. Each source lives in a folder of its own, its Python shell
+and its decoder side by side: notify/ (LISTEN/NOTIFY), wal/ (a logical slot).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .listen import ListenConnection
 from .registry import Actions, Registry, Sub
 
 if TYPE_CHECKING:
+    from .control_server import Client
     from .server import Config, Server
 
 log = logging.getLogger("pglistener.supervisor")
@@ -43,10 +47,30 @@ class Source:
     dispatcher: Dispatcher
     #: A route kept with no entries when its last reader leaves (set_route(keep=)).
     keeps_routes = False
+    #: This source's fields of Stats, and of the answer to a worker's "state" question, for
+    #: a supervisor that runs without it.
+    off_stats: dict[str, Any] = {}
+    off_state: dict[str, Any] = {}
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.config = server.config
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        """Whether a supervisor with this config runs this source."""
+        return True
+
+    @classmethod
+    def absent(cls, changes: bool) -> str:
+        """What a subscribe naming this source is told by a supervisor without it (changes:
+        it asked for table changes)."""
+        return f"source={cls.name!r} is not read by this supervisor"
+
+    def lends(self) -> ListenConnection | None:
+        """The plain connection this source lends the sources after it, for what their own
+        cannot ask (sources.py's order)."""
+        return None
 
     def step(self, now: float) -> float:
         """Do what is due; the seconds the loop may wait before asking again."""
@@ -88,10 +112,28 @@ class Source:
         """A group's last member left: whether its ring is kept (waits for a member)."""
         return False
 
-    def check(self, message: dict[str, Any]) -> str | None:
-        """A subscribe request this source cannot take now: the error to answer (the
-        request is well formed); None when it can."""
-        return None
+    def check(self, message: dict[str, Any]) -> None:
+        """Raises what a well-formed subscribe request that this source cannot take now is
+        answered with."""
+
+    def subscribe_changes(self, client: Client, req: Any, message: dict[str, Any],
+                          changes: Any) -> None:
+        """subscribe_changes(): find the tables, then subscribe to their changes' routes (the
+        answer, or its error, is this source's to send)."""
+        raise ValueError(f"source={self.name!r} has no table changes")
+
+    def cancel(self, client: Client, req: Any) -> bool:
+        """The worker gave up waiting for subscribe `req`: dropped, if it is this source's
+        (True; the server answers it)."""
+        sub, act = self.registry.cancel(client, req)
+        if sub is None:
+            return False
+        self.apply(act)
+        return True
+
+    def worker_gone(self, client: Client) -> None:
+        """A worker's connection went: its subscriptions of this source go too."""
+        self.apply(self.registry.worker_gone(client))
 
     def position(self, message: dict[str, Any]) -> tuple[int, int, int] | None:
         """Where a subscribe request resumes: (commit LSN, LSN, seek LSN), None without
@@ -104,8 +146,12 @@ class Source:
     def query_lost(self) -> None:
         """The LISTEN connection went, with what this source had asked on it."""
 
-    def stats(self) -> dict[str, Any]:
-        """This source's fields of Stats."""
+    def stats(self, fields: dict[str, Any]) -> None:
+        """This source's fields of Stats, into `fields` (those of the sources before it are
+        there already)."""
+
+    def state(self) -> dict[str, Any]:
+        """This source's fields of the answer to a worker's "state" question."""
         return {}
 
     def close(self) -> None:

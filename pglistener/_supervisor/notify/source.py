@@ -32,12 +32,13 @@ class NotifySource(Source):
         self.dispatcher.block_timeout = config.block_timeout
         self.expiries_logged = 0
         self.registry = Registry(config.max_subscriptions_per_worker,
-                                 config.max_channels_per_worker)
+                                 config.max_channels_per_worker, ids=server.ids)
         self.shell = ListenConnection(config.conninfo, config.safe_target, timing(config),
                                       self.dispatcher, time.monotonic(), self._on_connected,
                                       self._on_down)
-        # Told when the LISTEN connection goes (WalSource answers what waited on it).
-        self.on_down: list[Any] = []
+
+    def lends(self) -> ListenConnection:
+        return self.shell           # the LISTEN connection: plain, on the DSN's server
 
     def polled(self) -> tuple[Dispatcher, PGConnection | None, bool]:
         disp = self.dispatcher
@@ -61,7 +62,7 @@ class NotifySource(Source):
                          self._on_replay_listened(wanted, token, results, error))
         self.shell.query(b"SELECT pg_listening_channels()", lambda results, error:
                          self._on_replayed(wanted, token, results, error))
-        for source in self.server.sources:
+        for source in self.server.sources.values():
             if source is not self:
                 source.query_connected()
 
@@ -91,7 +92,7 @@ class NotifySource(Source):
     def _on_down(self, cause: str) -> None:
         """The connection is gone: the streams it fed get a Gap, then we reconnect."""
         self.apply(self.registry.lost())
-        for source in self.server.sources:
+        for source in self.server.sources.values():
             if source is not self:
                 source.query_lost()
 
@@ -118,14 +119,17 @@ class NotifySource(Source):
         if error is not None:
             self.shell.lose_now(f"UNLISTEN failed: {error}")
 
-    def stats(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
+        return {"connected": self.registry.up, "last_error": self.shell.machine.last_error}
+
+    def stats(self, fields: dict[str, Any]) -> None:
         machine = self.shell.machine
         up = self.registry.up
         if up:
             state = "listening"
         else:
             state = "disconnected" if machine.phase is Phase.BACKOFF else "connecting"
-        return dict(
+        fields.update(
             state=state,
             backend_pid=self.shell.conn.backend_pid if up and self.shell.conn else None,
             last_error=machine.last_error,

@@ -9,18 +9,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ..._checks import op_list, qualified
 from ..._core.reader import format_lsn, parse_lsn
 from ..._dsn import safe_target
+from ...errors import PGListenerError, WalSourceError
 from ..connection import Phase
 from ..control_server import Client
 from ..conversation import drive
 from ..listen import Done, ListenConnection
-from ..notify.source import NotifySource
 from ..registry import Actions, Registry, Sub
 from ..source import Rows, Source, group_key, timing
 from . import failover as _failover
@@ -31,7 +33,7 @@ from .failover import Verdict
 from .setup import KEEP_TABLE, PUBLICATION_GRACE, SetupError, Started
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from ..server import Config, Server
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -45,6 +47,13 @@ KEEP_INTERVAL = 0.5
 #: Channels nobody reads any more that the WAL source goes on watching (WalSource.watch).
 MAX_WATCHED = 4096
 
+#: The WAL source's fields of Stats, for a supervisor without one.
+NO_SLOT: dict[str, Any] = dict(
+    slot=None, wal_state=None, wal_backend_pid=None, wal_reconnects=0, wal_last_error=None,
+    wal_received=0, wal_unrouted=0, wal_confirmed_lsn=0, slot_lag_bytes=None, slot_losses=0,
+    slot_failover=None, failover_ready=None, failover_reason=None)
+
+
 class WalSource(Source):
     """Messages from a logical slot (Supervisor(slot=...)): no LISTEN, so what a registry
     would LISTEN is in place at once (streams are whole once the slot is read). Every
@@ -54,19 +63,30 @@ class WalSource(Source):
 
     name = "wal"
     keeps_routes = True
+    off_stats = NO_SLOT
+    off_state: dict[str, Any] = {"wal_last_error": None}
     shell: WalConnection
     dispatcher: WalDispatcher
     ended = "the server ended the replication stream"
 
-    def __init__(self, server: Server, notify: NotifySource) -> None:
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return config.slot is not None
+
+    @classmethod
+    def absent(cls, changes: bool) -> str:
+        what = "table changes need" if changes else "source='wal' needs"
+        return f"{what} a supervisor that reads a slot: Supervisor(dsn, slot='name')"
+
+    def __init__(self, server: Server) -> None:
         super().__init__(server)
         config = self.config
         assert config.slot is not None
-        self.notify = notify        # the plain connection, for what replication cannot ask
+        self.plain = server.plain()     # the LISTEN connection, for what replication cannot ask
         self.dispatcher = WalDispatcher()
         self.dispatcher.linger_ns = LINGER_NS
         self.registry = Registry(config.max_subscriptions_per_worker,
-                                 config.max_channels_per_worker, ids=notify.registry.ids)
+                                 config.max_channels_per_worker, ids=server.ids, listens=False)
         self.shell = WalConnection(
             config.slot_conninfo or config.conninfo, config.slot_safe_target, timing(config),
             self.dispatcher, time.monotonic(), config.slot, config.publication,
@@ -74,7 +94,7 @@ class WalSource(Source):
             lambda: _tables.table_oids(list(self.registry.routes)))
         self.probe: SlotProbe | None = None     # slot_dsn: samples the slot where it lives
         if config.slot_conninfo is None:
-            notify.shell.watch_slot(config.slot)
+            self.plain.watch_slot(config.slot)
         else:           # the slot lives elsewhere: its lag is sampled there
             self.probe = SlotProbe(config.slot_conninfo, config.slot_safe_target,
                                    timing(config), self.dispatcher, time.monotonic(),
@@ -121,6 +141,9 @@ class WalSource(Source):
         self.notices_seen = 0       # the decoder's notice counts, as logged
         self.skips_seen = 0
         self.remake_at: float | None = None     # the publication made again then, if gone
+        # subscribe_changes() requests whose tables are being found, by (id(client), req):
+        # the worker, and what asks again on a new LISTEN connection.
+        self.finding: dict[tuple[int, Any], tuple[Client, Callable[[], None]]] = {}
 
     # -- what the loop asks -------------------------------------------------------------------
 
@@ -138,9 +161,9 @@ class WalSource(Source):
             self._check_failover()
         self._heed_notices()
         if self.remake_at is not None and now >= self.remake_at \
-                and self.notify.shell.conn is not None:
+                and self.plain.conn is not None:
             self.remake_at = None
-            self.notify.shell.query(
+            self.plain.query(
                 f"SELECT 1 FROM pg_publication WHERE pubname = "
                 f"{_tables.literal(self.config.publication)}".encode(), self._remake)
         wait = wal.step(now)
@@ -162,11 +185,12 @@ class WalSource(Source):
     # -- the LISTEN connection, asked for what a replication connection cannot answer -------
 
     def query_connected(self) -> None:
-        self.server.find_again()
+        for _client, start in list(self.finding.values()):
+            start()         # what was asked for tables went with the old connection
         if self.config.slot_conninfo is not None:
             # The slot is read elsewhere (a standby cannot create one): the publication
             # pgoutput needs is made here, on the primary, and replicated there.
-            self.notify.shell.query(_tables.remake_query(self.config.publication, []),
+            self.plain.query(_tables.remake_query(self.config.publication, []),
                                     lambda _results, error: self._on_publication(error))
 
     def query_lost(self) -> None:
@@ -189,14 +213,14 @@ class WalSource(Source):
         log.warning("publication %r is gone from %s (dropped?): making it again with the %d "
                     "tables subscribed to", self.config.publication, self.config.safe_target,
                     len(tables))
-        self.notify.shell.query(_tables.remake_query(self.config.publication, tables),
+        self.plain.query(_tables.remake_query(self.config.publication, tables),
                                 lambda _results, error: self._on_publication(error))
 
     def _nudge_standby(self) -> None:
         """A slot being made on a standby waits for the primary to log its running
         transactions, which an idle primary does not do soon: ask it to (PostgreSQL 16+)."""
-        if self.notify.shell.conn is not None:
-            self.notify.shell.query(b"SELECT pg_log_standby_snapshot()",
+        if self.plain.conn is not None:
+            self.plain.query(b"SELECT pg_log_standby_snapshot()",
                                     lambda _results, _error: None)
 
     # -- the replication connection -----------------------------------------------------------
@@ -283,8 +307,7 @@ class WalSource(Source):
         wal.ready(time.monotonic())
         self.failover_checked = 0.0         # looked at again, now that it streams
         if not self.registry.up:
-            act = self.registry.connected()
-            self.apply(self.registry.replayed(act.listen, act.listen_token))
+            self.apply(self.registry.connected())
 
     def _on_down(self, cause: str) -> None:
         self.dispatcher.stream_reset()  # the slot sends again what was not confirmed
@@ -297,9 +320,8 @@ class WalSource(Source):
         for sub in self.registry.unanswered():
             _sub, act = self.registry.cancel(sub.worker, sub.req)
             self.apply(act)
-            self.server.control.reply(cast(Client, sub.worker),
-                                      {"req": sub.req, "ok": False, "error": "WalSourceError",
-                                       "message": message})
+            self.server.control.reply_error(cast(Client, sub.worker), sub.req,
+                                            WalSourceError(message))
 
     # -- consumer groups ----------------------------------------------------------------------
 
@@ -377,7 +399,7 @@ class WalSource(Source):
     def _check_failover(self) -> None:
         """What a failover of the primary would do to the slot (failover.judge()), said once
         per process as a warning naming what is missing, and in stats() (failover_ready)."""
-        wal, link = self.shell, self.notify.shell
+        wal, link = self.shell, self.plain
 
         def ask(sql: bytes, answered: Done) -> None:
             if link.conn is None:   # the LISTEN connection asks: again in a second
@@ -454,8 +476,8 @@ class WalSource(Source):
                      self.failover_reason)
             self.failover_warned = self.failover_reason
         self.failover_checked = now - FAILOVER_CHECK + 1.0
-        if self.notify.shell.conn is not None:
-            self.notify.shell.query(b"SELECT pg_log_standby_snapshot()", self._nudged)
+        if self.plain.conn is not None:
+            self.plain.query(b"SELECT pg_log_standby_snapshot()", self._nudged)
 
     def _nudged(self, _results: Rows, error: str | None) -> None:
         if error is not None and not self.nudge_refused:
@@ -481,7 +503,7 @@ class WalSource(Source):
     @property
     def slot_lag(self) -> int | None:
         """The WAL the slot holds, as last sampled where it lives."""
-        return (self.probe or self.notify.shell).slot_lag
+        return (self.probe or self.plain).slot_lag
 
     def _check_lag(self) -> None:
         lag = self.slot_lag
@@ -497,10 +519,9 @@ class WalSource(Source):
 
     # -- subscriptions ------------------------------------------------------------------------
 
-    def check(self, message: dict[str, Any]) -> str | None:
+    def check(self, message: dict[str, Any]) -> None:
         if self.error is not None and self.error.permanent:
-            return str(self.error)
-        return None
+            raise WalSourceError(str(self.error))
 
     def position(self, message: dict[str, Any]) -> tuple[int, int, int] | None:
         """An exact position is a message's (commit_lsn, lsn); a bare LSN is sought in the
@@ -516,6 +537,74 @@ class WalSource(Source):
                 raise ValueError("after= is an LSN (int) or a (commit_lsn, lsn) position")
             return 0, 0, after_lsn
         return None
+
+    def subscribe_changes(self, client: Client, req: Any, message: dict[str, Any],
+                          changes: Any) -> None:
+        """Each table found (and added to the publication when it lacks it) on the LISTEN
+        connection (tables.find_tables()), then subscribed by its changes' routes."""
+        if (not isinstance(changes, dict) or not isinstance(changes.get("tables"), list)
+                or not changes["tables"]):
+            raise ValueError("subscribe_changes needs one or more tables")
+        names = [qualified(t) for t in changes["tables"]]
+        ops = op_list(changes.get("ops"))
+        server = self.server
+        server.subscribe_options(message)      # bad options cost no query
+        most = self.config.max_channels_per_worker
+        if len(names) * len(ops) > most:
+            raise ValueError(f"{len(names)} tables x {len(ops)} kinds of change is more routes "
+                             f"than max_channels_per_worker ({most})")
+        link = self.plain
+        key = (id(client), req)
+
+        def ask(sql: bytes, answered: Done) -> None:
+            # A subscribe cancelled (or its worker gone) meanwhile: its answer is dropped,
+            # and the conversation with it.
+            link.query(sql, lambda results, error: (answered(results, error)
+                                                     if key in self.finding else None))
+
+        def learned(found: _tables.Found) -> None:
+            # Domains made since the slot's stream began: their columns load by base type.
+            self.dispatcher.set_base_types(found.base_types)
+            # REPLICA IDENTITY FULL: a keyed group keeps a row's order by its primary key.
+            for oid, columns in found.key_columns.items():
+                self.dispatcher.set_key_columns(oid, columns)
+
+        def done(found: _tables.Found | None, error: BaseException | None) -> None:
+            if self.finding.pop(key, None) is None:
+                return
+            if error is not None:
+                server.control.reply_error(client, req, WalSourceError(str(error)))
+                return
+            assert found is not None
+            if found.added:
+                log.info("added %s to publication %r for a subscription to their changes",
+                         ", ".join(found.added), self.config.publication)
+            routes = [_tables.route_key(op, oid) for oid in found.oids for op in ops]
+            try:
+                server.open_subscription(client, req, message, self, routes,
+                                         self.position(message))
+            except (PGListenerError, ValueError, KeyError, OSError) as exc:
+                # Answered here, not by the control loop: this runs in a query's callback.
+                server.control.reply_error(client, req, exc)
+
+        def start() -> None:
+            drive(_tables.find_tables(self.config.publication, names, learned), ask, done,
+                  errors=(_tables.TableError,))
+
+        # Asked on the LISTEN connection; again on the next one if it goes meanwhile.
+        self.finding[key] = (client, start)
+        if link.conn is not None:
+            start()
+
+    def cancel(self, client: Client, req: Any) -> bool:
+        if self.finding.pop((id(client), req), None) is not None:
+            return True
+        return super().cancel(client, req)
+
+    def worker_gone(self, client: Client) -> None:
+        for key in [k for k, (c, _start) in self.finding.items() if c is client]:
+            del self.finding[key]
+        super().worker_gone(client)
 
     def subscribed(self, sub: Sub, position: tuple[int, int, int] | None) -> None:
         sub.resumes = position is not None
@@ -535,7 +624,7 @@ class WalSource(Source):
         if sub.group is not None:
             self.served_groups.add(group_key(sub))
         act = self.registry.add(sub)
-        link = self.notify.shell
+        link = self.plain
         if not sub.resumes and sub in act.answer and link.conn is not None:
             act.answer.remove(sub)          # once it is placed (below)
             self.placing[sub.id] = sub
@@ -653,7 +742,7 @@ class WalSource(Source):
             self.keep_cap = self.keep_upto or self.shell.slot_confirmed or 1   # until looked
         if self.keep_cap == 0:
             return
-        link = self.notify.shell
+        link = self.plain
         if self.keep_busy or link.conn is None or now - self.kept_at < KEEP_INTERVAL:
             return
         self.keep_stamp = stamp
@@ -713,11 +802,6 @@ class WalSource(Source):
             return None
         return max(since, (self.read_from, 0))
 
-    def apply(self, act: Actions) -> None:
-        super().apply(act)
-        if act.listen:      # no LISTEN here: in place at once
-            self.apply(self.registry.listened(act.listen, act.listen_token))
-
     def routed(self, channel: str, routed: bool) -> None:
         """The source keeps watching a channel nobody reads any more (its route kept with
         no entries), so that a subscription resuming on it can be told whether it missed
@@ -735,10 +819,17 @@ class WalSource(Source):
             del self.watched[oldest]
             disp.set_route(oldest.encode(), [])
 
-    def stats(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
+        return {"wal_last_error": self.shell.machine.last_error}
+
+    def stats(self, fields: dict[str, Any]) -> None:
         wal, disp = self.shell, self.dispatcher
         phase = wal.machine.phase
-        return dict(
+        if wal.failing is not None:
+            # last_error says why any source fails, the WAL source's too.
+            fields["last_error"] = "; ".join(
+                e for e in (fields.get("last_error"), f"WAL source: {wal.failing}") if e)
+        fields.update(
             slot=self.config.slot,
             wal_state=("streaming" if phase is Phase.UP else "disconnected"
                        if phase is Phase.BACKOFF else "connecting"),
@@ -754,13 +845,6 @@ class WalSource(Source):
             slot_failover=wal.slot_failover if wal.has_read else None,
             failover_ready=self.failover_ready,
             failover_reason=None if self.failover_ready is not False else self.failover_reason)
-
-
-#: The WAL source's fields of Stats, for a supervisor without one.
-NO_SLOT: dict[str, Any] = dict(
-    slot=None, wal_state=None, wal_backend_pid=None, wal_reconnects=0, wal_last_error=None,
-    wal_received=0, wal_unrouted=0, wal_confirmed_lsn=0, slot_lag_bytes=None, slot_losses=0,
-    slot_failover=None, failover_ready=None, failover_reason=None)
 
 
 def standby_conninfos(conninfo: str) -> list[tuple[str, str]]:
