@@ -93,7 +93,7 @@ def test_the_supervisor_side_imports_nothing_of_the_workers() -> None:
 def test_the_reading_finds_a_crossing() -> None:
     """The check bites: a module on the worker side that imported the server would be said."""
     assert crossings((["_supervisor/wal"], ("pglistener._supervisor.listen",)))[0]
-    assert "pglistener._supervisor.server.Server" in imported(
+    assert "pglistener._supervisor.server.Config" in imported(
         PACKAGE / "_supervisor" / "source.py")
 
 

@@ -22,6 +22,7 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -90,7 +91,7 @@ class Server:
             listen_sock, self.epoll, 384 * config.max_channels_per_worker + _protocol.MAX_MESSAGE,
             config.max_channels_per_worker, self._handle, self._detached)
         self.owner = OwnerChannel(owner, self.epoll, self.stats, self._stop)
-        self.ids = itertools.count(1)      # subscription ids, one sequence for every source
+        self.ids: Iterator[int] = itertools.count(1)   # subscription ids, one for all sources
         # The sources this config enables, by name, in the table's order (sources.py).
         self.sources: dict[str, Source] = {}
         for name, kind in SOURCES.items():
@@ -102,6 +103,13 @@ class Server:
         for sock in (self.wakeup, self._wakeup_w):
             sock.setblocking(False)
         self.epoll.register(self.wakeup.fileno(), select.EPOLLIN)
+
+    def reply(self, client: Client, message: dict[str, Any],
+              fds: tuple[int, ...] = ()) -> None:
+        self.control.reply(client, message, fds)
+
+    def reply_error(self, client: Client, req: Any, exc: Exception) -> None:
+        self.control.reply_error(client, req, exc)
 
     def plain(self) -> ListenConnection:
         """The plain connection a source before the asking one lends (Source.lends)."""

@@ -9,15 +9,17 @@ loop waits, polled() for the core's run(), on_bad() and on_result() after it, ap
 registry's actions, check(), position() and subscribed() (or subscribe_changes()) for a
 subscribe, cancel() and worker_gone() for what a worker drops. What every source shares
 (rings, routes, hand-over, answers, the subscription ids, the plain connection one source
-lends the others) is the Server's. Each source lives in a folder of its own, its Python shell
-and its decoder side by side: notify/ (LISTEN/NOTIFY), wal/ (a logical slot).
+lends the others) is the Server's, and a source sees the Server only as a Host: the narrow
+interface below, checked by the type checker. Each source lives in a folder of its own, its
+Python shell and its decoder side by side: notify/ (LISTEN/NOTIFY), wal/ (a logical slot).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._core.dispatch import Dispatcher, PGConnection
 from .connection import Timing
@@ -26,11 +28,43 @@ from .registry import Actions, Registry, Sub
 
 if TYPE_CHECKING:
     from .control_server import Client
-    from .server import Config, Server
+    from .server import Config
 
 log = logging.getLogger("pglistener.supervisor")
 
 Rows = list[list[tuple[bytes | None, ...]]]
+
+
+class Host(Protocol):
+    """What a source may use of the server (server.Server), and nothing more: what every
+    source shares."""
+
+    config: Config
+    ids: Iterator[int]                  # subscription (ring) ids, one sequence for all
+    sources: dict[str, Source]          # every source, by name (sources.py's order)
+    stopping: bool
+    orphaned: int                       # left unread by groups whose last member went
+
+    def plain(self) -> ListenConnection:
+        """The plain connection a source before the asking one lends."""
+
+    def carry_out(self, source: Source, act: Actions) -> None:
+        """Routes, rings to free, gaps and answers: what every source does alike."""
+
+    def subscribe_options(self, message: dict[str, Any]) -> tuple[int, str, str | None, bool]:
+        """A subscribe's ring size, overflow policy, group and key=, checked."""
+
+    def open_subscription(self, client: Client, req: Any, message: dict[str, Any],
+                          source: Source, channels: list[str],
+                          position: tuple[int, int, int] | None) -> None:
+        """A subscription of `source` on these routes: its ring made, then placed."""
+
+    def reply(self, client: Client, message: dict[str, Any],
+              fds: tuple[int, ...] = ()) -> None:
+        """Answer a worker."""
+
+    def reply_error(self, client: Client, req: Any, exc: Exception) -> None:
+        """Fail a worker's request with exc (its class name is the worker's error)."""
 
 
 def timing(config: Config) -> Timing:
@@ -52,7 +86,7 @@ class Source:
     off_stats: dict[str, Any] = {}
     off_state: dict[str, Any] = {}
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.config = server.config
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..._core.dispatch import Dispatcher, PGConnection
 from ..connection import Phase
 from ..listen import ListenConnection
 from ..registry import Actions, Registry
-from ..source import Rows, Source, timing
+from ..source import Host, Rows, Source, timing
 from .decoder import NotifyDispatcher
-
-if TYPE_CHECKING:
-    from ..server import Server
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -25,7 +22,7 @@ class NotifySource(Source):
 
     name = "notify"
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         super().__init__(server)
         config = self.config
         self.dispatcher = NotifyDispatcher()

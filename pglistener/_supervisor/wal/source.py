@@ -24,7 +24,7 @@ from ..control_server import Client
 from ..conversation import drive
 from ..listen import Done, ListenConnection
 from ..registry import Actions, Registry, Sub
-from ..source import Rows, Source, group_key, timing
+from ..source import Host, Rows, Source, group_key, timing
 from . import failover as _failover
 from . import tables as _tables
 from .connection import LINGER_NS, SlotProbe, WalConnection
@@ -33,7 +33,7 @@ from .failover import Verdict
 from .setup import KEEP_TABLE, PUBLICATION_GRACE, SetupError, Started
 
 if TYPE_CHECKING:
-    from ..server import Config, Server
+    from ..server import Config
 
 log = logging.getLogger("pglistener.supervisor")
 
@@ -78,7 +78,7 @@ class WalSource(Source):
         what = "table changes need" if changes else "source='wal' needs"
         return f"{what} a supervisor that reads a slot: Supervisor(dsn, slot='name')"
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         super().__init__(server)
         config = self.config
         assert config.slot is not None
@@ -320,7 +320,7 @@ class WalSource(Source):
         for sub in self.registry.unanswered():
             _sub, act = self.registry.cancel(sub.worker, sub.req)
             self.apply(act)
-            self.server.control.reply_error(cast(Client, sub.worker), sub.req,
+            self.server.reply_error(cast(Client, sub.worker), sub.req,
                                             WalSourceError(message))
 
     # -- consumer groups ----------------------------------------------------------------------
@@ -573,7 +573,7 @@ class WalSource(Source):
             if self.finding.pop(key, None) is None:
                 return
             if error is not None:
-                server.control.reply_error(client, req, WalSourceError(str(error)))
+                server.reply_error(client, req, WalSourceError(str(error)))
                 return
             assert found is not None
             if found.added:
@@ -585,7 +585,7 @@ class WalSource(Source):
                                          self.position(message))
             except (PGListenerError, ValueError, KeyError, OSError) as exc:
                 # Answered here, not by the control loop: this runs in a query's callback.
-                server.control.reply_error(client, req, exc)
+                server.reply_error(client, req, exc)
 
         def start() -> None:
             drive(_tables.find_tables(self.config.publication, names, learned), ask, done,
