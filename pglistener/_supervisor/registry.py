@@ -46,11 +46,14 @@ class Sub:
 
 @dataclass
 class Actions:
-    """What to do, in this order: routes, rings to free, gaps, UNLISTEN, LISTEN, answers."""
+    """What to do, in this order: routes, rings to free, refusals, gaps, answers, UNLISTEN,
+    LISTEN."""
 
     # channel -> what it goes to: ring ids, and lists of ring ids for consumer groups
     routes: dict[str, list[int | list[int]]] = field(default_factory=dict)
     free: list[Sub] = field(default_factory=list)     # rings to free, after the routes
+    # subscribes refused (dropped, among `free`): each answered with its error
+    refuse: list[tuple[Sub, Exception]] = field(default_factory=list)
     gaps: list[int] = field(default_factory=list)     # rings that get Gap("reconnect")
     unlisten: list[str] = field(default_factory=list)
     listen: list[str] = field(default_factory=list)   # then call listened(), or lost()
@@ -61,6 +64,7 @@ class Actions:
     def __iadd__(self, other: Actions) -> Actions:
         self.routes.update(other.routes)
         self.free += other.free
+        self.refuse += other.refuse
         self.gaps += other.gaps
         self.unlisten += [ch for ch in other.unlisten if ch not in self.unlisten]
         assert not (self.listen and other.listen), "one LISTEN per Actions"

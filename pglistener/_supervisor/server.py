@@ -278,7 +278,8 @@ class Server:
         return memfd, efd, wake
 
     def carry_out(self, source: Source, act: Actions) -> None:
-        """Routes, rings to free, gaps and answers: what every source does alike."""
+        """Routes, rings to free, refusals, gaps and answers: what every source does
+        alike."""
         dispatcher = source.dispatcher
         for channel, ids in act.routes.items():
             source.routed(channel, bool(ids))
@@ -293,6 +294,8 @@ class Server:
             if sub.group is not None and self._hand_over(source, sub):
                 continue            # its ring waits for the group's next member
             dispatcher.remove_ring(sub.id)
+        for sub, exc in act.refuse:
+            self.control.reply_error(cast(Client, sub.worker), sub.req, exc)
         if act.gaps:
             dispatcher.mark_gap(act.gaps, "reconnect")
         for sub in act.answer:

@@ -49,7 +49,8 @@ class Host(Protocol):
         """The plain connection a source before the asking one lends."""
 
     def carry_out(self, source: Source, act: Actions) -> None:
-        """Routes, rings to free, gaps and answers: what every source does alike."""
+        """Routes, rings to free, refusals, gaps and answers: what every source does
+        alike."""
 
     def subscribe_options(self, message: dict[str, Any]) -> tuple[int, str, str | None, bool]:
         """A subscribe's ring size, overflow policy, group and key=, checked."""

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -317,11 +317,13 @@ class WalSource(Source):
             self._fail_subscribes(str(self.error))
 
     def _fail_subscribes(self, message: str) -> None:
+        """Every subscribe waiting for this source is refused with `message`."""
+        act = Actions()
         for sub in self.registry.unanswered():
-            _sub, act = self.registry.cancel(sub.worker, sub.req)
-            self.apply(act)
-            self.server.reply_error(cast(Client, sub.worker), sub.req,
-                                            WalSourceError(message))
+            _sub, dropped = self.registry.cancel(sub.worker, sub.req)
+            act += dropped
+            act.refuse.append((sub, WalSourceError(message)))
+        self.apply(act)
 
     # -- consumer groups ----------------------------------------------------------------------
 
