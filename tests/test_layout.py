@@ -126,3 +126,13 @@ def test_the_server_names_no_source() -> None:
     assert named_sources(PACKAGE / "_supervisor" / "server.py") == []
     table = named_sources(PACKAGE / "_supervisor" / "sources.py")
     assert "pglistener._supervisor.wal.source" in table     # the check reads what it must
+
+
+def test_the_sources_table_and_the_workers_check_agree() -> None:
+    """A worker checks source= against _checks.SOURCES before the trip (it may not import the
+    supervisor's table); the two name the same sources, the default first."""
+    from pglistener._checks import SOURCES as CHECKED
+    from pglistener._supervisor.sources import SOURCES
+
+    assert tuple(SOURCES) == CHECKED
+    assert all(kind.name == name for name, kind in SOURCES.items())
