@@ -191,7 +191,7 @@ class WalSource(Source):
             # The slot is read elsewhere (a standby cannot create one): the publication
             # pgoutput needs is made here, on the primary, and replicated there.
             self.plain.query(_tables.remake_query(self.config.publication, []),
-                                    lambda _results, error: self._on_publication(error))
+                             lambda _results, error: self._on_publication(error))
 
     def query_lost(self) -> None:
         if self.placing:
@@ -214,14 +214,13 @@ class WalSource(Source):
                     "tables subscribed to", self.config.publication, self.config.safe_target,
                     len(tables))
         self.plain.query(_tables.remake_query(self.config.publication, tables),
-                                lambda _results, error: self._on_publication(error))
+                         lambda _results, error: self._on_publication(error))
 
     def _nudge_standby(self) -> None:
         """A slot being made on a standby waits for the primary to log its running
         transactions, which an idle primary does not do soon: ask it to (PostgreSQL 16+)."""
         if self.plain.conn is not None:
-            self.plain.query(b"SELECT pg_log_standby_snapshot()",
-                                    lambda _results, _error: None)
+            self.plain.query(b"SELECT pg_log_standby_snapshot()", lambda _results, _error: None)
 
     # -- the replication connection -----------------------------------------------------------
 
