@@ -11,7 +11,7 @@ import pytest
 from fix_rings import Rings
 
 from pglistener import UNCHANGED, Change, Notification
-from pglistener._core.reader import Table
+from pglistener._core.reader import MIN_CAPACITY, Table
 
 # Version-sensitive (see scripts/test): run on every supported Python.
 pytestmark = pytest.mark.every_python
@@ -266,3 +266,23 @@ def test_a_keyed_groups_messages_stay_with_one_member_across_a_handover(rings: R
     a = [("a", "0"), ("a", "1"), ("a", "4")]
     b = [("b", "2"), ("b", "3"), ("b", "5")]
     assert got in ({2: a, 3: b}, {2: b, 3: a})
+
+
+def test_a_refused_truncate_leaves_nothing_behind() -> None:
+    """A Truncate too short for the tables it counts is refused whole: nothing of it is
+    left to route when a held message is offered again."""
+    r = Rings(1, capacity=MIN_CAPACITY, block=True)
+    try:
+        d = r.d
+        d.set_route(b"c", [1])
+        big = b"x" * (MIN_CAPACITY // 2)
+        fed(r, begin(0x900), xlog(relation(COLUMNS)))
+        assert d.feed(xlog(truncate([RELID, RELID + 1])[:-4])) == "bad"
+        fed(r, message(0x810, b"c", big))
+        assert d.feed(message(0x820, b"c", big)) == "held"
+        assert [n.lsn for n in r.take(1)] == [0x810]
+        fed(r, commit(0x900, 0x920))        # the held one goes, and only it
+        assert [n.lsn for n in r.take(1)] == [0x820]
+        assert d.changes == 0 and not d.holding
+    finally:
+        r.close()

@@ -237,12 +237,15 @@ static inline const char *pgl_change_key_tuple(const pgl_change *c) {
 /* -- Truncate -------------------------------------------------------------------------------
  *   'T' [1] relation count (4)  [5] options (1: cascade, 2: restart identity)  [6] the relids
  */
+/* Its relation count, in *count (left as it was when the message is refused). */
 static inline int pgl_truncate_read(const char *body, size_t len, uint32_t *count) {
+    uint32_t n;
     if (len < 6 || body[0] != 'T')
         return -1;
-    *count = pgl_be32(body + 1);
-    if ((uint64_t)(len - 6) / 4 < *count)
+    n = pgl_be32(body + 1);
+    if ((uint64_t)(len - 6) / 4 < n)
         return -1;
+    *count = n;
     return 0;
 }
 
