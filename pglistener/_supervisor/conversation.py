@@ -20,8 +20,8 @@ Row = tuple[bytes | None, ...]
 
 @dataclass(frozen=True)
 class Command:
-    """One command to send. `nudge`: what answers it waits for the primary (a standby
-    making a slot waits for a snapshot the primary logs): the driver asks for one."""
+    """One command to send. `nudge`: its answer waits on the primary (a standby making a
+    slot waits for a snapshot the primary logs), so the driver asks the primary for one."""
 
     sql: bytes
     nudge: bool = False
