@@ -117,24 +117,34 @@ def test_sync_paths_keep_order_and_gaps(path: str, as_json: bool, worker: Worker
     check_stream(got, sum(BATCHES))
 
 
-def test_callback_path_keeps_order_and_gaps(worker: Worker, conn: psycopg.Connection) -> None:
+def test_callback_path_keeps_order_and_gaps(supervisor: Supervisor,
+                                            conn: psycopg.Connection) -> None:
     got: list[Any] = []
     counted = [0]
     lock = threading.Lock()
+    # The callbacks wait while a batch comes, as a slow handler would: the big batches
+    # overflow the ring however fast this machine reads (the other paths read after sending).
+    gate = threading.Event()
 
     def take(item: Any) -> None:
+        gate.wait()
         with lock:
             got.append(item)
             counted[0] += (item.missed or 0) if isinstance(item, Gap) else 1
 
-    sub = worker.subscribe("paths-cb", take, on_gap=take, timeout=30, ring_bytes=RING)
+    sub = supervisor.worker().subscribe("paths-cb", take, on_gap=take, timeout=30,
+                                        ring_bytes=RING)
     try:
         start = 0
         for n in BATCHES:
+            gate.clear()
             send_numbers(conn, "paths-cb", start, n)
             start += n
+            wait_for(lambda s=start: supervisor.stats().received >= s, f"{start} received")
+            gate.set()
             wait_for(lambda s=start: counted[0] >= s, f"{start} accounted for")
     finally:
+        gate.set()
         sub.unsubscribe()
     check_stream(got, sum(BATCHES))
 
