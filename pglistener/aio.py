@@ -27,7 +27,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 from . import _protocol
-from ._core.reader import EMPTY, AsyncStream
+from ._core.reader import EMPTY, AsyncStream, compiled_iteration
 from ._worker.control import check_hello
 from ._worker.stream import Request, timed_out, why_not, wrap_stream
 from .errors import SubscriptionClosed, SupervisorGone
@@ -267,6 +267,7 @@ class Opening(collections.abc.Coroutine[Any, Any, _A], Generic[_A]):
             self._sub._close_now()
 
 
+@compiled_iteration
 class AsyncSubscription(AsyncStream):
     """One subscription's ordered stream, read from asyncio: `await sub.get()`,
     `async for item in sub`, `await sub.unsubscribe()`, `async with`.
@@ -397,6 +398,7 @@ class AsyncSubscription(AsyncStream):
         self._close_now()
 
 
+@compiled_iteration
 class AsyncJsonSubscription(AsyncSubscription):
     """An AsyncSubscription whose get() and `async for` give each payload decoded as JSON
     (and Gap items); payloads that are not JSON are logged and skipped."""

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._checks import check_group, check_source
-from ._core.reader import BlockingStream, Change, Gap, Notification
+from ._core.reader import BlockingStream, Change, Gap, Notification, compiled_iteration
 from ._worker.control import Control
 from ._worker.stream import Options, open_stream, request_stop
 from .aio import AsyncJsonSubscription, AsyncSubscription, Opening, open_async
@@ -267,6 +267,7 @@ class Worker:
         return sub
 
 
+@compiled_iteration
 class Subscription(BlockingStream):
     """One subscription's ordered stream of Notification and Gap items: `for item in sub`,
     `sub.get(timeout)`, `sub.get_many(n)` (compiled, see _reader.Stream).
@@ -323,6 +324,7 @@ class Subscription(BlockingStream):
         log.exception("error in the pglistener handler for %r", self.channel)
 
 
+@compiled_iteration
 class JsonSubscription(Subscription):
     """A subscription whose get() and iteration give each payload decoded as JSON (and Gap
     items); payloads that are not JSON are logged and skipped."""

@@ -1,6 +1,8 @@
 from collections.abc import Awaitable, Callable, Iterator
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
+
+_S = TypeVar("_S", bound=type)
 
 class WaitStatus(IntEnum):
     WAIT_READY = 0
@@ -153,3 +155,6 @@ class AsyncStream(Stream):
     def __aiter__(self) -> AsyncStream: ...
     def __anext__(self) -> Awaitable[Any]: ...
     async def _anext_wait(self) -> Any: ...
+
+def compiled_iteration(cls: _S) -> _S: ...
+def _iterates_compiled(cls: type) -> bool: ...
