@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -356,6 +357,30 @@ def test_resume_across_a_restart_gives_a_gap_only_where_something_may_be_missing
         emit_many(pg, "busy", 100, 5)
         assert numbers(read(quiet, 5)) == list(range(100, 105))
         assert numbers(read(busy, 6)) == ["GAP:slot", *range(100, 105)]
+
+
+def test_what_the_server_says_beside_a_result_is_logged_not_printed(
+    logical_cluster: Cluster, slot: str, pg: psycopg.Connection,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The supervisor's queries on its LISTEN connection may draw a NOTICE (here: the table
+    it keeps positions in, made again "IF NOT EXISTS"). libpq prints those to the process's
+    stderr, the user's terminal, unless the connection has a notice receiver: it goes to the
+    log instead, at debug level (a WARNING would be a warning)."""
+    caplog.set_level(logging.DEBUG, logger="pglistener")
+    pg.execute("CREATE TABLE IF NOT EXISTS pglistener_positions (slot text, channel bytea, "
+               "since_commit bigint, since_lsn bigint, last_commit bigint, last_lsn bigint, "
+               "PRIMARY KEY (slot, channel))")
+    pg.commit()
+    with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
+        sub = sup.worker().subscribe("said", source="wal", timeout=30)
+        emit_many(pg, "said", 0, 10)
+        assert numbers(read(sub, 10)) == list(range(10))     # traffic: positions are kept
+        wait_for(lambda: "already exists, skipping" in caplog.text,
+                 "the supervisor's log to say what the server noticed")
+    said = [r for r in caplog.records if "already exists, skipping" in r.getMessage()]
+    assert said[0].levelno == logging.DEBUG and "(NOTICE)" in said[0].getMessage()
+    assert "already exists, skipping" not in capfd.readouterr().err
 
 
 def test_resume_in_the_middle_of_a_transaction_that_overlapped_another(

@@ -3,14 +3,29 @@
 # record it decodes to route(). The core knows no protocol.
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
-from pglistener._core._libpq cimport PGconn
+from pglistener._core._libpq cimport PGconn, PGresult
 from pglistener._core._ring cimport pgl_ring_header
+
+
+cdef struct Notices:
+    # What the server said on a connection beside its results (NoticeResponse: WARNING,
+    # NOTICE, INFO), counted by libpq's notice receiver (on_notice) as the connection is read.
+    uint64_t count             # every notice
+    uint64_t skips             # WARNINGs 55000: PostgreSQL 18+'s "skipped loading publication"
+    char severity[16]          # the last one's severity (not translated)
+    char text[512]             # ... and its message
+
+
+# libpq's notice receiver, arg a Notices box: PGConnection's own, or a decoder's
+# (PQsetNoticeReceiver). Without one libpq prints each notice to the process's stderr.
+cdef void on_notice(void *arg, const PGresult *res) noexcept nogil
 
 
 cdef class PGConnection:
     cdef PGconn *conn
     cdef int owner_pid
     cdef readonly bint copy_both   # a result said COPY BOTH: the replication stream runs
+    cdef Notices notices           # what the server said beside the results (notice_count)
 
 
 cdef enum:

@@ -18,7 +18,8 @@ from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy
+from libc.stdio cimport snprintf
+from libc.string cimport memcmp, memcpy, strcmp
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.time cimport timespec
 from posix.unistd cimport close, getpid, read, write
@@ -77,6 +78,25 @@ cpdef enum ConnectPoll:
     CONNECT_OK = PGRES_POLLING_OK
 
 
+cdef void on_notice(void *arg, const PGresult *res) noexcept nogil:
+    cdef Notices *box = <Notices *>arg
+    cdef const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE)
+    cdef const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED)
+    cdef const char *text = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
+    box.count += 1
+    # pgoutput's "skipped loading publication": a WARNING object_not_in_prerequisite_state,
+    # the one a walsender sends while it streams (by code: the text may be translated).
+    if state != NULL and strcmp(state, "55000") == 0 and severity != NULL and \
+            strcmp(severity, "WARNING") == 0:
+        box.skips += 1
+    if severity == NULL:
+        severity = ""
+    if text == NULL:
+        text = ""
+    snprintf(box.severity, sizeof(box.severity), "%s", severity)
+    snprintf(box.text, sizeof(box.text), "%s", text)
+
+
 @cython.final
 cdef class PGConnection:
     """One libpq connection owned by this module. It connects without blocking: start()
@@ -107,6 +127,7 @@ cdef class PGConnection:
         self.conn = PQconnectStart(conninfo)
         if self.conn == NULL:
             raise MemoryError("libpq could not allocate a connection")
+        PQsetNoticeReceiver(self.conn, on_notice, &self.notices)
         return self
 
     def connect_poll(self):
@@ -138,6 +159,18 @@ cdef class PGConnection:
     @property
     def backend_pid(self):
         return 0 if self.conn == NULL else PQbackendPID(self.conn)
+
+    @property
+    def notice_count(self):
+        """How many notices the server sent on this connection (WARNING, NOTICE, ...),
+        kept here instead of libpq's printing them to stderr; last_notice is the last."""
+        return self.notices.count
+
+    @property
+    def last_notice(self):
+        """The last notice: (severity, message), as the server sent them."""
+        return (self.notices.severity.decode("ascii", "replace"),
+                self.notices.text.decode("utf-8", "replace"))
 
     @property
     def server_version(self):

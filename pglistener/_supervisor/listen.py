@@ -82,6 +82,7 @@ class ListenConnection:
         self._resolving = False
         self._commands: collections.deque[_Command] = collections.deque()
         self._heard_count = 0
+        self._notices_seen = 0                    # of the connection's notice_count
         self.queue_usage: float | None = None     # pg_notification_queue_usage(), last seen
         self.heartbeat = HEARTBEAT
         self.slot_lag: int | None = None          # WAL the watched slot holds, last seen
@@ -150,6 +151,8 @@ class ListenConnection:
                               f"{self._connecting.error_message}")
         elif self._want == ConnectPoll.CONNECT_OK:
             self.conn, self._connecting = self._connecting, None
+            self._notices_seen = 0
+            self._heed_notices()
             self._heard_count = self.dispatcher.received
             self.machine.connected(now, self.dispatcher.held_seconds)
             self.on_connected()
@@ -193,6 +196,7 @@ class ListenConnection:
         assert self.conn is not None and self._commands
         self.machine.heard(now, self.dispatcher.held_seconds)
         got = self.conn.get_result()
+        self._heed_notices()
         command = self._commands[0]
         if got is not None:
             ok, rows, error = got
@@ -205,6 +209,20 @@ class ListenConnection:
         self.machine.answered(now, self.dispatcher.held_seconds)
         command.done(command.results, command.error)     # may queue more, or lose it all
         self._send_next()
+
+    def _heed_notices(self) -> None:
+        """What the server said beside the results, in the log (libpq would print it to
+        the supervisor's stderr): a WARNING as a warning, the rest (a NOTICE such as "already
+        exists, skipping") at debug level."""
+        conn = self.conn
+        if conn is None or conn.notice_count == self._notices_seen:
+            return
+        more = conn.notice_count - self._notices_seen - 1
+        self._notices_seen = conn.notice_count
+        severity, text = conn.last_notice
+        log.log(logging.WARNING if severity == "WARNING" else logging.DEBUG,
+                "%s says (%s): %s%s", self.safe_target, severity, text,
+                f" (and {more} more before it)" if more else "")
 
     def watch_slot(self, slot: str) -> None:
         """The heartbeat also samples how much WAL replication slot `slot` holds (on this

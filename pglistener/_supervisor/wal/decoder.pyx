@@ -15,13 +15,12 @@ confirmed. feed() takes the same bytes from Python, without a connection (tests)
 from libc.stdint cimport UINT32_MAX, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memchr, memcpy, strcmp
+from libc.string cimport memchr, memcpy
 
-from pglistener._core.dispatch cimport Dispatcher, PGConnection, Position, Producer
-from pglistener._core._libpq cimport (PG_DIAG_MESSAGE_PRIMARY, PG_DIAG_SEVERITY_NONLOCALIZED,
-                                PG_DIAG_SQLSTATE, PGconn, PGresult,
-                                PQflush, PQfreemem, PQgetCopyData, PQputCopyData,
-                                PQresultErrorField, PQsetNoticeReceiver)
+from pglistener._core.dispatch cimport (Dispatcher, Notices, PGConnection, Position,
+                                        Producer, on_notice)
+from pglistener._core._libpq cimport (PGconn, PQflush, PQfreemem, PQgetCopyData,
+                                PQputCopyData, PQsetNoticeReceiver)
 from pglistener._core._poll cimport now_ns as _now_ns
 from pglistener._core._pgoutput cimport *
 from pglistener._core._ring cimport (PGL_GAP_SLOT, PGL_MISSED_UNKNOWN, PGL_WAL_CHANGE,
@@ -46,30 +45,6 @@ cdef struct Relation:
     uint32_t blen
     unsigned char *key_cols    # per column, 1 when it is part of the replica identity
     uint16_t ncols
-
-
-cdef struct Notices:
-    # What the walsender said beside the stream (NoticeResponse: WARNING, NOTICE), counted
-    # by libpq's notice receiver as the stream is read, in its place.
-    uint64_t count             # every notice
-    uint64_t skips             # PostgreSQL 18+: "skipped loading publication"
-    char text[512]             # the last one's message
-
-
-cdef void _on_notice(void *arg, const PGresult *res) noexcept nogil:
-    cdef Notices *box = <Notices *>arg
-    cdef const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE)
-    cdef const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED)
-    cdef const char *text = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
-    box.count += 1
-    # pgoutput's "skipped loading publication": a WARNING object_not_in_prerequisite_state,
-    # the one a walsender sends while it streams (by code: the text may be translated).
-    if state != NULL and strcmp(state, "55000") == 0 and severity != NULL and \
-            strcmp(severity, "WARNING") == 0:
-        box.skips += 1
-    if text == NULL:
-        text = ""
-    snprintf(box.text, sizeof(box.text), "%s", text)
 
 
 cdef enum:
@@ -205,7 +180,7 @@ cdef class WalDispatcher(Dispatcher):
         prints it to stderr otherwise): notices, and skipped publications, each of which
         gives every ring a Gap("slot") at its place in the stream."""
         if conn.conn != NULL:
-            PQsetNoticeReceiver(conn.conn, _on_notice, &self.notices)
+            PQsetNoticeReceiver(conn.conn, on_notice, &self.notices)
 
     @property
     def notice_count(self):
