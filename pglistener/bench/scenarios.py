@@ -113,9 +113,11 @@ SCENARIOS = {s.name: s for s in [
              "reader: the replication protocol's C loop, pglistener, psycopg2",
              "count", ("raw-wal", "pglistener-wal-for", "pglistener-wal", "psycopg2-wal"),
              notifications=1_000_000, quick_notifications=300_000, source="wal"),
+    # 200k: a round of 40k lasted half a second, short enough for one stall of the machine
+    # to move it by a fifth (rounds 0.64 to 1.06x the C loop between full runs).
     Scenario("wal-tx", "messages one per transaction, as an application sends them, one "
              "reader: does it keep up with the server's decoding?",
-             "count", ("raw-wal", "pglistener-wal-for"), notifications=40_000,
+             "count", ("raw-wal", "pglistener-wal-for"), notifications=200_000,
              quick_notifications=20_000, source="wal", per_transaction=True),
     # With a row in each transaction, as applications announce what they wrote: a transaction
     # that only NOTIFYs writes no WAL before its commit record, so its commit does not wait
