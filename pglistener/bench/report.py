@@ -247,8 +247,10 @@ TARGETS: list[tuple[str, str, str, str | None, str | tuple[str, str], str, str, 
      "<=", 0.5),
     ("changes-drain: supervisor + reader CPU/change <= psycopg2's", "changes-drain",
      "pglistener-changes-for", "psycopg2-changes", "cpu_client_ns", "ratio", "<=", 1.0),
-    ("changes-drain: for change in sub >= 0.5x the C loop", "changes-drain",
-     "pglistener-changes-for", "raw-changes", "per_reader_per_s", "ratio", ">=", 0.5),
+    # 0.9, the issue's: the walsender's decoding sets both (it is the busiest process), so
+    # a reader that keeps up comes near the C loop that decodes nothing.
+    ("changes-drain: for change in sub >= 0.9x the C loop", "changes-drain",
+     "pglistener-changes-for", "raw-changes", "per_reader_per_s", "ratio", ">=", 0.9),
     ("changes-drain: the walsender's CPU/change <= 1.1x the C loop's", "changes-drain",
      "pglistener-changes-for", "raw-changes", "cpu_backend_ns", "ratio", "<=", 1.1),
     ("changes-drain: each change exactly once, in order", "changes-drain",
