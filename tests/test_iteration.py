@@ -49,3 +49,4 @@ def test_a_subclass_with_its_own_next_keeps_it() -> None:
 def test_compiled_iteration_refuses_what_is_no_stream() -> None:
     with pytest.raises(TypeError, match="neither a BlockingStream nor an AsyncStream"):
         compiled_iteration(dict)
+    assert not _iterates_compiled(dict)
