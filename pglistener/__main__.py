@@ -181,7 +181,9 @@ def _slot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                           f"{row[0]}: stop its reader first", file=sys.stderr)
                     return 1
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (args.name,))
-                print(f"dropped slot {args.name}")
+                forgot = _forget_positions(conn, args.name)
+                print(f"dropped slot {args.name}"
+                      + (f" and the {forgot} position(s) kept for it" if forgot else ""))
                 return 0
             rows = conn.execute(_SLOTS).fetchall()
     except psycopg.Error as exc:
@@ -197,6 +199,20 @@ def _slot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for r in table:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def _forget_positions(conn: Any, slot: str) -> int:
+    """Delete what supervisors kept for `slot` (their table of positions, see the README's
+    resume across a restart): a slot made again under the name starts from nothing kept.
+    On a standby (read-only), or where no supervisor kept anything, nothing is done."""
+    from ._supervisor.wal.setup import KEEP_TABLE
+
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL AND NOT pg_is_in_recovery()",
+                       (KEEP_TABLE,)).fetchone()
+    if row is None or not row[0]:
+        return 0
+    return int(conn.execute(f"DELETE FROM {KEEP_TABLE} WHERE slot = %s",  # noqa: S608
+                            (slot,)).rowcount)
 
 
 def _bytes(n: int | None) -> str:

@@ -578,12 +578,29 @@ def test_feedback_keeps_the_walsender_and_moves_an_idle_slot(
 # -- seeing and dropping slots -------------------------------------------------------------------
 
 
-def test_slot_list_and_drop(logical_cluster: Cluster, slot: str,
+def test_slot_list_and_drop(logical_cluster: Cluster, slot: str, pg: psycopg.Connection,
                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A slot in use is listed and not dropped; once free it is dropped with the positions
+    its supervisor kept (pglistener_positions), so a slot made again under the name does not
+    judge a resume by them."""
     from pglistener.__main__ import main
 
+    def kept() -> int:
+        """The slot's rows in the table, once the supervisor has made it."""
+        count = 0
+        made = pg.execute("SELECT to_regclass('pglistener_positions') IS NOT NULL").fetchone()
+        if made == (True,):
+            row = pg.execute("SELECT count(*) FROM pglistener_positions WHERE slot = %s",
+                             (slot,)).fetchone()
+            count = row[0] if row else 0
+        pg.commit()
+        return count
+
     with Supervisor(logical_cluster.dsn, slot=slot).start() as sup:
-        sup.worker().subscribe("l", source="wal", timeout=30)
+        sub = sup.worker().subscribe("l", source="wal", timeout=30)
+        emit_many(pg, "l", 0, 10)
+        assert numbers(read(sub, 10)) == list(range(10))
+        wait_for(lambda: kept() > 0, "the supervisor to keep what it saw on channel l")
         assert main(["slot", "list", "--dsn", logical_cluster.dsn]) == 0
         listed = capsys.readouterr().out
         assert slot in listed and "pgoutput" in listed and "yes" in listed
@@ -593,6 +610,8 @@ def test_slot_list_and_drop(logical_cluster: Cluster, slot: str,
         assert stats.slot == slot and stats.wal_state == "streaming"
         assert stats.slot_lag_bytes is None or stats.slot_lag_bytes >= 0
     assert main(["slot", "drop", slot, "--dsn", logical_cluster.dsn]) == 0
+    assert "position(s) kept for it" in capsys.readouterr().out
+    assert kept() == 0
     assert main(["slot", "drop", slot, "--dsn", logical_cluster.dsn]) == 1
     assert "no replication slot" in capsys.readouterr().err
 
