@@ -109,3 +109,18 @@ def test_a_tolerance_over_a_reference_noisier_than_it_is_not_judged() -> None:
     assert run([100, 110, 105], [120, 130, 125])["met"] is True
     one = run([100], [120])
     assert one["met"] is None and "one round" in one["why"]
+
+
+def test_a_figure_a_hair_from_its_goal_is_not_printed_as_the_goal(
+        capsys: Any) -> None:
+    """A median of 5.997 against a goal of 6 is a miss: printed with two decimals it read
+    "6.00 MISSED" (a full run did so), so it gets four."""
+    from pglistener.bench.report import print_targets
+
+    print_targets([{"target": "x", "goal": ">= 6", "rounds": [5.997, 6.46], "median": 5.997,
+                    "met": False},
+                   {"target": "y", "goal": "<= 1.3", "rounds": [1.2, 1.3], "median": 1.25,
+                    "met": True}])
+    out = capsys.readouterr().out
+    assert "5.9970 (goal >= 6; rounds: 5.9970, 6.46)" in out
+    assert "1.25 (goal <= 1.3; rounds: 1.20, 1.30)" in out

@@ -375,11 +375,19 @@ def print_targets(checks: list[dict[str, Any]]) -> None:
         return
     print("\n== targets (round-by-round ratios in this run; median)")
     for c in checks:
-        rounds = ", ".join(f"{v:.2f}" for v in c["rounds"])
+        goal = float(c["goal"].split()[-1])
+        rounds = ", ".join(_shown(v, goal) for v in c["rounds"])
         verdict = {True: "met    ", False: "MISSED ", None: "invalid"}[c["met"]]
-        print(f"   {verdict} {c['target']:<58} {c['median']:>9.2f} "
+        print(f"   {verdict} {c['target']:<58} {_shown(c['median'], goal):>9} "
               f"(goal {c['goal']}; rounds: {rounds})"
               + (f"\n           {c['why']}" if c.get("why") else ""))
+
+
+def _shown(value: float, goal: float) -> str:
+    """value with two decimals, or four where two would make it read as the goal itself
+    (5.997 beside a goal of 6 is a miss, not 6.00)."""
+    text = f"{value:.2f}"
+    return f"{value:.4f}" if value != goal and text == f"{goal:.2f}" else text
 
 
 def plot(chosen: list[Scenario], summary: dict[str, Any], path: str) -> None:
